@@ -1,0 +1,334 @@
+"""Typed experiment configuration: YAML in, validated dataclasses out.
+
+Every field has a type and a one-line meaning. `load_config` refuses unknown keys, wrong
+types and impossible values *before any work starts*, raising `ConfigError` with one line
+that names the key and the value. Command-line overrides are `a.b=value` strings whose
+values are parsed as YAML scalars (so `train.epochs=3`, `cv.seeds=[1,2]`, `train.precision=bf16`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run; the message is one line naming the key and the value."""
+
+
+PRECISIONS = ("no", "fp16", "bf16")
+METRICS = ("accuracy", "balanced_accuracy", "f1_macro")
+SCHEDULES = ("cosine", "cosine_restarts", "constant")
+DATA_SOURCES = ("digits", "shards")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = "digits"
+    """`digits` (scikit-learn's bundled digits, written as shards on first use) or `shards` (packed with `distrain data pack`)."""
+    root: str = "data/digits"
+    """Directory holding the shards and their `index.json`."""
+    image_size: int = 32
+    """Images are resized to image_size x image_size pixels."""
+    num_classes: int = 10
+    """Number of classes; every label must lie in [0, num_classes)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (each reads its own subset of this rank's shards)."""
+    shuffle_buffer: int = 1000
+    """Samples held in the training shuffle buffer."""
+    cache: bool = True
+    """Keep decoded, resized shards in memory (per process), so every epoch and job after the first
+    skips tar parsing and image decoding. Turn off when the data set does not fit in RAM."""
+    augment: bool = True
+    """Random affine augmentation (rotate, shift, scale) of training batches, applied on the device."""
+
+    def __post_init__(self):
+        _require(self.source in DATA_SOURCES, "data.source", self.source, f"one of {DATA_SOURCES}")
+        _require(self.image_size >= 8, "data.image_size", self.image_size, ">= 8")
+        _require(self.num_classes >= 2, "data.num_classes", self.num_classes, ">= 2")
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
+        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, ">= 1")
+
+
+@dataclass(kw_only=True)
+class CVConfig:
+    folds: int = 5
+    """Number of cross-validation folds (K)."""
+    fold_seed: int = 0
+    """Seed of the stratified K-fold split; the fold manifest depends on it and on the data only."""
+    seeds: list[int] = field(default_factory=lambda: [42, 43])
+    """Training seeds; every (model, seed) is trained on every fold."""
+    only_folds: list[int] = field(default_factory=list)
+    """If non-empty, train only these folds (for quick trials); OOF then covers only them."""
+
+    def __post_init__(self):
+        _require(self.folds >= 2, "cv.folds", self.folds, ">= 2")
+        _require(len(self.seeds) >= 1, "cv.seeds", self.seeds, "at least one seed")
+        _require(len(set(self.seeds)) == len(self.seeds), "cv.seeds", self.seeds, "distinct seeds")
+        for f in self.only_folds:
+            _require(0 <= f < self.folds, "cv.only_folds", self.only_folds, f"fold ids in [0, {self.folds})")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    names: list[str] = field(default_factory=lambda: ["resnet10t"])
+    """timm model names (pretrained=False); each is a backbone of the ensemble."""
+    drop_rate: float = 0.0
+    """Dropout before the classifier."""
+    grad_checkpointing: bool = False
+    """Trade compute for activation memory (timm's set_grad_checkpointing)."""
+
+    def __post_init__(self):
+        _require(len(self.names) >= 1, "model.names", self.names, "at least one model")
+        _require(0.0 <= self.drop_rate < 1.0, "model.drop_rate", self.drop_rate, "in [0, 1)")
+        import timm  # late: only validation needs the registry
+
+        for name in self.names:
+            if not timm.is_model(name):
+                close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+                hint = f" (similar: {', '.join(close)})" if close else ""
+                raise ConfigError(f"model.names: unknown timm model {name!r}{hint}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 2e-3
+    """Peak AdamW learning rate (per optimizer step, not scaled by world size)."""
+    weight_decay: float = 0.05
+    """AdamW decoupled weight decay."""
+    warmup_fraction: float = 0.1
+    """Fraction of all optimizer steps spent in linear warmup."""
+    schedule: str = "cosine"
+    """`cosine` (warmup then one cosine decay), `cosine_restarts` (SGDR warm restarts), or `constant`."""
+    min_lr_ratio: float = 0.0
+    """LR floor as a fraction of lr (eta_min / lr). Practice: a floor near 0.5 keeps late epochs from overfitting."""
+    restart_epochs: int = 0
+    """cosine_restarts: length of the first cycle in epochs (T_0); 0 means a quarter of the epochs."""
+    restart_mult: int = 2
+    """cosine_restarts: each cycle is this many times longer than the previous (T_mult)."""
+
+    def __post_init__(self):
+        _require(self.lr > 0, "optim.lr", self.lr, "> 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        _require(0 <= self.warmup_fraction < 1, "optim.warmup_fraction", self.warmup_fraction, "in [0, 1)")
+        _require(self.schedule in SCHEDULES, "optim.schedule", self.schedule, f"one of {SCHEDULES}")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        _require(self.restart_epochs >= 0, "optim.restart_epochs", self.restart_epochs, ">= 0")
+        _require(self.restart_mult >= 1, "optim.restart_mult", self.restart_mult, ">= 1")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: int = 12
+    """Training epochs per job."""
+    batch_size: int = 64
+    """Samples per process per micro-batch."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
+    precision: str = "no"
+    """Mixed precision: `no` (fp32), `fp16` (with dynamic loss scaling) or `bf16`."""
+    metric: str = "accuracy"
+    """Validation metric used to pick the best checkpoint (higher is better)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    patience: int = 0
+    """Stop a job after this many epochs without a better val metric; 0 disables."""
+    max_train_val_gap: float = 0.0
+    """Stop a job when train metric - val metric exceeds this (practice: 0.05); 0 disables."""
+
+    def __post_init__(self):
+        _require(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
+        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
+        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, ">= 1")
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, ">= 0")
+        _require(self.precision in PRECISIONS, "train.precision", self.precision, f"one of {PRECISIONS}")
+        _require(self.metric in METRICS, "train.metric", self.metric, f"one of {METRICS}")
+        _require(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
+        _require(self.patience >= 0, "train.patience", self.patience, ">= 0")
+        _require(self.max_train_val_gap >= 0, "train.max_train_val_gap", self.max_train_val_gap, ">= 0")
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    uri: str = ""
+    """MLflow tracking URI. Empty: $MLFLOW_TRACKING_URI if set, else a SQLite store at <run_root>/mlflow.db."""
+    experiment_name: str = ""
+    """MLflow experiment; empty means the experiment's own name."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    experiment: str = "digits"
+    """Experiment name: the run directory is <run_root>/<experiment>."""
+    run_root: str = "runs"
+    """Where run directories (and the default MLflow store) live."""
+    data: DataConfig = field(default_factory=DataConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        _require(bool(self.experiment) and "/" not in self.experiment and not self.experiment.startswith("."),
+                 "experiment", self.experiment, "a non-empty name without '/'")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run_root) / self.experiment
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Keys that may change between runs of one run directory without changing what is trained.
+VOLATILE_KEYS = ("tracking.", "data.num_workers")
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: invalid value {value!r} (expected {expected})")
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Return `value` coerced to `hint` where that is lossless (int -> float), else raise ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(key, value, args[0])
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {item.__name__}, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string; accept it as the float it obviously is
+            return float(value)
+        except ValueError:
+            pass
+    if hint is str and value is None:
+        return ""
+    if hint in (int, float, str, bool):
+        if isinstance(value, bool) and hint is not bool:
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        if not isinstance(value, hint):
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module, not in the YAML
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, raw[f.name] if raw[f.name] is not None else {}, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _check_type(f"{prefix}{f.name}", raw[f.name], hint)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b=value` into (['a', 'b'], parsed value); the value is read as a YAML scalar or list."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.epochs=3")
+    key, _, raw_value = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r}: value is not valid YAML") from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of `raw` with each `a.b=value` override set (unknown keys are caught by validation)."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Validate a plain mapping (as read from YAML) into a Config, or raise ConfigError."""
+    return _build(Config, raw, "")
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (None: all defaults), apply overrides, validate. Raises ConfigError."""
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}: malformed YAML{where}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping at top level, got {type(raw).__name__}")
+    return config_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; used for MLflow params and config diffs."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Keys (ignoring VOLATILE_KEYS) whose values differ, as 'key: old -> new' lines."""
+    a, b = flatten(old), flatten(new)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(VOLATILE_KEYS):
+            continue
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return diffs
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (saved in the run directory and logged to MLflow)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
