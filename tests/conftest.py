@@ -1,0 +1,49 @@
+"""Shared helpers: run distrain's commands as users do (subprocesses in a scratch directory)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_PY = REPO / "distrain" / "run.py"
+
+
+def run_cmd(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command with the test interpreter's environment; output captured as text."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+                **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None) if env is None or "MLFLOW_TRACKING_URI" not in env else None
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def distrain_run(cwd: Path, *overrides: str, config: Path = REPO / "configs" / "digits.yaml",
+                 processes: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The main job, as `python distrain/run.py` (1 process) or `accelerate launch --multi_gpu` (DDP on CPU)."""
+    if processes == 1:
+        cmd = [sys.executable, str(RUN_PY)]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), str(RUN_PY)]
+    return run_cmd(cmd + ["--config", str(config), *overrides], cwd, timeout, env)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def last_line(text: str) -> str:
+    lines = [l for l in text.strip().splitlines() if l.strip()]
+    return lines[-1] if lines else ""
+
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,0 +1,26 @@
+"""Run under `accelerate launch --multi_gpu --num_processes 2`: each rank predicts its own shards of an
+uneven split; the gathered predictions must cover every sample exactly once, identically on both ranks."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from distrain import parallel
+from distrain.data import read_index
+from distrain.engine import predict
+from distrain.models import create_model
+
+index = read_index(Path(sys.argv[1]))
+acc = Accelerator(cpu=True)
+keep = set(index.split_ids("cv")[::7])  # an odd count that does not divide by 2 ranks or the batch size
+torch.manual_seed(0)
+model = create_model("test_resnet", num_classes=10, in_chans=1)
+pred = predict(model, acc, index.urls("cv"), keep, batch_size=13, image_size=16, channels=1, num_workers=0)
+local = len(list(parallel.gather_rows(acc, [acc.process_index])))
+total = parallel.sum_across_ranks(acc, [1.0])[0]
+print(json.dumps({"rank": acc.process_index, "world": acc.num_processes, "rows": len(pred.sample_ids),
+                  "distinct": len(set(pred.sample_ids)), "expected": len(keep),
+                  "covers": set(pred.sample_ids) == keep, "checksum": float(pred.probs.sum()),
+                  "gathered_ranks": local, "sum": total}), flush=True)

@@ -1,0 +1,78 @@
+import pytest
+
+from distrain.config import (ConfigError, apply_overrides, config_differences, load_config, parse_override)
+from conftest import REPO
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_every_shipped_config_parses():
+    files = sorted((REPO / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        cfg = load_config(f)
+        assert cfg.cv.folds >= 2 and cfg.model.names
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  epoch: 3\n", "train.epoch: unknown key"),
+    ("bogus: 1\n", "bogus: unknown key"),
+    ("train:\n  batch_size: abc\n", "train.batch_size: expected int, got 'abc'"),
+    ("train:\n  batch_size: 0\n", "train.batch_size: invalid value 0 (expected >= 1)"),
+    ("train:\n  batch_size: true\n", "train.batch_size: expected int, got True"),
+    ("cv:\n  folds: 1\n", "cv.folds: invalid value 1 (expected >= 2)"),
+    ("cv:\n  seeds: []\n", "cv.seeds: invalid value [] (expected at least one seed)"),
+    ("cv:\n  seeds: 42\n", "cv.seeds: expected a list of int, got 42"),
+    ("model:\n  names: [resnet_does_not_exist]\n", "model.names: unknown timm model 'resnet_does_not_exist'"),
+    ("train:\n  precision: fp8\n", "train.precision: invalid value 'fp8'"),
+    ("optim:\n  lr: -1\n", "optim.lr: invalid value -1.0 (expected > 0)"),
+    ("train: 5\n", "train: expected a mapping, got 5"),
+])
+def test_validation_messages_name_key_and_value(tmp_path, text, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"malformed YAML at line 3"):
+        load_config(write(tmp_path, "train:\n  epochs: [1,\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_scientific_notation_is_a_float(tmp_path):
+    # PyYAML reads "1e-3" (no dot) as a string; the config accepts it as the float it is.
+    assert load_config(write(tmp_path, "optim:\n  lr: 1e-3\n")).optim.lr == pytest.approx(1e-3)
+
+
+def test_override_parsing():
+    assert parse_override("train.epochs=3") == (["train", "epochs"], 3)
+    assert parse_override("cv.seeds=[1, 2]") == (["cv", "seeds"], [1, 2])
+    assert parse_override("train.precision=bf16") == (["train", "precision"], "bf16")
+    assert parse_override("model.grad_checkpointing=true") == (["model", "grad_checkpointing"], True)
+    assert parse_override("tracking.uri=http://h:5000") == (["tracking", "uri"], "http://h:5000")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override("train.epochs")
+    with pytest.raises(ConfigError, match="empty key"):
+        parse_override("train..epochs=1")
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  epochs: 5\n"), ["train.epochs=2", "cv.seeds=[7]", "optim.lr=0.01"])
+    assert (cfg.train.epochs, cfg.cv.seeds, cfg.optim.lr) == (2, [7], 0.01)
+    with pytest.raises(ConfigError, match="train.nope: unknown key"):
+        load_config(None, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="'train' is not a section"):
+        apply_overrides({"train": 3}, ["train.epochs=1"])
+
+
+def test_config_differences_ignore_volatile_keys():
+    a = load_config(None).to_dict()
+    b = load_config(None, ["tracking.uri=http://x", "data.num_workers=2", "train.epochs=3"]).to_dict()
+    assert config_differences(a, b) == ["train.epochs: 12 -> 3"]

@@ -1,0 +1,106 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+from distrain import parallel
+from distrain.config import ConfigError, OptimConfig, load_config
+from distrain.data import write_digits
+from distrain.engine import Job, fit_job, steps_per_epoch
+from distrain.folds import build_fold_manifest
+from distrain.models import create_model
+from distrain.optim import lr_factor
+from conftest import requires_gpu
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerator state is a per-process singleton; reset it around each in-process test."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_convnext"])
+def test_grad_checkpointing_gives_same_loss_and_grads(name):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 3])
+    results = []
+    for ckpt in (False, True):
+        torch.manual_seed(1)
+        model = create_model(name, num_classes=4, in_chans=3, grad_checkpointing=ckpt)
+        model.train()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], rtol=1e-4, atol=1e-6)
+
+
+def test_lr_schedule_warmup_cosine_floor_and_restarts():
+    cfg = OptimConfig(lr=1.0, warmup_fraction=0.1, schedule="cosine", min_lr_ratio=0.5)
+    f = [lr_factor(s, total_steps=100, steps_per_epoch=10, cfg=cfg) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b - 1e-12 for a, b in zip(f[10:], f[11:]))  # monotone decay after warmup
+    assert min(f[10:]) >= 0.5 and f[-1] == pytest.approx(0.5, abs=0.01)  # never below the floor
+    sgdr = OptimConfig(lr=1.0, warmup_fraction=0.0, schedule="cosine_restarts", restart_epochs=2, restart_mult=2)
+    g = [lr_factor(s, total_steps=140, steps_per_epoch=10, cfg=sgdr) for s in range(140)]
+    restarts = [s for s in range(1, 140) if g[s] > g[s - 1] + 0.5]
+    assert restarts == [20, 60]  # cycles of 2, 4, 8 epochs
+
+
+def test_steps_per_epoch_rounds_to_whole_optimizer_steps():
+    assert steps_per_epoch(1000, 2, 64, 1) == 7
+    assert steps_per_epoch(1000, 1, 64, 4) == 12
+    with pytest.raises(ValueError, match="exceeds the 100 training samples"):
+        steps_per_epoch(100, 2, 64, 1)
+
+
+def _tiny_job(tmp_path, precision):
+    data = tmp_path / "digits"
+    index = write_digits(data) if not (data / "index.json").exists() else None
+    from distrain.data import read_index
+    index = read_index(data)
+    cfg = load_config(None, [f"data.root={data}", "train.epochs=1", f"train.precision={precision}",
+                             "model.names=[test_resnet]", "data.image_size=16"])
+    cv = index.split_ids("cv")
+    labels = index.labels_of("cv")
+    manifest = build_fold_manifest(cv, [labels[s] for s in cv], 5, 0)
+    acc = parallel.create_accelerator(cfg.train)
+    return fit_job(Job("test_resnet", 1, 0), cfg, index, manifest.fold_of_sample, acc), acc, manifest
+
+
+def test_bf16_on_cpu_runs_under_autocast(tmp_path, fresh_accelerate_state):
+    result, acc, manifest = _tiny_job(tmp_path, "bf16")
+    assert acc.mixed_precision == "bf16"
+    with acc.autocast():
+        conv_out = torch.nn.Conv2d(1, 2, 3)(torch.randn(1, 1, 8, 8))
+    assert conv_out.dtype == torch.bfloat16  # the engine's forward passes run in bf16
+    assert all(math.isfinite(h["train_loss"]) for h in result.history)
+    assert all(v.dtype == torch.float32 for v in result.best_state.values() if v.is_floating_point())
+    assert len(result.oof.sample_ids) == len(manifest.samples_in_fold(0))
+    assert np.allclose(result.oof.probs.sum(1), 1, atol=1e-3)
+
+
+def test_fp16_on_cpu_is_refused_clearly():
+    with pytest.raises(ConfigError, match="'fp16' needs a CUDA GPU"):
+        parallel.check_precision("fp16", cuda=False)
+    parallel.check_precision("bf16", cuda=False)
+    parallel.check_precision("no", cuda=False)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_on_gpu(tmp_path, fresh_accelerate_state, precision):
+    result, acc, _ = _tiny_job(tmp_path, precision)
+    assert acc.device.type == "cuda"
+    assert all(math.isfinite(h["train_loss"]) for h in result.history)

@@ -1,0 +1,145 @@
+"""End to end: the README's main job on the default config, its DDP twin, MLflow, and bad input."""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, distrain_run, last_line
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The default config, unchanged, as one CPU process (the README's first command, minus the install)."""
+    cwd = tmp_path_factory.mktemp("default")
+    start = time.perf_counter()
+    proc = distrain_run(cwd)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((cwd / "runs" / "digits" / "report.json").read_text())
+    print(f"default config: {seconds:.0f} s, test fold average {report['test']['fold_average']:.4f}")
+    return cwd, report, seconds, proc
+
+
+def test_default_config_meets_the_bar(default_run):
+    cwd, report, seconds, proc = default_run
+    assert seconds < 600
+    folds = {j["fold"] for j in report["jobs"]}
+    seeds = {j["seed"] for j in report["jobs"]}
+    assert len(folds) >= 5 and len(seeds) >= 2 and len(report["jobs"]) == len(folds) * len(seeds)
+    assert report["test"]["fold_average"] >= 0.97
+    # the contract's keys and types
+    assert set(report) >= {"experiment", "metric", "jobs", "cv", "test", "mlflow"}
+    assert report["experiment"] == "digits" and report["metric"] == "accuracy"
+    for j in report["jobs"]:
+        assert j["status"] == "done" and isinstance(j["val_score"], float) and j["id"] == \
+            f"{j['model']}-s{j['seed']}-f{j['fold']}"
+    scores = [j["val_score"] for j in report["jobs"]]
+    assert report["cv"]["mean"] == pytest.approx(np.mean(scores))
+    assert report["cv"]["std"] == pytest.approx(np.std(scores, ddof=1))
+    assert "CV mean ± std" in proc.stdout and "holdout test, fold-averaged" in proc.stdout
+
+
+def oof_coverage(run_dir: Path) -> dict:
+    """sample ids per (model, seed) over all folds' oof.npz files."""
+    cover = {}
+    for f in sorted((run_dir / "jobs").glob("*/oof.npz")):
+        done = json.loads((f.parent / "done.json").read_text())
+        with np.load(f) as z:
+            cover.setdefault((done["model"], done["seed"]), []).extend(z["sample_ids"].tolist())
+    return cover
+
+
+def cv_ids(cwd: Path) -> set:
+    index = json.loads((cwd / "data" / "digits" / "index.json").read_text())
+    return {s["sample_id"] for s in index["samples"] if s["split"] == "cv"}
+
+
+def test_oof_covers_every_cv_sample_once_per_model_seed(default_run):
+    cwd, report, *_ = default_run
+    cover = oof_coverage(cwd / "runs" / "digits")
+    assert len(cover) == 2
+    for ids in cover.values():
+        assert len(ids) == len(set(ids)) == len(cv_ids(cwd))
+        assert set(ids) == cv_ids(cwd)
+
+
+def test_mlflow_tree_reads_back(default_run):
+    cwd, report, *_ = default_run
+    info = report["mlflow"]
+    assert info["tracking_uri"].startswith("sqlite:///") and str(cwd) in info["tracking_uri"]
+    client = MlflowClient(info["tracking_uri"])
+    assert client.get_experiment(info["experiment_id"]).name == "digits"
+    parent = client.get_run(info["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["test_accuracy_fold_average"] == pytest.approx(report["test"]["fold_average"])
+    children = client.search_runs([info["experiment_id"]],
+                                  filter_string=f"tags.mlflow.parentRunId = '{info['parent_run_id']}'")
+    assert sorted(c.info.run_name for c in children) == sorted(j["id"] for j in report["jobs"])
+    child = next(c for c in children if c.info.run_name == report["jobs"][0]["id"])
+    assert child.data.tags["model"] == report["jobs"][0]["model"] and child.data.tags["fold"] == "0"
+    assert child.data.params["train.epochs"] == "12" and child.data.params["cv.folds"] == "5"
+    for metric in ("train_loss", "val_loss", "val_accuracy", "lr", "grad_norm", "train_val_gap", "samples_per_s"):
+        assert len(client.get_metric_history(child.info.run_id, metric)) == 12, metric
+    artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")} | \
+                {a.path for a in client.list_artifacts(child.info.run_id, "predictions")}
+    assert {"checkpoint/best.pt", "predictions/oof.npz"} <= artifacts
+    assert "config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_rerun_on_finished_run_dir_trains_nothing(default_run):
+    cwd, report, seconds, _ = default_run
+    start = time.perf_counter()
+    proc = distrain_run(cwd)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "distrain: job" not in proc.stdout and time.perf_counter() - start < seconds / 2
+    again = json.loads((cwd / "runs" / "digits" / "report.json").read_text())
+    assert again["jobs"] == report["jobs"] and again["test"] == report["test"]
+
+
+def test_changed_config_on_existing_run_dir_is_refused(default_run):
+    cwd, *_ = default_run
+    proc = distrain_run(cwd, "train.epochs=3")
+    assert proc.returncode == 2
+    assert "was run with another config (train.epochs: 12 -> 3)" in last_line(proc.stderr)
+
+
+def test_ddp_two_processes_same_manifest_and_full_oof(default_run, tmp_path):
+    cwd, report, *_ = default_run
+    proc = distrain_run(tmp_path, "train.epochs=1", processes=2, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    hash_1 = json.loads((cwd / "runs" / "digits" / "folds.json").read_text())["hash"]
+    hash_2 = json.loads((tmp_path / "runs" / "digits" / "folds.json").read_text())["hash"]
+    assert hash_1 == hash_2
+    cover = oof_coverage(tmp_path / "runs" / "digits")
+    assert len(cover) == 2
+    for ids in cover.values():
+        assert len(ids) == len(set(ids)) and set(ids) == cv_ids(tmp_path)
+    ddp_report = json.loads((tmp_path / "runs" / "digits" / "report.json").read_text())
+    assert ddp_report["mlflow"]["parent_run_id"] and len(ddp_report["jobs"]) == len(report["jobs"])
+
+
+@pytest.mark.parametrize("setup, overrides, message", [
+    ("malformed", [], "malformed YAML at line"),
+    (None, ["data.source=shards", "data.root=no/such/dir"], "data path no/such/dir: no index.json"),
+    (None, ["model.names=[resnet_nope]"], "model.names: unknown timm model 'resnet_nope'"),
+    (None, ["data.num_classes=5"], "labels outside [0, 5) for data.num_classes=5"),
+    (None, ["train.precision=fp16"], "train.precision: 'fp16' needs a CUDA GPU"),
+])
+def test_bad_input_exits_nonzero_with_one_line_and_leaves_no_work(tmp_path, setup, overrides, message):
+    config = REPO / "configs" / "digits.yaml"
+    if setup == "malformed":
+        config = tmp_path / "bad.yaml"
+        config.write_text("train:\n  epochs: [1,\n")
+    proc = distrain_run(tmp_path, *overrides, config=config, timeout=300)
+    assert proc.returncode == 2
+    assert message in last_line(proc.stderr) and last_line(proc.stderr).startswith("distrain: error: ")
+    assert "Traceback" not in proc.stderr
+    run_dir = tmp_path / "runs" / "digits"
+    assert not (run_dir / "report.json").exists() and not list(run_dir.glob("jobs/*/done.json"))
+    assert not run_dir.exists()  # refused before the run directory was made
