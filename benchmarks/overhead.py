@@ -9,7 +9,7 @@ Printed: training throughput (samples/s over the training steps, first epoch exc
 whole-job wall time, each as a ratio distrain / bare (target for throughput: >= 0.95). Runs alternate
 bare, distrain, bare, distrain, ... and the median of each is taken. Last line: one JSON object.
 
-    python benchmarks/overhead.py [--model test_resnet] [--epochs 4] [--repeats 3]
+    python benchmarks/overhead.py [--model test_resnet] [--epochs 4] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -93,14 +93,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="test_resnet")
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "digits"
         write_digits(root)
         cfg = load_config(None, [f"data.root={root}", f"model.names=[{args.model}]", f"train.epochs={args.epochs}",
-                                 "data.augment=false", "train.precision=no"])
+                                 "data.augment=false", "train.precision=no", "train.progress=false"])
         index = read_index(root)
         cv = index.split_ids("cv")
         labels = index.labels_of("cv")

@@ -34,7 +34,7 @@ def _data(args) -> int:
 
 
 def _status(args) -> int:
-    import yaml
+    from distrain.config import yaml_load
 
     from distrain.config import config_from_dict
     from distrain.engine import expand_plan
@@ -44,7 +44,7 @@ def _status(args) -> int:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise _bad(f"{run_dir}: not a distrain run directory (no config.yaml)")
-    cfg = config_from_dict(yaml.safe_load(saved.read_text()))
+    cfg = config_from_dict(yaml_load(saved.read_text()))
     rows = []
     for job in expand_plan(cfg):
         if is_done(run_dir, job):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with 1.2 scalars: only true/false are booleans (so `precision: no` stays the string "no",
+    as accelerate spells it) and `1e-3` is a float."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$"), list("-+0123456789"))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text with distrain's YAML 1.2-style scalars."""
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 class ConfigError(ValueError):
@@ -143,6 +165,8 @@ class TrainConfig:
     """Stop a job after this many epochs without a better val metric; 0 disables."""
     max_train_val_gap: float = 0.0
     """Stop a job when train metric - val metric exceeds this (practice: 0.05); 0 disables."""
+    progress: bool = True
+    """Progress bars for epochs and steps (primary rank only)."""
 
     def __post_init__(self):
         _require(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
@@ -190,7 +214,7 @@ class Config:
 
 
 # Keys that may change between runs of one run directory without changing what is trained.
-VOLATILE_KEYS = ("tracking.", "data.num_workers")
+VOLATILE_KEYS = ("tracking.", "data.num_workers", "train.progress")
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -213,11 +237,6 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-3" as a string; accept it as the float it obviously is
-            return float(value)
-        except ValueError:
-            pass
     if hint is str and value is None:
         return ""
     if hint in (int, float, str, bool):
@@ -258,7 +277,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+        value = yaml_load(raw_value) if raw_value.strip() else ""
     except yaml.YAMLError:
         raise ConfigError(f"override {text!r}: value is not valid YAML") from None
     return key.split("."), value
@@ -296,7 +315,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

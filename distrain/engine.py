@@ -7,6 +7,7 @@ one or several nodes; everything rank-aware goes through `parallel`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str
     """Train `job` to completion (or early stop) and predict OOF and test from its best epoch."""
     tc, dc = cfg.train, cfg.data
     primary = accelerator.is_main_process
+    show_progress = primary and tc.progress
     cv_labels = index.labels_of("cv")
     val_ids = {s for s in cv_labels if fold_of_sample[s] == job.fold}
     train_ids = set(cv_labels) - val_ids
@@ -121,27 +123,32 @@ def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str
                                                seed=job.seed * 100 + job.fold, **loader_kw))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
     max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf
+    # accelerate's autocast context costs time even when it casts nothing; skip it in fp32.
+    autocast = accelerator.autocast if tc.precision != "no" else contextlib.nullcontext
 
     best = {"score": -math.inf, "epoch": -1, "state": None, "oof": None}
     history: list[dict] = []
     skipped_steps = 0
-    epochs_bar = tqdm(range(tc.epochs), desc=job.id, disable=not primary, leave=False, dynamic_ncols=True)
+    epochs_bar = tqdm(range(tc.epochs), desc=job.id, disable=not show_progress, leave=False, dynamic_ncols=True)
     for epoch in epochs_bar:
         model.train()
-        loss_sum = correct = seen = grad_norm_sum = 0.0
-        grad_norm_count = 0
+        # Running sums stay tensors: no per-step host round trip (a device sync on GPUs).
+        loss_sum = torch.zeros((), device=accelerator.device)
+        correct = torch.zeros((), device=accelerator.device)
+        grad_norm_sum = torch.zeros((), device=accelerator.device)
+        seen = grad_norm_count = 0
         start = time.perf_counter()
-        for _ in tqdm(range(n_steps), desc=f"epoch {epoch}", disable=not primary, leave=False):
+        for _ in tqdm(range(n_steps), desc=f"epoch {epoch}", disable=not show_progress, leave=False, mininterval=1.0):
             images, labels, _ids = next(train_batches)
             images = data_mod.prepare_batch(images.to(accelerator.device, non_blocking=True), augment=dc.augment)
             labels = labels.to(accelerator.device, non_blocking=True)
             with accelerator.accumulate(model):
-                with accelerator.autocast():
+                with autocast():
                     logits = model(images)
                 loss = criterion(logits.float(), labels)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    grad_norm_sum += float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+                    grad_norm_sum += accelerator.clip_grad_norm_(model.parameters(), max_norm).detach()
                     grad_norm_count += 1
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -150,11 +157,11 @@ def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str
                         skipped_steps += 1  # fp16 overflow: the scaler skipped this step
                     else:
                         scheduler.step()
-            loss_sum += float(loss.detach()) * len(labels)
-            correct += float((logits.detach().argmax(1) == labels).sum())
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.detach().argmax(1) == labels).sum()
             seen += len(labels)
         train_seconds = time.perf_counter() - start
-        loss_sum, correct, seen = parallel.sum_across_ranks(accelerator, [loss_sum, correct, seen])
+        loss_sum, correct, seen = parallel.sum_across_ranks(accelerator, [float(loss_sum), float(correct), seen])
 
         val = predict(single, accelerator, index.urls("cv"), val_ids, batch_size=tc.batch_size, **loader_kw)
         _check_coverage(val, val_ids, f"{job.id} validation")
@@ -164,7 +171,7 @@ def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str
                "val_loss": float(F.nll_loss(torch.log(torch.from_numpy(val.probs).clamp_min(1e-12)),
                                             torch.from_numpy(val.labels)).item()),
                f"val_{tc.metric}": val_score, "train_val_gap": train_metric - val_score,
-               "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm_sum / max(1, grad_norm_count),
+               "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm_sum) / max(1, grad_norm_count),
                "samples_per_s": seen / train_seconds, "skipped_steps": skipped_steps}
         history.append({"epoch": epoch, **row})
         tracker.log_metrics(run_id, row, step=epoch)

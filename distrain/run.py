@@ -57,7 +57,7 @@ def run_experiment(cfg) -> int:
     from distrain.outputs import is_done, write_job_outputs
     from distrain.report import build_report, format_table, write_report
     from distrain.tracking import NullTracker, create_tracker, resolve_tracking_uri
-    import yaml
+    from distrain.config import yaml_load
 
     accelerator = parallel.create_accelerator(cfg.train)
     primary = accelerator.is_main_process
@@ -85,7 +85,7 @@ def run_experiment(cfg) -> int:
     def prepare_run_dir():
         saved = run_dir / "config.yaml"
         if saved.exists():
-            diffs = config_differences(yaml.safe_load(saved.read_text()), cfg.to_dict())
+            diffs = config_differences(yaml_load(saved.read_text()), cfg.to_dict())
             if diffs:
                 raise DataError(f"{run_dir} was run with another config ({'; '.join(diffs)}); "
                                 f"use another experiment name or delete the run directory")

@@ -76,3 +76,11 @@ def test_config_differences_ignore_volatile_keys():
     a = load_config(None).to_dict()
     b = load_config(None, ["tracking.uri=http://x", "data.num_workers=2", "train.epochs=3"]).to_dict()
     assert config_differences(a, b) == ["train.epochs: 12 -> 3"]
+
+
+def test_yaml_12_scalars_precision_no_stays_a_string(tmp_path):
+    assert load_config(write(tmp_path, "train:\n  precision: no\n")).train.precision == "no"
+    assert load_config(None, ["train.precision=no"]).train.precision == "no"
+    assert load_config(None, ["model.grad_checkpointing=True"]).model.grad_checkpointing is True
+    with pytest.raises(ConfigError, match="model.grad_checkpointing: expected bool, got 'yes'"):
+        load_config(None, ["model.grad_checkpointing=yes"])
