@@ -3,6 +3,7 @@
     distrain data digits [--out DIR]               scikit-learn's digits as WebDataset shards
     distrain data pack (--images DIR | --csv FILE) --out DIR
     distrain train --config FILE [a.b=value ...]   the main job (same as distrain/run.py)
+    distrain ensemble --run-dir DIR [--allow-partial]   voting + stacking again, without training
     distrain status --run-dir DIR [--json]         which jobs of a run directory are done
 """
 from __future__ import annotations
@@ -64,6 +65,32 @@ def _status(args) -> int:
     return 0
 
 
+def _ensemble(args) -> int:
+    from distrain.aggregate import aggregate
+    from distrain.config import config_from_dict, yaml_load
+    from distrain.data import read_index
+    from distrain.folds import FoldManifest
+    from distrain.report import format_table
+    from distrain.tracking import create_tracker, resolve_tracking_uri
+
+    run_dir = Path(args.run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file() or not (run_dir / "folds.json").is_file():
+        raise _bad(f"{run_dir}: not a distrain run directory (no config.yaml / folds.json)")
+    cfg = config_from_dict(yaml_load(saved.read_text()))
+    index = read_index(cfg.data.root, num_classes=cfg.data.num_classes)
+    manifest = FoldManifest.from_json((run_dir / "folds.json").read_text())
+    tracker = create_tracker(True, resolve_tracking_uri(cfg.tracking.uri, run_dir.parent),
+                             cfg.tracking.experiment_name or cfg.experiment, run_dir, run_dir.parent)
+    report = aggregate(cfg, run_dir, tracker, set(index.split_ids("cv")), manifest.fold_of_sample,
+                       dict(zip(index.sample_ids, index.labels)), allow_partial=args.allow_partial)
+    tracker.end_run(tracker.parent_run_id)
+    print(format_table(report))
+    if report["ensemble_details"]["left_out"]:
+        print("left out: " + "; ".join(x["reason"] for x in report["ensemble_details"]["left_out"]))
+    return 0
+
+
 class _BadInput(Exception):
     pass
 
@@ -88,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run the main job (as distrain/run.py)")
     t.add_argument("args", nargs=argparse.REMAINDER)
 
+    e = sub.add_parser("ensemble", help="re-run voting + stacking on a run directory, without training")
+    e.add_argument("--run-dir", required=True)
+    e.add_argument("--allow-partial", action="store_true",
+                   help="leave out (model, seed) columns with missing OOF rows instead of failing")
+
     s = sub.add_parser("status", help="show the jobs of a run directory")
     s.add_argument("--run-dir", required=True)
     s.add_argument("--json", action="store_true")
@@ -102,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from distrain.config import ConfigError
     from distrain.data import DataError
+    from distrain.ensemble import EnsembleError
+    from distrain.folds import FoldManifestMismatch
 
     try:
-        return {"data": _data, "status": _status}[args.command](args)
-    except (_BadInput, ConfigError, DataError) as e:
+        return {"data": _data, "status": _status, "ensemble": _ensemble}[args.command](args)
+    except (_BadInput, ConfigError, DataError, EnsembleError, FoldManifestMismatch) as e:
         print(f"distrain: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

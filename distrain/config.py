@@ -181,6 +181,39 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class EnsembleConfig:
+    stacking: bool = True
+    """Fit a LightGBM meta-learner on the OOF probabilities (cross-validated on the base fold ids)."""
+    vote_fraction: float = 0.6
+    """'At least k of n' voting: k = ceil(vote_fraction * n) members must agree (0.6 of 5 = 3 of 5)."""
+    vote_threshold: float = 0.5
+    """A member votes for a class when its probability reaches this threshold."""
+    learning_rate: float = 0.1
+    """Meta-learner learning rate."""
+    num_leaves: int = 15
+    """Meta-learner tree size."""
+    max_rounds: int = 100
+    """Meta-learner boosting rounds at most (early stopping picks fewer)."""
+    early_stopping: int = 10
+    """Rounds without improvement on the early-stopping fold before the meta-learner stops."""
+    max_meta_rows: int = 15000
+    """Rows each fold's meta-model fits on at most (a fixed random subset); bounds stacking time."""
+    register_model: bool = True
+    """Log the final ensemble as an MLflow pyfunc model and register it in the model registry."""
+    model_name: str = ""
+    """Registered model name; empty means distrain-<experiment>."""
+
+    def __post_init__(self):
+        _require(0 < self.vote_fraction <= 1, "ensemble.vote_fraction", self.vote_fraction, "in (0, 1]")
+        _require(0 < self.vote_threshold < 1, "ensemble.vote_threshold", self.vote_threshold, "in (0, 1)")
+        _require(self.learning_rate > 0, "ensemble.learning_rate", self.learning_rate, "> 0")
+        _require(self.num_leaves >= 2, "ensemble.num_leaves", self.num_leaves, ">= 2")
+        _require(self.max_rounds >= 1, "ensemble.max_rounds", self.max_rounds, ">= 1")
+        _require(self.early_stopping >= 1, "ensemble.early_stopping", self.early_stopping, ">= 1")
+        _require(self.max_meta_rows >= 100, "ensemble.max_meta_rows", self.max_meta_rows, ">= 100")
+
+
+@dataclass(kw_only=True)
 class TrackingConfig:
     uri: str = ""
     """MLflow tracking URI. Empty: $MLFLOW_TRACKING_URI if set, else a SQLite store at <run_root>/mlflow.db."""
@@ -199,6 +232,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
@@ -214,7 +248,7 @@ class Config:
 
 
 # Keys that may change between runs of one run directory without changing what is trained.
-VOLATILE_KEYS = ("tracking.", "data.num_workers", "train.progress")
+VOLATILE_KEYS = ("tracking.", "data.num_workers", "train.progress", "ensemble.")
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:

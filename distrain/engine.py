@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from tqdm.auto import tqdm
 
 from distrain import data as data_mod
 from distrain import parallel
 from distrain.config import Config
 from distrain.data import DatasetIndex
+from distrain.metrics import score
 from distrain.models import create_model
 from distrain.optim import create_optimizer, create_scheduler
 from distrain.tracking import NullTracker
@@ -64,18 +64,6 @@ class JobResult:
     test: Optional[Predictions]
     best_state: dict  # fp32 state dict of the single-device model at its best epoch
     history: list[dict] = field(default_factory=list)
-
-
-def score(metric: str, labels: np.ndarray, probs: np.ndarray) -> float:
-    """The configured metric (higher is better) of argmax predictions."""
-    pred = probs.argmax(axis=1)
-    if metric == "accuracy":
-        return float(accuracy_score(labels, pred))
-    if metric == "balanced_accuracy":
-        return float(balanced_accuracy_score(labels, pred))
-    if metric == "f1_macro":
-        return float(f1_score(labels, pred, average="macro"))
-    raise ValueError(f"unknown metric {metric!r}")
 
 
 def expand_plan(cfg: Config) -> list[Job]:

@@ -71,9 +71,11 @@ def on_primary(accelerator: Accelerator, fn: Callable[[], T], *, per_node: bool 
 
 def _rebuild_error(err_type: str, message: str) -> Exception:
     from distrain.data import DataError
+    from distrain.ensemble import EnsembleError
     from distrain.folds import FoldManifestMismatch
 
-    known = {c.__name__: c for c in (ConfigError, DataError, FoldManifestMismatch, ValueError, FileNotFoundError)}
+    known = {c.__name__: c for c in (ConfigError, DataError, FoldManifestMismatch, EnsembleError, ValueError,
+                                     FileNotFoundError)}
     return known.get(err_type, RuntimeError)(message)
 
 

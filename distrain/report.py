@@ -15,8 +15,9 @@ from typing import Optional
 import numpy as np
 
 from distrain.config import Config
-from distrain.engine import Job, Predictions, score
+from distrain.engine import Job, Predictions
 from distrain.fsutil import atomic_write_json
+from distrain.metrics import score
 from distrain.outputs import load_job_predictions, read_done
 
 
@@ -45,7 +46,8 @@ def fold_average(tests: list[Predictions]) -> Optional[Predictions]:
     return Predictions(ids, np.mean([t.probs for t in tests], axis=0), tests[0].labels)
 
 
-def build_report(cfg: Config, jobs: list[Job], run_dir: Path, cv_ids: set[str], mlflow_info: dict) -> dict:
+def build_report(cfg: Config, jobs: list[Job], run_dir: Path, cv_ids: set[str], mlflow_info: dict,
+                 check_coverage: bool = True) -> dict:
     """Read every finished job's outputs and assemble the report dict (without writing it)."""
     metric = cfg.train.metric
     rows, oofs, tests = [], {}, []
@@ -58,7 +60,7 @@ def build_report(cfg: Config, jobs: list[Job], run_dir: Path, cv_ids: set[str], 
                      "status": done["status"], "val_score": float(done["val_score"]),
                      "best_epoch": done["best_epoch"],
                      "test_score": test.score(metric) if test is not None else None})
-    if not cfg.cv.only_folds:
+    if check_coverage and not cfg.cv.only_folds:
         check_oof_coverage(jobs, oofs, cv_ids)
     scores = np.array([r["val_score"] for r in rows])
     avg = fold_average(tests)
@@ -94,4 +96,9 @@ def format_table(report: dict) -> str:
     fa = report["test"]["fold_average"]
     if fa is not None:
         lines.append(f"{'holdout test, fold-averaged':<32} {'':>14} {fa:>14.4f}")
+    if report.get("ensembles"):
+        lines += ["", f"{'ensemble':<32} {'CV ' + m:>14} {'test ' + m:>14}"]
+        for name, s in report["ensembles"].items():
+            test = f"{s['test']:.4f}" if s["test"] is not None else "-"
+            lines.append(f"{name:<32} {s['cv']:>14.4f} {test:>14}")
     return "\n".join(lines)

@@ -36,12 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from distrain.config import ConfigError, load_config
     from distrain.data import DataError
+    from distrain.ensemble import EnsembleError
     from distrain.folds import FoldManifestMismatch
 
     try:
         cfg = load_config(args.config, args.overrides)
         return run_experiment(cfg)
-    except (ConfigError, DataError, FoldManifestMismatch) as e:
+    except (ConfigError, DataError, FoldManifestMismatch, EnsembleError) as e:
         print(f"distrain: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
@@ -55,7 +56,8 @@ def run_experiment(cfg) -> int:
     from distrain.folds import build_fold_manifest, persist_or_check
     from distrain.fsutil import atomic_write_text
     from distrain.outputs import is_done, write_job_outputs
-    from distrain.report import build_report, format_table, write_report
+    from distrain.aggregate import aggregate
+    from distrain.report import format_table
     from distrain.tracking import NullTracker, create_tracker, resolve_tracking_uri
     from distrain.config import yaml_load
 
@@ -143,24 +145,15 @@ def run_experiment(cfg) -> int:
 
         parallel.on_primary(accelerator, finish_job)
 
-    def aggregate():
-        mlflow_info = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
-                       "parent_run_id": tracker.parent_run_id}
-        report = build_report(cfg, plan, run_dir, set(cv_ids), mlflow_info)
-        path = write_report(run_dir, report)
-        tracker.log_metrics(tracker.parent_run_id, {f"cv_{cfg.train.metric}_mean": report["cv"]["mean"],
-                                                    f"cv_{cfg.train.metric}_std": report["cv"]["std"],
-                                                    **({f"test_{cfg.train.metric}_fold_average":
-                                                        report["test"]["fold_average"]}
-                                                       if report["test"]["fold_average"] is not None else {})},
-                            step=0)
-        tracker.log_artifact(tracker.parent_run_id, path)
+    def aggregate_once():
+        report = aggregate(cfg, run_dir, tracker, set(cv_ids), manifest.fold_of_sample,
+                           {**cv_labels, **index.labels_of("test")})
         tracker.end_run(tracker.parent_run_id)
         print(format_table(report))
-        print(f"distrain: report: {path}")
+        print(f"distrain: report: {run_dir / 'report.json'}")
         return None
 
-    parallel.on_primary(accelerator, aggregate)
+    parallel.on_primary(accelerator, aggregate_once)
     accelerator.end_training()
     return 0
 

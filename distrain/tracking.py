@@ -40,6 +40,9 @@ class NullTracker:
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         pass
 
+    def child_run(self, name: str, params: dict) -> str:
+        return ""
+
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         pass
 
@@ -99,6 +102,35 @@ class MlflowTracker(NullTracker):
                                            "distrain.job_id": job_id, **{k: str(v) for k, v in tags.items()}})
         self.log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def child_run(self, name: str, params: dict) -> str:
+        """A nested run of the study named `name` (an ensemble stage), reused when aggregation runs again."""
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' "
+                                                f"and tags.mlflow.runName = '{name}'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={PARENT_TAG: self.parent_run_id, "distrain.kind": "ensemble"})
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_ensemble_model(self, run_id: str, artifacts_dir: Path, registered_name: str) -> str:
+        """Log the ensemble as a pyfunc model on `run_id`, register it, and return the new version."""
+        import mlflow
+        import mlflow.pyfunc
+
+        from distrain.serving import DistrainPyfunc
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(name="ensemble", python_model=DistrainPyfunc(),
+                                           artifacts={"ensemble": str(artifacts_dir)},
+                                           pip_requirements=["distrain", "torch", "timm", "lightgbm", "pillow"],
+                                           registered_model_name=registered_name)
+        return str(info.registered_model_version)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

@@ -7,19 +7,33 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, distrain_run, last_line
+import sys
+
+from conftest import REPO, distrain_run, last_line, run_cmd
 
 pytestmark = pytest.mark.slow
 
 
+_DEFAULT_RUN_FAILURE: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """The default config, unchanged, as one CPU process (the README's first command, minus the install)."""
+    """The default config, unchanged, as one CPU process (the README's first command, minus the install).
+    A failure is reported once; the tests that need the run then fail at once instead of re-running it."""
+    if _DEFAULT_RUN_FAILURE:
+        pytest.fail(_DEFAULT_RUN_FAILURE[0])
     cwd = tmp_path_factory.mktemp("default")
     start = time.perf_counter()
-    proc = distrain_run(cwd)
+    try:
+        proc = distrain_run(cwd, timeout=1200)
+    except Exception as e:
+        _DEFAULT_RUN_FAILURE.append(f"default run did not finish: {e}")
+        raise
     seconds = time.perf_counter() - start
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if proc.returncode != 0:
+        _DEFAULT_RUN_FAILURE.append(f"default run failed: {proc.stderr[-3000:]}")
+        pytest.fail(_DEFAULT_RUN_FAILURE[0])
     report = json.loads((cwd / "runs" / "digits" / "report.json").read_text())
     print(f"default config: {seconds:.0f} s, test fold average {report['test']['fold_average']:.4f}")
     return cwd, report, seconds, proc
@@ -143,3 +157,93 @@ def test_bad_input_exits_nonzero_with_one_line_and_leaves_no_work(tmp_path, setu
     run_dir = tmp_path / "runs" / "digits"
     assert not (run_dir / "report.json").exists() and not list(run_dir.glob("jobs/*/done.json"))
     assert not run_dir.exists()  # refused before the run directory was made
+
+
+def test_report_has_ensembles_next_to_single_models(default_run):
+    cwd, report, _, proc = default_run
+    names = {"best_single", "mean_single", "fold_average", "soft_vote", "hard_vote", "weighted_vote",
+             "k_of_n_vote", "stacking"}
+    assert set(report["ensembles"]) == names
+    for s in report["ensembles"].values():
+        assert 0.9 <= s["cv"] <= 1.0 and 0.9 <= s["test"] <= 1.0
+    assert report["ensembles"]["fold_average"]["test"] == report["test"]["fold_average"]
+    assert "stacking" in proc.stdout and "soft_vote" in proc.stdout
+
+
+def _test_images(cwd: Path):
+    """The holdout images, raw from the shards, in sample-id order."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    index = json.loads((cwd / "data" / "digits" / "index.json").read_text())
+    urls = [str(cwd / "data" / "digits" / s) for s in index["shards"]["test"]]
+    rows = sorted((s["__key__"], np.asarray(Image.open(io.BytesIO(s["png"])))) for s in
+                  wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    return [r[0] for r in rows], np.stack([r[1] for r in rows])
+
+
+def test_registered_pyfunc_model_reproduces_stacking_test_predictions(default_run):
+    import mlflow
+    import mlflow.pyfunc
+
+    cwd, report, *_ = default_run
+    mlflow.set_tracking_uri(report["mlflow"]["tracking_uri"])
+    model = mlflow.pyfunc.load_model(report["ensemble_model"]["uri"])
+    ids, images = _test_images(cwd)
+    probs = model.predict(images)
+    with np.load(cwd / "runs" / "digits" / "ensemble" / "stacking_test.npz") as z:
+        assert z["sample_ids"].tolist() == ids
+        np.testing.assert_allclose(probs, z["probs"], atol=1e-5)
+    labels = np.load(next((cwd / "runs" / "digits" / "jobs").glob("*/test.npz")))["labels"]
+    assert (probs.argmax(1) == labels).mean() == pytest.approx(report["ensembles"]["stacking"]["test"])
+
+
+def test_mlflow_has_ensemble_runs_and_review_artifacts(default_run):
+    cwd, report, *_ = default_run
+    info = report["mlflow"]
+    client = MlflowClient(info["tracking_uri"])
+    children = client.search_runs([info["experiment_id"]],
+                                  filter_string=f"tags.mlflow.parentRunId = '{info['parent_run_id']}' "
+                                                f"and tags.`distrain.kind` = 'ensemble'")
+    by_name = {c.info.run_name: c for c in children}
+    assert set(by_name) == {"voting", "stacking"}
+    assert by_name["stacking"].data.metrics["stacking_cv"] == pytest.approx(report["ensembles"]["stacking"]["cv"])
+    assert by_name["voting"].data.metrics["soft_vote_test"] == pytest.approx(report["ensembles"]["soft_vote"]["test"])
+    review = {a.path for a in client.list_artifacts(info["parent_run_id"], "review")}
+    assert {"review/scores.png", "review/confusion.png", "review/calibration.png", "review/summary.md"} <= review
+    versions = client.search_model_versions(f"name = '{report['ensemble_model']['name']}'")
+    assert str(report["ensemble_model"]["version"]) in {v.version for v in versions}
+
+
+def test_ensemble_command_reruns_without_training(default_run):
+    cwd, report, *_ = default_run
+    proc = run_cmd([sys.executable, "-m", "distrain.cli", "ensemble", "--run-dir", "runs/digits"], cwd, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads((cwd / "runs" / "digits" / "report.json").read_text())
+    assert again["ensembles"] == report["ensembles"]  # deterministic, no training
+    assert not any((cwd / "runs" / "digits" / "jobs").glob("*/.*.tmp"))
+
+
+def test_missing_oof_rows_are_named_or_left_out(default_run, tmp_path):
+    import shutil
+
+    cwd, *_ = default_run
+    shutil.copytree(cwd / "runs", tmp_path / "runs")
+    shutil.copytree(cwd / "data", tmp_path / "data")
+    (tmp_path / "runs" / "digits" / "mlflow.json").unlink()  # a fresh study run in the copied store
+    oof = tmp_path / "runs" / "digits" / "jobs" / "test_resnet-s43-f2" / "oof.npz"
+    with np.load(oof) as z:
+        data = {k: z[k] for k in z.files}
+    np.savez(oof, **{k: v[:-3] for k, v in data.items()})
+    proc = run_cmd([sys.executable, "-m", "distrain.cli", "ensemble", "--run-dir", "runs/digits"], tmp_path)
+    assert proc.returncode == 2
+    assert "job test_resnet-s43-f2: OOF has" in last_line(proc.stderr) and "missing e.g." in last_line(proc.stderr)
+    proc = run_cmd([sys.executable, "-m", "distrain.cli", "ensemble", "--run-dir", "runs/digits", "--allow-partial"],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rep = json.loads((tmp_path / "runs" / "digits" / "report.json").read_text())
+    assert rep["ensemble_details"]["columns"] == ["test_resnet-s42"]
+    assert rep["ensemble_details"]["left_out"][0]["column"] == "test_resnet-s43"
+    assert "left out: job test_resnet-s43-f2" in proc.stdout

@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+
+from distrain.ensemble import (EnsembleError, JobPredictions, OOFStore, build_store, fit_vote_weights, hard_vote,
+                               k_of_n_vote, long_table, naive_stack_score, run_ensembles, stack)
+
+
+def synthetic_store(n=1000, classes=4, columns=6, folds=5, signal=0.0, seed=0, n_test=200):
+    """Random OOF/test probabilities; with signal > 0 each column leans towards the true class."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    test_labels = rng.integers(0, classes, n_test)
+
+    def probs(y):
+        logits = rng.normal(size=(columns, len(y), classes))
+        logits[:, np.arange(len(y)), y] += signal * rng.uniform(0.5, 1.5, size=(columns, 1))
+        e = np.exp(logits)
+        return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+    return OOFStore(sample_ids=[f"s{i:05d}" for i in range(n)], labels=labels, folds=np.arange(n) % folds,
+                    columns=[f"m{k}-s{k}" for k in range(columns)], oof=probs(labels),
+                    test_ids=[f"t{i}" for i in range(n_test)], test_labels=test_labels, test=probs(test_labels),
+                    jobs=[{"id": f"m{k}-s{k}-f{f}", "val_score": 0.0} for k in range(columns) for f in range(folds)])
+
+
+def test_leakage_permuted_labels_stacking_stays_at_chance_naive_does_not():
+    store = synthetic_store(n=1200, classes=4, signal=0.0)
+    store.labels = np.random.default_rng(7).permutation(store.labels)  # labels independent of inputs
+    chance = np.bincount(store.labels).max() / len(store.labels)
+    cv = run_ensembles(store, "accuracy", stacking=True).scores["stacking"]["cv"]
+    naive = naive_stack_score(store, "accuracy")
+    print(f"chance {chance:.3f}, stacking cv {cv:.3f}, naive {naive:.3f}")
+    assert abs(cv - 0.25) < 0.05  # chance level for 4 balanced classes
+    assert naive > chance + 0.2  # fitted and scored on the same rows: leaks
+
+
+def test_ensembles_beat_single_models_when_columns_carry_signal():
+    store = synthetic_store(signal=1.2)
+    out = run_ensembles(store, "accuracy")
+    s = out.scores
+    assert s["soft_vote"]["cv"] > s["best_single"]["cv"] + 0.05
+    assert s["stacking"]["cv"] > s["mean_single"]["cv"] + 0.05
+    assert set(s) == {"best_single", "mean_single", "fold_average", "soft_vote", "hard_vote", "weighted_vote",
+                      "k_of_n_vote", "stacking"}
+    assert all(v["test"] is not None for v in s.values())
+    assert sum(out.weights.values()) == pytest.approx(1.0) and min(out.weights.values()) >= 0
+
+
+def test_stacking_is_deterministic():
+    store = synthetic_store(signal=1.0)
+    a, b = stack(store), stack(store)
+    np.testing.assert_array_equal(a.oof_probs, b.oof_probs)
+    np.testing.assert_array_equal(a.test_probs, b.test_probs)
+
+
+def test_weights_prefer_the_informative_column():
+    store = synthetic_store(columns=3, signal=0.0)
+    store.oof[1] = np.eye(4, dtype=np.float32)[store.labels] * 0.9 + 0.025  # column 1 is nearly perfect
+    w = fit_vote_weights(store.oof, store.labels)
+    assert w[1] > 0.8 and w.sum() == pytest.approx(1.0) and (w >= 0).all()
+
+
+def test_hard_vote_ties_broken_by_summed_probability():
+    probs = np.array([[[0.6, 0.4, 0.0]], [[0.1, 0.9, 0.0]]])  # one vote each for class 0 and 1
+    assert hard_vote(probs).tolist() == [1]  # class 1 has the larger summed probability (1.3 vs 0.7)
+    probs3 = np.array([[[0.6, 0.4]], [[0.6, 0.4]], [[0.0, 1.0]]])
+    assert hard_vote(probs3).tolist() == [0]  # 2 votes beat a higher summed probability
+
+
+def test_k_of_n_vote_keeps_detections_most_agree_on():
+    probs = np.array([[[0.9, 0.2]], [[0.8, 0.7]], [[0.6, 0.9]], [[0.1, 0.6]], [[0.7, 0.1]]])  # 5 fold models
+    detected = k_of_n_vote(probs, k=3, threshold=0.5)
+    assert detected.tolist() == [[True, True]]  # class 0: 4 of 5; class 1: 3 of 5
+    assert k_of_n_vote(probs, k=4, threshold=0.5).tolist() == [[True, False]]
+
+
+def _job(model, seed, fold, ids, classes=3, test_ids=("t0", "t1")):
+    rng = np.random.default_rng(fold)
+    p = rng.dirichlet(np.ones(classes), len(ids)).astype(np.float32)
+    tp = rng.dirichlet(np.ones(classes), len(test_ids)).astype(np.float32)
+    return JobPredictions(id=f"{model}-s{seed}-f{fold}", model=model, seed=seed, fold=fold, val_score=0.5,
+                          oof_ids=list(ids), oof_probs=p, test_ids=list(test_ids), test_probs=tp,
+                          test_labels=np.array([0, 1]))
+
+
+def test_store_checks_coverage_and_names_the_job():
+    fold_of = {f"s{i}": i % 2 for i in range(10)}
+    labels = {s: i % 3 for i, s in enumerate(sorted(fold_of))}
+    f0, f1 = sorted(s for s in fold_of if fold_of[s] == 0), sorted(s for s in fold_of if fold_of[s] == 1)
+    good = [_job("a", 1, 0, f0), _job("a", 1, 1, f1), _job("b", 1, 0, f0)]
+    partial = good + [_job("b", 1, 1, f1[:-1])]
+    with pytest.raises(EnsembleError, match=r"job b-s1-f1: OOF has 4 of 5 rows of fold 1 \(missing e.g. 's9'\)"):
+        build_store(partial, [], fold_of, labels)
+    store = build_store(partial, [], fold_of, labels, allow_partial=True)
+    assert store.columns == ["a-s1"] and store.left_out[0]["column"] == "b-s1"
+    assert len(long_table(store)) == 10 + 2
+    with pytest.raises(EnsembleError, match="job b-s1-f1: not finished"):
+        build_store(good, [{"id": "b-s1-f1", "model": "b", "seed": 1}], fold_of, labels)
+    odd = [_job("a", 1, 0, f0), _job("a", 1, 1, f1, classes=4)]
+    with pytest.raises(EnsembleError, match="different class counts: a-s1-f0 has 3, a-s1-f1 has 4"):
+        build_store(odd, [], fold_of, labels)
