@@ -92,7 +92,8 @@ def test_mlflow_tree_reads_back(default_run):
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["test_accuracy_fold_average"] == pytest.approx(report["test"]["fold_average"])
     children = client.search_runs([info["experiment_id"]],
-                                  filter_string=f"tags.mlflow.parentRunId = '{info['parent_run_id']}'")
+                                  filter_string=f"tags.mlflow.parentRunId = '{info['parent_run_id']}' "
+                                                f"and tags.`distrain.kind` = 'job'")
     assert sorted(c.info.run_name for c in children) == sorted(j["id"] for j in report["jobs"])
     child = next(c for c in children if c.info.run_name == report["jobs"][0]["id"])
     assert child.data.tags["model"] == report["jobs"][0]["model"] and child.data.tags["fold"] == "0"
@@ -214,7 +215,7 @@ def test_mlflow_has_ensemble_runs_and_review_artifacts(default_run):
     review = {a.path for a in client.list_artifacts(info["parent_run_id"], "review")}
     assert {"review/scores.png", "review/confusion.png", "review/calibration.png", "review/summary.md"} <= review
     versions = client.search_model_versions(f"name = '{report['ensemble_model']['name']}'")
-    assert str(report["ensemble_model"]["version"]) in {v.version for v in versions}
+    assert str(report["ensemble_model"]["version"]) in {str(v.version) for v in versions}
 
 
 def test_ensemble_command_reruns_without_training(default_run):
@@ -247,3 +248,73 @@ def test_missing_oof_rows_are_named_or_left_out(default_run, tmp_path):
     assert rep["ensemble_details"]["columns"] == ["test_resnet-s42"]
     assert rep["ensemble_details"]["left_out"][0]["column"] == "test_resnet-s43"
     assert "left out: job test_resnet-s43-f2" in proc.stdout
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture
+def mlflow_server(default_run):
+    """A real `mlflow server` on loopback over the default run's store; stopped afterwards."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    cwd, report, *_ = default_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                             report["mlflow"]["tracking_uri"], "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1"], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("mlflow server did not start")
+                time.sleep(1)
+        yield url, report, cwd
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_browser_shows_study_jobs_ensembles_and_a_plot(mlflow_server, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    url, report, cwd = mlflow_server
+    info = report["mlflow"]
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=args)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        # MLflow 3 opens in GenAI mode; training runs live under workflowType=machine_learning
+        page.goto(f"{url}/#/experiments/{info['experiment_id']}/runs?workflowType=machine_learning")
+        study = page.locator("[role=row]").filter(has_text="digits-study").first
+        study.wait_for(timeout=60_000)
+        study.locator("[data-component-id*='runnamecellrenderer']").first.click()  # expand nested runs
+        for name in ("test_resnet-s42-f0", "test_resnet-s43-f4", "voting", "stacking"):
+            page.get_by_role("link", name=name, exact=True).first.wait_for(timeout=30_000)
+        page.screenshot(path=str(tmp_path / "runs.png"))
+        page.goto(f"{url}/#/experiments/{info['experiment_id']}/runs/{info['parent_run_id']}"
+                  "/artifacts/review/scores.png")
+        page.get_by_text("review/scores.png").first.wait_for(timeout=60_000)
+        plot = page.locator("img[src^='blob:']").first
+        plot.wait_for(timeout=60_000)
+        page.wait_for_function("img => img.complete && img.naturalWidth > 100", arg=plot.element_handle(),
+                               timeout=60_000)
+        assert plot.evaluate("img => img.naturalWidth") > 100
+        page.screenshot(path=str(tmp_path / "plot.png"))
+        browser.close()
