@@ -11,13 +11,11 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from distrain import data as data_mod
@@ -28,6 +26,9 @@ from distrain.metrics import score
 from distrain.models import create_model
 from distrain.optim import create_optimizer, create_scheduler
 from distrain.tracking import NullTracker
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def steps_per_epoch(n_train: int, world_size: int, batch_size: int, accum: int) 
     return steps
 
 
-def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str, int], accelerator: Accelerator,
+def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str, int], accelerator: "Accelerator",
             tracker: NullTracker = NullTracker(), run_id: str = "") -> JobResult:
     """Train `job` to completion (or early stop) and predict OOF and test from its best epoch."""
     tc, dc = cfg.train, cfg.data
@@ -93,7 +94,7 @@ def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str
     train_ids = set(cv_labels) - val_ids
     world = accelerator.num_processes
 
-    set_seed(job.seed)  # identical initial weights on every rank
+    parallel.seed_everything(job.seed)  # identical initial weights on every rank
     model = create_model(job.model, num_classes=dc.num_classes, in_chans=index.channels,
                          drop_rate=cfg.model.drop_rate, grad_checkpointing=cfg.model.grad_checkpointing)
     optimizer = create_optimizer(model, cfg.optim)
@@ -102,7 +103,7 @@ def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str
     scheduler = create_scheduler(optimizer, cfg.optim, total_steps=opt_steps_per_epoch * tc.epochs,
                                  steps_per_epoch=opt_steps_per_epoch)
     model, optimizer = parallel.wrap(accelerator, model, optimizer)
-    set_seed(job.seed, device_specific=True)  # distinct augmentation / dropout streams per rank
+    parallel.seed_everything(job.seed, per_rank=True)  # distinct augmentation / dropout streams per rank
     single = accelerator.unwrap_model(model)
 
     loader_kw = dict(image_size=dc.image_size, channels=index.channels, num_workers=dc.num_workers, cache=dc.cache)
@@ -184,7 +185,7 @@ def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, accelerator: Accelerator, urls: list[str], keep_ids: Optional[set[str]], *,
+def predict(model: torch.nn.Module, accelerator: "Accelerator", urls: list[str], keep_ids: Optional[set[str]], *,
             batch_size: int, image_size: int, channels: int, num_workers: int, cache: bool = True) -> Predictions:
     """Softmax probabilities for the samples in `urls` (restricted to keep_ids), each rank predicting its own
     shards, gathered on every rank and sorted by sample id."""

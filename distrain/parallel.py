@@ -14,7 +14,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, set_seed
 
 from distrain.config import ConfigError, TrainConfig
 
@@ -42,6 +42,11 @@ def wrap(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.opti
     """Place and wrap for data parallelism. The LR scheduler is deliberately not prepared:
     accelerate's wrapper steps it once per process, which would shorten the schedule by world size."""
     return accelerator.prepare(model, optimizer)
+
+
+def seed_everything(seed: int, *, per_rank: bool = False) -> None:
+    """Seed Python, numpy and torch; per_rank adds the process index, for distinct augmentation streams."""
+    set_seed(seed, device_specific=per_rank)
 
 
 def release(accelerator: Accelerator) -> None:

@@ -10,6 +10,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_scores(jobs: list[dict], ensembles: dict, metric: str, path: Path) -> Path:
     """Each job's validation score as a point, each ensemble's CV score as a line across."""
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -24,10 +31,7 @@ def plot_scores(jobs: list[dict], ensembles: dict, metric: str, path: Path) -> P
     ax.set_ylabel(f"validation {metric}")
     ax.set_title("Jobs (points) and ensembles (CV, dashed)")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_confusion(labels: np.ndarray, pred: np.ndarray, num_classes: int, title: str, path: Path) -> Path:
@@ -43,10 +47,7 @@ def plot_confusion(labels: np.ndarray, pred: np.ndarray, num_classes: int, title
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_calibration(labels: np.ndarray, probs: np.ndarray, title: str, path: Path, bins: int = 10) -> Path:
@@ -70,7 +71,4 @@ def plot_calibration(labels: np.ndarray, probs: np.ndarray, title: str, path: Pa
     ax.set_xlabel("mean top-class probability")
     ax.set_ylabel("accuracy")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -7,7 +7,6 @@ Also reachable as `distrain train`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -17,9 +16,6 @@ if __name__ == "__main__" and __package__ in (None, ""):
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     sys.path.insert(0, str(here.parent))
-
-# Error-free defaults that keep runs fast and quiet; users' own settings win.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 EXIT_BAD_INPUT = 2
 

@@ -1,5 +1,6 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2`: each rank predicts its own shards of an
 uneven split; the gathered predictions must cover every sample exactly once, identically on both ranks."""
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ model = create_model("test_resnet", num_classes=10, in_chans=1)
 pred = predict(model, acc, index.urls("cv"), keep, batch_size=13, image_size=16, channels=1, num_workers=0)
 local = len(list(parallel.gather_rows(acc, [acc.process_index])))
 total = parallel.sum_across_ranks(acc, [1.0])[0]
-print(json.dumps({"rank": acc.process_index, "world": acc.num_processes, "rows": len(pred.sample_ids),
-                  "distinct": len(set(pred.sample_ids)), "expected": len(keep),
-                  "covers": set(pred.sample_ids) == keep, "checksum": float(pred.probs.sum()),
-                  "gathered_ranks": local, "sum": total}), flush=True)
+digest = hashlib.sha256("\n".join(pred.sample_ids).encode() + pred.probs.tobytes()).hexdigest()
+# one file per rank: lines printed by two processes into one pipe can interleave
+(Path(sys.argv[2]) / f"rank{acc.process_index}.json").write_text(json.dumps({
+    "rank": acc.process_index, "world": acc.num_processes, "rows": len(pred.sample_ids),
+    "distinct": len(set(pred.sample_ids)), "expected": len(keep), "covers": set(pred.sample_ids) == keep,
+    "digest": digest, "gathered_ranks": local, "sum": total}))

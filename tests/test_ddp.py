@@ -10,11 +10,11 @@ def test_two_process_ddp_gather_has_no_duplicates(tmp_path):
     proc = run_cmd([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                     "--main_process_port", str(_free_port()), str(REPO / "tests" / "ddp_gather_check.py"),
-                    str(tmp_path / "digits")], cwd=tmp_path, timeout=300)
+                    str(tmp_path / "digits"), str(tmp_path)], cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+    rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in rows) == [0, 1] and all(r["world"] == 2 for r in rows)
     for r in rows:
         assert r["rows"] == r["distinct"] == r["expected"] and r["covers"]
         assert r["gathered_ranks"] == 2 and r["sum"] == 2.0
-    assert rows[0]["checksum"] == rows[1]["checksum"]  # every rank holds the same gathered predictions
+    assert rows[0]["digest"] == rows[1]["digest"]  # every rank holds the same gathered ids and probabilities
