@@ -167,6 +167,9 @@ class TrainConfig:
     """Stop a job when train metric - val metric exceeds this (practice: 0.05); 0 disables."""
     progress: bool = True
     """Progress bars for epochs and steps (primary rank only)."""
+    cpu_threads: int = 0
+    """Intra-op threads per process on CPU; 0 = this node's cores divided by its processes (accelerate
+    launch would otherwise leave each process one thread)."""
 
     def __post_init__(self):
         _require(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
@@ -178,6 +181,7 @@ class TrainConfig:
         _require(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
         _require(self.patience >= 0, "train.patience", self.patience, ">= 0")
         _require(self.max_train_val_gap >= 0, "train.max_train_val_gap", self.max_train_val_gap, ">= 0")
+        _require(self.cpu_threads >= 0, "train.cpu_threads", self.cpu_threads, ">= 0")
 
 
 @dataclass(kw_only=True)
@@ -248,7 +252,7 @@ class Config:
 
 
 # Keys that may change between runs of one run directory without changing what is trained.
-VOLATILE_KEYS = ("tracking.", "data.num_workers", "train.progress", "ensemble.")
+VOLATILE_KEYS = ("tracking.", "data.num_workers", "train.progress", "train.cpu_threads", "ensemble.")
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:

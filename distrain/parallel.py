@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -34,8 +35,13 @@ def create_accelerator(train: TrainConfig) -> Accelerator:
     """One Accelerator for the whole process (it owns the process group); reused by every job."""
     cuda = torch.cuda.is_available()
     check_precision(train.precision, cuda)
-    return Accelerator(cpu=not cuda, mixed_precision=train.precision,
-                       gradient_accumulation_steps=train.grad_accum_steps)
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=train.precision,
+                              gradient_accumulation_steps=train.grad_accum_steps)
+    if not cuda:
+        # `accelerate launch` exports OMP_NUM_THREADS=1; on CPU that idles all cores but one.
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        torch.set_num_threads(train.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, local_processes)))
+    return accelerator
 
 
 def wrap(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
