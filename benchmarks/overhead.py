@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import tempfile
 import time
@@ -78,7 +77,7 @@ def bare_job(cfg, train, val, seed):
                                for i in range(0, len(val[0]), 128)])
         acc = float((probs.argmax(1) == val[1]).float().mean())
         if acc > best:
-            best, best_state = acc, {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best, best_state = acc, {k: v.detach().clone() for k, v in model.state_dict().items()}  # as fit_job does
     return statistics.median(rates[1:]), time.perf_counter() - start_job, best
 
 

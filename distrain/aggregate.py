@@ -14,9 +14,9 @@ import numpy as np
 from distrain.config import Config
 from distrain.engine import expand_plan
 from distrain.ensemble import EnsembleOutcome, JobPredictions, OOFStore, build_store, long_table, run_ensembles
-from distrain.fsutil import atomic_write, atomic_write_json, atomic_write_text
-from distrain.outputs import is_done, job_dir, load_job_predictions, read_done
-from distrain.report import build_report, format_table, write_report
+from distrain.fsutil import atomic_write, atomic_write_text
+from distrain.outputs import is_done, load_job_predictions, read_done
+from distrain.report import build_report, write_report
 
 ENSEMBLE_ORDER = ("best_single", "mean_single", "fold_average", "soft_vote", "hard_vote", "weighted_vote",
                   "k_of_n_vote", "stacking")
@@ -31,30 +31,30 @@ def load_store(cfg: Config, run_dir: Path, fold_of_sample: dict[str, int], label
             missing.append({"id": job.id, "model": job.model, "seed": job.seed})
             continue
         oof, test = load_job_predictions(run_dir, job)
+        done = read_done(run_dir, job)
         preds.append(JobPredictions(id=job.id, model=job.model, seed=job.seed, fold=job.fold,
-                                    val_score=float(read_done(run_dir, job)["val_score"]),
+                                    val_score=float(done["val_score"]), best_epoch=int(done["best_epoch"]),
                                     oof_ids=oof.sample_ids, oof_probs=oof.probs,
                                     test_ids=test.sample_ids if test else [], test_probs=test.probs if test else None,
                                     test_labels=test.labels if test else None))
     if cfg.cv.only_folds:  # a deliberately partial plan: ensemble over the trained folds only
         fold_of_sample = {s: f for s, f in fold_of_sample.items() if f in set(cfg.cv.only_folds)}
     store = build_store(preds, missing, fold_of_sample, labels_of_sample, allow_partial=allow_partial)
-    included = {j["id"] for j in store.jobs}
     test_by_job = None
     if store.test is not None:
-        test_by_job = np.stack([p.test_probs for p in preds if p.id in included])
+        by_id = {p.id: p for p in preds}
+        test_by_job = np.stack([by_id[j["id"]].test_probs for j in store.jobs])  # aligned with store.jobs
     return store, test_by_job
 
 
-def aggregate(cfg: Config, run_dir: Path, tracker, cv_ids: set[str], fold_of_sample: dict[str, int],
+def aggregate(cfg: Config, run_dir: Path, tracker, fold_of_sample: dict[str, int],
               labels_of_sample: dict[str, int], allow_partial: bool = False) -> dict:
     """Build and write report.json with ensembles; log the review to MLflow. Returns the report."""
     metric = cfg.train.metric
     store, test_by_job = load_store(cfg, run_dir, fold_of_sample, labels_of_sample, allow_partial)
-    included = [j for j in expand_plan(cfg) if j.id in {x["id"] for x in store.jobs}]
     mlflow_info = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
                    "parent_run_id": tracker.parent_run_id}
-    report = build_report(cfg, included, run_dir, cv_ids, mlflow_info, check_coverage=False)
+    report = build_report(cfg, store, test_by_job, mlflow_info)
     ec = cfg.ensemble
     outcome = run_ensembles(store, metric, test_by_job=test_by_job, vote_fraction=ec.vote_fraction,
                             vote_threshold=ec.vote_threshold, stacking=ec.stacking, seed=cfg.cv.fold_seed,
@@ -105,7 +105,7 @@ def summary_markdown(report: dict) -> str:
         lines.append(f"| {name} | {s['cv']:.4f} | {test} |")
     details = report["ensemble_details"]
     lines += ["", f"Columns (model, seed): {', '.join(details['columns'])}; best single: "
-              f"{details['best_single_column']}.", f"Weighted-vote weights: " +
+              f"{details['best_single_column']}.", "Weighted-vote weights: " +
               ", ".join(f"{c} {w:.3f}" for c, w in details["weights"].items()) + "."]
     if details["left_out"]:
         lines += ["", "Left out (--allow-partial):"] + [f"- {x['column']}: {x['reason']}" for x in details["left_out"]]

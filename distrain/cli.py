@@ -82,7 +82,7 @@ def _ensemble(args) -> int:
     manifest = FoldManifest.from_json((run_dir / "folds.json").read_text())
     tracker = create_tracker(True, resolve_tracking_uri(cfg.tracking.uri, run_dir.parent),
                              cfg.tracking.experiment_name or cfg.experiment, run_dir, run_dir.parent)
-    report = aggregate(cfg, run_dir, tracker, set(index.split_ids("cv")), manifest.fold_of_sample,
+    report = aggregate(cfg, run_dir, tracker, manifest.fold_of_sample,
                        dict(zip(index.sample_ids, index.labels)), allow_partial=args.allow_partial)
     tracker.end_run(tracker.parent_run_id)
     print(format_table(report))

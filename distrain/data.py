@@ -13,6 +13,7 @@ per batch on the training device (`prepare_batch`).
 from __future__ import annotations
 
 import csv
+from collections import Counter
 import io
 import itertools
 import json
@@ -114,7 +115,7 @@ def write_dataset(samples: Sequence[Sample], out_dir: str | Path, *, classes: li
         raise DataError(f"{out_dir}: already exists; choose another output directory")
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
-        dup = next(i for i, c in _counts(ids).items() if c > 1)
+        dup = next(i for i, c in Counter(ids).items() if c > 1)
         raise DataError(f"duplicate sample id {dup!r}")
     for s in samples:
         if not 0 <= s.label < len(classes):
@@ -145,13 +146,6 @@ def write_dataset(samples: Sequence[Sample], out_dir: str | Path, *, classes: li
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return read_index(out_dir)
-
-
-def _counts(items: Iterable[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for i in items:
-        out[i] = out.get(i, 0) + 1
-    return out
 
 
 def _write_shards(samples: Sequence[Sample], directory: Path, split: str, shard_size: int) -> list[str]:

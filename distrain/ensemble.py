@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 from scipy.optimize import minimize
 
-from distrain.metrics import log_loss, score, score_labels
+from distrain.metrics import score, score_labels
 
 
 class EnsembleError(ValueError):
@@ -38,7 +38,7 @@ class OOFStore:
     test_ids: list[str] = field(default_factory=list)
     test_labels: Optional[np.ndarray] = None   # [n_test]
     test: Optional[np.ndarray] = None          # [M, n_test, C] fold-averaged per column
-    jobs: list[dict] = field(default_factory=list)  # id, model, seed, fold, val_score (included jobs)
+    jobs: list[dict] = field(default_factory=list)  # id, model, seed, fold, val_score, best_epoch (included jobs)
     left_out: list[dict] = field(default_factory=list)  # jobs left out with --allow-partial, and why
 
     @property
@@ -60,6 +60,7 @@ class JobPredictions:
     test_ids: list[str]
     test_probs: Optional[np.ndarray]
     test_labels: Optional[np.ndarray]
+    best_epoch: int = -1
 
 
 def build_store(jobs: list[JobPredictions], missing_jobs: list[dict], fold_of_sample: dict[str, int],
@@ -118,7 +119,8 @@ def build_store(jobs: list[JobPredictions], missing_jobs: list[dict], fold_of_sa
     for k, col in enumerate(kept):
         for j in sorted(columns[col], key=lambda j: j.fold):
             oof[k, [pos[s] for s in j.oof_ids]] = j.oof_probs
-            included.append({"id": j.id, "model": j.model, "seed": j.seed, "fold": j.fold, "val_score": j.val_score})
+            included.append({"id": j.id, "model": j.model, "seed": j.seed, "fold": j.fold, "val_score": j.val_score,
+                             "best_epoch": j.best_epoch})
             if test is not None:
                 if j.test_ids != test_ids or j.test_probs is None:
                     raise EnsembleError(f"job {j.id}: test predictions cover other samples than the other jobs")

@@ -19,9 +19,3 @@ def score_labels(metric: str, labels: np.ndarray, pred: np.ndarray) -> float:
 def score(metric: str, labels: np.ndarray, probs: np.ndarray) -> float:
     """The configured metric of argmax predictions."""
     return score_labels(metric, labels, probs.argmax(axis=1))
-
-
-def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true class."""
-    p = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
-    return float(-np.log(p).mean())

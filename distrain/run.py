@@ -142,7 +142,7 @@ def run_experiment(cfg) -> int:
         parallel.on_primary(accelerator, finish_job)
 
     def aggregate_once():
-        report = aggregate(cfg, run_dir, tracker, set(cv_ids), manifest.fold_of_sample,
+        report = aggregate(cfg, run_dir, tracker, manifest.fold_of_sample,
                            {**cv_labels, **index.labels_of("test")})
         tracker.end_run(tracker.parent_run_id)
         print(format_table(report))

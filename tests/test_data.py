@@ -1,6 +1,5 @@
 import csv
 import io
-import json
 
 import numpy as np
 import pytest

@@ -1,4 +1,3 @@
-from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import ClusterConfig
