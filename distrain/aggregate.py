@@ -48,13 +48,17 @@ def load_store(cfg: Config, run_dir: Path, fold_of_sample: dict[str, int], label
 
 
 def aggregate(cfg: Config, run_dir: Path, tracker, fold_of_sample: dict[str, int],
-              labels_of_sample: dict[str, int], allow_partial: bool = False) -> dict:
-    """Build and write report.json with ensembles; log the review to MLflow. Returns the report."""
+              labels_of_sample: dict[str, int], allow_partial: bool = False,
+              failed_jobs: list[dict] | None = None) -> dict:
+    """Build and write report.json with ensembles; log the review to MLflow. Returns the report.
+    `failed_jobs` ([{id, error}], from the ledger) are named in the report; their (model, seed)
+    columns are left out of the ensembles (which needs allow_partial)."""
     metric = cfg.train.metric
     store, test_by_job = load_store(cfg, run_dir, fold_of_sample, labels_of_sample, allow_partial)
     mlflow_info = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
                    "parent_run_id": tracker.parent_run_id}
     report = build_report(cfg, store, test_by_job, mlflow_info)
+    report["failed_jobs"] = list(failed_jobs or [])
     ec = cfg.ensemble
     outcome = run_ensembles(store, metric, test_by_job=test_by_job, vote_fraction=ec.vote_fraction,
                             vote_threshold=ec.vote_threshold, stacking=ec.stacking, seed=cfg.cv.fold_seed,

@@ -170,6 +170,8 @@ class TrainConfig:
     cpu_threads: int = 0
     """Intra-op threads per process on CPU; 0 = this node's cores divided by its processes (accelerate
     launch would otherwise leave each process one thread)."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms: bit-reproducible runs and resumes, at some speed cost on GPUs."""
 
     def __post_init__(self):
         _require(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
@@ -223,6 +225,46 @@ class TrackingConfig:
     """MLflow tracking URI. Empty: $MLFLOW_TRACKING_URI if set, else a SQLite store at <run_root>/mlflow.db."""
     experiment_name: str = ""
     """MLflow experiment; empty means the experiment's own name."""
+    timeout_s: float = 10.0
+    """Seconds one HTTP request to the tracking server may take (MLflow's default is 120)."""
+    max_retries: int = 1
+    """HTTP retries per call (MLflow's default, 7 with backoff 2, blocks for minutes on a dead server).
+    After the first failed call distrain keeps training offline and buffers what it would have logged
+    in <run_dir>/tracking-buffer/ until `distrain sync`."""
+
+    def __post_init__(self):
+        _require(self.timeout_s > 0, "tracking.timeout_s", self.timeout_s, "> 0")
+        _require(self.max_retries >= 0, "tracking.max_retries", self.max_retries, ">= 0")
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    lease_timeout_s: float = 120.0
+    """A job whose owner has not heartbeaten for this long is claimable again (owner presumed dead)."""
+    heartbeat_s: float = 10.0
+    """How often a worker renews the lease of the job it trains."""
+    max_retries: int = 2
+    """Attempts of a job that may end in an error before it is marked failed."""
+    max_lost_leases: int = 10
+    """Attempts whose owner may vanish (SIGKILL, node loss) before the job is marked failed."""
+    checkpoint_every_s: float = 300.0
+    """Save a job's full training state at the first optimizer step after this many seconds (0: every step)."""
+    keep_checkpoints: int = 2
+    """Training-state checkpoints kept per job (older ones are deleted; a corrupt newest falls back)."""
+    poll_s: float = 5.0
+    """How often an idle worker looks again for claimable jobs while others run."""
+    wait_for_others: bool = True
+    """When no job is left to claim, wait while others run (to take over a job whose owner dies)."""
+
+    def __post_init__(self):
+        _require(self.lease_timeout_s > 0, "scheduler.lease_timeout_s", self.lease_timeout_s, "> 0")
+        _require(0 < self.heartbeat_s < self.lease_timeout_s, "scheduler.heartbeat_s", self.heartbeat_s,
+                 f"in (0, lease_timeout_s={self.lease_timeout_s})")
+        _require(self.max_retries >= 1, "scheduler.max_retries", self.max_retries, ">= 1")
+        _require(self.max_lost_leases >= 1, "scheduler.max_lost_leases", self.max_lost_leases, ">= 1")
+        _require(self.checkpoint_every_s >= 0, "scheduler.checkpoint_every_s", self.checkpoint_every_s, ">= 0")
+        _require(self.keep_checkpoints >= 1, "scheduler.keep_checkpoints", self.keep_checkpoints, ">= 1")
+        _require(self.poll_s > 0, "scheduler.poll_s", self.poll_s, "> 0")
 
 
 @dataclass(kw_only=True)
@@ -238,6 +280,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self):
         _require(bool(self.experiment) and "/" not in self.experiment and not self.experiment.startswith("."),
@@ -252,7 +295,7 @@ class Config:
 
 
 # Keys that may change between runs of one run directory without changing what is trained.
-VOLATILE_KEYS = ("tracking.", "data.num_workers", "train.progress", "train.cpu_threads", "ensemble.")
+VOLATILE_KEYS = ("tracking.", "data.num_workers", "train.progress", "train.cpu_threads", "ensemble.", "scheduler.")
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:

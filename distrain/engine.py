@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 
 from distrain import data as data_mod
 from distrain import parallel
+from distrain.checkpoint import load_latest_state, rng_state, save_state, set_rng_state
 from distrain.config import Config
 from distrain.data import DatasetIndex
 from distrain.metrics import score
@@ -67,6 +70,25 @@ class JobResult:
     history: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class JobControl:
+    """How the caller steers a running job: where its full training state is checkpointed and how
+    often, when it must stop (SIGTERM, a lost lease), and a dict it reads progress from (heartbeats)."""
+
+    state_dir: Optional[Path] = None
+    """Directory of this job's training-state checkpoints; None: no checkpoints, no resume."""
+    checkpoint_every_s: float = 300.0
+    """Save at the first optimizer-step boundary after this many seconds since the last save."""
+    keep_checkpoints: int = 2
+    stop_requested: Callable[[], bool] = lambda: False
+    """This rank's wish to stop; any rank's wish stops all ranks at the same step, after a save."""
+    progress: dict = field(default_factory=dict)
+
+
+class JobInterrupted(Exception):
+    """fit_job stopped because `stop_requested` turned true; its training state was saved first."""
+
+
 def expand_plan(cfg: Config) -> list[Job]:
     """models x seeds x folds, in that nesting order (so one backbone's jobs run together)."""
     folds = cfg.cv.only_folds or list(range(cfg.cv.folds))
@@ -84,8 +106,14 @@ def steps_per_epoch(n_train: int, world_size: int, batch_size: int, accum: int) 
 
 
 def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str, int], accelerator: "Accelerator",
-            tracker: NullTracker = NullTracker(), run_id: str = "") -> JobResult:
-    """Train `job` to completion (or early stop) and predict OOF and test from its best epoch."""
+            tracker: NullTracker = NullTracker(), run_id: str = "", control: Optional[JobControl] = None) -> JobResult:
+    """Train `job` to completion (or early stop) and predict OOF and test from its best epoch.
+
+    With `control.state_dir`, the full training state is checkpointed there and a later call resumes
+    from the newest good checkpoint: same weights, optimizer, schedule, every rank's RNG and data
+    position, so a resumed job ends bit-identical to an uninterrupted one (with deterministic kernels).
+    """
+    control = control or JobControl()
     tc, dc = cfg.train, cfg.data
     primary = accelerator.is_main_process
     show_progress = primary and tc.progress
@@ -115,20 +143,60 @@ def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str
     # accelerate's autocast context costs time even when it casts nothing; skip it in fp32.
     autocast = accelerator.autocast if tc.precision != "no" else contextlib.nullcontext
 
-    best = {"score": -math.inf, "epoch": -1, "state": None, "oof": None}
-    history: list[dict] = []
-    skipped_steps = 0
-    epochs_bar = tqdm(range(tc.epochs), desc=job.id, disable=not show_progress, leave=False, dynamic_ncols=True)
+    # Everything a resumed job needs besides weights, optimizer, schedule and RNG.
+    progress = {"epoch": 0, "step": 0, "batches": 0, "skipped_steps": 0, "history": [],
+                "best": {"score": -math.inf, "epoch": -1, "state": None, "oof": None},
+                "sums": _zero_sums()}
+    resumed = _resume(control, job, world, accelerator, single, optimizer, scheduler, progress)
+    if resumed:
+        for _ in range(progress["batches"]):  # replay the data stream (no compute) to the saved position
+            next(train_batches)
+        set_rng_state(resumed["rng"][accelerator.process_index])
+        if primary:
+            print(f"distrain: {job.id}: resumed from {resumed['path']} (epoch {progress['epoch']}, "
+                  f"step {progress['step']}/{n_steps})", flush=True)
+    best, history = progress["best"], progress["history"]
+    last_save = time.monotonic()
+
+    def step_boundary(epoch: int, step: int, epoch_sums: Callable[[], dict] = _zero_sums) -> None:
+        """Between optimizer steps: checkpoint when due, and stop (after a checkpoint) when asked.
+        Ranks decide together (one tiny all-reduce), so they save and stop at the same step."""
+        nonlocal last_save
+        control.progress.update(epoch=epoch, epochs=tc.epochs, step=step, steps=n_steps)
+        if control.state_dir is None and world == 1:
+            if control.stop_requested():
+                raise JobInterrupted(f"{job.id}: stop requested (no checkpoint directory)")
+            return
+        due = control.state_dir is not None and time.monotonic() - last_save >= control.checkpoint_every_s
+        stop, due = (float(control.stop_requested()), float(due and primary))
+        if world > 1:
+            stop, due = parallel.sum_across_ranks(accelerator, [stop, due])
+        if (stop or due) and control.state_dir is not None:
+            progress.update(epoch=epoch, step=step, sums=epoch_sums())
+            _save(control, job, world, accelerator, single, optimizer, scheduler, progress)
+            last_save = time.monotonic()
+        if stop:
+            raise JobInterrupted(f"{job.id}: stopped at epoch {epoch} step {step} with its state saved")
+
+    epochs_bar = tqdm(range(progress["epoch"], tc.epochs), desc=job.id, disable=not show_progress, leave=False,
+                      dynamic_ncols=True)
     for epoch in epochs_bar:
         model.train()
+        start_step = progress["step"] if epoch == progress["epoch"] else 0
+        if start_step == 0:
+            progress["sums"] = _zero_sums()
+        sums = progress["sums"]
         # Running sums stay tensors: no per-step host round trip (a device sync on GPUs).
-        loss_sum = torch.zeros((), device=accelerator.device)
-        correct = torch.zeros((), device=accelerator.device)
-        grad_norm_sum = torch.zeros((), device=accelerator.device)
-        seen = grad_norm_count = 0
-        start = time.perf_counter()
-        for _ in tqdm(range(n_steps), desc=f"epoch {epoch}", disable=not show_progress, leave=False, mininterval=1.0):
+        loss_sum = torch.tensor(sums["loss_sum"], device=accelerator.device)
+        correct = torch.tensor(sums["correct"], device=accelerator.device)
+        grad_norm_sum = torch.tensor(sums["grad_norm_sum"], device=accelerator.device)
+        seen, grad_norm_count = sums["seen"], sums["grad_norm_count"]
+        start = time.perf_counter() - sums["seconds"]
+        step_bar = tqdm(range(start_step, n_steps), desc=f"epoch {epoch}", disable=not show_progress, leave=False,
+                        mininterval=1.0)
+        for step in step_bar:
             images, labels, _ids = next(train_batches)
+            progress["batches"] += 1
             images = data_mod.prepare_batch(images.to(accelerator.device, non_blocking=True), augment=dc.augment)
             labels = labels.to(accelerator.device, non_blocking=True)
             with accelerator.accumulate(model):
@@ -143,12 +211,16 @@ def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str
                 optimizer.zero_grad(set_to_none=True)
                 if accelerator.sync_gradients:
                     if accelerator.optimizer_step_was_skipped:
-                        skipped_steps += 1  # fp16 overflow: the scaler skipped this step
+                        progress["skipped_steps"] += 1  # fp16 overflow: the scaler skipped this step
                     else:
                         scheduler.step()
             loss_sum += loss.detach() * len(labels)
             correct += (logits.detach().argmax(1) == labels).sum()
             seen += len(labels)
+            if (step + 1) % tc.grad_accum_steps == 0 and step + 1 < n_steps:
+                step_boundary(epoch, step + 1, lambda: {  # read (host sync) only when a save happens
+                    "loss_sum": float(loss_sum), "correct": float(correct), "grad_norm_sum": float(grad_norm_sum),
+                    "seen": seen, "grad_norm_count": grad_norm_count, "seconds": time.perf_counter() - start})
         train_seconds = time.perf_counter() - start
         loss_sum, correct, seen = parallel.sum_across_ranks(accelerator, [float(loss_sum), float(correct), seen])
 
@@ -161,17 +233,19 @@ def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str
                                             torch.from_numpy(val.labels)).item()),
                f"val_{tc.metric}": val_score, "train_val_gap": train_metric - val_score,
                "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm_sum) / max(1, grad_norm_count),
-               "samples_per_s": seen / train_seconds, "skipped_steps": skipped_steps}
+               "samples_per_s": seen / train_seconds, "skipped_steps": progress["skipped_steps"]}
         history.append({"epoch": epoch, **row})
         tracker.log_metrics(run_id, row, step=epoch)
         if val_score > best["score"]:
-            best = {"score": val_score, "epoch": epoch, "oof": val,
-                    "state": {k: v.detach().to("cpu", copy=True) for k, v in single.state_dict().items()}}
+            best.update(score=val_score, epoch=epoch, oof=val,
+                        state={k: v.detach().to("cpu", copy=True) for k, v in single.state_dict().items()})
         epochs_bar.set_postfix(val=f"{val_score:.4f}", best=f"{best['score']:.4f}")
         if tc.patience and epoch - best["epoch"] >= tc.patience:
             break  # every rank sees the same gathered metric, so every rank stops together
         if tc.max_train_val_gap and row["train_val_gap"] > tc.max_train_val_gap:
             break
+        if epoch + 1 < tc.epochs:
+            step_boundary(epoch + 1, 0)
 
     single.load_state_dict(best["state"])
     test = None
@@ -182,6 +256,68 @@ def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str
     parallel.release(accelerator)
     return JobResult(job=job, val_score=best["score"], best_epoch=best["epoch"], oof=best["oof"], test=test,
                      best_state=best["state"], history=history)
+
+
+def _zero_sums() -> dict:
+    return {"loss_sum": 0.0, "correct": 0.0, "grad_norm_sum": 0.0, "seen": 0, "grad_norm_count": 0, "seconds": 0.0}
+
+
+def _save(control: JobControl, job: Job, world: int, accelerator: "Accelerator", single: torch.nn.Module,
+          optimizer, scheduler, progress: dict) -> None:
+    """Every rank contributes its RNG state; rank 0 writes one checkpoint (atomic, checksummed)."""
+    rngs = parallel.gather_rows(accelerator, [rng_state()])
+    scaler = getattr(accelerator, "scaler", None)
+
+    def write():
+        best = progress["best"]
+        oof = best["oof"]
+        state = {
+            "format": "distrain-state/1", "job": job.id, "world_size": world,
+            "epoch": progress["epoch"], "step": progress["step"], "batches": progress["batches"],
+            "skipped_steps": progress["skipped_steps"], "sums": progress["sums"], "history": progress["history"],
+            "model": {k: v.detach().cpu() for k, v in single.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rngs,
+            "best": {"score": best["score"], "epoch": best["epoch"], "state": best["state"],
+                     "oof": None if oof is None else {"sample_ids": list(oof.sample_ids),
+                                                      "probs": torch.from_numpy(oof.probs),
+                                                      "labels": torch.from_numpy(oof.labels)}},
+        }
+        save_state(control.state_dir, progress["batches"], state, keep=control.keep_checkpoints)
+        return None
+
+    parallel.on_primary(accelerator, write)
+
+
+def _resume(control: JobControl, job: Job, world: int, accelerator: "Accelerator", single: torch.nn.Module,
+            optimizer, scheduler, progress: dict) -> Optional[dict]:
+    """Load the newest good checkpoint into the model, optimizer, scheduler, scaler and `progress`.
+    Returns the loaded state (with its "path"), or None when starting from scratch."""
+    if control.state_dir is None:
+        return None
+    state, path = load_latest_state(control.state_dir)
+    if state is None:
+        return None
+    if state.get("job") != job.id or state.get("world_size") != world:
+        warnings.warn(f"distrain: {path} was saved by job {state.get('job')} with {state.get('world_size')} "
+                      f"processes; this is {job.id} with {world}: starting {job.id} from scratch", stacklevel=2)
+        return None
+    single.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    best = state["best"]
+    oof = best["oof"]
+    progress.update(epoch=state["epoch"], step=state["step"], batches=state["batches"],
+                    skipped_steps=state["skipped_steps"], sums=state["sums"], history=state["history"],
+                    best={"score": best["score"], "epoch": best["epoch"], "state": best["state"],
+                          "oof": None if oof is None else Predictions(oof["sample_ids"], oof["probs"].numpy(),
+                                                                      oof["labels"].numpy())})
+    state["path"] = str(path)
+    return state
 
 
 @torch.no_grad()

@@ -259,7 +259,7 @@ def stack(store: OOFStore, *, seed: int = 0, learning_rate: float = 0.1, num_lea
     """LightGBM over all columns' OOF probabilities, cross-validated on the base models' fold ids.
 
     For held-out fold k the meta-model fits on rows of the other folds except fold (k+1) mod K, early-stops
-    on fold (k+1) mod K, and predicts fold k; no row of fold k is ever used to fit or stop it. Each fit
+    on fold (k+1) mod K (with K = 2: on a random fifth of the other fold), and predicts fold k; no row of fold k is ever used to fit or stop it. Each fit
     uses at most `max_meta_rows` rows (a fixed random subset), which bounds the time on large data sets.
     Test probabilities are the mean of the K fold meta-models on the fold-averaged base test probabilities.
     """
@@ -274,9 +274,15 @@ def stack(store: OOFStore, *, seed: int = 0, learning_rate: float = 0.1, num_lea
     meta_oof = np.zeros((len(y), c))
     boosters, best = [], []
     for k in fold_ids:
-        stop_fold = fold_ids[(fold_ids.index(k) + 1) % len(fold_ids)]
-        fit_rows = _capped(np.flatnonzero((folds != k) & (folds != stop_fold)), max_meta_rows, rng)
-        stop_rows = _capped(np.flatnonzero(folds == stop_fold), max(100, max_meta_rows // 2), rng)
+        if len(fold_ids) >= 3:
+            stop_fold = fold_ids[(fold_ids.index(k) + 1) % len(fold_ids)]
+            fit_rows = np.flatnonzero((folds != k) & (folds != stop_fold))
+            stop_rows = np.flatnonzero(folds == stop_fold)
+        else:  # 2 folds: no third fold to stop on; hold out a fifth of the other fold's rows instead
+            other = rng.permutation(np.flatnonzero(folds != k))
+            stop_rows, fit_rows = np.sort(other[:len(other) // 5]), np.sort(other[len(other) // 5:])
+        fit_rows = _capped(fit_rows, max_meta_rows, rng)
+        stop_rows = _capped(stop_rows, max(100, max_meta_rows // 2), rng)
         held = folds == k
         booster = lgb.train(params, full.subset(fit_rows), num_boost_round=max_rounds,
                             valid_sets=[full.subset(stop_rows)],

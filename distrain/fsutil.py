@@ -2,12 +2,15 @@
 
 Write to a temporary file in the same directory, fsync it, then rename over the target
 (rename is atomic on POSIX file systems, NFS included for a single client).
+`create_exclusive_json` creates a file only if it does not exist (hard link of a complete temporary
+file), which is how the ledger and the MLflow study marker settle races between workers.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,3 +40,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def create_exclusive_json(path: Path, obj: dict) -> bool:
+    """Create `path` with JSON `obj` unless it exists; atomic and complete for every reader.
+    True if this call created it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)  # fails with FileExistsError if another writer got there first
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a volume without hard links: O_EXCL create is atomic too (content written after)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        return True
+    finally:
+        os.unlink(tmp)

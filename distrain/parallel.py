@@ -35,6 +35,10 @@ def create_accelerator(train: TrainConfig) -> Accelerator:
     """One Accelerator for the whole process (it owns the process group); reused by every job."""
     cuda = torch.cuda.is_available()
     check_precision(train.precision, cuda)
+    if train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     accelerator = Accelerator(cpu=not cuda, mixed_precision=train.precision,
                               gradient_accumulation_steps=train.grad_accum_steps)
     if not cuda:

@@ -57,6 +57,8 @@ def format_table(report: dict) -> str:
     for r in report["jobs"]:
         test = f"{r['test_score']:.4f}" if r.get("test_score") is not None else "-"
         lines.append(f"{r['id']:<32} {r['val_score']:>14.4f} {test:>14}")
+    for f in report.get("failed_jobs", []):
+        lines.append(f"{f['id']:<32} {'FAILED':>14} {'-':>14}")
     lines.append(f"{'CV mean ± std':<32} {report['cv']['mean']:>7.4f} ± {report['cv']['std']:.4f}")
     fa = report["test"]["fold_average"]
     if fa is not None:

@@ -1,0 +1,154 @@
+"""The ledger and worker loop: atomic claims, lease expiry, retries, static shards, and a stress test
+with real worker processes SIGKILLed at random moments."""
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distrain.ledger import AGGREGATE, Ledger
+from distrain.scheduler import EXIT_FAILED, parse_shard, run_worker, select_shard
+
+WORKER = Path(__file__).parent / "ledger_worker.py"
+
+
+def assert_no_overlapping_owners(history: list[dict]) -> None:
+    by_job: dict[str, list[dict]] = {}
+    for row in history:
+        by_job.setdefault(row["job"], []).append(row)
+    for job, rows in by_job.items():
+        rows.sort(key=lambda r: r["attempt"])
+        for a, b in zip(rows, rows[1:]):
+            assert a["end"] <= b["start"], f"{job}: attempt {a['attempt']} ({a['worker']}) still alive at " \
+                                           f"{a['end']:.3f} after attempt {b['attempt']} started at {b['start']:.3f}"
+
+
+def test_claim_is_exclusive_and_expired_lease_is_taken_over(tmp_path):
+    ledger = Ledger(tmp_path, lease_timeout_s=0.3)
+    first = ledger.try_claim("j", "w1")
+    assert first is not None and first.attempt == 1
+    assert ledger.try_claim("j", "w2") is None  # running: not claimable
+    assert ledger.state("j").status == "running" and ledger.state("j").owner == "w1"
+    time.sleep(0.4)  # w1 stops heartbeating
+    assert ledger.state("j").status == "pending"
+    second = ledger.try_claim("j", "w2")
+    assert second is not None and second.attempt == 2
+    assert not ledger.owns(first) and not ledger.heartbeat(first)  # the old owner learns it lost the job
+    assert not ledger.finish(first, "done")
+    assert ledger.attempts("j")[0].end["status"] == "expired"
+    assert ledger.finish(second, "done")
+    st = ledger.state("j")
+    assert st.status == "done" and st.lost == 1
+
+
+def test_failed_attempts_up_to_max_retries_then_failed(tmp_path):
+    ledger = Ledger(tmp_path, max_retries=2)
+    for attempt in (1, 2):
+        c = ledger.try_claim("j", "w")
+        assert c.attempt == attempt
+        ledger.finish(c, "failed", "RuntimeError: boom")
+    st = ledger.state("j")
+    assert st.status == "failed" and st.errors == 2 and st.last_error == "RuntimeError: boom"
+    assert ledger.try_claim("j", "w") is None
+
+
+def test_preempted_attempt_is_pending_again_and_does_not_count(tmp_path):
+    ledger = Ledger(tmp_path, max_retries=1)
+    c = ledger.try_claim("j", "w")
+    ledger.finish(c, "preempted")
+    st = ledger.state("j")
+    assert st.status == "pending" and st.errors == 0
+    assert ledger.try_claim("j", "w2").attempt == 2
+
+
+def test_worker_marks_failing_job_failed_others_finish_and_aggregates_once(tmp_path):
+    ledger = Ledger(tmp_path, max_retries=2)
+    ran, aggregated = [], []
+
+    def run_job(claim, beat):
+        ran.append(claim.job_id)
+        if claim.job_id == "b":
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    out = run_worker(ledger, ["a", "b", "c"], worker="w", run_job=run_job,
+                     aggregate=lambda states: aggregated.append([s.status for s in states]),
+                     heartbeat_s=0.05, poll_s=0.01, log=lambda m: None)
+    assert ran.count("b") == 2 and ran.count("a") == 1 and ran.count("c") == 1
+    assert aggregated == [["done", "failed", "done"]]
+    assert out.failed == ["b"] and out.exit_code == EXIT_FAILED
+    assert "CUDA out of memory" in ledger.state("b").last_error
+    assert ledger.state(AGGREGATE).status == "done"
+
+
+def test_parse_shard_and_static_selection():
+    assert parse_shard("1/3", env={}) == (1, 3)
+    assert parse_shard(None, env={"JOB_COMPLETION_INDEX": "2", "DISTRAIN_NUM_SHARDS": "4"}) == (2, 4)
+    assert parse_shard(None, env={}) is None
+    for bad in ("3/3", "x", "1/0", "-1/2"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad, env={})
+    with pytest.raises(ValueError, match="DISTRAIN_NUM_SHARDS"):
+        parse_shard(None, env={"JOB_COMPLETION_INDEX": "0"})
+    ids = [f"j{i}" for i in range(7)]
+    shards = [select_shard(ids, (i, 3)) for i in range(3)]
+    assert shards[0] == ["j0", "j3", "j6"] and sorted(sum(shards, [])) == sorted(ids)
+
+
+def test_static_shards_each_train_their_own_jobs(tmp_path):
+    ledger = Ledger(tmp_path)
+    ids = [f"j{i}" for i in range(5)]
+    ran = {0: [], 1: []}
+    aggregations = []
+    for i in (0, 1):
+        run_worker(ledger, ids, worker=f"w{i}", shard=(i, 2), run_job=lambda c, b, i=i: ran[i].append(c.job_id),
+                   aggregate=lambda s: aggregations.append(1), heartbeat_s=0.05, poll_s=0.01, log=lambda m: None)
+    assert ran == {0: ["j0", "j2", "j4"], 1: ["j1", "j3"]}
+    assert aggregations == [1]  # the second (last) shard to finish aggregated
+
+
+def test_stress_three_workers_sigkilled_and_restarted(tmp_path):
+    """3 worker processes x 12 jobs; workers are SIGKILLed at random moments and restarted until the
+    run completes. Every job must end done exactly once, no two owners of one job may overlap in the
+    ledger's history, and aggregation must complete exactly once."""
+    n_jobs, lease = 12, 1.0
+    rng = random.Random(1234)
+    durations = [round(rng.uniform(0.3, 1.2), 2) for _ in range(n_jobs)]
+    env = {**__import__("os").environ, "LEASE_S": str(lease)}
+
+    def start():
+        return subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), str(n_jobs), json.dumps(durations)],
+                                env=env)
+
+    workers = [start() for _ in range(3)]
+    kills = 0
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        time.sleep(rng.uniform(0.2, 0.9))
+        running = [w for w in workers if w.poll() is None]
+        if not running:
+            break
+        if kills < 8:
+            victim = rng.choice(running)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            kills += 1
+            workers[workers.index(victim)] = start()
+    for w in workers:
+        assert w.wait(timeout=120) == 0
+    assert kills == 8
+
+    ledger = Ledger(tmp_path, lease_timeout_s=lease)
+    ids = [f"job{i:03d}" for i in range(n_jobs)]
+    history = ledger.history(ids + [AGGREGATE])
+    for job in ids + [AGGREGATE]:
+        done = [r for r in history if r["job"] == job and r["status"] == "done"]
+        assert len(done) == 1, (job, [r for r in history if r["job"] == job])
+    assert_no_overlapping_owners(history)
+    assert len(list((tmp_path / "aggregated").iterdir())) >= 1
+    expired = [r for r in history if r["status"] == "expired"]
+    assert expired, "no kill hit a running job: the test did not exercise lease takeover"
+    print(f"stress: {kills} kills, {len(history)} attempts, {len(expired)} expired leases taken over")
