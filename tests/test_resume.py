@@ -1,0 +1,146 @@
+"""Training-state checkpoints: weights_only loading, checksums, deterministic resume after SIGKILL,
+and SIGTERM (preemption) saving within the grace window."""
+import json
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, RUN_PY, run_cmd
+from distrain.checkpoint import load_latest_state, rng_state, save_state, set_rng_state
+from distrain.ledger import Ledger
+
+JOB = "test_resnet-s7-f0"
+TINY = ["model.names=[test_resnet]", "data.image_size=24", "cv.folds=2", "cv.seeds=[7]", "cv.only_folds=[0]",
+        "train.epochs=3", "train.batch_size=32", "train.progress=false", "train.deterministic=true",
+        "train.cpu_threads=1", "ensemble.stacking=false", "ensemble.register_model=false",
+        "scheduler.lease_timeout_s=1.5", "scheduler.heartbeat_s=0.2", "scheduler.poll_s=0.2"]
+STEPS = 718 // 32  # CV samples of the training fold / batch size
+
+
+def test_state_roundtrip_is_weights_only_and_restores_rng(tmp_path):
+    torch.manual_seed(3)
+    np.random.seed(3)
+    state = {"rng": rng_state(), "w": torch.ones(4)}
+    save_state(tmp_path, 1, state)
+    expected = (torch.rand(3), np.random.rand(3))  # what follows the saved state
+    loaded, path = load_latest_state(tmp_path)
+    assert path.name == "state-000000001.pt"
+    torch.load(path, weights_only=True)  # raises if anything is not a plain type or tensor
+    set_rng_state(loaded["rng"])
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_checksum"])
+def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, damage):
+    save_state(tmp_path, 1, {"step": 1, "w": torch.ones(1000)})
+    newest = save_state(tmp_path, 2, {"step": 2, "w": torch.zeros(1000)})
+    data = newest.read_bytes()
+    if damage == "truncate":
+        newest.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        newest.write_bytes(data[:-100] + bytes([data[-100] ^ 0xFF]) + data[-99:])
+    else:
+        newest.with_suffix(".json").unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded, path = load_latest_state(tmp_path)
+    assert loaded["step"] == 1 and path.name == "state-000000001.pt"
+    assert any("skipping checkpoint" in str(w.message) for w in caught)
+
+
+def test_keeps_only_the_newest_checkpoints(tmp_path):
+    for step in range(5):
+        save_state(tmp_path, step, {"step": step}, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["state-000000003.pt", "state-000000004.pt"]
+
+
+def _start_worker(cwd: Path, *overrides: str) -> subprocess.Popen:
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONWARNINGS"] = "ignore"
+    return subprocess.Popen([sys.executable, str(RUN_PY), *TINY, *overrides], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_mid_epoch_state(state_dir: Path, proc: subprocess.Popen, epoch: int, timeout: float = 300) -> int:
+    """Poll until a checkpoint of `epoch` a few steps into the epoch exists; returns its batch count."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        names = sorted(state_dir.glob("state-*.json")) if state_dir.is_dir() else []
+        if names:
+            batches = int(names[-1].stem.split("-")[1])
+            if batches // STEPS == epoch and 3 <= batches % STEPS <= STEPS - 6:
+                return batches
+        time.sleep(0.005)
+    raise AssertionError("no mid-epoch checkpoint appeared")
+
+
+def _final(cwd: Path):
+    job_dir = cwd / "runs" / "digits" / "jobs" / JOB
+    best = torch.load(job_dir / "best.pt", weights_only=True)
+    oof = np.load(job_dir / "oof.npz")
+    history = json.loads((job_dir / "metrics.json").read_text())
+    return best, oof, history
+
+
+@pytest.mark.slow
+def test_sigkilled_job_resumes_bit_identical(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    proc = run_cmd([sys.executable, str(RUN_PY), *TINY, "scheduler.checkpoint_every_s=0"], straight, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    worker = _start_worker(killed, "scheduler.checkpoint_every_s=0")
+    _wait_for_mid_epoch_state(killed / "runs" / "digits" / "jobs" / JOB / "state", worker, epoch=1)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    time.sleep(1.6)  # let the dead worker's lease expire
+    resumed = run_cmd([sys.executable, str(RUN_PY), *TINY, "scheduler.checkpoint_every_s=0"], killed, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    line = next(l for l in resumed.stdout.splitlines() if "resumed from" in l)
+    assert "(epoch 1, step " in line and "(epoch 1, step 0/" not in line, line
+
+    (a_best, a_oof, a_hist), (b_best, b_oof, b_hist) = _final(straight), _final(killed)
+    assert a_best["epoch"] == b_best["epoch"]
+    for k, v in a_best["model"].items():
+        assert torch.equal(v, b_best["model"][k]), k
+    assert list(a_oof["sample_ids"]) == list(b_oof["sample_ids"])
+    assert np.array_equal(a_oof["probs"], b_oof["probs"])
+    assert [h["val_accuracy"] for h in a_hist] == [h["val_accuracy"] for h in b_hist]
+    assert [h["train_loss"] for h in a_hist] == [h["train_loss"] for h in b_hist]
+    attempts = Ledger(killed / "runs" / "digits").attempts(JOB)
+    assert [(a.end or {}).get("status") for a in attempts] == ["expired", "done"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_releases_and_exits_75_then_resumes(tmp_path):
+    worker = _start_worker(tmp_path, "scheduler.checkpoint_every_s=0")
+    state_dir = tmp_path / "runs" / "digits" / "jobs" / JOB / "state"
+    _wait_for_mid_epoch_state(state_dir, worker, epoch=1)
+    # From here on no periodic saves would happen if it were not for SIGTERM: only the stop saves.
+    sent = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    rc = worker.wait(timeout=30)
+    took = time.monotonic() - sent
+    out = worker.stdout.read()
+    assert rc == 75, out
+    assert took < 30
+    assert "stopped by SIGTERM" in out
+    saved, path = load_latest_state(state_dir)
+    assert saved["epoch"] >= 1 and saved["batches"] > STEPS
+    attempts = Ledger(tmp_path / "runs" / "digits").attempts(JOB)
+    assert attempts[-1].end["status"] == "preempted"  # released at once: no lease timeout to wait for
+
+    resumed = run_cmd([sys.executable, str(RUN_PY), *TINY], tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"(epoch {saved['epoch']}, step {saved['step']}/{STEPS})" in resumed.stdout
+    _, _, history = _final(tmp_path)
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    print(f"SIGTERM to exit: {took:.2f} s; resumed at epoch {saved['epoch']} step {saved['step']}/{STEPS}")
