@@ -3,8 +3,12 @@
     distrain data digits [--out DIR]               scikit-learn's digits as WebDataset shards
     distrain data pack (--images DIR | --csv FILE) --out DIR
     distrain train --config FILE [a.b=value ...]   the main job (same as distrain/run.py)
-    distrain ensemble --run-dir DIR [--allow-partial]   voting + stacking again, without training
-    distrain status --run-dir DIR [--json]         which jobs of a run directory are done
+    distrain schedule --config FILE --workers W --procs-per-worker P [a.b=value ...]
+                                                   W workers on this node, one ledger
+    distrain aggregate --run-dir DIR [--allow-partial]  report + voting + stacking, without training
+                                                   (`distrain ensemble` is the same)
+    distrain status --run-dir DIR [--json]         pending / running (owner, progress, heartbeat) / done / failed
+    distrain sync --run-dir DIR                    send tracking buffered while MLflow was down
 """
 from __future__ import annotations
 
@@ -34,61 +38,124 @@ def _data(args) -> int:
     return 0
 
 
-def _status(args) -> int:
-    from distrain.config import yaml_load
-
-    from distrain.config import config_from_dict
-    from distrain.engine import expand_plan
-    from distrain.outputs import is_done, read_done
-
-    run_dir = Path(args.run_dir)
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise _bad(f"{run_dir}: not a distrain run directory (no config.yaml)")
-    cfg = config_from_dict(yaml_load(saved.read_text()))
-    rows = []
-    for job in expand_plan(cfg):
-        if is_done(run_dir, job):
-            d = read_done(run_dir, job)
-            rows.append({"id": job.id, "status": "done", "val_score": d["val_score"]})
-        else:
-            rows.append({"id": job.id, "status": "pending", "val_score": None})
-    if args.json:
-        print(json.dumps({"run_dir": str(run_dir), "jobs": rows,
-                          "report": (run_dir / "report.json").is_file()}))
-    else:
-        for r in rows:
-            score = f"{r['val_score']:.4f}" if r["val_score"] is not None else ""
-            print(f"{r['id']:<32} {r['status']:<8} {score}")
-        done = sum(r["status"] == "done" for r in rows)
-        print(f"{done}/{len(rows)} done; report.json {'written' if (run_dir / 'report.json').is_file() else 'not yet'}")
-    return 0
-
-
-def _ensemble(args) -> int:
-    from distrain.aggregate import aggregate
+def _load_run_dir(run_dir: Path):
     from distrain.config import config_from_dict, yaml_load
-    from distrain.data import read_index
-    from distrain.folds import FoldManifest
-    from distrain.report import format_table
-    from distrain.tracking import create_tracker, resolve_tracking_uri
 
-    run_dir = Path(args.run_dir)
     saved = run_dir / "config.yaml"
     if not saved.is_file() or not (run_dir / "folds.json").is_file():
         raise _bad(f"{run_dir}: not a distrain run directory (no config.yaml / folds.json)")
-    cfg = config_from_dict(yaml_load(saved.read_text()))
+    return config_from_dict(yaml_load(saved.read_text()))
+
+
+def _ledger(cfg, run_dir: Path):
+    from distrain.ledger import Ledger
+
+    sc = cfg.scheduler
+    return Ledger(run_dir, lease_timeout_s=sc.lease_timeout_s, max_retries=sc.max_retries,
+                  max_lost_leases=sc.max_lost_leases)
+
+
+def _status(args) -> int:
+    from distrain.engine import expand_plan
+    from distrain.ledger import AGGREGATE
+    from distrain.outputs import is_done, read_done
+    from distrain.tracking import pending_calls
+
+    run_dir = Path(args.run_dir)
+    cfg = _load_run_dir(run_dir)
+    ledger = _ledger(cfg, run_dir)
+    rows = []
+    for job in expand_plan(cfg):
+        st = ledger.state(job.id).to_dict()
+        if st["status"] != "done" and is_done(run_dir, job):  # finished before the ledger recorded it
+            st["status"] = "done"
+        st["val_score"] = read_done(run_dir, job)["val_score"] if st["status"] == "done" else None
+        rows.append(st)
+    agg = ledger.state(AGGREGATE).to_dict()
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("pending", "running", "done", "failed")}
+    summary = {"run_dir": str(run_dir), "counts": counts, "jobs": rows, "aggregate": agg,
+               "report": (run_dir / "report.json").is_file(), "pending_tracking_calls": pending_calls(run_dir)}
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"{'job':<28} {'status':<8} {'owner':<24} {'progress':<18} {'heartbeat':>9} {'tries':>5}  score / error")
+    for r in rows + [agg]:
+        p = r["progress"]
+        progress = f"ep {p.get('epoch', 0) + 1}/{p.get('epochs', '?')} st {p.get('step', 0)}/{p.get('steps', '?')}" \
+            if r["status"] == "running" and "epochs" in p else ""
+        age = f"{r['heartbeat_age_s']:.0f}s ago" if r["heartbeat_age_s"] is not None else ""
+        tail = f"{r['val_score']:.4f}" if r.get("val_score") is not None else r["last_error"][:80]
+        print(f"{r['job_id']:<28} {r['status']:<8} {r['owner'][:24]:<24} {progress:<18} {age:>9} "
+              f"{r['attempts']:>5}  {tail}")
+    print(" ".join(f"{k} {v}" for k, v in counts.items()) + f"; report.json {'written' if summary['report'] else 'not yet'}"
+          + (f"; {summary['pending_tracking_calls']} tracking calls await `distrain sync`"
+             if summary["pending_tracking_calls"] else ""))
+    return 0
+
+
+def _tracker(cfg, run_dir: Path):
+    from distrain.tracking import create_tracker, resolve_tracking_uri
+
+    return create_tracker(True, resolve_tracking_uri(cfg.tracking.uri, run_dir.parent),
+                          cfg.tracking.experiment_name or cfg.experiment, run_dir, run_dir.parent,
+                          timeout_s=cfg.tracking.timeout_s, max_retries=cfg.tracking.max_retries)
+
+
+def _aggregate(args) -> int:
+    from distrain.aggregate import aggregate
+    from distrain.data import read_index
+    from distrain.engine import expand_plan
+    from distrain.folds import FoldManifest
+    from distrain.report import format_table
+
+    run_dir = Path(args.run_dir)
+    cfg = _load_run_dir(run_dir)
     index = read_index(cfg.data.root, num_classes=cfg.data.num_classes)
     manifest = FoldManifest.from_json((run_dir / "folds.json").read_text())
-    tracker = create_tracker(True, resolve_tracking_uri(cfg.tracking.uri, run_dir.parent),
-                             cfg.tracking.experiment_name or cfg.experiment, run_dir, run_dir.parent)
-    report = aggregate(cfg, run_dir, tracker, manifest.fold_of_sample,
-                       dict(zip(index.sample_ids, index.labels)), allow_partial=args.allow_partial)
+    ledger = _ledger(cfg, run_dir)
+    failed = [{"id": s.job_id, "error": s.last_error} for s in ledger.states([j.id for j in expand_plan(cfg)])
+              if s.status == "failed"]
+    tracker = _tracker(cfg, run_dir)
+    report = aggregate(cfg, run_dir, tracker, manifest.fold_of_sample, dict(zip(index.sample_ids, index.labels)),
+                       allow_partial=args.allow_partial or bool(failed), failed_jobs=failed)
     tracker.end_run(tracker.parent_run_id)
     print(format_table(report))
     if report["ensemble_details"]["left_out"]:
         print("left out: " + "; ".join(x["reason"] for x in report["ensemble_details"]["left_out"]))
     return 0
+
+
+def _sync(args) -> int:
+    from distrain.tracking import pending_calls, sync_buffers
+
+    run_dir = Path(args.run_dir)
+    cfg = _load_run_dir(run_dir)
+    if not pending_calls(run_dir):
+        print(f"distrain: {run_dir}: nothing to sync")
+        return 0
+    tracker = _tracker(cfg, run_dir)
+    if getattr(tracker, "offline", True) and not tracker.experiment_id:
+        raise _bad(f"tracking server {tracker.tracking_uri} is still unreachable; nothing was synced")
+    tracker.offline = False
+    try:
+        result = sync_buffers(tracker)
+    except Exception as e:
+        raise _bad(f"sync stopped ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                   f"run it again to continue where it stopped") from None
+    print(f"distrain: synced {result['synced']} tracking calls from {result['files']} buffer file(s) "
+          f"to {tracker.tracking_uri}")
+    return 0
+
+
+def _schedule(args) -> int:
+    from distrain.local_workers import run_local_workers
+
+    run_args = (["--config", args.config] if args.config else []) + (["--shard", args.shard] if args.shard else []) \
+        + list(args.overrides)
+    try:
+        return run_local_workers(args.workers, args.procs_per_worker, run_args)
+    except ValueError as e:
+        raise _bad(str(e)) from None
 
 
 class _BadInput(Exception):
@@ -115,14 +182,26 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run the main job (as distrain/run.py)")
     t.add_argument("args", nargs=argparse.REMAINDER)
 
-    e = sub.add_parser("ensemble", help="re-run voting + stacking on a run directory, without training")
-    e.add_argument("--run-dir", required=True)
-    e.add_argument("--allow-partial", action="store_true",
-                   help="leave out (model, seed) columns with missing OOF rows instead of failing")
+    for name, helptext in (("aggregate", "report + voting + stacking on a run directory, without training"),
+                           ("ensemble", "the same as aggregate (older name)")):
+        e = sub.add_parser(name, help=helptext)
+        e.add_argument("--run-dir", required=True)
+        e.add_argument("--allow-partial", action="store_true",
+                       help="leave out (model, seed) columns with missing OOF rows instead of failing")
 
-    s = sub.add_parser("status", help="show the jobs of a run directory")
+    s = sub.add_parser("status", help="pending / running / done / failed jobs of a run directory")
     s.add_argument("--run-dir", required=True)
     s.add_argument("--json", action="store_true")
+
+    y = sub.add_parser("sync", help="send tracking calls buffered while MLflow was unreachable")
+    y.add_argument("--run-dir", required=True)
+
+    w = sub.add_parser("schedule", help="start W accelerate-launch workers on this node, sharing one ledger")
+    w.add_argument("--config", default=None)
+    w.add_argument("--workers", type=int, default=1, help="process groups on this node")
+    w.add_argument("--procs-per-worker", type=int, default=1, help="processes (GPUs) per worker")
+    w.add_argument("--shard", default=None, help="static mode for all of them: i/n")
+    w.add_argument("overrides", nargs="*", help="a.b=value overrides passed to every worker")
     return p
 
 
@@ -138,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     from distrain.folds import FoldManifestMismatch
 
     try:
-        return {"data": _data, "status": _status, "ensemble": _ensemble}[args.command](args)
+        return {"data": _data, "status": _status, "ensemble": _aggregate, "aggregate": _aggregate, "sync": _sync,
+                "schedule": _schedule}[args.command](args)
     except (_BadInput, ConfigError, DataError, EnsembleError, FoldManifestMismatch) as e:
         print(f"distrain: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

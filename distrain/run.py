@@ -9,6 +9,7 @@ Also reachable as `distrain train`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_experiment(cfg, shard=shard, new_run_dir=args.new_run_dir)
     except (ConfigError, DataError, FoldManifestMismatch, EnsembleError, ValueError) as e:
         print(f"distrain: error: {e}", file=sys.stderr)
+        if os.environ.get("DISTRAIN_WORKER_RESULT") and os.environ.get("RANK", "0") == "0":
+            Path(os.environ["DISTRAIN_WORKER_RESULT"]).write_text('{"exit_code": 2}')
         return EXIT_BAD_INPUT
 
 
@@ -230,6 +233,9 @@ def run_experiment(cfg, shard=None, new_run_dir: bool = False) -> int:
         return None
 
     parallel.on_primary(accelerator, record_worker)
+    if primary and os.environ.get("DISTRAIN_WORKER_RESULT"):  # for `distrain schedule`: accelerate launch
+        atomic_write_json(Path(os.environ["DISTRAIN_WORKER_RESULT"]),  # turns every failure into exit 1
+                          {"worker": worker, "exit_code": outcome.exit_code})
     if outcome.preempted:
         log(f"distrain: {worker}: stopped by SIGTERM; state saved, lease released (exit 75)")
     accelerator.end_training()

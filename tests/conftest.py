@@ -1,6 +1,7 @@
 """Shared helpers: run distrain's commands as users do (subprocesses in a scratch directory)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -28,11 +29,11 @@ def distrain_run(cwd: Path, *overrides: str, config: Path = REPO / "configs" / "
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), str(RUN_PY)]
+               "--main_process_port", str(free_port()), str(RUN_PY)]
     return run_cmd(cmd + ["--config", str(config), *overrides], cwd, timeout, env)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -46,3 +47,35 @@ def last_line(text: str) -> str:
 
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@contextlib.contextmanager
+def mlflow_server(store_uri: str, cwd: Path, port: int | None = None):
+    """A real `mlflow server` on loopback (serving artifacts under cwd/mlartifacts); stopped afterwards.
+    Yields its URL."""
+    import time
+    import urllib.request
+
+    port = port or free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri,
+                             "--artifacts-destination", str(cwd / "mlartifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("mlflow server did not start")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

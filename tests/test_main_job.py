@@ -259,38 +259,13 @@ def _chromium() -> str | None:
 @pytest.fixture
 def mlflow_server(default_run):
     """A real `mlflow server` on loopback over the default run's store; stopped afterwards."""
-    import socket
-    import subprocess
-    import urllib.request
+    from conftest import mlflow_server as server
 
     cwd, report, *_ = default_run
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                             report["mlflow"]["tracking_uri"], "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1"], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail("mlflow server did not start")
-                time.sleep(1)
+    with server(report["mlflow"]["tracking_uri"], cwd) as url:
         yield url, report, cwd
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
-@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_browser_shows_study_jobs_ensembles_and_a_plot(mlflow_server, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     url, report, cwd = mlflow_server

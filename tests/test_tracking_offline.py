@@ -1,0 +1,74 @@
+"""A tracking server that is down never stalls training, and `distrain sync` later leaves the same
+MLflow tree as a run that never lost it."""
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, RUN_PY, free_port, mlflow_server, run_cmd
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model.names=[test_resnet]", "data.image_size=16", "cv.folds=3", "cv.seeds=[5]", "train.epochs=2",
+        "train.progress=false", "ensemble.max_rounds=20"]
+# Keys whose values legitimately differ between the two runs (names, paths).
+DIFFERENT = ("experiment", "tracking.experiment_name")
+
+
+def _tree(client: MlflowClient, experiment: str) -> dict:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    study = [r for r in runs if r.data.tags.get("distrain.kind") == "study"]
+    assert len(study) == 1, [r.info.run_name for r in runs]
+    tree = {}
+    for r in runs:
+        kind = r.data.tags.get("distrain.kind")
+        if kind != "study":
+            assert r.data.tags.get("mlflow.parentRunId") == study[0].info.run_id
+        params = {k: v for k, v in r.data.params.items() if k not in DIFFERENT}
+        metrics = {k: len(client.get_metric_history(r.info.run_id, k)) for k in r.data.metrics}
+        artifacts = sorted(a.path for a in client.list_artifacts(r.info.run_id))
+        tree[r.info.run_name.replace(experiment, "EXP")] = {"kind": kind, "status": r.info.status, "params": params,
+                                                            "metrics": metrics, "artifacts": artifacts}
+    return tree
+
+
+def test_dead_server_does_not_stall_and_sync_completes_the_tree(tmp_path):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"  # nothing listens here yet
+    start = time.perf_counter()
+    down = run_cmd([sys.executable, str(RUN_PY), *TINY, "experiment=down", f"tracking.uri={uri}"], tmp_path,
+                   timeout=600)
+    down_s = time.perf_counter() - start
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert down.stderr.count("warning: MLflow at") == 1, down.stderr  # warned once
+    assert (tmp_path / "runs" / "down" / "tracking-buffer").is_dir()
+
+    status = run_cmd([sys.executable, "-m", "distrain.cli", "status", "--run-dir", "runs/down"], tmp_path)
+    assert "tracking calls await `distrain sync`" in status.stdout
+
+    early = run_cmd([sys.executable, "-m", "distrain.cli", "sync", "--run-dir", "runs/down"], tmp_path)
+    assert early.returncode != 0 and "still unreachable" in early.stderr
+
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path, port=port):
+        start = time.perf_counter()
+        up = run_cmd([sys.executable, str(RUN_PY), *TINY, "experiment=up", f"tracking.uri={uri}"], tmp_path,
+                     timeout=600)
+        up_s = time.perf_counter() - start
+        assert up.returncode == 0, up.stdout + up.stderr
+        sync = run_cmd([sys.executable, "-m", "distrain.cli", "sync", "--run-dir", "runs/down"], tmp_path)
+        assert sync.returncode == 0, sync.stdout + sync.stderr
+        again = run_cmd([sys.executable, "-m", "distrain.cli", "sync", "--run-dir", "runs/down"], tmp_path)
+        assert "nothing to sync" in again.stdout  # idempotent: nothing is sent twice
+
+        client = MlflowClient(uri)
+        tree_up, tree_down = _tree(client, "up"), _tree(client, "down")
+        assert tree_down == tree_up
+        assert {v["kind"] for v in tree_up.values()} == {"study", "job", "ensemble"}
+        assert len([v for v in tree_up.values() if v["kind"] == "job"]) == 3
+        for name in ("distrain-up", "distrain-down"):
+            assert client.search_model_versions(f"name='{name}'")
+    print(f"server down: {down_s:.1f} s, server up: {up_s:.1f} s, ratio {down_s / up_s:.2f}; "
+          f"{sync.stdout.strip()}")
+    assert down_s <= 1.5 * up_s
