@@ -7,6 +7,7 @@ under `<run_root>/mlartifacts`. `tracking.uri` or `$MLFLOW_TRACKING_URI` points 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -75,16 +76,17 @@ class MlflowTracker(NullTracker):
 
         bound_http_requests(timeout_s, max_retries)
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
         self.run_dir, self.run_root, self.experiment_name = run_dir, run_root, experiment_name
         safe_worker = re.sub(r"[^A-Za-z0-9_.-]", "_", worker or f"{socket.gethostname()}-{os.getpid()}")
         self.buffer_path = run_dir / BUFFER_DIR / f"{safe_worker}.jsonl"
         self.offline = False
         self.experiment_id = ""
-        try:
-            self.experiment_id = self._experiment(experiment_name, run_root)
-        except Exception as e:
-            self._go_offline(e)
+        with _sqlite_schema_lock(tracking_uri):
+            self.client = MlflowClient(tracking_uri=tracking_uri)  # a SQLite store is created / migrated here
+            try:
+                self.experiment_id = self._experiment(experiment_name, run_root)
+            except Exception as e:
+                self._go_offline(e)
         self.parent_run_id = self._study_run(run_dir, experiment_name)
 
     # ---- offline handling ----------------------------------------------------------------------
@@ -319,6 +321,25 @@ def bound_http_requests(timeout_s: float, max_retries: int) -> None:
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(max_retries)
     os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(round(timeout_s))))
+
+
+@contextlib.contextmanager
+def _sqlite_schema_lock(tracking_uri: str):
+    """Workers starting together on one SQLite store would each create MLflow's tables ("table experiments
+    already exists"); a file lock beside the database lets the first create them and the rest reuse them."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(tracking_uri[len("sqlite:///"):] + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _refers_to_placeholder(op: dict) -> bool:

@@ -1,0 +1,63 @@
+"""Real workers on one ledger: `distrain schedule` packing W accelerate-launch groups of P gloo
+processes, a job that keeps failing, and the status command."""
+import json
+import sys
+
+import pytest
+
+from conftest import RUN_PY, run_cmd
+from distrain.ledger import AGGREGATE, Ledger
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model.names=[test_resnet]", "data.image_size=16", "cv.folds=2", "cv.seeds=[1,2]", "train.epochs=1",
+        "train.progress=false", "ensemble.register_model=false", "scheduler.poll_s=0.5"]
+
+
+def test_schedule_two_workers_of_two_processes_share_the_ledger(tmp_path):
+    proc = run_cmd([sys.executable, "-m", "distrain.cli", "schedule", "--workers", "2", "--procs-per-worker", "2",
+                    *TINY], tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "digits"
+    ledger = Ledger(run_dir)
+    ids = [f"test_resnet-s{s}-f{f}" for s in (1, 2) for f in (0, 1)]
+    history = ledger.history(ids + [AGGREGATE])
+    assert sorted(r["job"] for r in history if r["status"] == "done") == sorted(ids + [AGGREGATE])
+    owners = {r["worker"].rsplit(":", 1)[0] for r in history if r["job"] != AGGREGATE}
+    assert len(owners) == 2, owners  # both workers trained jobs
+    records = [json.loads(p.read_text()) for p in (run_dir / "ledger" / "workers").glob("*.json")]
+    assert len(records) == 2 and sum(r["aggregated"] for r in records) == 1
+    report = json.loads((run_dir / "report.json").read_text())
+    assert len(report["jobs"]) == 4 and report["failed_jobs"] == []
+    assert "worker exit codes [0, 0]" in proc.stdout
+
+
+def test_failing_job_is_marked_failed_others_finish_report_names_it(tmp_path):
+    # inception_v3 needs larger inputs: at 16 px its forward raises in every attempt.
+    overrides = ["model.names=[test_resnet,inception_v3]", "data.image_size=16", "cv.folds=2", "cv.seeds=[1]",
+                 "train.epochs=1", "train.progress=false", "ensemble.register_model=false",
+                 "scheduler.max_retries=2"]
+    proc = run_cmd([sys.executable, str(RUN_PY), *overrides], tmp_path, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "digits"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert sorted(f["id"] for f in report["failed_jobs"]) == ["inception_v3-s1-f0", "inception_v3-s1-f1"]
+    assert all("Kernel size can't be greater" in f["error"] for f in report["failed_jobs"]), \
+        report["failed_jobs"]
+    assert sorted(j["id"] for j in report["jobs"]) == ["test_resnet-s1-f0", "test_resnet-s1-f1"]
+    assert "FAILED" in proc.stdout
+
+    status = run_cmd([sys.executable, "-m", "distrain.cli", "status", "--run-dir", str(run_dir), "--json"], tmp_path)
+    st = json.loads(status.stdout)
+    assert st["counts"] == {"pending": 0, "running": 0, "done": 2, "failed": 2}
+    vit = next(j for j in st["jobs"] if j["job_id"] == "inception_v3-s1-f0")
+    assert vit["attempts"] == 2 and vit["errors"] == 2 and vit["last_error"]
+    table = run_cmd([sys.executable, "-m", "distrain.cli", "status", "--run-dir", str(run_dir)], tmp_path)
+    assert "failed" in table.stdout and "done 2 failed 2" in table.stdout
+
+    rerun = run_cmd([sys.executable, str(RUN_PY), *overrides], tmp_path, timeout=600)
+    assert rerun.returncode == 1 and "claimed" not in rerun.stdout  # nothing retried beyond max_retries
+
+    again = run_cmd([sys.executable, "-m", "distrain.cli", "aggregate", "--run-dir", str(run_dir)], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((run_dir / "report.json").read_text())["failed_jobs"] == report["failed_jobs"]
