@@ -22,6 +22,7 @@ def main() -> int:
     run_dir, n_jobs = Path(sys.argv[1]), int(sys.argv[2])
     durations = json.loads(sys.argv[3]) if len(sys.argv) > 3 else [0.3] * n_jobs
     lease = float(os.environ.get("LEASE_S", "1.0"))
+    poll = float(os.environ.get("POLL_S", lease / 5))
     ledger = Ledger(run_dir, lease_timeout_s=lease, max_retries=2, max_lost_leases=50)
     job_ids = [f"job{i:03d}" for i in range(n_jobs)]
     worker = default_worker_id()
@@ -49,10 +50,11 @@ def main() -> int:
     def aggregate(states):
         time.sleep(0.2)
         (run_dir / "aggregated").mkdir(exist_ok=True)
-        (run_dir / "aggregated" / worker.replace(":", "-")).write_text(json.dumps([s.status for s in states]))
+        (run_dir / "aggregated" / worker.replace(":", "-")).write_text(
+            json.dumps({"statuses": [s.status for s in states], "time": time.time()}))
 
     outcome = run_worker(ledger, job_ids, worker=worker, run_job=run_job, aggregate=aggregate,
-                         heartbeat_s=lease / 5, poll_s=lease / 5, log=lambda m: None)
+                         heartbeat_s=lease / 5, poll_s=poll, log=lambda m: None)
     return outcome.exit_code
 
 
