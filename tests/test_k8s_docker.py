@@ -2,7 +2,6 @@
 conventions, and the Dockerfile passes hadolint."""
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, RUN_PY, run_cmd
+from conftest import RUN_PY, run_cmd
 from distrain.checkpoint import load_latest_state, rng_state, save_state, set_rng_state
 from distrain.ledger import Ledger
 

@@ -6,7 +6,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, RUN_PY, free_port, mlflow_server, run_cmd
+from conftest import RUN_PY, free_port, mlflow_server, run_cmd
 
 pytestmark = pytest.mark.slow
 
