@@ -104,7 +104,8 @@ class ModelConfig:
     drop_rate: float = 0.0
     """Dropout before the classifier."""
     grad_checkpointing: bool = False
-    """Trade compute for activation memory (timm's set_grad_checkpointing)."""
+    """Trade compute for activation memory: timm's set_grad_checkpointing where the model has it, else
+    torch.utils.checkpoint around each top-level stage."""
 
     def __post_init__(self):
         _require(len(self.names) >= 1, "model.names", self.names, "at least one model")
@@ -172,6 +173,18 @@ class TrainConfig:
     launch would otherwise leave each process one thread)."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms: bit-reproducible runs and resumes, at some speed cost on GPUs."""
+    max_nonfinite_losses: int = 5
+    """Stop the job with an error after this many consecutive micro-batches with a NaN/inf loss (fp16
+    overflow steps that the loss scaler skips are counted separately and do not stop the job); 0 disables."""
+    compile: bool = False
+    """torch.compile the model (after gradient checkpointing, before DDP / DeepSpeed wrapping)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend: `inductor` (generates kernels; the first step compiles for a minute or more),
+    `aot_eager` (traces forward and backward without code generation), or another registered backend."""
+    deepspeed: str = ""
+    """DeepSpeed JSON (e.g. launch/deepspeed/zero2.json) to train with ZeRO instead of DDP; its "auto"
+    values are filled from this section, explicit ones must agree with it. Under `accelerate launch` with a
+    DeepSpeed YAML the JSON named there is used."""
 
     def __post_init__(self):
         _require(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
@@ -184,6 +197,8 @@ class TrainConfig:
         _require(self.patience >= 0, "train.patience", self.patience, ">= 0")
         _require(self.max_train_val_gap >= 0, "train.max_train_val_gap", self.max_train_val_gap, ">= 0")
         _require(self.cpu_threads >= 0, "train.cpu_threads", self.cpu_threads, ">= 0")
+        _require(bool(self.compile_backend), "train.compile_backend", self.compile_backend, "a backend name")
+        _require(self.max_nonfinite_losses >= 0, "train.max_nonfinite_losses", self.max_nonfinite_losses, ">= 0")
 
 
 @dataclass(kw_only=True)

@@ -7,7 +7,6 @@ one or several nodes; everything rank-aware goes through `parallel`.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from distrain import data as data_mod
 from distrain import parallel
-from distrain.checkpoint import load_latest_state, rng_state, save_state, set_rng_state
+from distrain.checkpoint import list_states, load_latest_state, rng_state, save_state, set_rng_state
 from distrain.config import Config
 from distrain.data import DatasetIndex
 from distrain.metrics import score
@@ -89,6 +88,10 @@ class JobInterrupted(Exception):
     """fit_job stopped because `stop_requested` turned true; its training state was saved first."""
 
 
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive NaN/inf losses (train.max_nonfinite_losses): the run diverged."""
+
+
 def expand_plan(cfg: Config) -> list[Job]:
     """models x seeds x folds, in that nesting order (so one backbone's jobs run together)."""
     folds = cfg.cv.only_folds or list(range(cfg.cv.folds))
@@ -123,31 +126,30 @@ def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str
     world = accelerator.num_processes
 
     parallel.seed_everything(job.seed)  # identical initial weights on every rank
-    model = create_model(job.model, num_classes=dc.num_classes, in_chans=index.channels,
-                         drop_rate=cfg.model.drop_rate, grad_checkpointing=cfg.model.grad_checkpointing)
+    model = create_model(job.model, num_classes=dc.num_classes, in_chans=index.channels, drop_rate=cfg.model.drop_rate)
     optimizer = create_optimizer(model, cfg.optim)
     n_steps = steps_per_epoch(len(train_ids), world, tc.batch_size, tc.grad_accum_steps)
     opt_steps_per_epoch = n_steps // tc.grad_accum_steps
+    # On the plain torch optimizer: DeepSpeed's ZeRO optimizers keep its param_groups, so the LR set here
+    # is the LR they use.
     scheduler = create_scheduler(optimizer, cfg.optim, total_steps=opt_steps_per_epoch * tc.epochs,
                                  steps_per_epoch=opt_steps_per_epoch)
-    model, optimizer = parallel.wrap(accelerator, model, optimizer)
+    trainable = parallel.wrap(accelerator, model, optimizer, tc, grad_checkpointing=cfg.model.grad_checkpointing)
     parallel.seed_everything(job.seed, per_rank=True)  # distinct augmentation / dropout streams per rank
-    single = accelerator.unwrap_model(model)
+    if primary:
+        print(f"distrain: {job.id}: {trainable.describe()}", flush=True)
 
     loader_kw = dict(image_size=dc.image_size, channels=index.channels, num_workers=dc.num_workers, cache=dc.cache)
     train_batches = iter(data_mod.train_loader(index.urls("cv"), train_ids, batch_size=tc.batch_size,
                                                shuffle_buffer=dc.shuffle_buffer,
                                                seed=job.seed * 100 + job.fold, **loader_kw))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
-    max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf
-    # accelerate's autocast context costs time even when it casts nothing; skip it in fp32.
-    autocast = accelerator.autocast if tc.precision != "no" else contextlib.nullcontext
 
     # Everything a resumed job needs besides weights, optimizer, schedule and RNG.
-    progress = {"epoch": 0, "step": 0, "batches": 0, "skipped_steps": 0, "history": [],
+    progress = {"epoch": 0, "step": 0, "batches": 0, "skipped_steps": 0, "nonfinite_losses": 0, "history": [],
                 "best": {"score": -math.inf, "epoch": -1, "state": None, "oof": None},
                 "sums": _zero_sums()}
-    resumed = _resume(control, job, world, accelerator, single, optimizer, scheduler, progress)
+    resumed = _resume(control, job, world, trainable, scheduler, progress)
     if resumed:
         for _ in range(progress["batches"]):  # replay the data stream (no compute) to the saved position
             next(train_batches)
@@ -173,15 +175,20 @@ def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str
             stop, due = parallel.sum_across_ranks(accelerator, [stop, due])
         if (stop or due) and control.state_dir is not None:
             progress.update(epoch=epoch, step=step, sums=epoch_sums())
-            _save(control, job, world, accelerator, single, optimizer, scheduler, progress)
+            _save(control, job, world, accelerator, trainable, scheduler, progress)
             last_save = time.monotonic()
         if stop:
             raise JobInterrupted(f"{job.id}: stopped at epoch {epoch} step {step} with its state saved")
 
     epochs_bar = tqdm(range(progress["epoch"], tc.epochs), desc=job.id, disable=not show_progress, leave=False,
                       dynamic_ncols=True)
+    # Consecutive non-finite losses, kept on the device and read every few steps (no per-step host sync).
+    nonfinite_run = torch.zeros((), device=accelerator.device)
+    nonfinite_worst = torch.zeros((), device=accelerator.device)
+    nonfinite_total = torch.zeros((), device=accelerator.device)
+    check_every = max(1, min(8, tc.max_nonfinite_losses or 8))
     for epoch in epochs_bar:
-        model.train()
+        trainable.train()
         start_step = progress["step"] if epoch == progress["epoch"] else 0
         if start_step == 0:
             progress["sums"] = _zero_sums()
@@ -199,21 +206,21 @@ def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str
             progress["batches"] += 1
             images = data_mod.prepare_batch(images.to(accelerator.device, non_blocking=True), augment=dc.augment)
             labels = labels.to(accelerator.device, non_blocking=True)
-            with accelerator.accumulate(model):
-                with autocast():
-                    logits = model(images)
-                loss = criterion(logits.float(), labels)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm_sum += accelerator.clip_grad_norm_(model.parameters(), max_norm).detach()
-                    grad_norm_count += 1
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients:
-                    if accelerator.optimizer_step_was_skipped:
-                        progress["skipped_steps"] += 1  # fp16 overflow: the scaler skipped this step
-                    else:
-                        scheduler.step()
+            loss, logits, stepped = trainable.micro_step(images, labels, criterion)
+            if stepped.boundary:
+                grad_norm_sum += stepped.grad_norm.to(grad_norm_sum.device)
+                grad_norm_count += 1
+                if stepped.applied:
+                    scheduler.step()
+                else:
+                    progress["skipped_steps"] += 1  # fp16 overflow: the loss scaler skipped this step
+            finite = torch.isfinite(loss.detach())
+            nonfinite_run = (nonfinite_run + 1) * (~finite)
+            nonfinite_worst = torch.maximum(nonfinite_worst, nonfinite_run)
+            nonfinite_total += ~finite
+            if tc.max_nonfinite_losses and (step + 1) % check_every == 0:
+                _check_nonfinite(job, epoch, step, float(nonfinite_worst), tc)
+            loss = torch.where(finite, loss.detach(), torch.zeros_like(loss))  # keep the epoch's mean readable
             loss_sum += loss.detach() * len(labels)
             correct += (logits.detach().argmax(1) == labels).sum()
             seen += len(labels)
@@ -222,9 +229,14 @@ def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str
                     "loss_sum": float(loss_sum), "correct": float(correct), "grad_norm_sum": float(grad_norm_sum),
                     "seen": seen, "grad_norm_count": grad_norm_count, "seconds": time.perf_counter() - start})
         train_seconds = time.perf_counter() - start
+        if tc.max_nonfinite_losses:
+            _check_nonfinite(job, epoch, n_steps - 1, float(nonfinite_worst), tc)
+        progress["nonfinite_losses"] += int(nonfinite_total)
+        nonfinite_total.zero_()
         loss_sum, correct, seen = parallel.sum_across_ranks(accelerator, [float(loss_sum), float(correct), seen])
 
-        val = predict(single, accelerator, index.urls("cv"), val_ids, batch_size=tc.batch_size, **loader_kw)
+        evaluated = trainable.eval_model()  # ZeRO: the fp32 weights gathered into a plain model
+        val = predict(evaluated, accelerator, index.urls("cv"), val_ids, batch_size=tc.batch_size, **loader_kw)
         _check_coverage(val, val_ids, f"{job.id} validation")
         val_score = val.score(tc.metric)
         train_metric = correct / seen  # accuracy on augmented batches as the weights moved
@@ -233,12 +245,13 @@ def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str
                                             torch.from_numpy(val.labels)).item()),
                f"val_{tc.metric}": val_score, "train_val_gap": train_metric - val_score,
                "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm_sum) / max(1, grad_norm_count),
-               "samples_per_s": seen / train_seconds, "skipped_steps": progress["skipped_steps"]}
+               "samples_per_s": seen / train_seconds, "skipped_steps": progress["skipped_steps"],
+               "nonfinite_losses": progress["nonfinite_losses"]}
         history.append({"epoch": epoch, **row})
         tracker.log_metrics(run_id, row, step=epoch)
         if val_score > best["score"]:
             best.update(score=val_score, epoch=epoch, oof=val,
-                        state={k: v.detach().to("cpu", copy=True) for k, v in single.state_dict().items()})
+                        state={k: v.detach().to("cpu", copy=True) for k, v in evaluated.state_dict().items()})
         epochs_bar.set_postfix(val=f"{val_score:.4f}", best=f"{best['score']:.4f}")
         if tc.patience and epoch - best["epoch"] >= tc.patience:
             break  # every rank sees the same gathered metric, so every rank stops together
@@ -247,11 +260,12 @@ def fit_job(job: Job, cfg: Config, index: DatasetIndex, fold_of_sample: dict[str
         if epoch + 1 < tc.epochs:
             step_boundary(epoch + 1, 0)
 
-    single.load_state_dict(best["state"])
+    final = trainable.plain
+    final.load_state_dict(best["state"])
     test = None
     if index.test_shards:
         test_ids = set(index.labels_of("test"))
-        test = predict(single, accelerator, index.urls("test"), None, batch_size=tc.batch_size, **loader_kw)
+        test = predict(final, accelerator, index.urls("test"), None, batch_size=tc.batch_size, **loader_kw)
         _check_coverage(test, test_ids, f"{job.id} test")
     parallel.release(accelerator)
     return JobResult(job=job, val_score=best["score"], best_epoch=best["epoch"], oof=best["oof"], test=test,
@@ -262,11 +276,21 @@ def _zero_sums() -> dict:
     return {"loss_sum": 0.0, "correct": 0.0, "grad_norm_sum": 0.0, "seen": 0, "grad_norm_count": 0, "seconds": 0.0}
 
 
-def _save(control: JobControl, job: Job, world: int, accelerator: "Accelerator", single: torch.nn.Module,
-          optimizer, scheduler, progress: dict) -> None:
-    """Every rank contributes its RNG state; rank 0 writes one checkpoint (atomic, checksummed)."""
+def _check_nonfinite(job: Job, epoch: int, step: int, worst_run: float, tc) -> None:
+    """Hard stop once `tc.max_nonfinite_losses` consecutive micro-batch losses were NaN/inf."""
+    if worst_run >= tc.max_nonfinite_losses:
+        raise NonFiniteLoss(f"{job.id}: {int(worst_run)} consecutive non-finite losses by epoch {epoch} step {step} "
+                            f"(train.max_nonfinite_losses={tc.max_nonfinite_losses}); lower optim.lr, raise "
+                            f"train.max_grad_norm clipping, or use bf16 instead of fp16")
+
+
+def _save(control: JobControl, job: Job, world: int, accelerator: "Accelerator", trainable, scheduler,
+          progress: dict) -> None:
+    """Every rank contributes its RNG state (and, under ZeRO, its optimizer partition through the
+    DeepSpeed engine); rank 0 then writes one checkpoint file (atomic, checksummed) that refers to it."""
     rngs = parallel.gather_rows(accelerator, [rng_state()])
-    scaler = getattr(accelerator, "scaler", None)
+    tag = f"state-{progress['batches']:09d}"  # the stem of the checkpoint file written below
+    engine_state = trainable.save(control.state_dir / "deepspeed", tag)  # collective under ZeRO
 
     def write():
         best = progress["best"]
@@ -274,24 +298,23 @@ def _save(control: JobControl, job: Job, world: int, accelerator: "Accelerator",
         state = {
             "format": "distrain-state/1", "job": job.id, "world_size": world,
             "epoch": progress["epoch"], "step": progress["step"], "batches": progress["batches"],
-            "skipped_steps": progress["skipped_steps"], "sums": progress["sums"], "history": progress["history"],
-            "model": {k: v.detach().cpu() for k, v in single.state_dict().items()},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rngs,
+            "skipped_steps": progress["skipped_steps"], "nonfinite_losses": progress["nonfinite_losses"],
+            "sums": progress["sums"], "history": progress["history"],
+            **engine_state, "scheduler": scheduler.state_dict(), "rng": rngs,
             "best": {"score": best["score"], "epoch": best["epoch"], "state": best["state"],
                      "oof": None if oof is None else {"sample_ids": list(oof.sample_ids),
                                                       "probs": torch.from_numpy(oof.probs),
                                                       "labels": torch.from_numpy(oof.labels)}},
         }
         save_state(control.state_dir, progress["batches"], state, keep=control.keep_checkpoints)
+        kept = {p.stem for p in list_states(control.state_dir)}
+        trainable.prune(control.state_dir / "deepspeed", kept)
         return None
 
     parallel.on_primary(accelerator, write)
 
 
-def _resume(control: JobControl, job: Job, world: int, accelerator: "Accelerator", single: torch.nn.Module,
-            optimizer, scheduler, progress: dict) -> Optional[dict]:
+def _resume(control: JobControl, job: Job, world: int, trainable, scheduler, progress: dict) -> Optional[dict]:
     """Load the newest good checkpoint into the model, optimizer, scheduler, scaler and `progress`.
     Returns the loaded state (with its "path"), or None when starting from scratch."""
     if control.state_dir is None:
@@ -303,16 +326,17 @@ def _resume(control: JobControl, job: Job, world: int, accelerator: "Accelerator
         warnings.warn(f"distrain: {path} was saved by job {state.get('job')} with {state.get('world_size')} "
                       f"processes; this is {job.id} with {world}: starting {job.id} from scratch", stacklevel=2)
         return None
-    single.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        trainable.load(control.state_dir / "deepspeed", state)
+    except FileNotFoundError as e:
+        warnings.warn(f"distrain: {path}: {e}; starting {job.id} from scratch", stacklevel=2)
+        return None
     scheduler.load_state_dict(state["scheduler"])
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
     best = state["best"]
     oof = best["oof"]
     progress.update(epoch=state["epoch"], step=state["step"], batches=state["batches"],
-                    skipped_steps=state["skipped_steps"], sums=state["sums"], history=state["history"],
+                    skipped_steps=state["skipped_steps"], nonfinite_losses=state.get("nonfinite_losses", 0),
+                    sums=state["sums"], history=state["history"],
                     best={"score": best["score"], "epoch": best["epoch"], "state": best["state"],
                           "oof": None if oof is None else Predictions(oof["sample_ids"], oof["probs"].numpy(),
                                                                       oof["labels"].numpy())})

@@ -10,7 +10,7 @@ from distrain.config import ConfigError, OptimConfig, load_config
 from distrain.data import write_digits
 from distrain.engine import Job, fit_job, steps_per_epoch
 from distrain.folds import build_fold_manifest
-from distrain.models import create_model
+from distrain.models import apply_grad_checkpointing, create_model
 from distrain.optim import lr_factor
 from conftest import requires_gpu
 
@@ -25,15 +25,17 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-@pytest.mark.parametrize("name", ["test_resnet", "test_convnext"])
-def test_grad_checkpointing_gives_same_loss_and_grads(name):
+@pytest.mark.parametrize("name, how", [("test_resnet", "timm"), ("test_convnext", "timm"), ("dla46x_c", "stages")])
+def test_grad_checkpointing_gives_same_loss_and_grads(name, how):
     torch.manual_seed(0)
     x = torch.randn(4, 3, 32, 32)
     y = torch.tensor([0, 1, 2, 3])
     results = []
     for ckpt in (False, True):
         torch.manual_seed(1)
-        model = create_model(name, num_classes=4, in_chans=3, grad_checkpointing=ckpt)
+        model = create_model(name, num_classes=4, in_chans=3)
+        if ckpt:
+            assert apply_grad_checkpointing(model) == how  # dla has no timm support: top-level stages wrapped
         model.train()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
@@ -43,6 +45,76 @@ def test_grad_checkpointing_gives_same_loss_and_grads(name):
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
     for n in grads_a:
         torch.testing.assert_close(grads_a[n], grads_b[n], rtol=1e-4, atol=1e-6)
+
+
+def test_model_without_any_checkpointing_support_is_refused():
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))  # no timm hook, no stages
+    with pytest.raises(ValueError, match="supports no gradient checkpointing"):
+        apply_grad_checkpointing(flat)
+
+
+def test_wrap_applies_checkpointing_then_compile_then_ddp(tmp_path, fresh_accelerate_state):
+    from distrain.config import TrainConfig
+    from distrain.optim import create_optimizer
+
+    train = TrainConfig(compile=True, compile_backend="aot_eager", batch_size=8)
+    acc = parallel.create_accelerator(train)
+    model = create_model("dla46x_c", num_classes=4, in_chans=1)
+    trainable = parallel.wrap(acc, model, create_optimizer(model, OptimConfig()), train, grad_checkpointing=True)
+    compiled = trainable.model  # one process: accelerate adds no DDP wrapper around the compiled module
+    assert type(compiled).__name__ == "OptimizedModule" and compiled._orig_mod is model
+    assert trainable.single is model and "forward" in vars(model.level2)  # checkpointed stage, inside compile
+    criterion = torch.nn.CrossEntropyLoss()
+    x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 4, (8,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss, _, step = trainable.micro_step(x, y, criterion)
+    assert torch.isfinite(loss) and step.boundary and step.applied and float(step.grad_norm) > 0
+    assert set(trainable.full_state_dict()) == set(before)  # plain keys, no `_orig_mod.` prefix
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.rows = []
+
+    def log_metrics(self, run_id, row, step=None):
+        self.rows.append(dict(row))
+
+
+def _nan_job(tmp_path, monkeypatch, max_nonfinite, tracker=None):
+    from distrain import data as data_mod
+    from distrain.data import read_index
+
+    real = data_mod.prepare_batch
+    monkeypatch.setattr(data_mod, "prepare_batch", lambda images, augment: real(images, augment=augment) * float("nan")
+                        if augment else real(images, augment=augment))  # training batches only
+    data = tmp_path / "digits"
+    write_digits(data)
+    index = read_index(data)
+    cfg = load_config(None, [f"data.root={data}", "train.epochs=1", "model.names=[test_resnet]", "data.image_size=16",
+                             f"train.max_nonfinite_losses={max_nonfinite}", "train.batch_size=64"])
+    cv = index.split_ids("cv")
+    labels = index.labels_of("cv")
+    manifest = build_fold_manifest(cv, [labels[s] for s in cv], 5, 0)
+    acc = parallel.create_accelerator(cfg.train)
+    kwargs = {"tracker": tracker} if tracker else {}
+    return fit_job(Job("test_resnet", 1, 0), cfg, index, manifest.fold_of_sample, acc, **kwargs), manifest
+
+
+def test_consecutive_nonfinite_losses_stop_the_job_with_a_clear_error(tmp_path, fresh_accelerate_state, monkeypatch):
+    from distrain.engine import NonFiniteLoss
+
+    with pytest.raises(NonFiniteLoss, match=r"test_resnet-s1-f0: \d+ consecutive non-finite losses by epoch 0 step 2 "
+                                            r"\(train.max_nonfinite_losses=3\)"):
+        _nan_job(tmp_path, monkeypatch, 3)
+
+
+def test_nonfinite_losses_are_counted_and_logged(tmp_path, fresh_accelerate_state, monkeypatch):
+    tracker = RecordingTracker()
+    result, manifest = _nan_job(tmp_path, monkeypatch, 0, tracker)  # stopping disabled: count only
+    n_train = len(manifest.fold_of_sample) - len(manifest.samples_in_fold(0))
+    assert result.history[0]["nonfinite_losses"] == steps_per_epoch(n_train, 1, 64, 1)
+    assert tracker.rows[0]["nonfinite_losses"] == result.history[0]["nonfinite_losses"]
 
 
 def test_lr_schedule_warmup_cosine_floor_and_restarts():
