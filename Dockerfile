@@ -12,7 +12,7 @@ COPY setup.cfg pyproject.toml README.md ./
 COPY distrain ./distrain
 COPY configs ./configs
 COPY launch ./launch
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir "./[deepspeed]" \
     && useradd --create-home --uid 1000 distrain \
     && mkdir -p /runs && chown distrain /runs
 USER 1000

@@ -11,9 +11,7 @@ import torch
 from conftest import REPO, RUN_PY, free_port, run_cmd
 from distrain.config import ConfigError, TrainConfig
 from distrain.data import write_digits
-
-pytest.importorskip("deepspeed")
-from distrain.zero import load_deepspeed_config  # noqa: E402  (needs deepspeed)
+from distrain.zero import load_deepspeed_config
 
 JSONS = sorted((REPO / "launch" / "deepspeed").glob("*.json"))
 
@@ -44,6 +42,19 @@ def test_accelerate_deepspeed_yamls_name_existing_jsons():
         cfg = yaml.safe_load(p.read_text())
         assert cfg["distributed_type"] == "DEEPSPEED"
         assert (REPO / cfg["deepspeed_config"]["deepspeed_config_file"]).is_file()
+
+
+def test_every_launch_file_is_covered_by_a_parse_test():
+    covered = set(JSONS) | set((REPO / "launch" / "accelerate").glob("*.yaml")) | {
+        REPO / "launch" / "deepspeed" / "hostfile.example", REPO / "launch" / "README.md"}
+    assert set(p for p in (REPO / "launch").rglob("*") if p.is_file()) == covered
+
+
+def test_deepspeed_hostfile_example_parses():
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    hosts = fetch_hostfile(str(REPO / "launch" / "deepspeed" / "hostfile.example"))
+    assert list(hosts.items()) == [("node-0", 8), ("node-1", 8)]
 
 
 def _write(tmp_path, **changes):
