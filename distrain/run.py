@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "with $DISTRAIN_NUM_SHARDS if set, else dynamic claiming")
     p.add_argument("--new-run-dir", action="store_true",
                    help="if the run directory holds another config, use <experiment>-2, -3, ... instead of refusing")
+    # The `deepspeed` launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="a.b=value overrides, e.g. train.epochs=3 cv.seeds=[1,2]")
     return p.parse_args(argv)
 

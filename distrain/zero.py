@@ -145,7 +145,8 @@ class ZeroModel:
         self.input_dtype = torch.float16 if fp16 else torch.bfloat16 if bf16 else torch.float32
 
     def describe(self) -> str:
-        return (f"DeepSpeed ZeRO-{self.stage} over {self.engine.world_size} processes via {self.via}, "
+        n = self.engine.world_size
+        return (f"DeepSpeed ZeRO-{self.stage} over {n} process{'es' if n > 1 else ''} via {self.via}, "
                 f"{str(self.input_dtype).replace('torch.', '')}")
 
     def train(self) -> None:

@@ -8,6 +8,7 @@ OWNERS = {
     "mlflow": {"tracking", "serving"},
     "lightgbm": {"ensemble", "serving"},
     "accelerate": {"parallel"},
+    "deepspeed": {"zero"},
 }
 
 

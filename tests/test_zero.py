@@ -16,10 +16,14 @@ from distrain.zero import load_deepspeed_config
 JSONS = sorted((REPO / "launch" / "deepspeed").glob("*.json"))
 
 
-def torchrun(args, cwd, timeout=300):
-    return run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *map(str, args)], cwd,
-                   timeout=timeout, env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"})
+def launch_two(launcher, args, cwd, timeout=300):
+    """2 CPU processes over gloo, started by torchrun or by DeepSpeed's own launcher."""
+    if launcher == "torchrun":
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    else:
+        head = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+    return run_cmd(head + ["--master_port", str(free_port()), *map(str, args)], cwd, timeout=timeout,
+                   env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.parametrize("path", JSONS, ids=lambda p: p.name)
@@ -100,12 +104,12 @@ def test_bad_deepspeed_json_fails_before_training_with_one_line(tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "digits").exists()  # nothing started
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_process_zero_consolidated_weights_predict_like_the_engine(tmp_path, stage):
+@pytest.mark.parametrize("stage, launcher", [(2, "deepspeed"), (3, "torchrun")])
+def test_two_process_zero_consolidated_weights_predict_like_the_engine(tmp_path, stage, launcher):
     write_digits(tmp_path / "digits", shard_size=200)
     out = tmp_path / "out"
     out.mkdir()
-    proc = torchrun([REPO / "tests" / "zero_check.py", REPO / "launch" / "deepspeed" / f"zero{stage}.json",
+    proc = launch_two(launcher, [REPO / "tests" / "zero_check.py", REPO / "launch" / "deepspeed" / f"zero{stage}.json",
                      tmp_path / "digits", out], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -180,3 +184,20 @@ def test_zero3_job_preempted_resumed_and_consolidated_under_torchrun(tmp_path):
                 probs[i] = p
     ours = np.stack([probs[i] for i in oof["sample_ids"].tolist()])
     np.testing.assert_allclose(ours, oof["probs"], atol=1e-5)
+
+
+def test_accelerate_launch_with_the_deepspeed_yaml_uses_the_plugin(tmp_path):
+    """`accelerate launch --config_file launch/accelerate/deepspeed_zero2.yaml` (the GPU users' command) builds
+    the engine through accelerate's DeepSpeed plugin from distrain's resolved JSON. On CPU that plugin runs
+    one process, so this checks the wiring, not the sharding (the torchrun tests above do that)."""
+    proc = run_cmd([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    "launch/accelerate/deepspeed_zero2.yaml", "--num_processes", "1", "--main_process_port",
+                    str(free_port()), str(RUN_PY), "--config", "configs/digits.yaml", "model.names=[test_resnet]",
+                    "cv.folds=2", "cv.only_folds=[0]", "cv.seeds=[3]", "train.epochs=1", "train.batch_size=32",
+                    "data.image_size=16", "train.progress=false", "ensemble.stacking=false",
+                    "ensemble.register_model=false", f"run_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'digits'}"],
+                   REPO, timeout=400, env={"OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "test_resnet-s3-f0: DeepSpeed ZeRO-2 over 1 process via accelerate's DeepSpeed plugin, float32" \
+        in proc.stdout, proc.stdout[-3000:]
+    assert (tmp_path / "runs" / "digits" / "report.json").is_file()

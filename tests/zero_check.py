@@ -1,4 +1,5 @@
-"""Run under `torchrun --nproc_per_node 2 tests/zero_check.py <launch/deepspeed/zeroN.json> <digits dir> <out dir>`.
+"""Run under `torchrun --nproc_per_node 2 tests/zero_check.py <launch/deepspeed/zeroN.json> <digits dir> <out dir>`
+(or the `deepspeed` launcher, which appends --local_rank=N).
 
 Builds distrain's DeepSpeed model from the launch/ JSON, trains a few steps on digits, and writes per rank:
 - whether DeepSpeed really partitions (engine stage, this rank's share of parameters / optimizer state);
@@ -19,7 +20,8 @@ from distrain.data import prepare_batch, read_index, train_loader
 from distrain.models import create_model
 from distrain.optim import create_optimizer
 
-ds_json, digits, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+ds_json, digits, out = args[0], Path(args[1]), Path(args[2])
 train = TrainConfig(batch_size=16, grad_accum_steps=2, max_grad_norm=1.0, deepspeed=ds_json, progress=False)
 acc = parallel.create_accelerator(train)
 index = read_index(digits)
