@@ -193,8 +193,9 @@ class ZeroModel:
                 if full is None:  # no ZeRO partitioning and no low-precision copy: the parameter is the master
                     full = params[name]
                 out[name] = full.detach().float().cpu().clone()
-            else:
-                out[name] = value.detach().cpu().clone()
+            else:  # buffers: fp32 like the parameters (they follow the engine's dtype in fp16 / bf16)
+                value = value.detach().cpu()
+                out[name] = value.float() if value.is_floating_point() else value.clone()
         return out
 
     def eval_model(self) -> torch.nn.Module:
@@ -239,5 +240,13 @@ def create_zero_model(model: torch.nn.Module, single: torch.nn.Module, plain: to
 
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     plain.to(engine.device)
+    low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        "fp16" if ds_config["fp16"]["enabled"] else "bf16" if ds_config["bf16"]["enabled"] else "", None)
+    if low is not None:
+        # DeepSpeed casts parameters to fp16/bf16 but leaves buffers in fp32; BatchNorm then refuses
+        # (weights and running statistics must share a dtype), so its statistics follow the parameters.
+        for buf in single.buffers():
+            if buf.is_floating_point():
+                buf.data = buf.data.to(low)
     return ZeroModel(engine, single, plain, ds_config,
                      "accelerate's DeepSpeed plugin" if accelerator is not None else "deepspeed.initialize")

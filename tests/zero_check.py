@@ -22,7 +22,9 @@ from distrain.optim import create_optimizer
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 ds_json, digits, out = args[0], Path(args[1]), Path(args[2])
-train = TrainConfig(batch_size=16, grad_accum_steps=2, max_grad_norm=1.0, deepspeed=ds_json, progress=False)
+precision = args[3] if len(args) > 3 else "no"
+train = TrainConfig(batch_size=16, grad_accum_steps=2, max_grad_norm=1.0, deepspeed=ds_json, progress=False,
+                    precision=precision)
 acc = parallel.create_accelerator(train)
 index = read_index(digits)
 torch.manual_seed(0)
@@ -54,7 +56,7 @@ fixed = torch.linspace(-1, 1, 8 * 16 * 16).reshape(8, 1, 16, 16)  # the same bat
 @torch.no_grad()
 def engine_logits():
     engine.eval()  # every rank runs the same forward (ZeRO-3 gathers parameters collectively)
-    logits = engine(fixed).float()
+    logits = engine(fixed.to(trainable.input_dtype)).float()
     engine.train()
     return logits
 
@@ -70,7 +72,8 @@ with torch.no_grad():
 ckpt = out / "engine"
 tag_info = trainable.save(ckpt, "t0")
 acc.wait_for_everyone()
-row = {"rank": acc.process_index, "world": acc.num_processes, "stage": engine.zero_optimization_stage(),
+row = {"rank": acc.process_index, "input_dtype": str(trainable.input_dtype),
+       "buffer_dtypes": sorted({str(v.dtype) for k, v in state.items() if k not in dict(plain.named_parameters())}), "world": acc.num_processes, "stage": engine.zero_optimization_stage(),
        "engine": type(engine).__name__, "n_params": n_params, "grad_norms": norms,
        "max_abs_diff_plain_vs_engine": float((logits_plain - logits_engine).abs().max()),
        "logit_scale": float(logits_engine.abs().max())}
