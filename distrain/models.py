@@ -36,6 +36,20 @@ def apply_grad_checkpointing(model: torch.nn.Module) -> str:
     return "stages"
 
 
+def check_grad_checkpointing(name: str) -> str:
+    """Which checkpointing `name` would get ("timm" or "stages"), found on a weightless meta-device copy
+    so that a model offering neither is refused before any work. Raises ValueError."""
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=2)
+    except Exception:  # a model whose constructor computes on tensors cannot be built on meta: build it
+        model = timm.create_model(name, pretrained=False, num_classes=2)
+    try:
+        return apply_grad_checkpointing(model)
+    except ValueError as e:
+        raise ValueError(f"model.names: {name!r}: {e}; set model.grad_checkpointing=false") from None
+
+
 def _checkpoint_forward(module: torch.nn.Module) -> None:
     """Make `module` recompute its forward during backward when training with grad enabled."""
     inner = module.forward

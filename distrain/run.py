@@ -84,6 +84,11 @@ def run_experiment(cfg, shard=None, new_run_dir: bool = False) -> int:
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
 
     accelerator = parallel.create_accelerator(cfg.train)
+    if cfg.model.grad_checkpointing:
+        from distrain.models import check_grad_checkpointing
+
+        for name in cfg.model.names:
+            check_grad_checkpointing(name)
     primary = accelerator.is_main_process
     log = (lambda m: print(m, flush=True)) if primary else (lambda m: None)
 

@@ -53,6 +53,12 @@ def test_model_without_any_checkpointing_support_is_refused():
         apply_grad_checkpointing(flat)
 
 
+def test_model_names_are_checked_for_checkpointing_before_any_work():
+    from distrain.models import check_grad_checkpointing
+
+    assert check_grad_checkpointing("test_vit") == "timm" and check_grad_checkpointing("dla46x_c") == "stages"
+
+
 def test_wrap_applies_checkpointing_then_compile_then_ddp(tmp_path, fresh_accelerate_state):
     from distrain.config import TrainConfig
     from distrain.optim import create_optimizer
