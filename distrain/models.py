@@ -5,8 +5,12 @@ data-parallel wrapper to what `create_model` returns, in that order.
 """
 from __future__ import annotations
 
+import itertools
+import re
+
 import timm
 import torch
+from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 
@@ -15,16 +19,26 @@ def create_model(name: str, *, num_classes: int, in_chans: int, drop_rate: float
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
 
 
-def apply_grad_checkpointing(model: torch.nn.Module) -> str:
+def apply_grad_checkpointing(model: torch.nn.Module, *, stem: bool = True) -> str:
     """Recompute activations in the backward pass instead of storing them. Uses timm's
     `set_grad_checkpointing` where the model implements it ("timm"); otherwise wraps each top-level
     stage (a child module that has sub-modules and is not the classifier) in torch.utils.checkpoint
-    ("stages"). Raises ValueError for a model that offers neither."""
+    ("stages"). Raises ValueError for a model that offers neither.
+
+    timm leaves the stem (the full-resolution layers before the first stage) outside its checkpoints,
+    yet at high resolution those are the largest activations; with `stem=True` they become one more
+    checkpointed segment ("timm+stem"). Pass stem=False under ZeRO-3, which fetches each module's
+    parameters in that module's own forward hook, a hook the fused stem segment does not call."""
+    stem_modules = find_stem(model) if stem else []
     try:
         model.set_grad_checkpointing(True)
-        return "timm"
     except (AttributeError, NotImplementedError, AssertionError):
         pass
+    else:
+        if stem_modules:
+            _checkpoint_chain(stem_modules)
+            return "timm+stem"
+        return "timm"
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     stages = [child for child in model.children()
               if child is not head and any(True for _ in child.children()) and any(True for _ in child.parameters())]
@@ -48,6 +62,82 @@ def check_grad_checkpointing(name: str) -> str:
         return apply_grad_checkpointing(model)
     except ValueError as e:
         raise ValueError(f"model.names: {name!r}: {e}; set model.grad_checkpointing=false") from None
+
+
+def find_stem(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's stem: the top-level children that run first, each called once on the previous one's
+    output (the first on the model's input), whose parameters all belong to timm's "stem" parameter
+    group (`group_matcher`; parameter-free children such as an activation or a max-pool continue the
+    chain). Found by tracing one forward with meta-device weights and input, so it costs no compute or
+    memory. [] when the model has no string stem pattern, the trace fails, or the chain is one leaf
+    module (nothing stored inside it to save)."""
+    try:
+        pattern = model.group_matcher().get("stem")
+    except (AttributeError, NotImplementedError):
+        return []
+    if not isinstance(pattern, str):
+        return []
+    stem_regex = re.compile(pattern)
+    first_conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if first_conv is None:
+        return []
+    size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))[-2:]
+    x = torch.empty(2, first_conv.in_channels, *size, device="meta")
+    children = dict(model.named_children())
+    calls: list[tuple[str, tuple, object]] = []
+    hooks = [child.register_forward_hook(lambda mod, args, out, n=name: calls.append((n, args, out)))
+             for name, child in children.items()]
+    meta_state = {k: torch.empty_like(v, device="meta")
+                  for k, v in itertools.chain(model.named_parameters(), model.named_buffers())}
+    training = model.training
+    try:
+        model.eval()  # batch statistics on meta tensors are fine, but eval avoids touching running stats
+        with torch.no_grad():
+            functional_call(model, meta_state, (x,))
+    except Exception:  # a model that cannot run on meta: no stem checkpointing, everything else unchanged
+        return []
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(training)
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    counts = {n: sum(1 for c in calls if c[0] == n) for n in children}
+    chain, previous = [], x
+    for name, args, out in calls:
+        module = children[name]
+        in_stem = all(stem_regex.match(f"{name}.{p}") for p, _ in module.named_parameters())
+        if (module is head or counts[name] != 1 or not in_stem or len(args) != 1 or args[0] is not previous
+                or not isinstance(out, torch.Tensor)):
+            break
+        chain.append(module)
+        previous = out
+    if len(chain) == 1 and not any(True for _ in chain[0].children()):
+        return []
+    return chain
+
+
+def _checkpoint_chain(modules: list[torch.nn.Module]) -> None:
+    """Run `modules` (a chain: each feeds the next) as one checkpointed segment, keeping the model's
+    structure and state-dict keys: while training with grad, the first module's forward runs the whole
+    chain under torch.utils.checkpoint and the others pass their input through; otherwise each runs its
+    own forward."""
+    first = modules[0]
+    forwards = [m.forward for m in modules]
+
+    def run_chain(x):
+        for f in forwards:
+            x = f(x)
+        return x
+
+    def active() -> bool:
+        return first.training and torch.is_grad_enabled()
+
+    def first_forward(x):
+        return checkpoint(run_chain, x, use_reentrant=False) if active() else forwards[0](x)
+
+    first.forward = first_forward
+    for module, own in zip(modules[1:], forwards[1:]):
+        module.forward = lambda x, own=own: x if active() else own(x)
 
 
 def _checkpoint_forward(module: torch.nn.Module) -> None:

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import numpy as np
@@ -25,7 +26,8 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-@pytest.mark.parametrize("name, how", [("test_resnet", "timm"), ("test_convnext", "timm"), ("dla46x_c", "stages")])
+@pytest.mark.parametrize("name, how", [("test_resnet", "timm+stem"), ("test_convnext", "timm+stem"),
+                                       ("test_vit", "timm+stem"), ("dla46x_c", "stages")])
 def test_grad_checkpointing_gives_same_loss_and_grads(name, how):
     torch.manual_seed(0)
     x = torch.randn(4, 3, 32, 32)
@@ -56,7 +58,55 @@ def test_model_without_any_checkpointing_support_is_refused():
 def test_model_names_are_checked_for_checkpointing_before_any_work():
     from distrain.models import check_grad_checkpointing
 
-    assert check_grad_checkpointing("test_vit") == "timm" and check_grad_checkpointing("dla46x_c") == "stages"
+    assert check_grad_checkpointing("test_vit") == "timm+stem" and check_grad_checkpointing("dla46x_c") == "stages"
+
+
+def _saved_activation_bytes(model, x):
+    """Bytes autograd keeps for backward after one training forward (what checkpointing is meant to cut)."""
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()  # a tensor saved by several ops (or a view of it) counts once
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x).sum()
+    del out
+    return sum(saved.values())
+
+
+def test_stem_checkpointing_keeps_fewer_activations_and_the_same_model():
+    """timm's own checkpoints leave resnet's full-resolution stem out; the fused stem segment cuts what
+    the forward keeps, without changing the state-dict keys or eval-mode outputs."""
+    from distrain.models import find_stem
+
+    x = torch.randn(4, 3, 64, 64)
+    torch.manual_seed(0)
+    model = create_model("test_resnet", num_classes=4, in_chans=3)
+    keys = list(model.state_dict())
+    names = {id(m): n for n, m in model.named_children()}
+    assert [names[id(m)] for m in find_stem(model)] == ["conv1", "bn1", "act1", "maxpool"]
+    none = _saved_activation_bytes(model, x)
+    stages_only = copy.deepcopy(model)
+    assert apply_grad_checkpointing(stages_only, stem=False) == "timm"
+    assert apply_grad_checkpointing(model) == "timm+stem"
+    timm_only, with_stem = _saved_activation_bytes(stages_only, x), _saved_activation_bytes(model, x)
+    assert with_stem < timm_only < none
+    conv1_out = 4 * model.bn1.num_features * 32 * 32 * 4  # bytes of one stride-2 stem activation
+    assert timm_only - with_stem >= conv1_out
+    assert list(model.state_dict()) == keys
+    model.eval(), stages_only.eval()
+    with torch.no_grad():  # both saw the same training forwards, so the same BatchNorm statistics
+        torch.testing.assert_close(model(x), stages_only(x), rtol=0, atol=0)
+
+
+def test_no_stem_where_the_model_has_no_stem_group():
+    from distrain.models import find_stem
+
+    assert find_stem(create_model("densenet121", num_classes=2, in_chans=3)) == []  # stem spread over features.*
+    assert find_stem(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())) == []  # no group_matcher
 
 
 def test_wrap_applies_checkpointing_then_compile_then_ddp(tmp_path, fresh_accelerate_state):
