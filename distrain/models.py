@@ -27,8 +27,9 @@ def apply_grad_checkpointing(model: torch.nn.Module, *, stem: bool = True) -> st
 
     timm leaves the stem (the full-resolution layers before the first stage) outside its checkpoints,
     yet at high resolution those are the largest activations; with `stem=True` they become one more
-    checkpointed segment ("timm+stem"). Pass stem=False under ZeRO-3, which fetches each module's
-    parameters in that module's own forward hook, a hook the fused stem segment does not call."""
+    checkpointed segment ("timm+stem"). Under ZeRO-3 the fused segment reads the later stem modules'
+    partitioned parameters outside their own forward hooks; DeepSpeed gathers such parameters on
+    access ("external parameters"), which tests/test_zero.py checks with every parameter partitioned."""
     stem_modules = find_stem(model) if stem else []
     try:
         model.set_grad_checkpointing(True)

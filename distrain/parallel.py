@@ -183,9 +183,7 @@ def wrap(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.opti
     single = model
     plain = copy.deepcopy(model) if ds_config is not None else None  # before checkpointing / compile hooks
     if grad_checkpointing:
-        # ZeRO-3 gathers a module's parameters in that module's own forward hook: no fused stem there.
-        stage3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-        apply_grad_checkpointing(model, stem=not stage3)
+        apply_grad_checkpointing(model)
     if train.compile:
         model = torch.compile(model, backend=train.compile_backend)
     if ds_config is not None:

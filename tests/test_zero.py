@@ -104,14 +104,23 @@ def test_bad_deepspeed_json_fails_before_training_with_one_line(tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "digits").exists()  # nothing started
 
 
-@pytest.mark.parametrize("stage, launcher, precision", [(2, "deepspeed", "no"), (3, "torchrun", "no"),
-                                                       (2, "torchrun", "bf16")])
-def test_two_process_zero_consolidated_weights_predict_like_the_engine(tmp_path, stage, launcher, precision):
+@pytest.mark.parametrize("stage, launcher, precision, persist", [
+    (2, "deepspeed", "no", None), (3, "torchrun", "no", None), (2, "torchrun", "bf16", None),
+    (3, "torchrun", "no", 0),  # every parameter partitioned, even the stem's (read outside their hooks)
+])
+def test_two_process_zero_consolidated_weights_predict_like_the_engine(tmp_path, stage, launcher, precision, persist):
+    """Trains with gradient checkpointing (timm's + the fused stem segment) from the launch/ JSON."""
     write_digits(tmp_path / "digits", shard_size=200)
     out = tmp_path / "out"
     out.mkdir()
-    proc = launch_two(launcher, [REPO / "tests" / "zero_check.py", REPO / "launch" / "deepspeed" / f"zero{stage}.json",
-                     tmp_path / "digits", out, precision], tmp_path)
+    ds_json = REPO / "launch" / "deepspeed" / f"zero{stage}.json"
+    if persist is not None:
+        cfg = json.loads(ds_json.read_text())
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = persist
+        ds_json = tmp_path / ds_json.name
+        ds_json.write_text(json.dumps(cfg))
+    proc = launch_two(launcher, [REPO / "tests" / "zero_check.py", ds_json, tmp_path / "digits", out, precision],
+                      tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     n = rows[0]["n_params"]

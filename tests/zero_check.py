@@ -31,7 +31,7 @@ torch.manual_seed(0)
 model = create_model("test_resnet", num_classes=10, in_chans=1)
 n_params = sum(p.numel() for p in model.parameters())
 optimizer = create_optimizer(model, OptimConfig(lr=1e-2))
-trainable = parallel.wrap(acc, model, optimizer, train)
+trainable = parallel.wrap(acc, model, optimizer, train, grad_checkpointing=True)  # timm's + the stem segment
 engine = trainable.engine
 criterion = torch.nn.CrossEntropyLoss()
 batches = iter(train_loader(index.urls("cv"), set(index.labels_of("cv")), batch_size=16, shuffle_buffer=100, seed=0,
