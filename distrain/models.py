@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections import Counter
 
 import timm
 import torch
@@ -102,7 +103,7 @@ def find_stem(model: torch.nn.Module) -> list[torch.nn.Module]:
             h.remove()
         model.train(training)
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    counts = {n: sum(1 for c in calls if c[0] == n) for n in children}
+    counts = Counter(name for name, _, _ in calls)
     chain, previous = [], x
     for name, args, out in calls:
         module = children[name]
