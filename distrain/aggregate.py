@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from distrain.config import Config
-from distrain.engine import expand_plan
+from distrain.plan import expand_plan
 from distrain.ensemble import EnsembleOutcome, JobPredictions, OOFStore, build_store, long_table, run_ensembles
 from distrain.fsutil import atomic_write, atomic_write_text
 from distrain.outputs import is_done, load_job_predictions, read_done
@@ -72,7 +72,7 @@ def aggregate(cfg: Config, run_dir: Path, tracker, fold_of_sample: dict[str, int
         "k_of_n": {"k": outcome.vote_k, "n_oof": outcome.vote_n_oof, "n_test": outcome.vote_n_test,
                    "threshold": ec.vote_threshold},
         "stacking_best_iterations": outcome.stacking.best_iterations if outcome.stacking else None,
-        "left_out": store.left_out}
+        "left_out": store.left_out, "skipped": outcome.skipped}
     out_dir = run_dir / "ensemble"
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "oof_store.parquet", lambda f: long_table(store).to_parquet(f, index=False))
@@ -161,6 +161,7 @@ def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, review_files, 
                                           **{f"weight.{c}": round(w, 6) for c, w in outcome.weights.items()}})
     tracker.log_metrics(voting, {f"{n}_{split}": report["ensembles"][n][split]
                                  for n in ("soft_vote", "hard_vote", "weighted_vote", "k_of_n_vote")
+                                 if n in report["ensembles"]
                                  for split in ("cv", "test") if report["ensembles"][n][split] is not None}, step=0)
     tracker.end_run(voting)
     if outcome.stacking is None:

@@ -44,7 +44,7 @@ def _load_run_dir(run_dir: Path):
     saved = run_dir / "config.yaml"
     if not saved.is_file() or not (run_dir / "folds.json").is_file():
         raise _bad(f"{run_dir}: not a distrain run directory (no config.yaml / folds.json)")
-    return config_from_dict(yaml_load(saved.read_text()))
+    return config_from_dict(yaml_load(saved.read_text()), check_models=False)  # checked when the run began
 
 
 def _ledger(cfg, run_dir: Path):
@@ -56,7 +56,7 @@ def _ledger(cfg, run_dir: Path):
 
 
 def _status(args) -> int:
-    from distrain.engine import expand_plan
+    from distrain.plan import expand_plan
     from distrain.ledger import AGGREGATE
     from distrain.outputs import is_done, read_done
     from distrain.tracking import pending_calls
@@ -104,7 +104,7 @@ def _tracker(cfg, run_dir: Path):
 def _aggregate(args) -> int:
     from distrain.aggregate import aggregate
     from distrain.data import read_index
-    from distrain.engine import expand_plan
+    from distrain.plan import expand_plan
     from distrain.folds import FoldManifest
     from distrain.report import format_table
 
@@ -211,17 +211,23 @@ def main(argv: list[str] | None = None) -> int:
         from distrain.run import main as run_main
         return run_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from distrain.config import ConfigError
-    from distrain.data import DataError
-    from distrain.ensemble import EnsembleError
-    from distrain.folds import FoldManifestMismatch
-
     try:
         return {"data": _data, "status": _status, "ensemble": _aggregate, "aggregate": _aggregate, "sync": _sync,
                 "schedule": _schedule}[args.command](args)
-    except (_BadInput, ConfigError, DataError, EnsembleError, FoldManifestMismatch) as e:
+    except Exception as e:
+        if not isinstance(e, _bad_input_errors()):
+            raise
         print(f"distrain: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _bad_input_errors() -> tuple[type, ...]:
+    """The bad-input exceptions of the distrain modules this command imported: one it did not import
+    cannot have raised, and importing them all up front (torch, scikit-learn) would cost `distrain status`
+    seconds."""
+    owners = {"distrain.config": "ConfigError", "distrain.data": "DataError", "distrain.ensemble": "EnsembleError",
+              "distrain.folds": "FoldManifestMismatch"}
+    return (_BadInput, *(getattr(sys.modules[m], name) for m, name in owners.items() if m in sys.modules))
 
 
 if __name__ == "__main__":

@@ -110,13 +110,19 @@ class ModelConfig:
     def __post_init__(self):
         _require(len(self.names) >= 1, "model.names", self.names, "at least one model")
         _require(0.0 <= self.drop_rate < 1.0, "model.drop_rate", self.drop_rate, "in [0, 1)")
-        import timm  # late: only validation needs the registry
 
-        for name in self.names:
-            if not timm.is_model(name):
-                close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
-                hint = f" (similar: {', '.join(close)})" if close else ""
-                raise ConfigError(f"model.names: unknown timm model {name!r}{hint}")
+
+def check_model_names(names: list[str]) -> None:
+    """Raise ConfigError naming any model timm does not know, with similar names. Kept out of
+    ModelConfig's own checks because timm's registry takes seconds to import: a saved run directory's
+    config (checked when the run started) is read back without it."""
+    import timm
+
+    for name in names:
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+            hint = f" (similar: {', '.join(close)})" if close else ""
+            raise ConfigError(f"model.names: unknown timm model {name!r}{hint}")
 
 
 @dataclass(kw_only=True)
@@ -398,9 +404,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
-def config_from_dict(raw: dict) -> Config:
-    """Validate a plain mapping (as read from YAML) into a Config, or raise ConfigError."""
-    return _build(Config, raw, "")
+def config_from_dict(raw: dict, *, check_models: bool = True) -> Config:
+    """Validate a plain mapping (as read from YAML) into a Config, or raise ConfigError.
+    check_models=False skips looking the model names up in timm's registry (see check_model_names)."""
+    cfg = _build(Config, raw, "")
+    if check_models:
+        check_model_names(cfg.model.names)
+    return cfg
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:

@@ -24,49 +24,13 @@ from distrain import parallel
 from distrain.checkpoint import list_states, load_latest_state, rng_state, save_state, set_rng_state
 from distrain.config import Config
 from distrain.data import DatasetIndex
-from distrain.metrics import score
 from distrain.models import create_model
 from distrain.optim import create_optimizer, create_scheduler
+from distrain.plan import Job, JobResult, Predictions
 from distrain.tracking import NullTracker
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-
-@dataclass(frozen=True)
-class Job:
-    """One cell of the plan models x seeds x folds."""
-
-    model: str
-    seed: int
-    fold: int
-
-    @property
-    def id(self) -> str:
-        return f"{self.model}-s{self.seed}-f{self.fold}"
-
-
-@dataclass
-class Predictions:
-    """Probabilities keyed by sample id, in a fixed (sorted by id) order."""
-
-    sample_ids: list[str]
-    probs: np.ndarray  # [n, num_classes] float32
-    labels: np.ndarray  # [n] int64
-
-    def score(self, metric: str) -> float:
-        return score(metric, self.labels, self.probs)
-
-
-@dataclass
-class JobResult:
-    job: Job
-    val_score: float
-    best_epoch: int
-    oof: Predictions
-    test: Optional[Predictions]
-    best_state: dict  # fp32 state dict of the single-device model at its best epoch
-    history: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -90,12 +54,6 @@ class JobInterrupted(Exception):
 
 class NonFiniteLoss(RuntimeError):
     """Too many consecutive NaN/inf losses (train.max_nonfinite_losses): the run diverged."""
-
-
-def expand_plan(cfg: Config) -> list[Job]:
-    """models x seeds x folds, in that nesting order (so one backbone's jobs run together)."""
-    folds = cfg.cv.only_folds or list(range(cfg.cv.folds))
-    return [Job(m, s, f) for m in cfg.model.names for s in cfg.cv.seeds for f in folds]
 
 
 def steps_per_epoch(n_train: int, world_size: int, batch_size: int, accum: int) -> int:

@@ -318,6 +318,7 @@ class EnsembleOutcome:
     vote_k: int
     vote_n_oof: int
     vote_n_test: int
+    skipped: dict[str, str] = field(default_factory=dict)  # ensemble name -> why it was not built
 
 
 def run_ensembles(store: OOFStore, metric: str, *, test_by_job: Optional[np.ndarray] = None,
@@ -367,16 +368,27 @@ def run_ensembles(store: OOFStore, metric: str, *, test_by_job: Optional[np.ndar
                            "test": score_labels(metric, yt, hard_vote(store.test)) if has_test else None}
     preds["hard_vote"] = hard_oof
 
-    # weighted soft vote: weights for fold k fitted on the other folds' OOF rows
-    weighted_oof = np.zeros_like(soft_oof)
-    for k in sorted(set(store.folds.tolist())):
-        held = store.folds == k
-        w = fit_vote_weights(store.oof[:, ~held], y[~held])
-        weighted_oof[held] = soft_vote(store.oof[:, held], w)
-    weights = fit_vote_weights(store.oof, y)
-    scores["weighted_vote"] = {"cv": score(metric, y, weighted_oof),
-                               "test": test_score(soft_vote(store.test, weights) if has_test else None)}
-    preds["weighted_vote"] = weighted_oof.argmax(1)
+    # Weighted voting and stacking are fitted, for each held-out fold, on the other folds' OOF rows. With
+    # one trained fold (cv.only_folds=[k]) there are no other rows: they are skipped (and said so), not
+    # fitted on the rows they are scored on.
+    fold_ids = sorted(set(store.folds.tolist()))
+    skipped: dict[str, str] = {}
+    if len(fold_ids) >= 2:
+        weighted_oof = np.zeros_like(soft_oof)
+        for k in fold_ids:
+            held = store.folds == k
+            w = fit_vote_weights(store.oof[:, ~held], y[~held])
+            weighted_oof[held] = soft_vote(store.oof[:, held], w)
+        weights = fit_vote_weights(store.oof, y)
+        scores["weighted_vote"] = {"cv": score(metric, y, weighted_oof),
+                                   "test": test_score(soft_vote(store.test, weights) if has_test else None)}
+        preds["weighted_vote"] = weighted_oof.argmax(1)
+    else:
+        weights = np.full(len(store.columns), 1.0 / len(store.columns))
+        reason = f"needs OOF rows of at least 2 folds; only fold {fold_ids[0]} was trained"
+        skipped["weighted_vote"] = reason
+        if stacking:
+            skipped["stacking"] = reason
 
     m_oof = store.oof.shape[0]
     k_oof = max(1, math.ceil(vote_fraction * m_oof))
@@ -391,11 +403,11 @@ def run_ensembles(store: OOFStore, metric: str, *, test_by_job: Optional[np.ndar
     preds["k_of_n_vote"] = kofn_oof
 
     stacked = None
-    if stacking:
+    if stacking and "stacking" not in skipped:
         stacked = stack(store, seed=seed, learning_rate=learning_rate, num_leaves=num_leaves,
                         max_rounds=max_rounds, early_stopping=early_stopping, max_meta_rows=max_meta_rows)
         scores["stacking"] = {"cv": score(metric, y, stacked.oof_probs), "test": test_score(stacked.test_probs)}
         preds["stacking"] = stacked.oof_probs.argmax(1)
     return EnsembleOutcome(scores=scores, base=base, weights=dict(zip(store.columns, map(float, weights)) ),
                            oof_predictions=preds, stacking=stacked, vote_k=k_oof, vote_n_oof=m_oof,
-                           vote_n_test=n_test_voters)
+                           vote_n_test=n_test_voters, skipped=skipped)

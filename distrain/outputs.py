@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
-from distrain.engine import Job, JobResult, Predictions
+from distrain.plan import Job, JobResult, Predictions
 from distrain.fsutil import atomic_write, atomic_write_json
 
 DONE = "done.json"
@@ -50,6 +49,8 @@ def write_job_outputs(run_dir: Path, result: JobResult, config: dict, mlflow_run
     """Write a finished job's files; `done.json` last. Returns the job directory."""
     d = job_dir(run_dir, result.job)
     job = result.job
+    import torch  # late: reading a run directory needs no torch
+
     atomic_write(d / "best.pt", lambda f: torch.save(
         {"model": result.best_state, "job": {"model": job.model, "seed": job.seed, "fold": job.fold},
          "epoch": result.best_epoch, "val_score": result.val_score, "config": config}, f))

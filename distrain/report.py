@@ -68,4 +68,6 @@ def format_table(report: dict) -> str:
         for name, s in report["ensembles"].items():
             test = f"{s['test']:.4f}" if s["test"] is not None else "-"
             lines.append(f"{name:<32} {s['cv']:>14.4f} {test:>14}")
+        for name, why in report.get("ensemble_details", {}).get("skipped", {}).items():
+            lines.append(f"{name:<32} {'skipped: ' + why}")
     return "\n".join(lines)

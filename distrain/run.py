@@ -70,11 +70,12 @@ def run_experiment(cfg, shard=None, new_run_dir: bool = False) -> int:
     from distrain.aggregate import aggregate
     from distrain.config import config_differences, dump_yaml, flatten, yaml_load
     from distrain.data import DataError, check_shard_count, read_index, write_digits
-    from distrain.engine import JobControl, JobInterrupted, expand_plan, fit_job
+    from distrain.engine import JobControl, JobInterrupted, fit_job
     from distrain.folds import build_fold_manifest, persist_or_check
     from distrain.fsutil import atomic_write_json, atomic_write_text
     from distrain.ledger import Ledger, default_worker_id
     from distrain.outputs import is_done, job_dir, write_job_outputs
+    from distrain.plan import expand_plan
     from distrain.report import format_table
     from distrain.scheduler import LeaseLost, Preempted, run_worker
     from distrain.tracking import NullTracker, create_tracker, pending_calls, resolve_tracking_uri, sync_buffers

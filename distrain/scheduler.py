@@ -157,6 +157,12 @@ def run_worker(ledger: Ledger, job_ids: list[str], *, worker: str,
 
     final = ledger_op(lambda: ledger.states(mine + [AGGREGATE]))
     out.failed = [s.job_id for s in final if s.status == "failed"]
+    if out.failed and is_primary:  # say why the exit code is non-zero, also on a rerun that did nothing
+        log("distrain: failed for good (retries used up): "
+            + "; ".join(f"{s.job_id} after {len(s.attempts)} attempt(s): {' '.join(s.last_error.split())}"
+                        for s in final if s.status == "failed")
+            + (f"; fix the cause, then `distrain aggregate --run-dir {ledger.root.parent}`"
+               if AGGREGATE in out.failed else ""))
     if out.preempted:
         out.exit_code = EXIT_PREEMPTED
     elif out.failed:

@@ -297,12 +297,26 @@ def sync_buffers(tracker: MlflowTracker) -> dict:
                 result = tracker._execute(op, ids)
                 if op["op"] == "create_run":
                     ids[op["ref"]] = result
+                elif op["op"] == "log_ensemble_model":
+                    _record_model_version(run_dir, op["registered_name"], str(result))
             done[path.name] = n + 1
             atomic_write_json(state_path, state)
             synced += 1
     if study.startswith(PLACEHOLDER):
         tracker.parent_run_id = ids[study]
     return {"synced": synced, "files": files}
+
+
+def _record_model_version(run_dir: Path, name: str, version: str) -> None:
+    """Put the version a sync registered into report.json, which said "pending-sync" while offline. The
+    buffered upload of report.json comes after this call in the buffer, so MLflow gets the updated file."""
+    path = run_dir / "report.json"
+    if not path.is_file():
+        return
+    report = json.loads(path.read_text())
+    if report.get("ensemble_model", {}).get("name") == name:
+        report["ensemble_model"] = {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
+        atomic_write_json(path, report)
 
 
 def pending_calls(run_dir: Path) -> int:

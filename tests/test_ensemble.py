@@ -46,6 +46,24 @@ def test_ensembles_beat_single_models_when_columns_carry_signal():
     assert sum(out.weights.values()) == pytest.approx(1.0) and min(out.weights.values()) >= 0
 
 
+def test_one_trained_fold_skips_what_needs_other_folds_and_warns_nothing():
+    """cv.only_folds=[k]: weighted voting and stacking have no other folds' rows to be fitted on. They are
+    skipped with the reason, instead of LightGBM failing on an empty training set."""
+    import warnings
+
+    store = synthetic_store(n=200, folds=1, columns=3, signal=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Mean of empty slice" from fitting weights on no rows
+        out = run_ensembles(store, "accuracy", stacking=True)
+    assert set(out.skipped) == {"weighted_vote", "stacking"}
+    assert "only fold 0 was trained" in out.skipped["stacking"]
+    assert out.stacking is None and "stacking" not in out.scores and "weighted_vote" not in out.scores
+    assert out.scores["soft_vote"]["cv"] > out.scores["mean_single"]["cv"] - 0.05  # the rest is still built
+    assert list(out.weights.values()) == pytest.approx([1 / 3] * 3)
+    two = synthetic_store(n=200, folds=2, columns=3, signal=1.0)
+    assert run_ensembles(two, "accuracy").skipped == {}
+
+
 def test_stacking_is_deterministic():
     store = synthetic_store(signal=1.0)
     a, b = stack(store), stack(store)

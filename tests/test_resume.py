@@ -18,7 +18,7 @@ from distrain.ledger import Ledger
 
 JOB = "test_resnet-s7-f0"
 TINY = ["model.names=[test_resnet]", "data.image_size=24", "cv.folds=2", "cv.seeds=[7]", "cv.only_folds=[0]",
-        "train.epochs=3", "train.batch_size=32", "train.progress=false", "train.deterministic=true",
+        "train.epochs=2", "train.batch_size=32", "train.progress=false", "train.deterministic=true",
         "train.cpu_threads=1", "ensemble.stacking=false", "ensemble.register_model=false",
         "scheduler.lease_timeout_s=1.5", "scheduler.heartbeat_s=0.2", "scheduler.poll_s=0.2"]
 STEPS = 718 // 32  # CV samples of the training fold / batch size
@@ -94,7 +94,8 @@ def _final(cwd: Path):
 def test_sigkilled_job_resumes_bit_identical(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()
-    proc = run_cmd([sys.executable, str(RUN_PY), *TINY, "scheduler.checkpoint_every_s=0"], straight, timeout=600)
+    # the reference run saves no mid-epoch state: resuming must not depend on how often state was saved
+    proc = run_cmd([sys.executable, str(RUN_PY), *TINY], straight, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     worker = _start_worker(killed, "scheduler.checkpoint_every_s=0")
@@ -142,5 +143,5 @@ def test_sigterm_saves_releases_and_exits_75_then_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"(epoch {saved['epoch']}, step {saved['step']}/{STEPS})" in resumed.stdout
     _, _, history = _final(tmp_path)
-    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert [h["epoch"] for h in history] == [0, 1]
     print(f"SIGTERM to exit: {took:.2f} s; resumed at epoch {saved['epoch']} step {saved['step']}/{STEPS}")

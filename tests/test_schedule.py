@@ -57,6 +57,8 @@ def test_failing_job_is_marked_failed_others_finish_report_names_it(tmp_path):
 
     rerun = run_cmd([sys.executable, str(RUN_PY), *overrides], tmp_path, timeout=600)
     assert rerun.returncode == 1 and "claimed" not in rerun.stdout  # nothing retried beyond max_retries
+    assert "failed for good (retries used up): inception_v3-s1-f0 after 2 attempt(s): " in rerun.stdout, \
+        rerun.stdout[-2000:]  # the rerun says why it exits 1
 
     again = run_cmd([sys.executable, "-m", "distrain.cli", "aggregate", "--run-dir", str(run_dir)], tmp_path)
     assert again.returncode == 0, again.stderr

@@ -1,7 +1,9 @@
 """A tracking server that is down never stalls training, and `distrain sync` later leaves the same
 MLflow tree as a run that never lost it."""
+import json
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -10,7 +12,7 @@ from conftest import RUN_PY, free_port, mlflow_server, run_cmd
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model.names=[test_resnet]", "data.image_size=16", "cv.folds=3", "cv.seeds=[5]", "train.epochs=2",
+TINY = ["model.names=[test_resnet]", "data.image_size=16", "cv.folds=2", "cv.seeds=[5]", "train.epochs=1",
         "train.progress=false", "ensemble.max_rounds=20"]
 # Keys whose values legitimately differ between the two runs (names, paths).
 DIFFERENT = ("experiment", "tracking.experiment_name")
@@ -66,9 +68,18 @@ def test_dead_server_does_not_stall_and_sync_completes_the_tree(tmp_path):
         tree_up, tree_down = _tree(client, "up"), _tree(client, "down")
         assert tree_down == tree_up
         assert {v["kind"] for v in tree_up.values()} == {"study", "job", "ensemble"}
-        assert len([v for v in tree_up.values() if v["kind"] == "job"]) == 3
+        assert len([v for v in tree_up.values() if v["kind"] == "job"]) == 2
         for name in ("distrain-up", "distrain-down"):
             assert client.search_model_versions(f"name='{name}'")
+        # report.json said "pending-sync" while offline; sync puts the registered version in it, locally
+        # and in the copy uploaded to the study run
+        (registered,) = client.search_model_versions("name='distrain-down'")
+        local = json.loads((tmp_path / "runs" / "down" / "report.json").read_text())["ensemble_model"]
+        assert local == {"name": "distrain-down", "version": registered.version,
+                         "uri": f"models:/distrain-down/{registered.version}"}
+        study = json.loads((tmp_path / "runs" / "down" / "mlflow.json").read_text())["parent_run_id"]
+        uploaded = json.loads(Path(client.download_artifacts(study, "report.json", str(tmp_path))).read_text())
+        assert uploaded["ensemble_model"] == local
     print(f"server down: {down_s:.1f} s, server up: {up_s:.1f} s, ratio {down_s / up_s:.2f}; "
           f"{sync.stdout.strip()}")
     assert down_s <= 1.5 * up_s
