@@ -87,7 +87,8 @@ class CVConfig:
     seeds: list[int] = field(default_factory=lambda: [42, 43])
     """Training seeds; every (model, seed) is trained on every fold."""
     only_folds: list[int] = field(default_factory=list)
-    """If non-empty, train only these folds (for quick trials); OOF then covers only them."""
+    """If non-empty, train only these folds (for quick trials); OOF then covers only them. With a single
+    fold, weighted voting and stacking (fitted on other folds' OOF rows) are skipped, with the reason."""
 
     def __post_init__(self):
         _require(self.folds >= 2, "cv.folds", self.folds, ">= 2")
