@@ -222,12 +222,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bad_input_errors() -> tuple[type, ...]:
-    """The bad-input exceptions of the distrain modules this command imported: one it did not import
-    cannot have raised, and importing them all up front (torch, scikit-learn) would cost `distrain status`
-    seconds."""
-    owners = {"distrain.config": "ConfigError", "distrain.data": "DataError", "distrain.ensemble": "EnsembleError",
-              "distrain.folds": "FoldManifestMismatch"}
-    return (_BadInput, *(getattr(sys.modules[m], name) for m, name in owners.items() if m in sys.modules))
+    from distrain.run import bad_input_errors
+
+    return (_BadInput, *bad_input_errors())
 
 
 if __name__ == "__main__":

@@ -41,21 +41,29 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code: 0 all done, 1 a job or the aggregation failed,
     2 bad input, 75 stopped by SIGTERM with its state saved (see distrain.scheduler)."""
     args = parse_args(argv)
-    from distrain.config import ConfigError, load_config
-    from distrain.data import DataError
-    from distrain.ensemble import EnsembleError
-    from distrain.folds import FoldManifestMismatch
+    from distrain.config import load_config
     from distrain.scheduler import parse_shard
 
     try:
         cfg = load_config(args.config, args.overrides)
         shard = parse_shard(args.shard)
         return run_experiment(cfg, shard=shard, new_run_dir=args.new_run_dir)
-    except (ConfigError, DataError, FoldManifestMismatch, EnsembleError, ValueError) as e:
+    except Exception as e:
+        if not isinstance(e, (*bad_input_errors(), ValueError)):
+            raise
         print(f"distrain: error: {e}", file=sys.stderr)
         if os.environ.get("DISTRAIN_WORKER_RESULT") and os.environ.get("RANK", "0") == "0":
             Path(os.environ["DISTRAIN_WORKER_RESULT"]).write_text('{"exit_code": 2}')
         return EXIT_BAD_INPUT
+
+
+def bad_input_errors() -> tuple[type, ...]:
+    """The bad-input exceptions of the distrain modules imported so far: one not imported cannot have
+    raised, and importing them all up front (torch, scikit-learn, scipy) would make every refusal of a
+    bad config take seconds longer."""
+    owners = {"distrain.config": "ConfigError", "distrain.data": "DataError", "distrain.ensemble": "EnsembleError",
+              "distrain.folds": "FoldManifestMismatch"}
+    return tuple(getattr(sys.modules[m], name) for m, name in owners.items() if m in sys.modules)
 
 
 def run_experiment(cfg, shard=None, new_run_dir: bool = False) -> int:

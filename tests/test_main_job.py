@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 import sys
 
 from conftest import REPO, distrain_run, last_line, run_cmd
+from distrain.config import yaml_load
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +98,9 @@ def test_mlflow_tree_reads_back(default_run):
     assert sorted(c.info.run_name for c in children) == sorted(j["id"] for j in report["jobs"])
     child = next(c for c in children if c.info.run_name == report["jobs"][0]["id"])
     assert child.data.tags["model"] == report["jobs"][0]["model"] and child.data.tags["fold"] == "0"
-    assert child.data.params["train.epochs"] == "12" and child.data.params["cv.folds"] == "5"
+    default = yaml_load((REPO / "configs" / "digits.yaml").read_text())
+    assert child.data.params["train.epochs"] == str(default["train"]["epochs"])
+    assert child.data.params["cv.folds"] == str(default["cv"]["folds"])
     for metric in ("train_loss", "val_loss", "val_accuracy", "lr", "grad_norm", "train_val_gap", "samples_per_s"):
         assert len(client.get_metric_history(child.info.run_id, metric)) == 12, metric
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")} | \

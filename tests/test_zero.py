@@ -105,8 +105,10 @@ def test_bad_deepspeed_json_fails_before_training_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("stage, launcher, precision, persist", [
-    (2, "deepspeed", "no", None), (3, "torchrun", "no", None), (2, "torchrun", "bf16", None),
-    (3, "torchrun", "no", 0),  # every parameter partitioned, even the stem's (read outside their hooks)
+    (2, "deepspeed", "no", None), (2, "torchrun", "bf16", None),
+    # ZeRO-3 with every parameter partitioned, even the stem's (read outside their hooks); ZeRO-3 with the
+    # launch/ JSON unchanged is test_zero3_job_preempted_resumed_and_consolidated_under_torchrun below
+    (3, "torchrun", "no", 0),
 ])
 def test_two_process_zero_consolidated_weights_predict_like_the_engine(tmp_path, stage, launcher, precision, persist):
     """Trains with gradient checkpointing (timm's + the fused stem segment) from the launch/ JSON."""
