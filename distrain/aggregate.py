@@ -174,12 +174,13 @@ def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, review_files, 
                         step=0)
     if cfg.ensemble.register_model and hasattr(tracker, "log_ensemble_model"):
         from distrain.data import read_index
+        from distrain.tracking import model_entry
 
         channels = read_index(cfg.data.root).channels
         artifacts = write_model_artifacts(cfg, run_dir, store, outcome, run_dir / "ensemble" / "model", channels)
         name = cfg.ensemble.model_name or f"distrain-{cfg.experiment}"
         version = tracker.log_ensemble_model(stacking, artifacts, name)
-        report["ensemble_model"] = {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
+        report["ensemble_model"] = model_entry(name, version)
         write_report(run_dir, report)
         tracker.log_artifact(parent, run_dir / "report.json")
     tracker.end_run(stacking)

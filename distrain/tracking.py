@@ -315,8 +315,13 @@ def _record_model_version(run_dir: Path, name: str, version: str) -> None:
         return
     report = json.loads(path.read_text())
     if report.get("ensemble_model", {}).get("name") == name:
-        report["ensemble_model"] = {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
+        report["ensemble_model"] = model_entry(name, version)
         atomic_write_json(path, report)
+
+
+def model_entry(name: str, version: str) -> dict:
+    """report.json's `ensemble_model`: the registered model's name, version and models:/ URI."""
+    return {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
 
 
 def pending_calls(run_dir: Path) -> int:
