@@ -35,21 +35,21 @@ def apply_grad_checkpointing(model: torch.nn.Module, *, stem: bool = True) -> st
     try:
         model.set_grad_checkpointing(True)
     except (AttributeError, NotImplementedError, AssertionError):
-        pass
+        head = model.get_classifier() if hasattr(model, "get_classifier") else None
+        stages = [child for child in model.children() if child is not head
+                  and any(True for _ in child.children()) and any(True for _ in child.parameters())]
+        if not stages:
+            raise ValueError(f"model {type(model).__name__} supports no gradient checkpointing: timm's "
+                             f"set_grad_checkpointing is missing and it has no top-level stages to wrap") from None
+        for stage in stages:
+            _checkpoint_forward(stage)
+        how = "stages"
     else:
         if stem_modules:
             _checkpoint_chain(stem_modules)
-            return "timm+stem"
-        return "timm"
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    stages = [child for child in model.children()
-              if child is not head and any(True for _ in child.children()) and any(True for _ in child.parameters())]
-    if not stages:
-        raise ValueError(f"model {type(model).__name__} supports no gradient checkpointing: timm's "
-                         f"set_grad_checkpointing is missing and it has no top-level stages to wrap")
-    for stage in stages:
-        _checkpoint_forward(stage)
-    return "stages"
+        how = "timm+stem" if stem_modules else "timm"
+    _update_running_stats_once(model)
+    return how
 
 
 def check_grad_checkpointing(name: str) -> str:
@@ -127,8 +127,14 @@ def _checkpoint_chain(modules: list[torch.nn.Module]) -> None:
     forwards = [m.forward for m in modules]
 
     def run_chain(x):
-        for f in forwards:
-            x = f(x)
+        for module, f in zip(modules, forwards):
+            # Own forwards, not __call__ (the others' __call__ passes through): so no hooks fire here,
+            # and the recomputation must set running statistics aside itself.
+            _set_aside_running_stats(module)
+            try:
+                x = f(x)
+            finally:
+                _restore_running_stats(module)
         return x
 
     def active() -> bool:
@@ -140,6 +146,45 @@ def _checkpoint_chain(modules: list[torch.nn.Module]) -> None:
     first.forward = first_forward
     for module, own in zip(modules[1:], forwards[1:]):
         module.forward = lambda x, own=own: x if active() else own(x)
+
+
+def _update_running_stats_once(model: torch.nn.Module) -> None:
+    """Keep recomputation from updating normalisation running statistics a second time.
+
+    A checkpointed segment runs its forward again during backward, in training mode, so every
+    BatchNorm inside it would fold the same batch into running_mean / running_var twice and count
+    num_batches_tracked twice (pytorch/pytorch#96136): the eval-mode model would then differ from one
+    trained without checkpointing. Hooks on the norm layers cover timm's own internal checkpoint calls
+    as well as distrain's segments; `always_call` restores the buffers even when non-reentrant
+    checkpointing stops a recomputation early by raising from inside the layer."""
+    for module in model.modules():
+        if _tracks_running_stats(module):
+            module.register_forward_pre_hook(_set_aside_running_stats)
+            module.register_forward_hook(_restore_running_stats, always_call=True)
+
+
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _tracks_running_stats(module: torch.nn.Module) -> bool:
+    return bool(getattr(module, "track_running_stats", False)) and getattr(module, "running_mean", None) is not None
+
+
+def _set_aside_running_stats(module: torch.nn.Module, args=None) -> None:
+    """In a recomputation (a training forward run inside the autograd backward pass: the same test
+    torch's module tracker and FSDP use), let `module` update throwaway copies of its running
+    statistics, so that it computes and saves exactly what the first forward did (checkpointing checks
+    that) while its buffers keep the first forward's update only."""
+    if module.training and _tracks_running_stats(module) and torch._C._current_graph_task_id() != -1:
+        kept = {n: getattr(module, n) for n in _RUNNING_STATS if getattr(module, n, None) is not None}
+        module.__dict__["_distrain_kept_stats"] = kept
+        for n, buffer in kept.items():
+            setattr(module, n, buffer.clone())
+
+
+def _restore_running_stats(module: torch.nn.Module, args=None, output=None) -> None:
+    for n, buffer in module.__dict__.pop("_distrain_kept_stats", {}).items():
+        setattr(module, n, buffer)
 
 
 def _checkpoint_forward(module: torch.nn.Module) -> None:
