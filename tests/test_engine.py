@@ -63,6 +63,32 @@ def test_grad_checkpointing_gives_same_loss_grads_and_running_stats(name, how):
         assert all(int(b) == 2 for n, b in buffers_b.items() if n.endswith("num_batches_tracked"))
 
 
+def test_grad_checkpointing_trains_the_same_job(tmp_path, fresh_accelerate_state):
+    """End to end through fit_job: 2 epochs with and without model.grad_checkpointing give the same
+    best weights, BatchNorm statistics and OOF probabilities (the eval-mode model uses the statistics)."""
+    from distrain.data import read_index
+
+    data = tmp_path / "digits"
+    write_digits(data)
+    index = read_index(data)
+    cv, labels = index.split_ids("cv"), index.labels_of("cv")
+    manifest = build_fold_manifest(cv, [labels[s] for s in cv], 5, 0)
+    results = []
+    for ckpt in ("false", "true"):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        cfg = load_config(None, [f"data.root={data}", "train.epochs=2", "model.names=[test_resnet]",
+                                 "data.image_size=16", f"model.grad_checkpointing={ckpt}", "train.progress=false"])
+        results.append(fit_job(Job("test_resnet", 1, 0), cfg, index, manifest.fold_of_sample,
+                               parallel.create_accelerator(cfg.train)))
+    plain, checkpointed = results
+    assert plain.best_state.keys() == checkpointed.best_state.keys()
+    for k in plain.best_state:
+        torch.testing.assert_close(plain.best_state[k], checkpointed.best_state[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert list(plain.oof.sample_ids) == list(checkpointed.oof.sample_ids)
+    np.testing.assert_allclose(plain.oof.probs, checkpointed.oof.probs, atol=1e-5)
+
+
 def test_model_without_any_checkpointing_support_is_refused():
     flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))  # no timm hook, no stages
     with pytest.raises(ValueError, match="supports no gradient checkpointing"):
