@@ -174,8 +174,9 @@ class DDPModel:
 def wrap(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig,
          *, grad_checkpointing: bool = False):
     """Make a single-device model trainable on this process group, in a fixed order: gradient
-    checkpointing -> torch.compile -> DDP (accelerate.prepare) or DeepSpeed ZeRO. Returns a DDPModel or a
-    zero.ZeroModel; both keep the uncompiled single-device module as `.single` for state dicts.
+    checkpointing -> torch.compile -> DDP (accelerate.prepare), or gradient checkpointing -> DeepSpeed
+    ZeRO, which then compiles the module in its engine. Returns a DDPModel or a zero.ZeroModel; both keep
+    the uncompiled single-device module as `.single` for state dicts.
     The LR scheduler is deliberately not prepared: accelerate's wrapper steps it once per process,
     which would shorten the schedule by world size."""
     ds_config = deepspeed_config(train, accelerator.num_processes if not accelerate_uses_deepspeed()
@@ -184,13 +185,17 @@ def wrap(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.opti
     plain = copy.deepcopy(model) if ds_config is not None else None  # before checkpointing / compile hooks
     if grad_checkpointing:
         apply_grad_checkpointing(model)
-    if train.compile:
-        model = torch.compile(model, backend=train.compile_backend)
     if ds_config is not None:
         from distrain.zero import create_zero_model
 
+        # DeepSpeed compiles the module inside its engine (`engine.compile`, in place): its ZeRO hooks
+        # and checkpoint keys then stay those of the plain module, where a torch.compile wrapper in
+        # front of the engine breaks ZeRO-3's forward hooks and prefixes every key with `_orig_mod.`.
         return create_zero_model(model, single, plain, optimizer, ds_config,
-                                 accelerator if accelerate_uses_deepspeed() else None)
+                                 accelerator if accelerate_uses_deepspeed() else None,
+                                 compile_backend=train.compile_backend if train.compile else None)
+    if train.compile:
+        model = torch.compile(model, backend=train.compile_backend)
     model, optimizer = accelerator.prepare(model, optimizer)
     return DDPModel(accelerator, model, optimizer, single, train)
 

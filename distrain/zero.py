@@ -229,16 +229,20 @@ class ZeroModel:
 
 def create_zero_model(model: torch.nn.Module, single: torch.nn.Module, plain: torch.nn.Module,
                       optimizer: torch.optim.Optimizer, ds_config: dict,
-                      accelerator: Optional[Any] = None) -> ZeroModel:
+                      accelerator: Optional[Any] = None, *, compile_backend: Optional[str] = None) -> ZeroModel:
     """Wrap with DeepSpeed: through accelerate's DeepSpeed plugin when `accelerator` runs one
     (`accelerate launch` with a DeepSpeed YAML), else `deepspeed.initialize` on the process group
-    accelerate already opened (torchrun or the `deepspeed` launcher)."""
+    accelerate already opened (torchrun or the `deepspeed` launcher). With `compile_backend`, the engine
+    then compiles its module in place (`engine.compile`, DeepSpeed's supported way to combine
+    torch.compile with ZeRO)."""
     if accelerator is not None:
         engine, _ = accelerator.prepare(model, optimizer)
     else:
         import deepspeed
 
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if compile_backend:
+        engine.compile(backend=compile_backend)
     plain.to(engine.device)
     low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         "fp16" if ds_config["fp16"]["enabled"] else "bf16" if ds_config["bf16"]["enabled"] else "", None)

@@ -104,14 +104,16 @@ def test_bad_deepspeed_json_fails_before_training_with_one_line(tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "digits").exists()  # nothing started
 
 
-@pytest.mark.parametrize("stage, launcher, precision, persist", [
-    (2, "deepspeed", "no", None), (2, "torchrun", "bf16", None),
+@pytest.mark.parametrize("stage, launcher, precision, persist, compiled", [
+    (2, "deepspeed", "no", None, True), (2, "torchrun", "bf16", None, False),
     # ZeRO-3 with every parameter partitioned, even the stem's (read outside their hooks); ZeRO-3 with the
     # launch/ JSON unchanged is test_zero3_job_preempted_resumed_and_consolidated_under_torchrun below
-    (3, "torchrun", "no", 0),
+    (3, "torchrun", "no", 0, False), (3, "torchrun", "no", 0, True),
 ])
-def test_two_process_zero_consolidated_weights_predict_like_the_engine(tmp_path, stage, launcher, precision, persist):
-    """Trains with gradient checkpointing (timm's + the fused stem segment) from the launch/ JSON."""
+def test_two_process_zero_consolidated_weights_predict_like_the_engine(tmp_path, stage, launcher, precision, persist,
+                                                                       compiled):
+    """Trains with gradient checkpointing (timm's + the fused stem segment) from the launch/ JSON, and
+    with train.compile (aot_eager) where `compiled`: the engine compiles its module in place."""
     write_digits(tmp_path / "digits", shard_size=200)
     out = tmp_path / "out"
     out.mkdir()
@@ -121,13 +123,14 @@ def test_two_process_zero_consolidated_weights_predict_like_the_engine(tmp_path,
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = persist
         ds_json = tmp_path / ds_json.name
         ds_json.write_text(json.dumps(cfg))
-    proc = launch_two(launcher, [REPO / "tests" / "zero_check.py", ds_json, tmp_path / "digits", out, precision],
-                      tmp_path)
+    proc = launch_two(launcher, [REPO / "tests" / "zero_check.py", ds_json, tmp_path / "digits", out, precision,
+                                 "aot_eager" if compiled else ""], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     n = rows[0]["n_params"]
     for row in rows:
         assert row["engine"] == "DeepSpeedEngine" and row["stage"] == stage and row["world"] == 2
+        assert row["compiled"] == compiled, row
         # each rank holds about half of the parameters (ZeRO-3) / fp32 master weights (ZeRO-2)
         assert 0.45 * n <= row["local_param_elems"] <= 0.55 * n, row
         # fp32: identical up to float rounding; bf16: the engine computes with bf16 copies of the fp32 masters

@@ -23,11 +23,12 @@ from distrain.optim import create_optimizer
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 ds_json, digits, out = args[0], Path(args[1]), Path(args[2])
 precision = args[3] if len(args) > 3 else "no"
+compile_backend = args[4] if len(args) > 4 else ""  # "" = no torch.compile
 # 32 px, not 16: at 16 px test_resnet's last stage sees 1x1 feature maps, where oneDNN's bf16 convolution
 # backward (3x3, stride 2) returns non-finite weight gradients on some Xeons (seen on an AMX-capable one).
 SIZE = 32
 train = TrainConfig(batch_size=16, grad_accum_steps=2, max_grad_norm=1.0, deepspeed=ds_json, progress=False,
-                    precision=precision)
+                    precision=precision, compile=bool(compile_backend), compile_backend=compile_backend or "inductor")
 acc = parallel.create_accelerator(train)
 index = read_index(digits)
 torch.manual_seed(0)
@@ -77,7 +78,7 @@ tag_info = trainable.save(ckpt, "t0")
 acc.wait_for_everyone()
 row = {"rank": acc.process_index, "input_dtype": str(trainable.input_dtype),
        "buffer_dtypes": sorted({str(v.dtype) for k, v in state.items() if k not in dict(plain.named_parameters())}), "world": acc.num_processes, "stage": engine.zero_optimization_stage(),
-       "engine": type(engine).__name__, "n_params": n_params, "grad_norms": norms,
+       "engine": type(engine).__name__, "compiled": engine.is_compiled, "n_params": n_params, "grad_norms": norms,
        "max_abs_diff_plain_vs_engine": float((logits_plain - logits_engine).abs().max()),
        "logit_scale": float(logits_engine.abs().max())}
 if acc.is_main_process:
