@@ -183,6 +183,20 @@ def write_digits(out_dir: str | Path, test_fraction: float = 0.2, shard_size: in
                          shard_size=shard_size)
 
 
+def ensure_digits(out_dir: str | Path) -> None:
+    """Write the digits shards into `out_dir` unless a complete copy is there. Safe when several
+    processes start together on one disk (`distrain schedule` workers, nodes sharing a file system): one
+    that finds the directory written by another while it was building its own copy keeps the other's."""
+    index_file = Path(out_dir) / INDEX_NAME
+    if index_file.exists():
+        return
+    try:
+        write_digits(out_dir)
+    except DataError:
+        if not index_file.exists():  # not a lost race: a directory without an index is in the way
+            raise
+
+
 def samples_from_folder(folder: str | Path) -> tuple[list[Sample], list[str]]:
     """One subfolder per class (sorted names become labels 0..C-1), images inside."""
     folder = Path(folder)

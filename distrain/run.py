@@ -77,7 +77,7 @@ def run_experiment(cfg, shard=None, new_run_dir: bool = False) -> int:
     from distrain import parallel
     from distrain.aggregate import aggregate
     from distrain.config import config_differences, dump_yaml, flatten, yaml_load
-    from distrain.data import DataError, check_shard_count, read_index, write_digits
+    from distrain.data import DataError, check_shard_count, ensure_digits, read_index
     from distrain.engine import JobControl, JobInterrupted, fit_job
     from distrain.folds import build_fold_manifest, persist_or_check
     from distrain.fsutil import atomic_write_json, atomic_write_text
@@ -102,10 +102,8 @@ def run_experiment(cfg, shard=None, new_run_dir: bool = False) -> int:
     log = (lambda m: print(m, flush=True)) if primary else (lambda m: None)
 
     def prepare_data():
-        root = Path(cfg.data.root)
-        if cfg.data.source == "digits" and not (root / "index.json").exists():
-            write_digits(root)
-        return None
+        if cfg.data.source == "digits":
+            ensure_digits(cfg.data.root)
 
     # Each node's local primary writes the digits shards if missing (nodes may not share a disk).
     parallel.on_primary(accelerator, prepare_data, per_node=True)

@@ -95,3 +95,33 @@ def test_bad_data_is_named(tmp_path):
         D.write_digits(index.root)
     with pytest.raises(D.DataError, match="cannot feed 2 ranks x 4 workers"):
         D.check_shard_count(["a", "b"], 2, 4, "x")
+
+
+def test_ensure_digits_keeps_the_copy_another_process_finished_first(tmp_path, monkeypatch):
+    """Two workers start on a fresh disk: both miss the index, and while this one builds its samples the
+    other renames its finished copy into place. The slower one must keep that copy, not fail
+    (seen as `distrain schedule` exit codes [0, 2])."""
+    root = tmp_path / "digits"
+    real_samples = D.digits_samples
+    raced = []
+
+    def samples_while_another_worker_finishes():
+        out = real_samples()
+        if not raced:
+            raced.append(True)
+            D.write_digits(root)  # the other worker wins the race
+        return out
+
+    monkeypatch.setattr(D, "digits_samples", samples_while_another_worker_finishes)
+    D.ensure_digits(root)
+    assert raced and D.read_index(root).sample_ids  # the winner's complete copy, readable
+    assert [p.name for p in tmp_path.iterdir()] == ["digits"]  # no temporary directory left behind
+    D.ensure_digits(root)  # present: nothing to do
+
+
+def test_ensure_digits_refuses_a_directory_without_an_index(tmp_path):
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "digits" / "notes.txt").write_text("mine")
+    with pytest.raises(D.DataError, match="already exists"):
+        D.ensure_digits(tmp_path / "digits")
+    assert [p.name for p in (tmp_path / "digits").iterdir()] == ["notes.txt"]
