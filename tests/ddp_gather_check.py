@@ -27,3 +27,6 @@ digest = hashlib.sha256("\n".join(pred.sample_ids).encode() + pred.probs.tobytes
     "rank": acc.process_index, "world": acc.num_processes, "rows": len(pred.sample_ids),
     "distinct": len(set(pred.sample_ids)), "expected": len(keep), "covers": set(pred.sample_ids) == keep,
     "digest": digest, "gathered_ranks": local, "sum": total}))
+# Tear the process group down before exit, as run.py does: left to interpreter shutdown, gloo's threads
+# can be destroyed while still running ("terminate called without an active exception", SIGABRT).
+acc.end_training()
