@@ -122,9 +122,12 @@ class DDPModel:
         # accelerate's autocast context costs time even when it casts nothing; skip it in fp32.
         self.autocast = accelerator.autocast if train.precision != "no" else contextlib.nullcontext
 
+    wrapping = ""
+    """What `wrap` applied before DDP (gradient checkpointing, torch.compile), for `describe`."""
+
     def describe(self) -> str:
-        return (f"DDP over {self.accelerator.num_processes} processes" if self.accelerator.num_processes > 1
-                else "one process") + f", precision {self.accelerator.mixed_precision}"
+        return ((f"DDP over {self.accelerator.num_processes} processes" if self.accelerator.num_processes > 1
+                 else "one process") + f", precision {self.accelerator.mixed_precision}" + self.wrapping)
 
     def train(self) -> None:
         self.model.train()
@@ -183,21 +186,27 @@ def wrap(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.opti
                                  else int(os.environ.get("WORLD_SIZE", "1")))
     single = model
     plain = copy.deepcopy(model) if ds_config is not None else None  # before checkpointing / compile hooks
+    wrapping = ""
     if grad_checkpointing:
-        apply_grad_checkpointing(model)
+        wrapping += f", gradient checkpointing ({apply_grad_checkpointing(model)})"
+    if train.compile:
+        wrapping += f", torch.compile ({train.compile_backend})"
     if ds_config is not None:
         from distrain.zero import create_zero_model
 
         # DeepSpeed compiles the module inside its engine (`engine.compile`, in place): its ZeRO hooks
         # and checkpoint keys then stay those of the plain module, where a torch.compile wrapper in
         # front of the engine breaks ZeRO-3's forward hooks and prefixes every key with `_orig_mod.`.
-        return create_zero_model(model, single, plain, optimizer, ds_config,
-                                 accelerator if accelerate_uses_deepspeed() else None,
-                                 compile_backend=train.compile_backend if train.compile else None)
-    if train.compile:
-        model = torch.compile(model, backend=train.compile_backend)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return DDPModel(accelerator, model, optimizer, single, train)
+        trainable = create_zero_model(model, single, plain, optimizer, ds_config,
+                                      accelerator if accelerate_uses_deepspeed() else None,
+                                      compile_backend=train.compile_backend if train.compile else None)
+    else:
+        if train.compile:
+            model = torch.compile(model, backend=train.compile_backend)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        trainable = DDPModel(accelerator, model, optimizer, single, train)
+    trainable.wrapping = wrapping
+    return trainable
 
 
 def seed_everything(seed: int, *, per_rank: bool = False) -> None:

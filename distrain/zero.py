@@ -144,10 +144,13 @@ class ZeroModel:
         fp16, bf16 = ds_config["fp16"]["enabled"], ds_config["bf16"]["enabled"]
         self.input_dtype = torch.float16 if fp16 else torch.bfloat16 if bf16 else torch.float32
 
+    wrapping = ""
+    """What `parallel.wrap` applied (gradient checkpointing, torch.compile in the engine), for `describe`."""
+
     def describe(self) -> str:
         n = self.engine.world_size
         return (f"DeepSpeed ZeRO-{self.stage} over {n} process{'es' if n > 1 else ''} via {self.via}, "
-                f"{str(self.input_dtype).replace('torch.', '')}")
+                f"{str(self.input_dtype).replace('torch.', '')}" + self.wrapping)
 
     def train(self) -> None:
         self.engine.train()

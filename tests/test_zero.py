@@ -209,15 +209,17 @@ def test_zero3_job_preempted_resumed_and_consolidated_under_torchrun(tmp_path):
 def test_accelerate_launch_with_the_deepspeed_yaml_uses_the_plugin(tmp_path):
     """`accelerate launch --config_file launch/accelerate/deepspeed_zero2.yaml` (the GPU users' command) builds
     the engine through accelerate's DeepSpeed plugin from distrain's resolved JSON. On CPU that plugin runs
-    one process, so this checks the wiring, not the sharding (the torchrun tests above do that)."""
+    one process, so this checks the wiring, not the sharding (the torchrun tests above do that), with
+    gradient checkpointing and the engine's own torch.compile on."""
     proc = run_cmd([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                     "launch/accelerate/deepspeed_zero2.yaml", "--num_processes", "1", "--main_process_port",
                     str(free_port()), str(RUN_PY), "--config", "configs/digits.yaml", "model.names=[test_resnet]",
                     "cv.folds=2", "cv.only_folds=[0]", "cv.seeds=[3]", "train.epochs=1", "train.batch_size=32",
                     "data.image_size=16", "train.progress=false", "ensemble.stacking=false",
-                    "ensemble.register_model=false", f"run_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'digits'}"],
+                    "ensemble.register_model=false", f"run_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'digits'}",
+                    "model.grad_checkpointing=true", "train.compile=true", "train.compile_backend=aot_eager"],
                    REPO, timeout=400, env={"OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "test_resnet-s3-f0: DeepSpeed ZeRO-2 over 1 process via accelerate's DeepSpeed plugin, float32" \
-        in proc.stdout, proc.stdout[-3000:]
+    assert ("test_resnet-s3-f0: DeepSpeed ZeRO-2 over 1 process via accelerate's DeepSpeed plugin, float32, "
+            "gradient checkpointing (timm+stem), torch.compile (aot_eager)") in proc.stdout, proc.stdout[-3000:]
     assert (tmp_path / "runs" / "digits" / "report.json").is_file()
