@@ -197,7 +197,7 @@ def wrap(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.opti
         # DeepSpeed compiles the module inside its engine (`engine.compile`, in place): its ZeRO hooks
         # and checkpoint keys then stay those of the plain module, where a torch.compile wrapper in
         # front of the engine breaks ZeRO-3's forward hooks and prefixes every key with `_orig_mod.`.
-        trainable = create_zero_model(model, single, plain, optimizer, ds_config,
+        trainable = create_zero_model(single, plain, optimizer, ds_config,
                                       accelerator if accelerate_uses_deepspeed() else None,
                                       compile_backend=train.compile_backend if train.compile else None)
     else:

@@ -230,7 +230,7 @@ class ZeroModel:
                 shutil.rmtree(child, ignore_errors=True)
 
 
-def create_zero_model(model: torch.nn.Module, single: torch.nn.Module, plain: torch.nn.Module,
+def create_zero_model(single: torch.nn.Module, plain: torch.nn.Module,
                       optimizer: torch.optim.Optimizer, ds_config: dict,
                       accelerator: Optional[Any] = None, *, compile_backend: Optional[str] = None) -> ZeroModel:
     """Wrap with DeepSpeed: through accelerate's DeepSpeed plugin when `accelerator` runs one
@@ -239,11 +239,11 @@ def create_zero_model(model: torch.nn.Module, single: torch.nn.Module, plain: to
     then compiles its module in place (`engine.compile`, DeepSpeed's supported way to combine
     torch.compile with ZeRO)."""
     if accelerator is not None:
-        engine, _ = accelerator.prepare(model, optimizer)
+        engine, _ = accelerator.prepare(single, optimizer)
     else:
         import deepspeed
 
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        engine, _, _, _ = deepspeed.initialize(model=single, optimizer=optimizer, config=ds_config)
     if compile_backend:
         engine.compile(backend=compile_backend)
     plain.to(engine.device)
