@@ -1,15 +1,16 @@
 """`distrain` console script: wiring only.
 
-    distrain data digits [--out DIR]               scikit-learn's digits as WebDataset shards
-    distrain data pack (--images DIR | --csv FILE) --out DIR
-    distrain train --config FILE [a.b=value ...]   the main job (same as distrain/run.py)
-    distrain schedule --config FILE --workers W --procs-per-worker P [a.b=value ...]
-                                                   W workers on this node, one ledger
-    distrain aggregate --run-dir DIR [--allow-partial]  report + voting + stacking, without training
-                                                   (`distrain ensemble` is the same)
-    distrain status --run-dir DIR [--json]         pending / running (owner, progress, heartbeat) / done / failed
-    distrain sync --run-dir DIR                    send tracking buffered while MLflow was down
+distrain data digits [--out DIR]               scikit-learn's digits as WebDataset shards
+distrain data pack (--images DIR | --csv FILE) --out DIR
+distrain train --config FILE [a.b=value ...]   the main job (same as distrain/run.py)
+distrain schedule --config FILE --workers W --procs-per-worker P [a.b=value ...]
+                                               W workers on this node, one ledger
+distrain aggregate --run-dir DIR [--allow-partial]  report + voting + stacking, without training
+                                               (`distrain ensemble` is the same)
+distrain status --run-dir DIR [--json]         pending / running (owner, progress, heartbeat) / done / failed
+distrain sync --run-dir DIR                    send tracking buffered while MLflow was down
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,53 +18,45 @@ import json
 import sys
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+from distrain.errors import BadInput, refuse
 
 
 def _data(args) -> int:
-    from distrain.data import samples_from_csv, samples_from_folder, write_dataset, write_digits
+    from distrain.data.pack import samples_from_csv, samples_from_folder, write_dataset, write_digits
 
     if args.what == "digits":
         index = write_digits(args.out, test_fraction=args.test_fraction, shard_size=args.shard_size)
     else:
         if bool(args.images) == bool(args.csv):
-            raise _bad("data pack: give exactly one of --images DIR or --csv FILE")
+            raise BadInput("data pack: give exactly one of --images DIR or --csv FILE")
         samples, classes = samples_from_folder(args.images) if args.images else samples_from_csv(args.csv)
         if not samples:
-            raise _bad("data pack: no images found")
-        index = write_dataset(samples, args.out, classes=classes, channels=args.channels,
-                              test_fraction=args.test_fraction, shard_size=args.shard_size)
-    print(f"distrain: wrote {len(index.split_ids('cv'))} CV + {len(index.split_ids('test'))} test samples, "
-          f"{len(index.classes)} classes, {len(index.cv_shards)}+{len(index.test_shards)} shards to {index.root}")
+            raise BadInput("data pack: no images found")
+        index = write_dataset(
+            samples,
+            args.out,
+            classes=classes,
+            channels=args.channels,
+            test_fraction=args.test_fraction,
+            shard_size=args.shard_size,
+        )
+    print(
+        f"distrain: wrote {len(index.split_ids('cv'))} CV + {len(index.split_ids('test'))} test samples, "
+        f"{len(index.classes)} classes, {len(index.cv_shards)}+{len(index.test_shards)} shards to {index.root}"
+    )
     return 0
 
 
-def _load_run_dir(run_dir: Path):
-    from distrain.config import config_from_dict, yaml_load
+def _status_rows(run_dir: Path) -> dict:
+    """Every job's ledger state (with its score once done), the aggregation's, and what awaits sync."""
+    from distrain.orchestration.ledger import AGGREGATE
+    from distrain.orchestration.phases import load_run_dir, open_ledger
+    from distrain.study.plan import expand_plan
+    from distrain.study.results import is_done, read_done
+    from distrain.tracking.buffer import pending_calls
 
-    saved = run_dir / "config.yaml"
-    if not saved.is_file() or not (run_dir / "folds.json").is_file():
-        raise _bad(f"{run_dir}: not a distrain run directory (no config.yaml / folds.json)")
-    return config_from_dict(yaml_load(saved.read_text()), check_models=False)  # checked when the run began
-
-
-def _ledger(cfg, run_dir: Path):
-    from distrain.ledger import Ledger
-
-    sc = cfg.scheduler
-    return Ledger(run_dir, lease_timeout_s=sc.lease_timeout_s, max_retries=sc.max_retries,
-                  max_lost_leases=sc.max_lost_leases)
-
-
-def _status(args) -> int:
-    from distrain.plan import expand_plan
-    from distrain.ledger import AGGREGATE
-    from distrain.outputs import is_done, read_done
-    from distrain.tracking import pending_calls
-
-    run_dir = Path(args.run_dir)
-    cfg = _load_run_dir(run_dir)
-    ledger = _ledger(cfg, run_dir)
+    cfg = load_run_dir(run_dir)
+    ledger = open_ledger(cfg, run_dir)
     rows = []
     for job in expand_plan(cfg):
         st = ledger.state(job.id).to_dict()
@@ -71,99 +64,104 @@ def _status(args) -> int:
             st["status"] = "done"
         st["val_score"] = read_done(run_dir, job)["val_score"] if st["status"] == "done" else None
         rows.append(st)
-    agg = ledger.state(AGGREGATE).to_dict()
     counts = {s: sum(r["status"] == s for r in rows) for s in ("pending", "running", "done", "failed")}
-    summary = {"run_dir": str(run_dir), "counts": counts, "jobs": rows, "aggregate": agg,
-               "report": (run_dir / "report.json").is_file(), "pending_tracking_calls": pending_calls(run_dir)}
+    return {
+        "run_dir": str(run_dir),
+        "counts": counts,
+        "jobs": rows,
+        "aggregate": ledger.state(AGGREGATE).to_dict(),
+        "report": (run_dir / "report.json").is_file(),
+        "pending_tracking_calls": pending_calls(run_dir),
+    }
+
+
+def _status(args) -> int:
+    summary = _status_rows(Path(args.run_dir))
     if args.json:
         print(json.dumps(summary))
         return 0
     print(f"{'job':<28} {'status':<8} {'owner':<24} {'progress':<18} {'heartbeat':>9} {'tries':>5}  score / error")
-    for r in rows + [agg]:
+    for r in summary["jobs"] + [summary["aggregate"]]:
         p = r["progress"]
-        progress = f"ep {p.get('epoch', 0) + 1}/{p.get('epochs', '?')} st {p.get('step', 0)}/{p.get('steps', '?')}" \
-            if r["status"] == "running" and "epochs" in p else ""
+        progress = (
+            f"ep {p.get('epoch', 0) + 1}/{p.get('epochs', '?')} st {p.get('step', 0)}/{p.get('steps', '?')}"
+            if r["status"] == "running" and "epochs" in p
+            else ""
+        )
         age = f"{r['heartbeat_age_s']:.0f}s ago" if r["heartbeat_age_s"] is not None else ""
         tail = f"{r['val_score']:.4f}" if r.get("val_score") is not None else r["last_error"][:80]
-        print(f"{r['job_id']:<28} {r['status']:<8} {r['owner'][:24]:<24} {progress:<18} {age:>9} "
-              f"{r['attempts']:>5}  {tail}")
-    print(" ".join(f"{k} {v}" for k, v in counts.items()) + f"; report.json {'written' if summary['report'] else 'not yet'}"
-          + (f"; {summary['pending_tracking_calls']} tracking calls await `distrain sync`"
-             if summary["pending_tracking_calls"] else ""))
+        print(
+            f"{r['job_id']:<28} {r['status']:<8} {r['owner'][:24]:<24} {progress:<18} {age:>9} "
+            f"{r['attempts']:>5}  {tail}"
+        )
+    pending = summary["pending_tracking_calls"]
+    print(
+        " ".join(f"{k} {v}" for k, v in summary["counts"].items())
+        + f"; report.json {'written' if summary['report'] else 'not yet'}"
+        + (f"; {pending} tracking calls await `distrain sync`" if pending else "")
+    )
     return 0
 
 
-def _tracker(cfg, run_dir: Path):
-    from distrain.tracking import create_tracker, resolve_tracking_uri
-
-    return create_tracker(True, resolve_tracking_uri(cfg.tracking.uri, run_dir.parent),
-                          cfg.tracking.experiment_name or cfg.experiment, run_dir, run_dir.parent,
-                          timeout_s=cfg.tracking.timeout_s, max_retries=cfg.tracking.max_retries)
-
-
 def _aggregate(args) -> int:
-    from distrain.aggregate import aggregate
-    from distrain.data import read_index
-    from distrain.plan import expand_plan
-    from distrain.folds import FoldManifest
-    from distrain.report import format_table
+    from distrain.data.index import read_index
+    from distrain.orchestration import phases
+    from distrain.study.folds import FoldManifest
+    from distrain.study.plan import expand_plan
 
     run_dir = Path(args.run_dir)
-    cfg = _load_run_dir(run_dir)
+    cfg = phases.load_run_dir(run_dir)
     index = read_index(cfg.data.root, num_classes=cfg.data.num_classes)
     manifest = FoldManifest.from_json((run_dir / "folds.json").read_text())
-    ledger = _ledger(cfg, run_dir)
-    failed = [{"id": s.job_id, "error": s.last_error} for s in ledger.states([j.id for j in expand_plan(cfg)])
-              if s.status == "failed"]
-    tracker = _tracker(cfg, run_dir)
-    report = aggregate(cfg, run_dir, tracker, manifest.fold_of_sample, dict(zip(index.sample_ids, index.labels)),
-                       allow_partial=args.allow_partial or bool(failed), failed_jobs=failed)
-    tracker.end_run(tracker.parent_run_id)
-    print(format_table(report))
-    if report["ensemble_details"]["left_out"]:
-        print("left out: " + "; ".join(x["reason"] for x in report["ensemble_details"]["left_out"]))
+    failed = phases.failed_jobs(phases.open_ledger(cfg, run_dir), expand_plan(cfg))
+    phases.aggregate_and_report(
+        cfg,
+        run_dir,
+        phases.open_tracker(cfg, run_dir),
+        manifest.fold_of_sample,
+        dict(zip(index.sample_ids, index.labels)),
+        failed,
+        allow_partial=args.allow_partial,
+    )
     return 0
 
 
 def _sync(args) -> int:
-    from distrain.tracking import pending_calls, sync_buffers
+    from distrain.orchestration import phases
+    from distrain.tracking.buffer import pending_calls, sync_buffers
 
     run_dir = Path(args.run_dir)
-    cfg = _load_run_dir(run_dir)
+    cfg = phases.load_run_dir(run_dir)
     if not pending_calls(run_dir):
         print(f"distrain: {run_dir}: nothing to sync")
         return 0
-    tracker = _tracker(cfg, run_dir)
-    if getattr(tracker, "offline", True) and not tracker.experiment_id:
-        raise _bad(f"tracking server {tracker.tracking_uri} is still unreachable; nothing was synced")
-    tracker.offline = False
+    tracker = phases.open_tracker(cfg, run_dir)
+    if tracker.offline and not tracker.experiment_id:
+        raise BadInput(f"tracking server {tracker.tracking_uri} is still unreachable; nothing was synced")
+    tracker.go_online()
     try:
         result = sync_buffers(tracker)
     except Exception as e:
-        raise _bad(f"sync stopped ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                   f"run it again to continue where it stopped") from None
-    print(f"distrain: synced {result['synced']} tracking calls from {result['files']} buffer file(s) "
-          f"to {tracker.tracking_uri}")
+        raise BadInput(
+            f"sync stopped ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"run it again to continue where it stopped"
+        ) from None
+    print(
+        f"distrain: synced {result['synced']} tracking calls from {result['files']} buffer file(s) "
+        f"to {tracker.tracking_uri}"
+    )
     return 0
 
 
 def _schedule(args) -> int:
-    from distrain.local_workers import run_local_workers
+    from distrain.orchestration.local import run_local_workers
 
-    run_args = (["--config", args.config] if args.config else []) + (["--shard", args.shard] if args.shard else []) \
+    run_args = (
+        (["--config", args.config] if args.config else [])
+        + (["--shard", args.shard] if args.shard else [])
         + list(args.overrides)
-    try:
-        return run_local_workers(args.workers, args.procs_per_worker, run_args)
-    except ValueError as e:
-        raise _bad(str(e)) from None
-
-
-class _BadInput(Exception):
-    pass
-
-
-def _bad(message: str) -> _BadInput:
-    return _BadInput(message)
+    )
+    return run_local_workers(args.workers, args.procs_per_worker, run_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,12 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run the main job (as distrain/run.py)")
     t.add_argument("args", nargs=argparse.REMAINDER)
 
-    for name, helptext in (("aggregate", "report + voting + stacking on a run directory, without training"),
-                           ("ensemble", "the same as aggregate (older name)")):
+    for name, helptext in (
+        ("aggregate", "report + voting + stacking on a run directory, without training"),
+        ("ensemble", "the same as aggregate (older name)"),
+    ):
         e = sub.add_parser(name, help=helptext)
         e.add_argument("--run-dir", required=True)
-        e.add_argument("--allow-partial", action="store_true",
-                       help="leave out (model, seed) columns with missing OOF rows instead of failing")
+        e.add_argument(
+            "--allow-partial",
+            action="store_true",
+            help="leave out (model, seed) columns with missing OOF rows instead of failing",
+        )
 
     s = sub.add_parser("status", help="pending / running / done / failed jobs of a run directory")
     s.add_argument("--run-dir", required=True)
@@ -209,22 +212,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         from distrain.run import main as run_main
+
         return run_main(argv[1:])
     args = build_parser().parse_args(argv)
+    commands = {
+        "data": _data,
+        "status": _status,
+        "ensemble": _aggregate,
+        "aggregate": _aggregate,
+        "sync": _sync,
+        "schedule": _schedule,
+    }
     try:
-        return {"data": _data, "status": _status, "ensemble": _aggregate, "aggregate": _aggregate, "sync": _sync,
-                "schedule": _schedule}[args.command](args)
-    except Exception as e:
-        if not isinstance(e, _bad_input_errors()):
-            raise
-        print(f"distrain: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
-
-def _bad_input_errors() -> tuple[type, ...]:
-    from distrain.run import bad_input_errors
-
-    return (_BadInput, *bad_input_errors())
+        return commands[args.command](args)
+    except BadInput as e:
+        return refuse(e)
 
 
 if __name__ == "__main__":

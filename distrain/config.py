@@ -5,6 +5,7 @@ types and impossible values *before any work starts*, raising `ConfigError` with
 that names the key and the value. Command-line overrides are `a.b=value` strings whose
 values are parsed as YAML scalars (so `train.epochs=3`, `cv.seeds=[1,2]`, `train.precision=bf16`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from distrain.errors import ConfigError
+
 
 class _Yaml12Loader(yaml.SafeLoader):
     """YAML with 1.2 scalars: only true/false are booleans (so `precision: no` stays the string "no",
@@ -28,20 +31,19 @@ _Yaml12Loader.yaml_implicit_resolvers = {
     ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
     for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                    list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$"), list("-+0123456789"))
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$"),
+    list("-+0123456789"),
+)
 
 
 def yaml_load(text: str) -> Any:
     """Parse YAML text with distrain's YAML 1.2-style scalars."""
     return yaml.load(text, Loader=_Yaml12Loader)
-
-
-class ConfigError(ValueError):
-    """A config that cannot be run; the message is one line naming the key and the value."""
 
 
 PRECISIONS = ("no", "fp16", "bf16")
@@ -53,7 +55,8 @@ DATA_SOURCES = ("digits", "shards")
 @dataclass(kw_only=True)
 class DataConfig:
     source: str = "digits"
-    """`digits` (scikit-learn's bundled digits, written as shards on first use) or `shards` (packed with `distrain data pack`)."""
+    """`digits` (scikit-learn's bundled digits, written as shards on first use) or `shards` (packed with
+    `distrain data pack`)."""
     root: str = "data/digits"
     """Directory holding the shards and their `index.json`."""
     image_size: int = 32
@@ -280,8 +283,12 @@ class SchedulerConfig:
 
     def __post_init__(self):
         _require(self.lease_timeout_s > 0, "scheduler.lease_timeout_s", self.lease_timeout_s, "> 0")
-        _require(0 < self.heartbeat_s < self.lease_timeout_s, "scheduler.heartbeat_s", self.heartbeat_s,
-                 f"in (0, lease_timeout_s={self.lease_timeout_s})")
+        _require(
+            0 < self.heartbeat_s < self.lease_timeout_s,
+            "scheduler.heartbeat_s",
+            self.heartbeat_s,
+            f"in (0, lease_timeout_s={self.lease_timeout_s})",
+        )
         _require(self.max_retries >= 1, "scheduler.max_retries", self.max_retries, ">= 1")
         _require(self.max_lost_leases >= 1, "scheduler.max_lost_leases", self.max_lost_leases, ">= 1")
         _require(self.checkpoint_every_s >= 0, "scheduler.checkpoint_every_s", self.checkpoint_every_s, ">= 0")
@@ -305,8 +312,12 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self):
-        _require(bool(self.experiment) and "/" not in self.experiment and not self.experiment.startswith("."),
-                 "experiment", self.experiment, "a non-empty name without '/'")
+        _require(
+            bool(self.experiment) and "/" not in self.experiment and not self.experiment.startswith("."),
+            "experiment",
+            self.experiment,
+            "a non-empty name without '/'",
+        )
 
     @property
     def run_dir(self) -> Path:

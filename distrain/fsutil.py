@@ -5,14 +5,16 @@ Write to a temporary file in the same directory, fsync it, then rename over the 
 `create_exclusive_json` creates a file only if it does not exist (hard link of a complete temporary
 file), which is how the ledger and the MLflow study marker settle races between workers.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:

@@ -1,0 +1,73 @@
+"""A data set's `index.json`: every sample's id, label, group and split, and its shard files.
+
+A data set directory holds `cv-NNNNNN.tar` shards (the cross-validation pool), `test-NNNNNN.tar`
+shards (a fixed stratified holdout that no fold ever trains on) and `index.json`, so that folds can
+be built and run directories read without opening an image (and without importing torch).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from distrain.errors import DataError
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "distrain-shards/1"
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """What `index.json` says about a shard directory."""
+
+    root: Path
+    channels: int
+    classes: list[str]
+    cv_shards: list[str]
+    test_shards: list[str]
+    sample_ids: list[str]
+    labels: list[int]
+    groups: list[str]
+    splits: list[str]  # "cv" or "test" per sample
+
+    def split_ids(self, split: str) -> list[str]:
+        return [s for s, sp in zip(self.sample_ids, self.splits) if sp == split]
+
+    def labels_of(self, split: str) -> dict[str, int]:
+        return {s: y for s, y, sp in zip(self.sample_ids, self.labels, self.splits) if sp == split}
+
+    def urls(self, split: str) -> list[str]:
+        return [str(self.root / name) for name in (self.cv_shards if split == "cv" else self.test_shards)]
+
+
+def read_index(root: str | Path, num_classes: Optional[int] = None) -> DatasetIndex:
+    """Load and check `index.json`: shards exist, labels lie in [0, num_classes)."""
+    root = Path(root)
+    path = root / INDEX_NAME
+    if not path.is_file():
+        raise DataError(f"data path {root}: no {INDEX_NAME} (write shards with `distrain data digits` "
+                        f"or `distrain data pack`)")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DataError(f"{path}: not valid JSON") from None
+    if d.get("format") != INDEX_FORMAT:
+        raise DataError(f"{path}: unknown format {d.get('format')!r} (expected {INDEX_FORMAT!r})")
+    samples = d["samples"]
+    index = DatasetIndex(root=root, channels=int(d["channels"]), classes=list(d["classes"]),
+                         cv_shards=d["shards"]["cv"], test_shards=d["shards"]["test"],
+                         sample_ids=[s["sample_id"] for s in samples], labels=[int(s["label"]) for s in samples],
+                         groups=[s.get("group", "") for s in samples], splits=[s["split"] for s in samples])
+    for name in index.cv_shards + index.test_shards:
+        if not (root / name).is_file():
+            raise DataError(f"data path {root}: shard {name} listed in {INDEX_NAME} is missing")
+    if num_classes is not None:
+        bad = [(s, y) for s, y in zip(index.sample_ids, index.labels) if not 0 <= y < num_classes]
+        if bad:
+            raise DataError(f"data path {root}: {len(bad)} labels outside [0, {num_classes}) for "
+                            f"data.num_classes={num_classes}, e.g. sample {bad[0][0]!r} has label {bad[0][1]}")
+    return index
+
+

@@ -1,0 +1,207 @@
+"""Writing data sets: samples from a folder, a CSV or scikit-learn's digits, packed into WebDataset
+shards (`<sample_id>.png|.jpg` + `<sample_id>.cls`) with a fixed stratified holdout and `index.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from distrain.data.index import INDEX_FORMAT, INDEX_NAME, DatasetIndex, read_index
+from distrain.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class Sample:
+    sample_id: str
+    label: int
+    image_bytes: bytes
+    ext: str  # "png", "jpg", ...
+    group: str = ""
+
+
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def safe_sample_id(text: str) -> str:
+    """A sample id usable as a WebDataset key: no dots (they separate key from extension) or slashes."""
+    return _ID_UNSAFE.sub("_", text).strip("_") or "sample"
+
+
+def holdout_split(labels: Sequence[int], groups: Sequence[str], test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the fixed holdout test samples: stratified by label, grouped when groups exist."""
+    n = len(labels)
+    is_test = np.zeros(n, dtype=bool)
+    if test_fraction <= 0:
+        return is_test
+    from sklearn.model_selection import GroupShuffleSplit, train_test_split
+
+    idx = np.arange(n)
+    if any(groups):
+        splitter = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
+        _, test_idx = next(splitter.split(idx, labels, groups))
+    else:
+        _, test_idx = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
+    is_test[test_idx] = True
+    return is_test
+
+
+def write_dataset(samples: Sequence[Sample], out_dir: str | Path, *, classes: list[str], channels: int,
+                  test_fraction: float = 0.2, split_seed: int = 0, shard_size: int = 64) -> DatasetIndex:
+    """Write samples as cv/test shards + index.json into `out_dir`, atomically.
+
+    Everything is written into a temporary sibling directory that is renamed into place last, so
+    an interrupted write never leaves a directory that looks complete. If `out_dir` appears
+    meanwhile (another rank or node won the race), the finished one is kept.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise DataError(f"{out_dir}: already exists; choose another output directory")
+    ids = [s.sample_id for s in samples]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i, c in Counter(ids).items() if c > 1)
+        raise DataError(f"duplicate sample id {dup!r}")
+    for s in samples:
+        if not 0 <= s.label < len(classes):
+            raise DataError(f"sample {s.sample_id!r}: label {s.label} outside [0, {len(classes)})")
+    labels = [s.label for s in samples]
+    groups = [s.group for s in samples]
+    is_test = holdout_split(labels, groups, test_fraction, split_seed)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        shards = {}
+        for split, mask in (("cv", ~is_test), ("test", is_test)):
+            chosen = [s for s, m in zip(samples, mask) if m]
+            shards[split] = _write_shards(chosen, tmp, split, shard_size)
+        index = {
+            "format": INDEX_FORMAT, "channels": channels, "classes": classes,
+            "shards": shards,
+            "samples": [{"sample_id": s.sample_id, "label": s.label, "group": s.group,
+                         "split": "test" if t else "cv"} for s, t in zip(samples, is_test)],
+        }
+        (tmp / INDEX_NAME).write_text(json.dumps(index))
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            if not (out_dir / INDEX_NAME).exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return read_index(out_dir)
+
+
+def _write_shards(samples: Sequence[Sample], directory: Path, split: str, shard_size: int) -> list[str]:
+    names = []
+    for start in range(0, len(samples), shard_size):
+        name = f"{split}-{start // shard_size:06d}.tar"
+        with wds.TarWriter(str(directory / name)) as sink:
+            for s in samples[start:start + shard_size]:
+                sink.write({"__key__": s.sample_id, s.ext: s.image_bytes, "cls": str(s.label).encode()})
+        names.append(name)
+    return names
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def digits_samples() -> tuple[list[Sample], list[str]]:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download) as grayscale PNG samples."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    samples = [Sample(sample_id=f"digits-{i:05d}", label=int(y), image_bytes=_png_bytes(img), ext="png")
+               for i, (img, y) in enumerate(zip(images, digits.target))]
+    return samples, [str(c) for c in range(10)]
+
+
+def write_digits(out_dir: str | Path, test_fraction: float = 0.2, shard_size: int = 64) -> DatasetIndex:
+    """`distrain data digits`: the digits data set as shards with a fixed stratified holdout."""
+    samples, classes = digits_samples()
+    return write_dataset(samples, out_dir, classes=classes, channels=1, test_fraction=test_fraction,
+                         shard_size=shard_size)
+
+
+def ensure_digits(out_dir: str | Path) -> None:
+    """Write the digits shards into `out_dir` unless a complete copy is there. Safe when several
+    processes start together on one disk (`distrain schedule` workers, nodes sharing a file system): one
+    that finds the directory written by another while it was building its own copy keeps the other's."""
+    index_file = Path(out_dir) / INDEX_NAME
+    if index_file.exists():
+        return
+    try:
+        write_digits(out_dir)
+    except DataError:
+        if not index_file.exists():  # not a lost race: a directory without an index is in the way
+            raise
+
+
+def samples_from_folder(folder: str | Path) -> tuple[list[Sample], list[str]]:
+    """One subfolder per class (sorted names become labels 0..C-1), images inside."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"image folder not found: {folder}")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise DataError(f"{folder}: expected one subfolder per class, found {len(classes)}")
+    samples = []
+    for label, name in enumerate(classes):
+        for path in sorted((folder / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                rel = path.relative_to(folder).with_suffix("")
+                samples.append(_file_sample(path, safe_sample_id(str(rel)), label, ""))
+    return samples, classes
+
+
+def samples_from_csv(csv_path: str | Path) -> tuple[list[Sample], list[str]]:
+    """A CSV with columns path,label[,group] (paths relative to the CSV). Labels: ints or class names."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"CSV not found: {csv_path}")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise DataError(f"{csv_path}: expected a header with columns path,label[,group]")
+    raw_labels = [r["label"].strip() for r in rows]
+    if all(re.fullmatch(r"-?\d+", l) for l in raw_labels):
+        labels = [int(l) for l in raw_labels]
+        if min(labels) < 0:
+            raise DataError(f"{csv_path}: negative label {min(labels)}")
+        classes = [str(c) for c in range(max(labels) + 1)]
+    else:
+        classes = sorted(set(raw_labels))
+        labels = [classes.index(l) for l in raw_labels]
+    samples = []
+    for row, label in zip(rows, labels):
+        path = (csv_path.parent / row["path"]).resolve()
+        if not path.is_file():
+            raise DataError(f"{csv_path}: image not found: {row['path']}")
+        samples.append(_file_sample(path, safe_sample_id(str(Path(row["path"]).with_suffix(""))), label,
+                                    (row.get("group") or "").strip()))
+    return samples, classes
+
+
+def _file_sample(path: Path, sample_id: str, label: int, group: str) -> Sample:
+    ext = path.suffix.lower().lstrip(".")
+    return Sample(sample_id=sample_id, label=label, image_bytes=path.read_bytes(),
+                  ext="jpg" if ext == "jpeg" else ext, group=group)
+

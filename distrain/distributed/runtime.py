@@ -1,0 +1,154 @@
+"""The process group and its collectives.
+
+- `create_accelerator`: the precision policy checked against the device (and against the DeepSpeed JSON,
+  if any), then one Accelerator per process (DDP over NCCL on GPUs, over gloo on CPU when started with
+  `--multi_gpu` or torchrun; accelerate's DeepSpeed plugin under `accelerate launch` with a DeepSpeed YAML).
+- `on_primary`: run a step on one rank while the others wait, re-raising its error on every rank
+  (a plain barrier would leave the other ranks hanging forever when the primary fails).
+- `gather_rows`: variable-length per-rank results gathered to every rank, without the padding
+  duplicates that a DistributedSampler or `gather_for_metrics` would otherwise need to drop.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+
+from distrain.config import TrainConfig
+from distrain.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def check_precision(precision: str, cuda: bool) -> None:
+    """Refuse precisions the device cannot run, rather than silently training in fp32."""
+    if precision == "fp16" and not cuda:
+        raise ConfigError(
+            "train.precision: 'fp16' needs a CUDA GPU (on CPU accelerate would silently train "
+            "in fp32); use 'bf16' or 'no' on CPU"
+        )
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision: 'bf16' is not supported by this GPU; use 'fp16' or 'no'")
+
+
+def accelerate_uses_deepspeed() -> bool:
+    """Started by `accelerate launch` with a DeepSpeed YAML (accelerate exports this)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+def deepspeed_config_path(train: TrainConfig) -> str:
+    """The DeepSpeed JSON to use: train.deepspeed, or the one accelerate's DeepSpeed YAML names; '' for DDP."""
+    from_launcher = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "") if accelerate_uses_deepspeed() else ""
+    if from_launcher and train.deepspeed and Path(from_launcher).resolve() != Path(train.deepspeed).resolve():
+        raise ConfigError(
+            f"train.deepspeed={train.deepspeed!r} disagrees with the launcher's DeepSpeed config "
+            f"{from_launcher!r}; set one of them"
+        )
+    if accelerate_uses_deepspeed() and not (from_launcher or train.deepspeed):
+        raise ConfigError(
+            "accelerate launch uses DeepSpeed but names no deepspeed_config_file; "
+            "use launch/accelerate/deepspeed_zero2.yaml or set train.deepspeed"
+        )
+    return train.deepspeed or from_launcher
+
+
+def deepspeed_config(train: TrainConfig, world_size: int) -> Optional[dict]:
+    """The resolved, checked DeepSpeed config, or None when training with DDP. Raises ConfigError."""
+    path = deepspeed_config_path(train)
+    if not path:
+        return None
+    from distrain.distributed.zero import load_deepspeed_config
+
+    return load_deepspeed_config(path, train, world_size)
+
+
+def create_accelerator(train: TrainConfig) -> Accelerator:
+    """One Accelerator for the whole process (it owns the process group); reused by every job.
+    Raises ConfigError, before any training, for a precision the device cannot run or a DeepSpeed
+    config that disagrees with `train`."""
+    cuda = torch.cuda.is_available()
+    check_precision(train.precision, cuda)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    ds_config = deepspeed_config(train, world_size)  # fail before any process group work
+    if ds_config is not None:
+        from distrain.distributed.zero import prepare_runtime
+
+        prepare_runtime()
+    if train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    if accelerate_uses_deepspeed():
+        from accelerate.utils import DeepSpeedPlugin
+
+        # Hand accelerate the config with "auto" already resolved and checked by distrain, so the plugin
+        # needs no dataloader to infer batch sizes. (On CPU accelerate's DeepSpeed state is single-process;
+        # use torchrun or the deepspeed launcher there, which take the direct path below.)
+        accelerator = Accelerator(
+            mixed_precision=train.precision, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config)
+        )
+    else:
+        accelerator = Accelerator(
+            cpu=not cuda, mixed_precision=train.precision, gradient_accumulation_steps=train.grad_accum_steps
+        )
+    if not cuda:
+        # `accelerate launch` exports OMP_NUM_THREADS=1; on CPU that idles all cores but one.
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        torch.set_num_threads(train.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, local_processes)))
+    return accelerator
+
+
+def seed_everything(seed: int, *, per_rank: bool = False) -> None:
+    """Seed Python, numpy and torch; per_rank adds the process index, for distinct augmentation streams."""
+    set_seed(seed, device_specific=per_rank)
+
+
+def release(accelerator: Accelerator) -> None:
+    """Drop accelerate's references to the last job's model and optimizer."""
+    accelerator.free_memory()
+
+
+def on_primary(accelerator: Accelerator, fn: Callable[[], T], *, per_node: bool = False) -> T:
+    """Run `fn` on rank 0 (or on each node's local rank 0) while the others wait; return rank 0's
+    result on every rank. An exception in `fn` is raised on every rank: the same exception object,
+    sent to the others as a pickle (or a RuntimeError with its message if it cannot be pickled)."""
+    runs_here = accelerator.is_local_main_process if per_node else accelerator.is_main_process
+    outcome: tuple[Any, Optional[BaseException]] = (None, None)
+    if runs_here:
+        try:
+            outcome = (fn(), None)
+        except Exception as e:  # re-raised below, on every rank
+            outcome = (None, _picklable(e))
+    results = [outcome] if accelerator.num_processes == 1 else gather_object([outcome])
+    for _, error in results:
+        if error is not None:
+            raise error
+    return results[0][0]
+
+
+def _picklable(error: Exception) -> Exception:
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error.with_traceback(None)
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def gather_rows(accelerator: Accelerator, rows: list) -> list:
+    """Concatenate every rank's list of rows, in rank order, on every rank."""
+    if accelerator.num_processes == 1:
+        return list(rows)
+    return gather_object(rows)
+
+
+def sum_across_ranks(accelerator: Accelerator, values: list[float]) -> list[float]:
+    """Element-wise sum of a few scalars over all ranks."""
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").tolist()

@@ -1,0 +1,287 @@
+"""After the last job: report.json, the ensembles, review plots, MLflow runs and the registered model.
+
+Called by the main job when every job is done, and by `distrain ensemble --run-dir ...` on its own.
+Everything is written into `<run_dir>/ensemble/` and `<run_dir>/report.json` atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from distrain.config import Config
+from distrain.ensembles.combine import EnsembleOutcome, run_ensembles
+from distrain.ensembles.report import build_report, write_report
+from distrain.ensembles.store import JobPredictions, OOFStore, build_store, long_table
+from distrain.fsutil import atomic_write, atomic_write_text
+from distrain.study.plan import column_key, expand_plan
+from distrain.study.results import is_done, load_job_predictions, read_done
+from distrain.tracking.base import Tracker, model_entry
+
+ENSEMBLE_ORDER = (
+    "best_single",
+    "mean_single",
+    "fold_average",
+    "soft_vote",
+    "hard_vote",
+    "weighted_vote",
+    "k_of_n_vote",
+    "stacking",
+)
+
+
+def load_store(
+    cfg: Config, run_dir: Path, fold_of_sample: dict[str, int], labels_of_sample: dict[str, int], allow_partial: bool
+) -> tuple[OOFStore, np.ndarray | None]:
+    """The OOF store of the run's finished jobs, plus each job's own test probabilities [J, n_test, C]."""
+    preds, missing = [], []
+    for job in expand_plan(cfg):
+        if not is_done(run_dir, job):
+            missing.append({"id": job.id, "model": job.model, "seed": job.seed})
+            continue
+        oof, test = load_job_predictions(run_dir, job)
+        done = read_done(run_dir, job)
+        preds.append(
+            JobPredictions(
+                id=job.id,
+                model=job.model,
+                seed=job.seed,
+                fold=job.fold,
+                val_score=float(done["val_score"]),
+                best_epoch=int(done["best_epoch"]),
+                oof_ids=oof.sample_ids,
+                oof_probs=oof.probs,
+                test_ids=test.sample_ids if test else [],
+                test_probs=test.probs if test else None,
+                test_labels=test.labels if test else None,
+            )
+        )
+    if cfg.cv.only_folds:  # a deliberately partial plan: ensemble over the trained folds only
+        fold_of_sample = {s: f for s, f in fold_of_sample.items() if f in set(cfg.cv.only_folds)}
+    store = build_store(preds, missing, fold_of_sample, labels_of_sample, allow_partial=allow_partial)
+    test_by_job = None
+    if store.test is not None:
+        by_id = {p.id: p for p in preds}
+        test_by_job = np.stack([by_id[j["id"]].test_probs for j in store.jobs])  # aligned with store.jobs
+    return store, test_by_job
+
+
+def aggregate(
+    cfg: Config,
+    run_dir: Path,
+    tracker: Tracker,
+    fold_of_sample: dict[str, int],
+    labels_of_sample: dict[str, int],
+    allow_partial: bool = False,
+    failed_jobs: list[dict] | None = None,
+) -> dict:
+    """Build and write report.json with ensembles; log the review to MLflow. Returns the report.
+    `failed_jobs` ([{id, error}], from the ledger) are named in the report; their (model, seed)
+    columns are left out of the ensembles (which needs allow_partial)."""
+    metric = cfg.train.metric
+    store, test_by_job = load_store(cfg, run_dir, fold_of_sample, labels_of_sample, allow_partial)
+    mlflow_info = {
+        "tracking_uri": tracker.tracking_uri,
+        "experiment_id": tracker.experiment_id,
+        "parent_run_id": tracker.parent_run_id,
+    }
+    report = build_report(cfg, store, test_by_job, mlflow_info)
+    report["failed_jobs"] = list(failed_jobs or [])
+    ec = cfg.ensemble
+    outcome = run_ensembles(
+        store,
+        metric,
+        test_by_job=test_by_job,
+        vote_fraction=ec.vote_fraction,
+        vote_threshold=ec.vote_threshold,
+        stacking=ec.stacking,
+        seed=cfg.cv.fold_seed,
+        learning_rate=ec.learning_rate,
+        num_leaves=ec.num_leaves,
+        max_rounds=ec.max_rounds,
+        early_stopping=ec.early_stopping,
+        max_meta_rows=ec.max_meta_rows,
+    )
+    report["ensembles"] = {
+        name: {"cv": outcome.scores[name]["cv"], "test": outcome.scores[name]["test"]}
+        for name in ENSEMBLE_ORDER
+        if name in outcome.scores
+    }
+    report["ensemble_details"] = {
+        "best_single_column": outcome.scores["best_single"]["column"],
+        "columns": store.columns,
+        "base": outcome.base,
+        "weights": outcome.weights,
+        "k_of_n": {
+            "k": outcome.vote_k,
+            "n_oof": outcome.vote_n_oof,
+            "n_test": outcome.vote_n_test,
+            "threshold": ec.vote_threshold,
+        },
+        "stacking_best_iterations": outcome.stacking.best_iterations if outcome.stacking else None,
+        "left_out": store.left_out,
+        "skipped": outcome.skipped,
+    }
+    out_dir = run_dir / "ensemble"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "oof_store.parquet", lambda f: long_table(store).to_parquet(f, index=False))
+    if outcome.stacking is not None and outcome.stacking.test_probs is not None:
+        atomic_write(
+            out_dir / "stacking_test.npz",
+            lambda f: np.savez(f, sample_ids=np.asarray(store.test_ids), probs=outcome.stacking.test_probs),
+        )
+    review = _write_review(report, store, outcome, out_dir, metric)
+    path = write_report(run_dir, report)
+    _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, review, path)
+    return report
+
+
+def _write_review(report: dict, store: OOFStore, outcome: EnsembleOutcome, out_dir: Path, metric: str) -> list[Path]:
+    from distrain.ensembles.plots import plot_calibration, plot_confusion, plot_scores
+
+    best_name = max(
+        report["ensembles"], key=lambda n: report["ensembles"][n]["cv"] if n in outcome.oof_predictions else -1
+    )
+    soft = store.oof.mean(0)
+    files = [
+        plot_scores(report["jobs"], report["ensembles"], metric, out_dir / "scores.png"),
+        plot_confusion(
+            store.labels,
+            outcome.oof_predictions[best_name],
+            store.num_classes,
+            f"{best_name} (OOF, {metric} {report['ensembles'][best_name]['cv']:.4f})",
+            out_dir / "confusion.png",
+        ),
+        plot_calibration(store.labels, soft, "soft vote, OOF probabilities", out_dir / "calibration.png"),
+    ]
+    atomic_write_text(out_dir / "summary.md", summary_markdown(report))
+    return files + [out_dir / "summary.md"]
+
+
+def summary_markdown(report: dict) -> str:
+    """The ensembles table (and what was left out) as markdown."""
+    m = report["metric"]
+    lines = [f"# {report['experiment']}: ensembles ({m})", "", f"| ensemble | CV {m} | test {m} |", "|---|---|---|"]
+    for name, s in report["ensembles"].items():
+        test = f"{s['test']:.4f}" if s["test"] is not None else "-"
+        lines.append(f"| {name} | {s['cv']:.4f} | {test} |")
+    details = report["ensemble_details"]
+    lines += [
+        "",
+        f"Columns (model, seed): {', '.join(details['columns'])}; best single: {details['best_single_column']}.",
+        "Weighted-vote weights: " + ", ".join(f"{c} {w:.3f}" for c, w in details["weights"].items()) + ".",
+    ]
+    if details["left_out"]:
+        lines += ["", "Left out (--allow-partial):"] + [f"- {x['column']}: {x['reason']}" for x in details["left_out"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_artifacts(
+    cfg: Config, run_dir: Path, store: OOFStore, outcome: EnsembleOutcome, dest: Path, channels: int
+) -> Path:
+    """The files EnsemblePredictor loads: checkpoints, meta-learner, meta.json."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "checkpoints").mkdir(parents=True)
+    jobs = []
+    for j in store.jobs:
+        src = run_dir / "jobs" / j["id"] / "best.pt"
+        shutil.copyfile(src, dest / "checkpoints" / f"{j['id']}.pt")
+        jobs.append(
+            {
+                "id": j["id"],
+                "model": j["model"],
+                "column": column_key(j["model"], j["seed"]),
+                "checkpoint": f"{j['id']}.pt",
+            }
+        )
+    method = "stacking" if outcome.stacking is not None else "weighted_vote"
+    boosters = []
+    if outcome.stacking is not None:
+        for k, text in enumerate(outcome.stacking.booster_texts):
+            (dest / f"booster_{k}.txt").write_text(text)
+            boosters.append(f"booster_{k}.txt")
+    (dest / "meta.json").write_text(
+        json.dumps(
+            {
+                "columns": store.columns,
+                "jobs": jobs,
+                "image_size": cfg.data.image_size,
+                "channels": channels,
+                "num_classes": store.num_classes,
+                "method": method,
+                "boosters": boosters,
+                "weights": [outcome.weights[c] for c in store.columns],
+            }
+        )
+    )
+    return dest
+
+
+def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, review_files, report_path) -> None:
+    parent = tracker.parent_run_id
+    metric = cfg.train.metric
+    summary = {f"cv_{metric}_mean": report["cv"]["mean"], f"cv_{metric}_std": report["cv"]["std"]}
+    if report["test"]["fold_average"] is not None:
+        summary[f"test_{metric}_fold_average"] = report["test"]["fold_average"]
+    for name, s in report["ensembles"].items():
+        summary[f"{name}_cv"] = s["cv"]
+        if s["test"] is not None:
+            summary[f"{name}_test"] = s["test"]
+    tracker.log_metrics(parent, summary, step=0)
+    for f in review_files:
+        tracker.log_artifact(parent, f, "review")
+    tracker.log_artifact(parent, report_path)
+
+    voting = tracker.child_run(
+        "voting",
+        {
+            "ensemble.vote_fraction": cfg.ensemble.vote_fraction,
+            "ensemble.vote_threshold": cfg.ensemble.vote_threshold,
+            **{f"weight.{c}": round(w, 6) for c, w in outcome.weights.items()},
+        },
+    )
+    tracker.log_metrics(
+        voting,
+        {
+            f"{n}_{split}": report["ensembles"][n][split]
+            for n in ("soft_vote", "hard_vote", "weighted_vote", "k_of_n_vote")
+            if n in report["ensembles"]
+            for split in ("cv", "test")
+            if report["ensembles"][n][split] is not None
+        },
+        step=0,
+    )
+    tracker.end_run(voting)
+    if outcome.stacking is None:
+        return
+    stacking = tracker.child_run(
+        "stacking",
+        {
+            f"ensemble.{k}": getattr(cfg.ensemble, k)
+            for k in ("learning_rate", "num_leaves", "max_rounds", "early_stopping", "max_meta_rows")
+        },
+    )
+    tracker.log_metrics(
+        stacking,
+        {
+            f"stacking_{split}": report["ensembles"]["stacking"][split]
+            for split in ("cv", "test")
+            if report["ensembles"]["stacking"][split] is not None
+        },
+        step=0,
+    )
+    if cfg.ensemble.register_model and tracker.can_register_models:
+        from distrain.data.index import read_index
+
+        channels = read_index(cfg.data.root).channels
+        artifacts = write_model_artifacts(cfg, run_dir, store, outcome, run_dir / "ensemble" / "model", channels)
+        name = cfg.ensemble.model_name or f"distrain-{cfg.experiment}"
+        version = tracker.log_ensemble_model(stacking, artifacts, name)
+        report["ensemble_model"] = model_entry(name, version)
+        write_report(run_dir, report)
+        tracker.log_artifact(parent, run_dir / "report.json")
+    tracker.end_run(stacking)

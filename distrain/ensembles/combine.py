@@ -1,0 +1,191 @@
+"""Every ensemble of a study, each with a leakage-free CV score and a holdout test score, side by side.
+
+Leakage: every score called "cv" here is computed on samples whose predictions were made without
+their labels. Weighted voting and stacking are fitted on the other folds' OOF rows and scored on the
+held-out fold, using the SAME fold ids as the base models; only the final test-time weights /
+meta-learner are fitted on all OOF rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from distrain.ensembles.stacking import StackingResult, stack
+from distrain.ensembles.store import OOFStore
+from distrain.ensembles.voting import detections_to_labels, fit_vote_weights, hard_vote, k_of_n_vote, soft_vote
+from distrain.study.metrics import score, score_labels
+from distrain.study.plan import parse_column
+
+
+@dataclass
+class EnsembleOutcome:
+    scores: dict[str, dict[str, Optional[float]]]  # name -> {"cv": float, "test": float | None}
+    base: dict  # per-job, per-column, per-model summaries
+    weights: dict[str, float]  # weighted-vote weights per column (test-time)
+    oof_predictions: dict[str, np.ndarray]  # name -> [n] predicted labels on OOF (for plots)
+    stacking: Optional[StackingResult]
+    vote_k: int
+    vote_n_oof: int
+    vote_n_test: int
+    skipped: dict[str, str] = field(default_factory=dict)  # ensemble name -> why it was not built
+
+
+@dataclass
+class _Scorer:
+    """The metric on the OOF labels and, when the data set has a holdout, on the test labels."""
+
+    store: OOFStore
+    metric: str
+
+    @property
+    def has_test(self) -> bool:
+        return self.store.test is not None and self.store.test_labels is not None
+
+    def cv(self, probs: np.ndarray) -> float:
+        return score(self.metric, self.store.labels, probs)
+
+    def test(self, probs: Optional[np.ndarray]) -> Optional[float]:
+        return score(self.metric, self.store.test_labels, probs) if self.has_test and probs is not None else None
+
+    def cv_labels(self, pred: np.ndarray) -> float:
+        return score_labels(self.metric, self.store.labels, pred)
+
+    def test_labels(self, pred_of_test: callable) -> Optional[float]:
+        return score_labels(self.metric, self.store.test_labels, pred_of_test()) if self.has_test else None
+
+
+def run_ensembles(
+    store: OOFStore,
+    metric: str,
+    *,
+    test_by_job: Optional[np.ndarray] = None,
+    vote_fraction: float = 0.6,
+    vote_threshold: float = 0.5,
+    stacking: bool = True,
+    seed: int = 0,
+    learning_rate: float = 0.1,
+    num_leaves: int = 15,
+    max_rounds: int = 100,
+    early_stopping: int = 10,
+    max_meta_rows: int = 15000,
+) -> EnsembleOutcome:
+    """Base summaries, the voting variants and stacking, each with a leakage-free CV score and a test score.
+
+    test_by_job [J, n_test, C]: each fold model's own test probabilities, the voters of k-of-n voting on
+    test (on OOF the voters are the columns, since each sample has one fold model per column).
+    """
+    s = _Scorer(store, metric)
+    scores: dict[str, dict[str, Optional[float]]] = {}
+    preds: dict[str, np.ndarray] = {}
+    base = _singles(s, test_by_job, scores, preds)
+    _plain_votes(s, scores, preds)
+    weights, skipped = _weighted_vote(s, scores, preds, stacking)
+    vote_k, n_test_voters = _k_of_n(s, test_by_job, vote_fraction, vote_threshold, scores, preds)
+    stacked = None
+    if stacking and "stacking" not in skipped:
+        stacked = stack(
+            store,
+            seed=seed,
+            learning_rate=learning_rate,
+            num_leaves=num_leaves,
+            max_rounds=max_rounds,
+            early_stopping=early_stopping,
+            max_meta_rows=max_meta_rows,
+        )
+        scores["stacking"] = {"cv": s.cv(stacked.oof_probs), "test": s.test(stacked.test_probs)}
+        preds["stacking"] = stacked.oof_probs.argmax(1)
+    return EnsembleOutcome(
+        scores=scores,
+        base=base,
+        weights=dict(zip(store.columns, map(float, weights))),
+        oof_predictions=preds,
+        stacking=stacked,
+        vote_k=vote_k,
+        vote_n_oof=len(store.columns),
+        vote_n_test=n_test_voters,
+        skipped=skipped,
+    )
+
+
+def _singles(s: _Scorer, test_by_job: Optional[np.ndarray], scores: dict, preds: dict) -> dict:
+    """best_single, mean_single and fold_average; returns the per-job / column / model summaries."""
+    store = s.store
+    col_cv = [s.cv(store.oof[k]) for k in range(len(store.columns))]
+    col_test = [s.test(store.test[k]) if s.has_test else None for k in range(len(store.columns))]
+    per_model = {}
+    for m in sorted({parse_column(c)[0] for c in store.columns}):
+        idx = [k for k, c in enumerate(store.columns) if parse_column(c)[0] == m]
+        per_model[m] = {
+            "seeds": len(idx),
+            "cv": s.cv(store.oof[idx].mean(0)),
+            "test": s.test(store.test[idx].mean(0)) if s.has_test else None,
+        }
+    best_k = int(np.argmax(col_cv))
+    scores["best_single"] = {"cv": col_cv[best_k], "test": col_test[best_k], "column": store.columns[best_k]}
+    scores["mean_single"] = {"cv": float(np.mean(col_cv)), "test": float(np.mean(col_test)) if s.has_test else None}
+    preds["best_single"] = store.oof[best_k].argmax(1)
+    fold_avg_test = test_by_job.mean(0) if test_by_job is not None else (store.test.mean(0) if s.has_test else None)
+    scores["fold_average"] = {"cv": float(np.mean([j["val_score"] for j in store.jobs])), "test": s.test(fold_avg_test)}
+    return {
+        "jobs": {j["id"]: j["val_score"] for j in store.jobs},
+        "columns": {c: {"cv": col_cv[k], "test": col_test[k]} for k, c in enumerate(store.columns)},
+        "seed_averaged_models": per_model,
+    }
+
+
+def _plain_votes(s: _Scorer, scores: dict, preds: dict) -> None:
+    """soft_vote (mean probability) and hard_vote (majority of argmaxes)."""
+    store = s.store
+    soft_oof = soft_vote(store.oof)
+    scores["soft_vote"] = {"cv": s.cv(soft_oof), "test": s.test(soft_vote(store.test) if s.has_test else None)}
+    preds["soft_vote"] = soft_oof.argmax(1)
+    hard_oof = hard_vote(store.oof)
+    scores["hard_vote"] = {"cv": s.cv_labels(hard_oof), "test": s.test_labels(lambda: hard_vote(store.test))}
+    preds["hard_vote"] = hard_oof
+
+
+def _weighted_vote(s: _Scorer, scores: dict, preds: dict, stacking: bool) -> tuple[np.ndarray, dict[str, str]]:
+    """Weighted voting, fitted per held-out fold on the other folds' OOF rows. With one trained fold
+    (cv.only_folds=[k]) there are no other rows: it (and stacking) are skipped and said so, not fitted on
+    the rows they are scored on. Returns the test-time weights and what was skipped."""
+    store, y = s.store, s.store.labels
+    fold_ids = sorted(set(store.folds.tolist()))
+    if len(fold_ids) < 2:
+        reason = f"needs OOF rows of at least 2 folds; only fold {fold_ids[0]} was trained"
+        skipped = {"weighted_vote": reason, **({"stacking": reason} if stacking else {})}
+        return np.full(len(store.columns), 1.0 / len(store.columns)), skipped
+    weighted_oof = np.zeros(store.oof.shape[1:], dtype=store.oof.dtype)
+    for k in fold_ids:
+        held = store.folds == k
+        weighted_oof[held] = soft_vote(store.oof[:, held], fit_vote_weights(store.oof[:, ~held], y[~held]))
+    weights = fit_vote_weights(store.oof, y)
+    scores["weighted_vote"] = {
+        "cv": s.cv(weighted_oof),
+        "test": s.test(soft_vote(store.test, weights) if s.has_test else None),
+    }
+    preds["weighted_vote"] = weighted_oof.argmax(1)
+    return weights, {}
+
+
+def _k_of_n(
+    s: _Scorer, test_by_job: Optional[np.ndarray], vote_fraction: float, threshold: float, scores: dict, preds: dict
+) -> tuple[int, int]:
+    """'At least k of n' voting; returns (k on OOF, number of test voters)."""
+    store = s.store
+    k_oof = max(1, math.ceil(vote_fraction * len(store.columns)))
+    kofn_oof = detections_to_labels(k_of_n_vote(store.oof, k_oof, threshold), soft_vote(store.oof))
+    voters_test = test_by_job if test_by_job is not None else store.test
+    n_test_voters = voters_test.shape[0] if voters_test is not None else 0
+    k_test = max(1, math.ceil(vote_fraction * n_test_voters))
+    scores["k_of_n_vote"] = {
+        "cv": s.cv_labels(kofn_oof),
+        "test": s.test_labels(
+            lambda: detections_to_labels(k_of_n_vote(voters_test, k_test, threshold), voters_test.mean(0))
+        ),
+    }
+    preds["k_of_n_vote"] = kofn_oof
+    return k_oof, n_test_voters

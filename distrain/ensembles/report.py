@@ -1,0 +1,97 @@
+"""Aggregate finished jobs into `report.json` and a short table.
+
+report.json contract (later stages add keys; these stay):
+    {"experiment", "metric",
+     "jobs": [{"id", "model", "seed", "fold", "status", "val_score"}],
+     "cv": {"mean", "std"},
+     "test": {"fold_average"},
+     "mlflow": {"tracking_uri", "experiment_id", "parent_run_id"}}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from distrain.config import Config
+from distrain.ensembles.store import OOFStore
+from distrain.fsutil import atomic_write_json
+from distrain.study.metrics import score
+
+
+def build_report(cfg: Config, store: OOFStore, test_by_job: Optional[np.ndarray], mlflow_info: dict) -> dict:
+    """Assemble the report dict (without writing it) from the OOF store of the finished jobs.
+
+    test_by_job [J, n_test, C] holds each job's own test probabilities, in the order of store.jobs.
+    """
+    metric = cfg.train.metric
+    labels = store.test_labels
+    has_test = test_by_job is not None and labels is not None
+    rows = [
+        {
+            "id": j["id"],
+            "model": j["model"],
+            "seed": j["seed"],
+            "fold": j["fold"],
+            "status": "done",
+            "val_score": float(j["val_score"]),
+            "best_epoch": j["best_epoch"],
+            "test_score": score(metric, labels, test_by_job[i]) if has_test else None,
+        }
+        for i, j in enumerate(store.jobs)
+    ]
+    scores = np.array([r["val_score"] for r in rows])
+    return {
+        "experiment": cfg.experiment,
+        "metric": metric,
+        "jobs": rows,
+        "cv": {"mean": float(scores.mean()), "std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0},
+        "test": {
+            "fold_average": score(metric, labels, test_by_job.mean(0)) if has_test else None,
+            "fold_average_by_model_seed": {
+                c: score(metric, labels, store.test[k]) if has_test else None for k, c in enumerate(store.columns)
+            },
+            "n_samples": len(store.test_ids),
+        },
+        "mlflow": mlflow_info,
+    }
+
+
+def write_report(run_dir: Path, report: dict) -> Path:
+    path = run_dir / "report.json"
+    atomic_write_json(path, report)
+    return path
+
+
+def read_report(run_dir: Path) -> Optional[dict]:
+    """The run directory's report.json, or None when there is none (or it cannot be read)."""
+    try:
+        return json.loads((run_dir / "report.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def format_table(report: dict) -> str:
+    """The short table the main job prints."""
+    m = report["metric"]
+    lines = [f"{'job':<32} {'val ' + m:>14} {'test ' + m:>14}"]
+    for r in report["jobs"]:
+        test = f"{r['test_score']:.4f}" if r.get("test_score") is not None else "-"
+        lines.append(f"{r['id']:<32} {r['val_score']:>14.4f} {test:>14}")
+    for f in report.get("failed_jobs", []):
+        lines.append(f"{f['id']:<32} {'FAILED':>14} {'-':>14}")
+    lines.append(f"{'CV mean ± std':<32} {report['cv']['mean']:>7.4f} ± {report['cv']['std']:.4f}")
+    fa = report["test"]["fold_average"]
+    if fa is not None:
+        lines.append(f"{'holdout test, fold-averaged':<32} {'':>14} {fa:>14.4f}")
+    if report.get("ensembles"):
+        lines += ["", f"{'ensemble':<32} {'CV ' + m:>14} {'test ' + m:>14}"]
+        for name, s in report["ensembles"].items():
+            test = f"{s['test']:.4f}" if s["test"] is not None else "-"
+            lines.append(f"{name:<32} {s['cv']:>14.4f} {test:>14}")
+        for name, why in report.get("ensemble_details", {}).get("skipped", {}).items():
+            lines.append(f"{name:<32} {'skipped: ' + why}")
+    return "\n".join(lines)

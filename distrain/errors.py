@@ -1,0 +1,88 @@
+"""Every exception distrain raises on purpose, and the exit codes they map to, in one place.
+
+    DistrainError                 anything distrain reports in one line (exit 1 unless a subclass says)
+    ├── BadInput                  refused before any work; exit 2
+    │   ├── ConfigError           a config key or value, a launcher file that disagrees with it
+    │   ├── DataError             shards, index, images, a run directory that holds something else
+    │   │   └── FoldManifestMismatch   a run directory split with other folds
+    │   └── EnsembleError         predictions that cannot be ensembled
+    ├── JobFailure                one job attempt failed (counts toward scheduler.max_retries)
+    │   └── NonFiniteLoss         the loss stayed NaN/inf (train.max_nonfinite_losses)
+    └── Interrupted               a job stopped at a step boundary, its state saved
+        ├── Preempted             SIGTERM: exit 75, the job resumes on the next claim
+        └── LeaseLost             another worker took the job over: stop without writing
+
+This module imports nothing heavy, so a refusal costs no torch import. `BadInput` also derives from
+ValueError, which callers of the library functions (and older code) catch.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # a job or the aggregation failed for good (retries used up)
+EXIT_BAD_INPUT = 2  # refused before any work: config, data, command line
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again later": stopped by SIGTERM with the state saved
+
+
+class DistrainError(Exception):
+    """An error distrain reports as one line; `exit_code` is what the process exits with."""
+
+    exit_code = EXIT_FAILED
+
+
+class BadInput(DistrainError, ValueError):
+    """Input that cannot be used as given; the message is one line naming the problem."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class ConfigError(BadInput):
+    """A config that cannot be run; the message names the key and the value."""
+
+
+class DataError(BadInput):
+    """Data (shards, index, images) or a run directory that cannot be used as given."""
+
+
+class FoldManifestMismatch(DataError):
+    """The run directory holds a fold manifest other than the one this config and data imply."""
+
+
+class EnsembleError(BadInput):
+    """Predictions that cannot be ensembled; the message names the job or column."""
+
+
+class JobFailure(DistrainError):
+    """One job attempt failed for a reason of its own (the other jobs go on)."""
+
+
+class NonFiniteLoss(JobFailure):
+    """Too many consecutive NaN/inf losses (train.max_nonfinite_losses): the run diverged."""
+
+
+class Interrupted(DistrainError):
+    """A job stopped at an optimizer-step boundary on request, after saving its training state."""
+
+
+class Preempted(Interrupted):
+    """The worker was asked to stop (SIGTERM); the job is pending again and resumes from its state."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class LeaseLost(Interrupted):
+    """Another worker took the job over (this one missed heartbeats); stop without writing."""
+
+
+def refuse(error: BadInput) -> int:
+    """Say why input was refused, as the one line a user sees last, and return the exit code. Under
+    `distrain schedule` the worker's result file carries the code too (accelerate launch turns every
+    child failure into exit 1)."""
+    import os
+    import sys
+    from pathlib import Path
+
+    print(f"distrain: error: {error}", file=sys.stderr)
+    if os.environ.get("DISTRAIN_WORKER_RESULT") and os.environ.get("RANK", "0") == "0":
+        Path(os.environ["DISTRAIN_WORKER_RESULT"]).write_text(f'{{"exit_code": {error.exit_code}}}')
+    return error.exit_code

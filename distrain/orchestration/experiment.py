@@ -1,0 +1,277 @@
+"""The main job as one worker runs it, in named phases:
+
+    start      accelerator, data and folds, run directory, tracking         (`start_study`)
+    work       claim jobs from the ledger and train each until none is left   (`worker.run_worker`, `JobRunner`)
+    aggregate  the worker that finishes last writes report.json and the ensembles (`phases.aggregate_and_report`)
+    finish     record how this worker ended, release the process group
+
+One launch is one worker: every rank trains the job rank 0 claimed, as one DDP (or ZeRO) process group.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from distrain.config import Config
+from distrain.data.index import DatasetIndex, read_index
+from distrain.data.loaders import check_shard_count
+from distrain.data.pack import ensure_digits
+from distrain.distributed import runtime
+from distrain.errors import DataError, Interrupted, LeaseLost, Preempted
+from distrain.fsutil import atomic_write_json
+from distrain.orchestration import phases
+from distrain.orchestration.ledger import AGGREGATE, Claim, Heartbeat, JobState, Ledger, default_worker_id
+from distrain.orchestration.worker import WorkerOutcome, run_worker
+from distrain.study.folds import FoldManifest, build_fold_manifest
+from distrain.study.plan import Job, expand_plan
+from distrain.study.results import is_done, job_dir
+from distrain.tracking.base import NullTracker, Tracker
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+@dataclass
+class Study:
+    """What every phase of one worker needs, built once by `start_study`."""
+
+    cfg: Config
+    accelerator: Accelerator
+    index: DatasetIndex
+    manifest: FoldManifest
+    worker: str
+    tracker: Tracker
+    ledger: Ledger
+    plan: list[Job]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
+
+    @property
+    def is_primary(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def on_primary(self, fn):
+        return runtime.on_primary(self.accelerator, fn)
+
+    def log(self, message: str) -> None:
+        if self.is_primary:
+            print(message, flush=True)
+
+
+def run_experiment(cfg: Config, shard: Optional[tuple[int, int]] = None, new_run_dir: bool = False) -> int:
+    """Prepare data, folds and tracking; claim and train jobs from the run directory's ledger until none
+    is left; the worker that finishes last aggregates. Returns the exit code (`distrain.errors`)."""
+    stop = threading.Event()  # SIGTERM (preemption, spot reclaim): finish the step, save, release, exit 75
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        study = start_study(cfg, new_run_dir, shard)
+        sc = study.cfg.scheduler
+        outcome = run_worker(
+            study.ledger,
+            [j.id for j in study.plan],
+            worker=study.worker,
+            run_job=JobRunner(study, stop).run,
+            aggregate=lambda states: aggregate(study, states),
+            heartbeat_s=sc.heartbeat_s,
+            poll_s=sc.poll_s,
+            shard=shard,
+            wait_for_others=sc.wait_for_others,
+            is_primary=study.is_primary,
+            coordinate=study.on_primary,
+            stop_requested=stop.is_set,
+            log=study.log,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    finish(study, outcome)
+    return outcome.exit_code
+
+
+def start_study(cfg: Config, new_run_dir: bool, shard: Optional[tuple[int, int]]) -> Study:
+    """Accelerator, data and fold manifest, run directory and tracking: everything checked before a job runs."""
+    accelerator = runtime.create_accelerator(cfg.train)
+    if cfg.model.grad_checkpointing:
+        from distrain.distributed.checkpointing import check_grad_checkpointing
+
+        for name in cfg.model.names:
+            check_grad_checkpointing(name)
+    index, manifest = prepare_data(cfg, accelerator)
+    chosen = runtime.on_primary(accelerator, lambda: phases.prepare_run_dir(cfg, manifest, new_run_dir))
+    if chosen.experiment != cfg.experiment and accelerator.is_main_process:
+        print(f"distrain: {cfg.run_dir} holds another config; using {chosen.run_dir}", flush=True)
+    cfg = chosen
+    worker = runtime.on_primary(accelerator, default_worker_id)
+    if accelerator.is_main_process:
+        print(
+            f"distrain: {cfg.experiment}: {len(manifest.fold_of_sample)} CV samples in {cfg.cv.folds} folds "
+            f"(manifest {manifest.hash[:12]}), {len(index.split_ids('test'))} holdout test samples, "
+            f"{accelerator.num_processes} process(es) on {accelerator.device.type}; worker {worker}"
+            + (f", shard {shard[0]}/{shard[1]}" if shard else ""),
+            flush=True,
+        )
+    tracker = _start_tracking_on_rank0(cfg, manifest, worker, accelerator)
+    return Study(
+        cfg=cfg,
+        accelerator=accelerator,
+        index=index,
+        manifest=manifest,
+        worker=worker,
+        tracker=tracker,
+        ledger=phases.open_ledger(cfg, cfg.run_dir),
+        plan=expand_plan(cfg),
+    )
+
+
+def _start_tracking_on_rank0(cfg: Config, manifest: FoldManifest, worker: str, accelerator) -> Tracker:
+    """Rank 0 opens the tracker (the others wait and get a NullTracker): the tracker itself holds a client
+    that cannot be sent to other ranks."""
+    opened: list[Tracker] = []
+    runtime.on_primary(accelerator, lambda: opened.append(phases.start_tracking(cfg, manifest, worker)))
+    return opened[0] if opened else NullTracker()
+
+
+def prepare_data(cfg: Config, accelerator: Accelerator) -> tuple[DatasetIndex, FoldManifest]:
+    """The data set's index (the digits written first if missing) and the study's fold manifest."""
+    if cfg.data.source == "digits":  # each node's local primary writes them (nodes may not share a disk)
+        runtime.on_primary(accelerator, lambda: ensure_digits(cfg.data.root), per_node=True)
+    index = read_index(cfg.data.root, num_classes=cfg.data.num_classes)  # every rank: same check, same error
+    check_shard_count(index.cv_shards, accelerator.num_processes, cfg.data.num_workers, f"{cfg.data.root} cv split")
+    cv_ids = index.split_ids("cv")
+    cv_labels = index.labels_of("cv")
+    groups = dict(zip(index.sample_ids, index.groups))
+    try:
+        manifest = build_fold_manifest(
+            cv_ids, [cv_labels[s] for s in cv_ids], cfg.cv.folds, cfg.cv.fold_seed, groups=[groups[s] for s in cv_ids]
+        )
+    except DataError as e:
+        raise DataError(f"{cfg.data.root}: {e}") from None
+    return index, manifest
+
+
+class JobRunner:
+    """Trains one claimed job on every rank and, on rank 0, writes its outputs while it still owns it."""
+
+    def __init__(self, study: Study, stop: threading.Event):
+        self.study, self.stop = study, stop
+
+    def run(self, claim: Claim, beat: Heartbeat) -> None:
+        from distrain.training.loop import JobControl, fit_job
+
+        study = self.study
+        cfg, job = study.cfg, next(j for j in study.plan if j.id == claim.job_id)
+        if study.on_primary(lambda: is_done(study.run_dir, job)):
+            return  # outputs written by an attempt that died before recording it in the ledger
+        run_id = study.tracker.start_job(
+            job.id,
+            phases.job_params(cfg, job),
+            {"model": job.model, "seed": job.seed, "fold": job.fold, "attempt": claim.attempt, "worker": study.worker},
+        )
+        sc = cfg.scheduler
+        control = JobControl(
+            state_dir=job_dir(study.run_dir, job) / "state",
+            checkpoint_every_s=sc.checkpoint_every_s,
+            keep_checkpoints=sc.keep_checkpoints,
+            progress=beat.progress,
+            stop_requested=lambda: self.stop.is_set() or beat.lost.is_set(),
+        )
+        try:
+            result = fit_job(
+                job, cfg, study.index, study.manifest.fold_of_sample, study.accelerator, study.tracker, run_id, control
+            )
+        except Interrupted:
+            lost = study.on_primary(lambda: beat.lost.is_set())  # all ranks agree why
+            study.tracker.end_run(run_id, "KILLED")
+            raise (LeaseLost if lost else Preempted)(str(claim)) from None
+        except BaseException as e:
+            study.tracker.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+        if not study.on_primary(lambda: self._finish_job(claim, result, run_id)):
+            raise LeaseLost(str(claim))
+
+    def _finish_job(self, claim: Claim, result, run_id: str) -> bool:
+        """Write the job's outputs and log them; False if another worker took the job over meanwhile."""
+        from distrain.training.outputs import write_job_outputs
+
+        study, tracker = self.study, self.study.tracker
+        if not study.ledger.owns(claim):
+            return False  # taken over by another worker meanwhile: its outputs, not ours
+        out = write_job_outputs(study.run_dir, result, study.cfg.to_dict(), run_id)
+        tracker.log_metrics(
+            run_id,
+            {f"best_val_{study.cfg.train.metric}": result.val_score, "best_epoch": result.best_epoch},
+            step=result.best_epoch,
+        )
+        tracker.log_artifact(run_id, out / "best.pt", "checkpoint")
+        for name in ("oof.npz", "test.npz"):
+            if (out / name).exists():
+                tracker.log_artifact(run_id, out / name, "predictions")
+        tracker.end_run(run_id)
+        shutil.rmtree(out / "state", ignore_errors=True)  # the finished job needs no training state
+        return True
+
+
+def aggregate(study: Study, states: list[JobState]) -> None:
+    """The aggregation step (claimed like a job, run once): report.json, ensembles, the printed table."""
+    failed = [{"id": s.job_id, "error": s.last_error} for s in states if s.status == "failed"]
+    labels = {**study.index.labels_of("cv"), **study.index.labels_of("test")}
+
+    def run() -> None:
+        phases.aggregate_and_report(
+            study.cfg, study.run_dir, study.tracker, study.manifest.fold_of_sample, labels, failed
+        )
+
+    study.on_primary(run)
+
+
+def finish(study: Study, outcome: WorkerOutcome) -> None:
+    """Record how this worker ended (for `distrain schedule` and people), say so, release the process group."""
+
+    def record() -> None:
+        row = {
+            "worker": study.worker,
+            "exit_code": outcome.exit_code,
+            "trained": outcome.trained,
+            "failed": outcome.failed,
+            "preempted": outcome.preempted,
+            "aggregated": outcome.aggregated,
+            "time": time.time(),
+        }
+        atomic_write_json(study.ledger.root / "workers" / f"{study.worker.replace(':', '-')}.json", row)
+        if os.environ.get("DISTRAIN_WORKER_RESULT"):  # for `distrain schedule`: accelerate launch turns
+            atomic_write_json(
+                Path(os.environ["DISTRAIN_WORKER_RESULT"]),  # every failure into exit 1
+                {"worker": study.worker, "exit_code": outcome.exit_code},
+            )
+        if not outcome.trained and not outcome.aggregated and not outcome.preempted:
+            _say_nothing_was_trained(study)
+
+    study.on_primary(record)
+    if outcome.preempted:
+        study.log(f"distrain: {study.worker}: stopped by SIGTERM; state saved, lease released (exit 75)")
+    study.accelerator.end_training()
+
+
+def _say_nothing_was_trained(study: Study) -> None:
+    """A rerun of a finished run directory: show its report again and say why nothing was trained."""
+    from distrain.ensembles.report import format_table, read_report
+
+    if study.ledger.state(AGGREGATE).status != "done":
+        return  # other workers still train, or something failed (said above)
+    report = read_report(study.run_dir)
+    if report is not None:
+        print(format_table(report))
+    print(
+        f"distrain: nothing to train: all {len(study.plan)} jobs of {study.run_dir} are done with this config "
+        f"(report: {study.run_dir / 'report.json'}); for a new run, set experiment=<name> or delete the "
+        f"run directory",
+        flush=True,
+    )

@@ -1,0 +1,136 @@
+"""`distrain schedule`: pack W workers (process groups) onto this node, all claiming from one ledger.
+
+Worker i is `accelerate launch` with P processes on its own GPU subset (CUDA_VISIBLE_DEVICES) and its
+own rendezvous port; on CPU it is P gloo processes with cores / (W x P) threads each. SIGTERM to
+this command goes to every worker's whole process group (accelerate's single-process launcher does
+not forward it), each saves at its next step boundary, and this command exits 75 once all have
+stopped. Exit code: 75 if any worker was preempted, else the worst worker code (0 / 1 / 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from distrain.errors import EXIT_PREEMPTED, BadInput
+
+RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for a rendezvous or a test server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_commands(
+    workers: int, procs_per_worker: int, run_args: list[str], *, gpus: list[str], cpu_count: int
+) -> list[tuple[list[str], dict[str, str]]]:
+    """(command, extra environment) of each worker. Raises BadInput when GPUs do not divide."""
+    if workers < 1 or procs_per_worker < 1:
+        raise BadInput(f"--workers and --procs-per-worker must be >= 1, got {workers} and {procs_per_worker}")
+    if gpus and workers * procs_per_worker > len(gpus):
+        raise BadInput(
+            f"--workers {workers} x --procs-per-worker {procs_per_worker} needs "
+            f"{workers * procs_per_worker} GPUs; {len(gpus)} visible"
+        )
+    out = []
+    host = socket.gethostname()
+    for i in range(workers):
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_machines",
+            "1",
+            "--num_processes",
+            str(procs_per_worker),
+            "--dynamo_backend",
+            "no",
+            "--mixed_precision",
+            "no",
+        ]
+        if procs_per_worker > 1:
+            cmd += ["--multi_gpu", "--main_process_port", str(free_port())]
+        args = list(run_args)
+        env = {"DISTRAIN_WORKER_ID": f"{host}-w{i}"}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[i * procs_per_worker : (i + 1) * procs_per_worker])
+        elif not any(a.startswith("train.cpu_threads=") for a in args):
+            args.append(f"train.cpu_threads={max(1, cpu_count // (workers * procs_per_worker))}")
+        out.append((cmd + [str(RUN_PY)] + args, env))
+    return out
+
+
+def visible_gpus() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [g for g in visible.split(",") if g] if visible else [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_local_workers(workers: int, procs_per_worker: int, run_args: list[str]) -> int:
+    """Start the workers, forward SIGTERM / SIGINT to them, wait for all; returns the exit code."""
+    commands = worker_commands(workers, procs_per_worker, run_args, gpus=visible_gpus(), cpu_count=os.cpu_count() or 1)
+    result_dir = Path(tempfile.mkdtemp(prefix="distrain-workers-"))
+    procs = []
+    for i, (cmd, env) in enumerate(commands):
+        result = result_dir / f"w{i}.json"
+        procs.append(
+            (
+                subprocess.Popen(
+                    cmd, env={**os.environ, **env, "DISTRAIN_WORKER_RESULT": str(result)}, start_new_session=True
+                ),
+                result,
+            )
+        )
+    stopping = {"signal": None}
+
+    def forward(signum, frame):
+        stopping["signal"] = signum
+        for proc, _ in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)  # the launcher and every rank of the worker
+            except ProcessLookupError:
+                pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for proc, _ in procs:
+            proc.wait()
+        for proc, _ in procs:  # a launcher killed by the signal leaves its ranks still saving: wait for them
+            while _group_alive(proc.pid):
+                time.sleep(0.1)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    codes = []
+    for proc, result in procs:
+        if result.is_file():
+            codes.append(json.loads(result.read_text())["exit_code"])
+        else:
+            codes.append(proc.returncode if proc.returncode and proc.returncode > 0 else 1)
+    print(f"distrain schedule: worker exit codes {codes}", flush=True)
+    if EXIT_PREEMPTED in codes or stopping["signal"] is not None:
+        return EXIT_PREEMPTED
+    return max(codes)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

@@ -1,0 +1,156 @@
+"""The phases of an experiment that touch the run directory, shared by the main job (`experiment`) and
+the `distrain` commands (`cli`): choose and prepare the run directory, open its ledger and tracker,
+aggregate and report, send buffered tracking. Torch-free, so `distrain status` stays fast.
+
+A run directory `<run_root>/<experiment>/` holds `config.yaml`, `folds.json`, `ledger/`, `jobs/`,
+`ensemble/`, `report.json`, `mlflow.json` and, while MLflow was unreachable, `tracking-buffer/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from distrain.config import Config, config_differences, config_from_dict, dump_yaml, flatten, yaml_load
+from distrain.errors import DataError
+from distrain.fsutil import atomic_write_text
+from distrain.orchestration.ledger import Ledger
+from distrain.study.plan import Job
+from distrain.tracking.base import Tracker, resolve_tracking_uri
+
+if TYPE_CHECKING:
+    from distrain.study.folds import FoldManifest
+
+
+def load_run_dir(run_dir: Path) -> Config:
+    """The config a run directory was started with. Raises DataError for a folder that is not one."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file() or not (run_dir / "folds.json").is_file():
+        raise DataError(f"{run_dir}: not a distrain run directory (no config.yaml / folds.json)")
+    return config_from_dict(yaml_load(saved.read_text()), check_models=False)  # checked when the run began
+
+
+def prepare_run_dir(cfg: Config, manifest: FoldManifest, new_run_dir: bool) -> Config:
+    """Make (or reuse) the run directory of `cfg` and write its `folds.json` and `config.yaml`. A directory
+    that holds another config is refused, or with `new_run_dir` the next free `<experiment>-N` is used;
+    returns the config with the experiment name chosen. Rank 0 only."""
+    from distrain.study.folds import persist_or_check
+
+    experiment = cfg.experiment
+    for n in range(2, 1000):
+        run_dir = Path(cfg.run_root) / experiment
+        saved = run_dir / "config.yaml"
+        diffs = config_differences(yaml_load(saved.read_text()), cfg.to_dict()) if saved.exists() else []
+        if not diffs:
+            break
+        if not new_run_dir:
+            raise DataError(
+                f"{run_dir} was run with another config ({'; '.join(diffs)}); use another "
+                f"experiment name, --new-run-dir, or delete the run directory"
+            )
+        experiment = f"{cfg.experiment}-{n}"
+    persist_or_check(manifest, run_dir / "folds.json")
+    cfg = dataclasses.replace(cfg, experiment=experiment)
+    if not saved.exists():
+        atomic_write_text(saved, dump_yaml(cfg))
+    return cfg
+
+
+def open_ledger(cfg: Config, run_dir: Path) -> Ledger:
+    sc = cfg.scheduler
+    return Ledger(
+        run_dir, lease_timeout_s=sc.lease_timeout_s, max_retries=sc.max_retries, max_lost_leases=sc.max_lost_leases
+    )
+
+
+def open_tracker(cfg: Config, run_dir: Path, worker: str = "") -> Tracker:
+    """The MLflow tracker of the run directory's study run (the default store sits beside run directories)."""
+    from distrain.tracking.mlflow_tracker import MlflowTracker
+
+    tc = cfg.tracking
+    return MlflowTracker(
+        resolve_tracking_uri(tc.uri, run_dir.parent),
+        tc.experiment_name or cfg.experiment,
+        run_dir,
+        run_dir.parent,
+        timeout_s=tc.timeout_s,
+        max_retries=tc.max_retries,
+        worker=worker,
+    )
+
+
+def start_tracking(cfg: Config, manifest: FoldManifest, worker: str) -> Tracker:
+    """Open the tracker and record the study's fold manifest and config on its study run."""
+    tracker = open_tracker(cfg, cfg.run_dir, worker)
+    tracker.log_params(tracker.parent_run_id, {"fold_manifest_hash": manifest.hash})
+    tracker.log_artifact(tracker.parent_run_id, cfg.run_dir / "config.yaml")
+    return tracker
+
+
+def job_params(cfg: Config, job: Job) -> dict:
+    """What a job's MLflow run records as params: the whole config, flattened, and the job's cell."""
+    return {**flatten(cfg.to_dict()), "job.model": job.model, "job.seed": job.seed, "job.fold": job.fold}
+
+
+def failed_jobs(ledger: Ledger, plan: list[Job]) -> list[dict]:
+    """[{id, error}] of the jobs the ledger marked failed for good."""
+    return [
+        {"id": s.job_id, "error": s.last_error} for s in ledger.states([j.id for j in plan]) if s.status == "failed"
+    ]
+
+
+def aggregate_and_report(
+    cfg: Config,
+    run_dir: Path,
+    tracker: Tracker,
+    fold_of_sample: dict[str, int],
+    labels_of_sample: dict[str, int],
+    failed: list[dict],
+    allow_partial: bool = False,
+) -> dict:
+    """Write report.json with the ensembles, end the study run, print the table and what failed, and send
+    tracking buffered while MLflow was down if it is back. Returns the report."""
+    from distrain.ensembles.aggregate import aggregate
+    from distrain.ensembles.report import format_table
+
+    report = aggregate(
+        cfg,
+        run_dir,
+        tracker,
+        fold_of_sample,
+        labels_of_sample,
+        allow_partial=allow_partial or bool(failed),
+        failed_jobs=failed,
+    )
+    tracker.end_run(tracker.parent_run_id)
+    print(format_table(report))
+    print(f"distrain: report: {run_dir / 'report.json'}")
+    if report["ensemble_details"]["left_out"]:
+        print("left out: " + "; ".join(x["reason"] for x in report["ensemble_details"]["left_out"]))
+    if failed:
+        print(f"distrain: {len(failed)} job(s) failed: " + "; ".join(f"{f['id']}: {f['error']}" for f in failed))
+    sync_if_back(tracker, run_dir)
+    return report
+
+
+def sync_if_back(tracker: Tracker, run_dir: Path) -> Optional[int]:
+    """After an offline run: replay the buffered calls if the server answers now (else say how to later).
+    Returns the number of calls synced, None when there was nothing to do or it is still down."""
+    from distrain.tracking.buffer import pending_calls, sync_buffers
+
+    if not tracker.offline or not pending_calls(run_dir):
+        return None
+    try:
+        tracker.go_online()
+        synced = sync_buffers(tracker)["synced"]
+    except Exception as e:  # still unreachable: keep the buffer for `distrain sync`
+        print(
+            f"distrain: tracking still unreachable ({type(e).__name__}); run "
+            f"`distrain sync --run-dir {run_dir}` when it is back",
+            file=sys.stderr,
+        )
+        return None
+    print(f"distrain: synced {synced} buffered tracking calls")
+    return synced

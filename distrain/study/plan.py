@@ -1,0 +1,45 @@
+"""The plan of a study: models x seeds x folds, each cell a `Job`; a (model, seed) pair is a *column*.
+
+Plain data, no torch: `distrain status`, the ledger and aggregation read a run directory through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distrain.config import Config
+
+
+@dataclass(frozen=True)
+class Job:
+    """One cell of the plan models x seeds x folds."""
+
+    model: str
+    seed: int
+    fold: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.column}-f{self.fold}"
+
+    @property
+    def column(self) -> str:
+        """The (model, seed) column this job's fold belongs to."""
+        return column_key(self.model, self.seed)
+
+
+def column_key(model: str, seed: int) -> str:
+    """The name of a (model, seed) column: `<model>-s<seed>` (in report.json, MLflow and the OOF store)."""
+    return f"{model}-s{seed}"
+
+
+def parse_column(column: str) -> tuple[str, int]:
+    """`column_key`'s inverse: (model, seed). Model names may contain `-s`; the seed is after the last."""
+    model, seed = column.rsplit("-s", 1)
+    return model, int(seed)
+
+
+def expand_plan(cfg: Config) -> list[Job]:
+    """models x seeds x folds, in that nesting order (so one backbone's jobs run together)."""
+    folds = cfg.cv.only_folds or list(range(cfg.cv.folds))
+    return [Job(m, s, f) for m in cfg.model.names for s in cfg.cv.seeds for f in folds]

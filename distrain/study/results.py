@@ -1,0 +1,112 @@
+"""What a finished job leaves in `<run_dir>/jobs/<job_id>/`, and how it is read back.
+
+    best.pt        fp32 state dict of the single-device model at its best epoch + job + config
+                   (written by `distrain.training.outputs`, which has torch)
+    oof.npz        sample_ids, probs [n, C], labels for the fold's validation samples
+    test.npz       the same for the holdout test split (absent if the data set has none)
+    metrics.json   per-epoch history
+    done.json      written last: the job is finished only if this exists
+
+Every file is written atomically, so a crash leaves either no `done.json` (the job reruns) or a
+complete job.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from distrain.fsutil import atomic_write, atomic_write_json
+from distrain.study.plan import Job
+
+DONE = "done.json"
+
+
+@dataclass
+class Predictions:
+    """Probabilities keyed by sample id, in a fixed (sorted by id) order."""
+
+    sample_ids: list[str]
+    probs: np.ndarray  # [n, num_classes] float32
+    labels: np.ndarray  # [n] int64
+
+    def score(self, metric: str) -> float:
+        from distrain.study.metrics import score  # late: scikit-learn takes seconds to import
+
+        return score(metric, self.labels, self.probs)
+
+
+@dataclass
+class JobResult:
+    """A trained job: its best epoch's score, OOF and test predictions, weights and per-epoch history."""
+
+    job: Job
+    val_score: float
+    best_epoch: int
+    oof: Predictions
+    test: Optional[Predictions]
+    best_state: dict[str, Any]  # fp32 state dict (torch tensors) of the single-device model at its best epoch
+    history: list[dict] = field(default_factory=list)
+
+
+def job_dir(run_dir: Path, job: Job) -> Path:
+    return run_dir / "jobs" / job.id
+
+
+def is_done(run_dir: Path, job: Job) -> bool:
+    return (job_dir(run_dir, job) / DONE).is_file()
+
+
+def save_predictions(path: Path, pred: Predictions) -> None:
+    def write(f):
+        buf = io.BytesIO()
+        np.savez(buf, sample_ids=np.asarray(pred.sample_ids), probs=pred.probs, labels=pred.labels)
+        f.write(buf.getvalue())
+
+    atomic_write(path, write)
+
+
+def load_predictions(path: Path) -> Predictions:
+    with np.load(path, allow_pickle=False) as z:
+        return Predictions(sample_ids=[str(s) for s in z["sample_ids"]], probs=z["probs"], labels=z["labels"])
+
+
+def write_job_files(run_dir: Path, result: JobResult, mlflow_run_id: str = "") -> Path:
+    """Write a finished job's predictions and history, then `done.json` last (so `best.pt` must already be
+    there). Returns the job directory."""
+    d = job_dir(run_dir, result.job)
+    job = result.job
+    save_predictions(d / "oof.npz", result.oof)
+    if result.test is not None:
+        save_predictions(d / "test.npz", result.test)
+    atomic_write_json(d / "metrics.json", result.history)
+    atomic_write_json(
+        d / DONE,
+        {
+            "id": job.id,
+            "model": job.model,
+            "seed": job.seed,
+            "fold": job.fold,
+            "status": "done",
+            "val_score": result.val_score,
+            "best_epoch": result.best_epoch,
+            "mlflow_run_id": mlflow_run_id,
+        },
+    )
+    return d
+
+
+def read_done(run_dir: Path, job: Job) -> dict:
+    return json.loads((job_dir(run_dir, job) / DONE).read_text())
+
+
+def load_job_predictions(run_dir: Path, job: Job) -> tuple[Predictions, Optional[Predictions]]:
+    """(OOF, test) predictions of a finished job."""
+    d = job_dir(run_dir, job)
+    test = d / "test.npz"
+    return load_predictions(d / "oof.npz"), (load_predictions(test) if test.exists() else None)

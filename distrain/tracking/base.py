@@ -1,0 +1,93 @@
+"""The tracking interface every tracker implements, the one non-primary ranks get, and small shared pieces.
+
+The tree in MLflow is: experiment (one per experiment name) > study run (one per run directory, its id
+kept in `<run_dir>/mlflow.json` so re-runs add to it) > one nested run per job and per ensemble stage.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Optional
+
+
+def resolve_tracking_uri(configured: str, run_root: str | Path) -> str:
+    """config value > $MLFLOW_TRACKING_URI > embedded SQLite store under run_root."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return "sqlite:///" + str((Path(run_root) / "mlflow.db").resolve())
+
+
+def model_entry(name: str, version: str) -> dict:
+    """report.json's `ensemble_model`: the registered model's name, version and models:/ URI."""
+    return {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
+
+
+class Tracker(ABC):
+    """What the experiment, the training loop and aggregation log through. Run ids are explicit (no
+    global active run); a tracker that cannot reach its server must not raise from these calls."""
+
+    tracking_uri: str = ""
+    experiment_id: str = ""
+    parent_run_id: str = ""
+    """The study run of this run directory."""
+    offline: bool = False
+    """True while calls are buffered instead of sent (`distrain sync` replays them)."""
+    can_register_models: bool = False
+    """Whether `log_ensemble_model` registers anything (aggregation skips writing the model files if not)."""
+
+    def go_online(self) -> None:
+        """Send calls again (the server is back); `distrain.tracking.buffer.sync_buffers` replays the rest."""
+        self.offline = False
+
+    @abstractmethod
+    def start_job(self, job_id: str, params: dict, tags: dict) -> str:
+        """A nested run of the study for one job; returns its run id."""
+
+    @abstractmethod
+    def child_run(self, name: str, params: dict) -> str:
+        """A nested run of the study named `name` (an ensemble stage), reused when aggregation runs again."""
+
+    @abstractmethod
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None: ...
+
+    @abstractmethod
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: Optional[str] = None) -> None: ...
+
+    @abstractmethod
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
+
+    @abstractmethod
+    def log_ensemble_model(self, run_id: str, artifacts_dir: Path, registered_name: str) -> str:
+        """Log the ensemble as a model on `run_id`, register it, return the version ("pending-sync" offline)."""
+
+
+class NullTracker(Tracker):
+    """What non-primary ranks (and library callers without tracking) get: every call does nothing."""
+
+    def start_job(self, job_id: str, params: dict, tags: dict) -> str:
+        return ""
+
+    def child_run(self, name: str, params: dict) -> str:
+        return ""
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        pass
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        pass
+
+    def log_ensemble_model(self, run_id: str, artifacts_dir: Path, registered_name: str) -> str:
+        return ""

@@ -1,0 +1,335 @@
+"""MLflow on the primary rank, through `MlflowClient` with explicit run ids, never stalling training.
+
+See `distrain.tracking.base` for the tree it builds and `distrain.tracking.buffer` for what happens to
+calls made while the server is unreachable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from distrain.fsutil import atomic_write_json, create_exclusive_json
+from distrain.tracking.base import NullTracker, Tracker
+from distrain.tracking.buffer import BUFFER_DIR, PLACEHOLDER, read_marker
+
+PARENT_TAG = "mlflow.parentRunId"  # how MLflow marks a nested run
+
+
+class MlflowTracker(Tracker):
+    """MLflow through `MlflowClient` with explicit run ids (no global active-run state).
+
+    A tracking server that is down never stalls training: HTTP retries and timeouts are bounded
+    (tracking.max_retries / timeout_s), and after the first failed call the tracker goes offline for
+    the rest of the process: it warns once, hands out placeholder run ids (`local-...`) and appends
+    every call to `<run_dir>/tracking-buffer/<worker>.jsonl`. `sync_buffers` (`distrain sync`) replays
+    the buffers later through the same code path, so the MLflow tree ends as if nothing was lost.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        run_dir: Path,
+        run_root: Path,
+        *,
+        timeout_s: float = 10.0,
+        max_retries: int = 1,
+        worker: str = "",
+    ):
+        from mlflow.tracking import MlflowClient
+
+        bound_http_requests(timeout_s, max_retries)
+        self.tracking_uri = tracking_uri
+        self.run_dir, self.run_root, self.experiment_name = run_dir, run_root, experiment_name
+        safe_worker = re.sub(r"[^A-Za-z0-9_.-]", "_", worker or f"{socket.gethostname()}-{os.getpid()}")
+        self.buffer_path = run_dir / BUFFER_DIR / f"{safe_worker}.jsonl"
+        self.offline = False
+        self.experiment_id = ""
+        with _sqlite_schema_lock(tracking_uri):
+            self.client = MlflowClient(tracking_uri=tracking_uri)  # a SQLite store is created / migrated here
+            try:
+                self.experiment_id = self.ensure_experiment()
+            except Exception as e:
+                self._go_offline(e)
+        self.parent_run_id = self._study_run(run_dir, experiment_name)
+
+    can_register_models = True
+
+    # ---- offline handling ----------------------------------------------------------------------
+    def _go_offline(self, error: BaseException) -> None:
+        if not self.offline:
+            self.offline = True
+            print(
+                f"distrain: warning: MLflow at {self.tracking_uri} failed ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:200] if str(error) else ''}); training goes on, tracking is "
+                f"buffered in {self.buffer_path.parent} until `distrain sync --run-dir {self.run_dir}`",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _submit(self, op: dict) -> Any:
+        """Execute one tracking call now, or buffer it when offline (or when it fails)."""
+        if not self.offline and not _refers_to_placeholder(op):
+            try:
+                return self.execute(op, {})
+            except Exception as e:
+                self._go_offline(e)
+        if op["op"] == "create_run":
+            op = {**op, "ref": f"{PLACEHOLDER}{uuid.uuid4().hex}"}
+        self.buffer_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.buffer_path, "a") as f:
+            f.write(json.dumps(op) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return op.get("ref", "pending-sync" if op["op"] == "log_ensemble_model" else None)
+
+    def execute(self, op: dict, ids: dict[str, str]) -> Any:
+        """Perform one (possibly replayed) call; `ids` maps placeholder ids to real ones."""
+        run = ids.get(op.get("run", ""), op.get("run", ""))
+        kind = op["op"]
+        if kind == "create_run":
+            parent = ids.get(op["parent"], op["parent"])
+            if op["kind"] == "ensemble":
+                found = self.client.search_runs(
+                    [self.experiment_id],
+                    filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.mlflow.runName = '{op['name']}'",
+                    max_results=1,
+                )
+                if found:
+                    self.client.update_run(found[0].info.run_id, status="RUNNING")
+                    return found[0].info.run_id
+            created = self.client.create_run(
+                self.experiment_id, run_name=op["name"], tags={PARENT_TAG: parent, **op["tags"]}
+            )
+            self._log_params_now(created.info.run_id, op["params"])
+            return created.info.run_id
+        if kind == "log_params":
+            return self._log_params_now(run, op["params"])
+        if kind == "log_metrics":
+            from mlflow.entities import Metric
+
+            self.client.log_batch(
+                run, metrics=[Metric(k, v, op["timestamp"], op["step"]) for k, v in op["metrics"].items()]
+            )
+        elif kind == "log_artifact":
+            self.client.log_artifact(run, op["path"], op["artifact_path"])
+        elif kind == "end_run":
+            self.client.set_terminated(run, status=op["status"])
+        elif kind == "log_ensemble_model":
+            return self._log_ensemble_model_now(run, Path(op["artifacts_dir"]), op["registered_name"])
+        else:
+            raise ValueError(f"unknown tracking operation {kind!r}")
+        return None
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def ensure_experiment(self) -> str:
+        """The experiment's id, creating the experiment if needed (another process may win that race)."""
+        name, run_root = self.experiment_name, self.run_root
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        artifact_location = None
+        if self.tracking_uri.startswith("sqlite:"):  # else MLflow would put artifacts under ./mlruns of the cwd
+            artifact_location = (run_root / "mlartifacts" / name).resolve().as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except Exception:  # another process created it first
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def _study_run(self, run_dir: Path, name: str) -> str:
+        """The run directory's study run: reused from `mlflow.json`, else created; when several workers
+        start together exactly one creates it (the marker is created exclusively)."""
+        marker = run_dir / "mlflow.json"
+        saved = read_marker(marker)
+        if saved and saved.get("tracking_uri") == self.tracking_uri:
+            run_id = saved["parent_run_id"]
+            if run_id.startswith(PLACEHOLDER):  # created offline by a worker and not synced yet
+                if not self.offline:
+                    self.offline = True
+                    print(
+                        f"distrain: MLflow study run not synced yet: tracking is buffered until "
+                        f"`distrain sync --run-dir {run_dir}`",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                return run_id
+            if self.offline:
+                return run_id
+            try:
+                self.client.get_run(run_id)
+                self.client.update_run(run_id, status="RUNNING")
+                return run_id
+            except Exception as e:
+                if not _is_missing_run(e):
+                    self._go_offline(e)
+                    return run_id
+                saved = None  # deleted from the store: start a new study run
+        op = {
+            "op": "create_run",
+            "kind": "study",
+            "name": f"{name}-study",
+            "parent": "",
+            "params": {},
+            "tags": {"distrain.kind": "study", "distrain.run_dir": str(run_dir.resolve())},
+        }
+        if not self.offline:
+            try:
+                run_id = self.client.create_run(self.experiment_id, run_name=op["name"], tags=op["tags"]).info.run_id
+            except Exception as e:
+                self._go_offline(e)
+        if self.offline:
+            run_id = f"{PLACEHOLDER}{uuid.uuid4().hex}"
+        content = {
+            "tracking_uri": self.tracking_uri,
+            "experiment_id": self.experiment_id,
+            "experiment_name": name,
+            "parent_run_id": run_id,
+        }
+        if saved is None and marker.exists():
+            atomic_write_json(marker, content)  # replace a marker that points at a deleted run
+        elif not create_exclusive_json(marker, content):  # another worker created the study run first
+            if not run_id.startswith(PLACEHOLDER):
+                self.client.delete_run(run_id)
+            return self._study_run(run_dir, name)
+        return run_id
+
+    # ---- the tracker interface -----------------------------------------------------------------
+    def start_job(self, job_id: str, params: dict, tags: dict) -> str:
+        return self._submit(
+            {
+                "op": "create_run",
+                "kind": "job",
+                "name": job_id,
+                "parent": self.parent_run_id,
+                "tags": {"distrain.kind": "job", "distrain.job_id": job_id, **{k: str(v) for k, v in tags.items()}},
+                "params": {k: str(v)[:6000] for k, v in params.items()},
+            }
+        )
+
+    def child_run(self, name: str, params: dict) -> str:
+        """A nested run of the study named `name` (an ensemble stage), reused when aggregation runs again."""
+        return self._submit(
+            {
+                "op": "create_run",
+                "kind": "ensemble",
+                "name": name,
+                "parent": self.parent_run_id,
+                "tags": {"distrain.kind": "ensemble"},
+                "params": {k: str(v)[:6000] for k, v in params.items()},
+            }
+        )
+
+    def log_ensemble_model(self, run_id: str, artifacts_dir: Path, registered_name: str) -> str:
+        """Log the ensemble as a pyfunc model on `run_id`, register it, and return the new version
+        ("pending-sync" when offline)."""
+        return str(
+            self._submit(
+                {
+                    "op": "log_ensemble_model",
+                    "run": run_id,
+                    "artifacts_dir": str(artifacts_dir),
+                    "registered_name": registered_name,
+                }
+            )
+        )
+
+    def _log_ensemble_model_now(self, run_id: str, artifacts_dir: Path, registered_name: str) -> str:
+        import mlflow
+        import mlflow.pyfunc
+
+        from distrain.ensembles.serving import DistrainPyfunc
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="ensemble",
+                python_model=DistrainPyfunc(),
+                artifacts={"ensemble": str(artifacts_dir)},
+                pip_requirements=["distrain", "torch", "timm", "lightgbm", "pillow"],
+                registered_model_name=registered_name,
+            )
+        return str(info.registered_model_version)
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        self._submit({"op": "log_params", "run": run_id, "params": {k: str(v)[:6000] for k, v in params.items()}})
+
+    def _log_params_now(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        self._submit(
+            {
+                "op": "log_metrics",
+                "run": run_id,
+                "step": int(step),
+                "timestamp": int(time.time() * 1000),
+                "metrics": {k: float(v) for k, v in metrics.items()},
+            }
+        )
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        self._submit(
+            {"op": "log_artifact", "run": run_id, "path": str(Path(path).resolve()), "artifact_path": artifact_path}
+        )
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self._submit({"op": "end_run", "run": run_id, "status": status})
+
+
+def bound_http_requests(timeout_s: float, max_retries: int) -> None:
+    """MLflow reads these per request; its defaults (7 retries, backoff 2, 120 s timeout) block for minutes."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(max_retries)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(round(timeout_s))))
+
+
+@contextlib.contextmanager
+def _sqlite_schema_lock(tracking_uri: str):
+    """Workers starting together on one SQLite store would each create MLflow's tables ("table experiments
+    already exists"); a file lock beside the database lets the first create them and the rest reuse them."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(tracking_uri[len("sqlite:///") :] + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _refers_to_placeholder(op: dict) -> bool:
+    return any(str(op.get(k, "")).startswith(PLACEHOLDER) for k in ("run", "parent"))
+
+
+def _is_missing_run(error: Exception) -> bool:
+    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(error, "error_code", "")) or "not found" in str(error).lower()
+
+
+def create_tracker(
+    is_primary: bool, tracking_uri: str, experiment_name: str, run_dir: Path, run_root: Path, **kwargs
+) -> Tracker:
+    """MlflowTracker on the primary rank, NullTracker on the others."""
+    if not is_primary:
+        return NullTracker()
+    return MlflowTracker(tracking_uri, experiment_name, run_dir, run_root, **kwargs)

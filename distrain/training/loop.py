@@ -1,0 +1,430 @@
+"""Fit one job (one model, one seed, one fold): train, evaluate every epoch, keep the best weights,
+and return out-of-fold (OOF) probabilities for the fold's validation samples and probabilities for
+the holdout test split, keyed by sample id.
+
+The same code runs as one CPU process, as 2 processes of DDP over gloo on CPU, and on N GPUs over
+one or several nodes; everything rank-aware goes through `distrain.distributed`.
+
+    fit_job = build (JobTrainer) -> resume -> per epoch: train_epoch, evaluate, stop? -> finish
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from distrain.config import Config
+from distrain.data.index import DatasetIndex
+from distrain.data.loaders import train_loader
+from distrain.data.transforms import prepare_batch
+from distrain.distributed import runtime
+from distrain.distributed.wrap import wrap
+from distrain.errors import ConfigError, Interrupted, NonFiniteLoss
+from distrain.study.plan import Job
+from distrain.study.results import JobResult
+from distrain.tracking.base import NullTracker, Tracker
+from distrain.training.checkpoint import (
+    list_states,
+    load_latest_state,
+    prune_engine_checkpoints,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
+from distrain.training.evaluate import check_coverage, predict
+from distrain.training.models import create_model
+from distrain.training.optim import create_optimizer, create_scheduler
+from distrain.training.state import EpochSums, TrainState
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+STATE_FORMAT = "distrain-state/1"
+
+
+@dataclass
+class JobControl:
+    """How the caller steers a running job: where its full training state is checkpointed and how
+    often, when it must stop (SIGTERM, a lost lease), and a dict it reads progress from (heartbeats)."""
+
+    state_dir: Optional[Path] = None
+    """Directory of this job's training-state checkpoints; None: no checkpoints, no resume."""
+    checkpoint_every_s: float = 300.0
+    """Save at the first optimizer-step boundary after this many seconds since the last save."""
+    keep_checkpoints: int = 2
+    stop_requested: Callable[[], bool] = lambda: False
+    """This rank's wish to stop; any rank's wish stops all ranks at the same step, after a save."""
+    progress: dict = field(default_factory=dict)
+
+
+def steps_per_epoch(n_train: int, world_size: int, batch_size: int, accum: int) -> int:
+    """Micro-batches each rank takes per epoch: one pass over the fold's training samples in total,
+    rounded down to whole optimizer steps. Raises ConfigError if not even one step fits."""
+    steps = (n_train // (world_size * batch_size)) // accum * accum
+    if steps == 0:
+        raise ConfigError(
+            f"train.batch_size={batch_size} x grad_accum_steps={accum} x {world_size} processes "
+            f"exceeds the {n_train} training samples of a fold"
+        )
+    return steps
+
+
+def fit_job(
+    job: Job,
+    cfg: Config,
+    index: DatasetIndex,
+    fold_of_sample: dict[str, int],
+    accelerator: Accelerator,
+    tracker: Tracker = NullTracker(),
+    run_id: str = "",
+    control: Optional[JobControl] = None,
+) -> JobResult:
+    """Train `job` to completion (or early stop) and predict OOF and test from its best epoch.
+
+    With `control.state_dir`, the full training state is checkpointed there and a later call resumes
+    from the newest good checkpoint: same weights, optimizer, schedule, every rank's RNG and data
+    position, so a resumed job ends bit-identical to an uninterrupted one (with deterministic kernels).
+    Raises `Interrupted` when `control.stop_requested` turned true (its state saved first).
+    """
+    trainer = JobTrainer(job, cfg, index, fold_of_sample, accelerator, tracker, run_id, control or JobControl())
+    trainer.resume()
+    epochs = tqdm(
+        range(trainer.state.epoch, cfg.train.epochs),
+        desc=job.id,
+        disable=not trainer.show_progress,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    for epoch in epochs:
+        row = trainer.evaluate(epoch, trainer.train_epoch(epoch))
+        best = trainer.state.best
+        epochs.set_postfix(val=f"{row[f'val_{cfg.train.metric}']:.4f}", best=f"{best.score:.4f}")
+        if trainer.should_stop_early(epoch, row):
+            break  # every rank sees the same gathered metric, so every rank stops together
+        if epoch + 1 < cfg.train.epochs:
+            trainer.step_boundary(epoch + 1, 0)
+    return trainer.finish()
+
+
+class _NonFiniteCounter:
+    """Consecutive non-finite losses, kept on the device and read every few steps (no per-step host sync)."""
+
+    def __init__(self, device: torch.device, limit: int):
+        self.limit = limit
+        self.check_every = max(1, min(8, limit or 8))
+        self.run = torch.zeros((), device=device)
+        self.worst = torch.zeros((), device=device)
+        self.total = torch.zeros((), device=device)
+
+    def add(self, finite: torch.Tensor) -> None:
+        self.run = (self.run + 1) * (~finite)
+        self.worst = torch.maximum(self.worst, self.run)
+        self.total += ~finite
+
+    def check(self, job: Job, epoch: int, step: int) -> None:
+        """Hard stop once `limit` consecutive micro-batch losses were NaN/inf (0: never)."""
+        if self.limit and float(self.worst) >= self.limit:
+            raise NonFiniteLoss(
+                f"{job.id}: {int(self.worst)} consecutive non-finite losses by epoch {epoch} step "
+                f"{step} (train.max_nonfinite_losses={self.limit}); lower optim.lr, raise "
+                f"train.max_grad_norm clipping, or use bf16 instead of fp16"
+            )
+
+    def take_total(self) -> int:
+        """Non-finite losses since the last call."""
+        total = int(self.total)
+        self.total.zero_()
+        return total
+
+
+class JobTrainer:
+    """One job's model, optimizer, schedule, data stream and `TrainState`, with the loop's named steps."""
+
+    def __init__(
+        self,
+        job: Job,
+        cfg: Config,
+        index: DatasetIndex,
+        fold_of_sample: dict[str, int],
+        accelerator: Accelerator,
+        tracker: Tracker,
+        run_id: str,
+        control: JobControl,
+    ):
+        self.job, self.cfg, self.index, self.accelerator = job, cfg, index, accelerator
+        self.tracker, self.run_id, self.control = tracker, run_id, control
+        tc, dc = cfg.train, cfg.data
+        self.world = accelerator.num_processes
+        self.show_progress = accelerator.is_main_process and tc.progress
+        cv_labels = index.labels_of("cv")
+        self.val_ids = {s for s in cv_labels if fold_of_sample[s] == job.fold}
+        train_ids = set(cv_labels) - self.val_ids
+        runtime.seed_everything(job.seed)  # identical initial weights on every rank
+        model = create_model(
+            job.model, num_classes=dc.num_classes, in_chans=index.channels, drop_rate=cfg.model.drop_rate
+        )
+        optimizer = create_optimizer(model, cfg.optim)
+        self.n_steps = steps_per_epoch(len(train_ids), self.world, tc.batch_size, tc.grad_accum_steps)
+        opt_steps_per_epoch = self.n_steps // tc.grad_accum_steps
+        # On the plain torch optimizer: DeepSpeed's ZeRO optimizers keep its param_groups, so the LR set here
+        # is the LR they use.
+        self.scheduler = create_scheduler(
+            optimizer, cfg.optim, total_steps=opt_steps_per_epoch * tc.epochs, steps_per_epoch=opt_steps_per_epoch
+        )
+        self.trainable = wrap(accelerator, model, optimizer, tc, grad_checkpointing=cfg.model.grad_checkpointing)
+        runtime.seed_everything(job.seed, per_rank=True)  # distinct augmentation / dropout streams per rank
+        self.log(f"distrain: {job.id}: {self.trainable.describe()}")
+        self.loader_kw = dict(
+            image_size=dc.image_size, channels=index.channels, num_workers=dc.num_workers, cache=dc.cache
+        )
+        self.train_batches = iter(
+            train_loader(
+                index.urls("cv"),
+                train_ids,
+                batch_size=tc.batch_size,
+                shuffle_buffer=dc.shuffle_buffer,
+                seed=job.seed * 100 + job.fold,
+                **self.loader_kw,
+            )
+        )
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+        self.nonfinite = _NonFiniteCounter(accelerator.device, tc.max_nonfinite_losses)
+        self.state = TrainState()
+        self.resume_step = 0  # the step the first epoch after a resume starts at
+        self.last_save = time.monotonic()
+
+    def log(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            print(message, flush=True)
+
+    # ---- resume and save -------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Load the newest good checkpoint into the model, optimizer, scheduler, scaler and state, replay the
+        data stream to its position and restore this rank's RNG. Starts from scratch when there is none."""
+        saved = self._load_checkpoint()
+        if saved is None:
+            return
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.state.load_state_dict(saved)
+        self.resume_step = self.state.step
+        for _ in range(self.state.batches):  # replay the data stream (no compute) to the saved position
+            next(self.train_batches)
+        set_rng_state(saved["rng"][self.accelerator.process_index])
+        self.log(
+            f"distrain: {self.job.id}: resumed from {saved['path']} (epoch {self.state.epoch}, "
+            f"step {self.state.step}/{self.n_steps})"
+        )
+        self.last_save = time.monotonic()
+
+    def _load_checkpoint(self) -> Optional[dict]:
+        state_dir, job = self.control.state_dir, self.job
+        if state_dir is None:
+            return None
+        saved, path = load_latest_state(state_dir)
+        if saved is None:
+            return None
+        if saved.get("job") != job.id or saved.get("world_size") != self.world:
+            warnings.warn(
+                f"distrain: {path} was saved by job {saved.get('job')} with {saved.get('world_size')} "
+                f"processes; this is {job.id} with {self.world}: starting {job.id} from scratch",
+                stacklevel=3,
+            )
+            return None
+        try:
+            self.trainable.load(state_dir / "deepspeed", saved)
+        except FileNotFoundError as e:
+            warnings.warn(f"distrain: {path}: {e}; starting {job.id} from scratch", stacklevel=3)
+            return None
+        saved["path"] = str(path)
+        return saved
+
+    def save(self) -> None:
+        """Every rank contributes its RNG state (and, under ZeRO, its optimizer partition through the
+        DeepSpeed engine); rank 0 then writes one checkpoint file (atomic, checksummed) that refers to it."""
+        rngs = runtime.gather_rows(self.accelerator, [rng_state()])
+        tag = f"state-{self.state.batches:09d}"  # the stem of the checkpoint file written below
+        engine_state = self.trainable.save(self.control.state_dir / "deepspeed", tag)  # collective under ZeRO
+
+        def write() -> None:
+            checkpoint = {
+                "format": STATE_FORMAT,
+                "job": self.job.id,
+                "world_size": self.world,
+                **self.state.state_dict(),
+                **engine_state,
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rngs,
+            }
+            state_dir = self.control.state_dir
+            save_state(state_dir, self.state.batches, checkpoint, keep=self.control.keep_checkpoints)
+            prune_engine_checkpoints(state_dir / "deepspeed", {p.stem for p in list_states(state_dir)})
+
+        runtime.on_primary(self.accelerator, write)
+        self.last_save = time.monotonic()
+
+    def step_boundary(self, epoch: int, step: int, epoch_sums: Callable[[], EpochSums] = EpochSums) -> None:
+        """Between optimizer steps: checkpoint when due, and stop (after a checkpoint) when asked.
+        Ranks decide together (one tiny all-reduce), so they save and stop at the same step."""
+        control = self.control
+        control.progress.update(epoch=epoch, epochs=self.cfg.train.epochs, step=step, steps=self.n_steps)
+        if control.state_dir is None and self.world == 1:
+            if control.stop_requested():
+                raise Interrupted(f"{self.job.id}: stop requested (no checkpoint directory)")
+            return
+        due = control.state_dir is not None and time.monotonic() - self.last_save >= control.checkpoint_every_s
+        stop, due = float(control.stop_requested()), float(due and self.accelerator.is_main_process)
+        if self.world > 1:
+            stop, due = runtime.sum_across_ranks(self.accelerator, [stop, due])
+        if (stop or due) and control.state_dir is not None:
+            self.state.epoch, self.state.step, self.state.sums = epoch, step, epoch_sums()
+            self.save()
+        if stop:
+            raise Interrupted(f"{self.job.id}: stopped at epoch {epoch} step {step} with its state saved")
+
+    # ---- one epoch -------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one pass over the fold's training samples (from the saved step after a resume); returns
+        the epoch's training figures summed over ranks."""
+        tc, device, state = self.cfg.train, self.accelerator.device, self.state
+        self.trainable.train()
+        start_step, self.resume_step = self.resume_step, 0
+        sums = state.sums if start_step else EpochSums()
+        # Running sums stay tensors: no per-step host round trip (a device sync on GPUs).
+        loss_sum = torch.tensor(sums.loss_sum, device=device)
+        correct = torch.tensor(sums.correct, device=device)
+        grad_norm_sum = torch.tensor(sums.grad_norm_sum, device=device)
+        seen, grad_norm_count = sums.seen, sums.grad_norm_count
+        start = time.perf_counter() - sums.seconds
+
+        def current_sums() -> EpochSums:  # read (host sync) only when a save happens
+            return EpochSums(
+                float(loss_sum),
+                float(correct),
+                float(grad_norm_sum),
+                seen,
+                grad_norm_count,
+                time.perf_counter() - start,
+            )
+
+        steps = tqdm(
+            range(start_step, self.n_steps),
+            desc=f"epoch {epoch}",
+            disable=not self.show_progress,
+            leave=False,
+            mininterval=1.0,
+        )
+        for step in steps:
+            loss, logits, labels, stepped = self._micro_step()
+            if stepped.boundary:
+                grad_norm_sum += stepped.grad_norm.to(grad_norm_sum.device)
+                grad_norm_count += 1
+            finite = torch.isfinite(loss.detach())
+            self.nonfinite.add(finite)
+            if tc.max_nonfinite_losses and (step + 1) % self.nonfinite.check_every == 0:
+                self.nonfinite.check(self.job, epoch, step)
+            loss = torch.where(finite, loss.detach(), torch.zeros_like(loss))  # keep the epoch's mean readable
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += len(labels)
+            if (step + 1) % tc.grad_accum_steps == 0 and step + 1 < self.n_steps:
+                self.step_boundary(epoch, step + 1, current_sums)
+        train_seconds = time.perf_counter() - start
+        self.nonfinite.check(self.job, epoch, self.n_steps - 1)
+        state.nonfinite_losses += self.nonfinite.take_total()
+        loss_total, correct_total, seen_total = runtime.sum_across_ranks(
+            self.accelerator, [float(loss_sum), float(correct), seen]
+        )
+        return {
+            "loss_sum": loss_total,
+            "correct": correct_total,
+            "seen": seen_total,
+            "seconds": train_seconds,
+            "grad_norm": float(grad_norm_sum) / max(1, grad_norm_count),
+        }
+
+    def _micro_step(self):
+        """Draw one micro-batch and train on it; steps the LR schedule when the optimizer stepped."""
+        device = self.accelerator.device
+        images, labels, _ids = next(self.train_batches)
+        self.state.batches += 1
+        images = prepare_batch(images.to(device, non_blocking=True), augment=self.cfg.data.augment)
+        labels = labels.to(device, non_blocking=True)
+        loss, logits, stepped = self.trainable.micro_step(images, labels, self.criterion)
+        if stepped.boundary:
+            if stepped.applied:
+                self.scheduler.step()
+            else:
+                self.state.skipped_steps += 1  # fp16 overflow: the loss scaler skipped this step
+        return loss, logits, labels, stepped
+
+    def evaluate(self, epoch: int, train: dict[str, float]) -> dict[str, float]:
+        """Score the fold's validation samples, log the epoch's row and keep the best epoch's weights and OOF."""
+        tc, state = self.cfg.train, self.state
+        evaluated = self.trainable.eval_model()  # ZeRO: the fp32 weights gathered into a plain model
+        val = predict(
+            evaluated, self.accelerator, self.index.urls("cv"), self.val_ids, batch_size=tc.batch_size, **self.loader_kw
+        )
+        check_coverage(val, self.val_ids, f"{self.job.id} validation")
+        val_score = val.score(tc.metric)
+        train_metric = train["correct"] / train["seen"]  # accuracy on augmented batches as the weights moved
+        val_loss = F.nll_loss(torch.log(torch.from_numpy(val.probs).clamp_min(1e-12)), torch.from_numpy(val.labels))
+        row = {
+            "train_loss": train["loss_sum"] / train["seen"],
+            "train_accuracy": train_metric,
+            "val_loss": float(val_loss.item()),
+            f"val_{tc.metric}": val_score,
+            "train_val_gap": train_metric - val_score,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": train["grad_norm"],
+            "samples_per_s": train["seen"] / train["seconds"],
+            "skipped_steps": state.skipped_steps,
+            "nonfinite_losses": state.nonfinite_losses,
+        }
+        state.history.append({"epoch": epoch, **row})
+        self.tracker.log_metrics(self.run_id, row, step=epoch)
+        if val_score > state.best.score:
+            state.best.score, state.best.epoch, state.best.oof = val_score, epoch, val
+            state.best.state = {k: v.detach().to("cpu", copy=True) for k, v in evaluated.state_dict().items()}
+        return row
+
+    def should_stop_early(self, epoch: int, row: dict[str, float]) -> bool:
+        """train.patience epochs without a better score, or a train-val gap above train.max_train_val_gap."""
+        tc = self.cfg.train
+        if tc.patience and epoch - self.state.best.epoch >= tc.patience:
+            return True
+        return bool(tc.max_train_val_gap and row["train_val_gap"] > tc.max_train_val_gap)
+
+    def finish(self) -> JobResult:
+        """Predict the holdout test split with the best epoch's weights and hand back the job's result."""
+        best = self.state.best
+        final = self.trainable.plain
+        final.load_state_dict(best.state)
+        test = None
+        if self.index.test_shards:
+            test = predict(
+                final,
+                self.accelerator,
+                self.index.urls("test"),
+                None,
+                batch_size=self.cfg.train.batch_size,
+                **self.loader_kw,
+            )
+            check_coverage(test, set(self.index.labels_of("test")), f"{self.job.id} test")
+        runtime.release(self.accelerator)
+        return JobResult(
+            job=self.job,
+            val_score=best.score,
+            best_epoch=best.epoch,
+            oof=best.oof,
+            test=test,
+            best_state=best.state,
+            history=self.state.history,
+        )

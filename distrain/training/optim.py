@@ -1,0 +1,54 @@
+"""Optimizer and learning-rate schedule factories.
+
+The schedules encode the practice distrain grew from: late, low learning rates widened one team's
+train-val gap from -0.7% to +9.3%; warm restarts (SGDR) and an LR floor (`min_lr_ratio`) fixed it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from distrain.config import OptimConfig
+
+
+def create_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; biases and norm weights (1-d parameters) get no weight decay, as timm does."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(step: int, *, total_steps: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based): linear warmup, then the schedule."""
+    warmup = int(cfg.warmup_fraction * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    floor = cfg.min_lr_ratio
+    t = step - warmup
+    if cfg.schedule == "cosine":
+        span = max(1, total_steps - warmup)
+        progress = min(1.0, t / span)
+    else:  # cosine_restarts: cycles of T_0, T_0*mult, ... steps; LR jumps back to peak at each start
+        epochs = max(1, total_steps // max(1, steps_per_epoch))
+        cycle = (cfg.restart_epochs or max(1, epochs // 4)) * steps_per_epoch
+        while t >= cycle:
+            t -= cycle
+            cycle *= cfg.restart_mult
+        progress = t / cycle
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def create_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, total_steps: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps=total_steps, steps_per_epoch=steps_per_epoch, cfg=cfg)
+    )
