@@ -4,6 +4,7 @@
 
     python benchmarks/ensemble.py [--samples 100000] [--columns 20] [--classes 10]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,8 @@ import time
 
 import numpy as np
 
-from distrain.ensemble import OOFStore, run_ensembles
+from distrain.ensembles.combine import run_ensembles
+from distrain.ensembles.store import OOFStore
 
 
 def synthetic_store(n: int, columns: int, classes: int, n_test: int, seed: int = 0) -> tuple[OOFStore, float]:
@@ -32,10 +34,17 @@ def synthetic_store(n: int, columns: int, classes: int, n_test: int, seed: int =
         out /= out.sum(-1, keepdims=True)
         return out
 
-    store = OOFStore(sample_ids=[f"s{i:06d}" for i in range(n)], labels=labels, folds=np.arange(n) % 5,
-                     columns=[f"m{k}-s{k}" for k in range(columns)], oof=probs(labels),
-                     test_ids=[f"t{i:06d}" for i in range(n_test)], test_labels=test_labels, test=probs(test_labels),
-                     jobs=[{"id": f"m{k}-s{k}-f{f}", "val_score": 0.0} for k in range(columns) for f in range(5)])
+    store = OOFStore(
+        sample_ids=[f"s{i:06d}" for i in range(n)],
+        labels=labels,
+        folds=np.arange(n) % 5,
+        columns=[f"m{k}-s{k}" for k in range(columns)],
+        oof=probs(labels),
+        test_ids=[f"t{i:06d}" for i in range(n_test)],
+        test_labels=test_labels,
+        test=probs(test_labels),
+        jobs=[{"id": f"m{k}-s{k}-f{f}", "val_score": 0.0} for k in range(columns) for f in range(5)],
+    )
     return store, time.perf_counter() - t0
 
 
@@ -56,15 +65,29 @@ def main():
     stack_s = all_s - vote_s
     for name, s in full.scores.items():
         print(f"{name:<14} cv {s['cv']:.4f} test {s['test']:.4f}")
-    print(f"voting {vote_s:.1f} s, stacking {stack_s:.1f} s (rounds per fold {full.stacking.best_iterations}), "
-          f"voting + stacking {all_s:.1f} s (target < 60 s); data generation {gen_s:.1f} s")
-    print(json.dumps({"benchmark": "ensemble", "samples": args.samples, "columns": args.columns,
-                      "classes": args.classes, "test_samples": args.test, "cpus": os.cpu_count(),
-                      "voting_s": round(vote_s, 2), "stacking_s": round(stack_s, 2), "total_s": round(all_s, 2),
-                      "stacking_cv": round(full.scores["stacking"]["cv"], 4),
-                      "soft_vote_cv": round(full.scores["soft_vote"]["cv"], 4),
-                      "best_single_cv": round(full.scores["best_single"]["cv"], 4),
-                      "under_60s": all_s < 60}))
+    print(
+        f"voting {vote_s:.1f} s, stacking {stack_s:.1f} s (rounds per fold {full.stacking.best_iterations}), "
+        f"voting + stacking {all_s:.1f} s (target < 60 s); data generation {gen_s:.1f} s"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "ensemble",
+                "samples": args.samples,
+                "columns": args.columns,
+                "classes": args.classes,
+                "test_samples": args.test,
+                "cpus": os.cpu_count(),
+                "voting_s": round(vote_s, 2),
+                "stacking_s": round(stack_s, 2),
+                "total_s": round(all_s, 2),
+                "stacking_cv": round(full.scores["stacking"]["cv"], 4),
+                "soft_vote_cv": round(full.scores["soft_vote"]["cv"], 4),
+                "best_single_cv": round(full.scores["best_single"]["cv"], 4),
+                "under_60s": all_s < 60,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Ideal makespan = max(sum of durations / W, longest job): no schedule can beat it
 from starting the workers to the aggregation being done (what a user waits for); the time until the
 idle workers have noticed and exited (one poll later) is printed too.
 """
+
 import argparse
 import json
 import random
@@ -39,8 +40,12 @@ def main() -> None:
         run_dir = Path(tmp)
         env = {"LEASE_S": "5.0", "POLL_S": "0.2", "PATH": "/usr/bin:/bin"}
         wall_start, start = time.time(), time.perf_counter()
-        procs = [subprocess.Popen([sys.executable, str(WORKER), str(run_dir), str(args.jobs), json.dumps(durations)],
-                                  env=env) for _ in range(args.workers)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(WORKER), str(run_dir), str(args.jobs), json.dumps(durations)], env=env
+            )
+            for _ in range(args.workers)
+        ]
         codes = [p.wait() for p in procs]
         makespan = time.perf_counter() - start
         claims = [json.loads(line) for line in (run_dir / "claims.log").read_text().splitlines()]
@@ -51,18 +56,29 @@ def main() -> None:
     assert sorted(c["job"] for c in claims) == sorted(f"job{i:03d}" for i in range(args.jobs)), "a job ran twice"
     claim_ms = [c["seconds"] * 1000 for c in claims]
     figures = {
-        "benchmark": "scheduler", "jobs": args.jobs, "workers": args.workers,
-        "sum_job_s": round(sum(durations), 3), "ideal_makespan_s": round(ideal, 3), "makespan_s": round(makespan, 3),
-        "makespan_ratio": round(to_report / ideal, 4), "report_after_s": round(to_report, 3),
+        "benchmark": "scheduler",
+        "jobs": args.jobs,
+        "workers": args.workers,
+        "sum_job_s": round(sum(durations), 3),
+        "ideal_makespan_s": round(ideal, 3),
+        "makespan_s": round(makespan, 3),
+        "makespan_ratio": round(to_report / ideal, 4),
+        "report_after_s": round(to_report, 3),
         "all_workers_exited_ratio": round(makespan / ideal, 4),
-        "claim_ms_mean": round(statistics.mean(claim_ms), 3), "claim_ms_p95": round(sorted(claim_ms)[int(0.95 * len(claim_ms)) - 1], 3),
-        "claim_ms_max": round(max(claim_ms), 3), "aggregations": aggregated,
+        "claim_ms_mean": round(statistics.mean(claim_ms), 3),
+        "claim_ms_p95": round(sorted(claim_ms)[int(0.95 * len(claim_ms)) - 1], 3),
+        "claim_ms_max": round(max(claim_ms), 3),
+        "aggregations": aggregated,
     }
     print(f"{args.jobs} jobs ({args.min_s}-{args.max_s} s, sum {sum(durations):.1f} s) on {args.workers} workers")
-    print(f"makespan (start to aggregation done) {to_report:.2f} s vs ideal {ideal:.2f} s: ratio {to_report / ideal:.3f} "
-          f"(target <= 1.10); all workers exited after {makespan:.2f} s (ratio {makespan / ideal:.3f})")
-    print(f"claim overhead per job: mean {figures['claim_ms_mean']:.2f} ms, p95 {figures['claim_ms_p95']:.2f} ms, "
-          f"max {figures['claim_ms_max']:.2f} ms (target < 50 ms)")
+    print(
+        f"makespan (start to aggregation done) {to_report:.2f} s vs ideal {ideal:.2f} s: ratio {to_report / ideal:.3f} "
+        f"(target <= 1.10); all workers exited after {makespan:.2f} s (ratio {makespan / ideal:.3f})"
+    )
+    print(
+        f"claim overhead per job: mean {figures['claim_ms_mean']:.2f} ms, p95 {figures['claim_ms_p95']:.2f} ms, "
+        f"max {figures['claim_ms_max']:.2f} ms (target < 50 ms)"
+    )
     print(json.dumps(figures))
 
 

@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from distrain.console import route_library_output
 from distrain.errors import BadInput, refuse
 
 
@@ -111,6 +112,7 @@ def _aggregate(args) -> int:
 
     run_dir = Path(args.run_dir)
     cfg = phases.load_run_dir(run_dir)
+    route_library_output(run_dir)
     index = read_index(cfg.data.root, num_classes=cfg.data.num_classes)
     manifest = FoldManifest.from_json((run_dir / "folds.json").read_text())
     failed = phases.failed_jobs(phases.open_ledger(cfg, run_dir), expand_plan(cfg))
@@ -135,6 +137,7 @@ def _sync(args) -> int:
     if not pending_calls(run_dir):
         print(f"distrain: {run_dir}: nothing to sync")
         return 0
+    route_library_output(run_dir)
     tracker = phases.open_tracker(cfg, run_dir)
     if tracker.offline and not tracker.experiment_id:
         raise BadInput(f"tracking server {tracker.tracking_uri} is still unreachable; nothing was synced")

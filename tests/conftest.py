@@ -1,4 +1,9 @@
-"""Shared helpers: run distrain's commands as users do (subprocesses in a scratch directory)."""
+"""Shared helpers: run distrain's commands as users do (subprocesses in a scratch directory).
+
+Tests mirror the packages (tests/study, tests/data, ...); end-to-end runs of the main job are marked
+`slow` (tests/e2e and a few in the package folders), so `pytest -m "not slow"` is the quick loop.
+Scripts that tests launch under accelerate / torchrun / deepspeed live in tests/scripts."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from distrain.orchestration.local import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 RUN_PY = REPO / "distrain" / "run.py"
+
+
+def e2e_timeout(base_s: float) -> int:
+    """A bound for an end-to-end subprocess: `base_s` (what a 2-core machine needs, with room) times
+    $DISTRAIN_TEST_TIME_SCALE (default 1) for slower machines, so a slow machine fails by its own
+    measure instead of turning one time-out into a dozen errors."""
+    return int(base_s * float(os.environ.get("DISTRAIN_TEST_TIME_SCALE", "1")))
 
 
 def run_cmd(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -21,24 +35,36 @@ def run_cmd(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = N
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-def distrain_run(cwd: Path, *overrides: str, config: Path = REPO / "configs" / "digits.yaml",
-                 processes: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def distrain_run(
+    cwd: Path,
+    *overrides: str,
+    config: Path = REPO / "configs" / "digits.yaml",
+    processes: int = 1,
+    timeout: int = 600,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """The main job, as `python distrain/run.py` (1 process) or `accelerate launch --multi_gpu` (DDP on CPU)."""
     if processes == 1:
         cmd = [sys.executable, str(RUN_PY)]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(RUN_PY)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            str(RUN_PY),
+        ]
     return run_cmd(cmd + ["--config", str(config), *overrides], cwd, timeout, env)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def last_line(text: str) -> str:
@@ -57,10 +83,27 @@ def mlflow_server(store_uri: str, cwd: Path, port: int | None = None):
     import urllib.request
 
     port = port or free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri,
-                             "--artifacts-destination", str(cwd / "mlartifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            store_uri,
+            "--artifacts-destination",
+            str(cwd / "mlartifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

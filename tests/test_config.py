@@ -1,6 +1,7 @@
 import pytest
 
-from distrain.config import (ConfigError, apply_overrides, config_differences, load_config, parse_override)
+from distrain.config import ConfigError, apply_overrides, config_differences, load_config, parse_override
+
 from conftest import REPO
 
 
@@ -18,20 +19,23 @@ def test_every_shipped_config_parses():
         assert cfg.cv.folds >= 2 and cfg.model.names
 
 
-@pytest.mark.parametrize("text, message", [
-    ("train:\n  epoch: 3\n", "train.epoch: unknown key"),
-    ("bogus: 1\n", "bogus: unknown key"),
-    ("train:\n  batch_size: abc\n", "train.batch_size: expected int, got 'abc'"),
-    ("train:\n  batch_size: 0\n", "train.batch_size: invalid value 0 (expected >= 1)"),
-    ("train:\n  batch_size: true\n", "train.batch_size: expected int, got True"),
-    ("cv:\n  folds: 1\n", "cv.folds: invalid value 1 (expected >= 2)"),
-    ("cv:\n  seeds: []\n", "cv.seeds: invalid value [] (expected at least one seed)"),
-    ("cv:\n  seeds: 42\n", "cv.seeds: expected a list of int, got 42"),
-    ("model:\n  names: [resnet_does_not_exist]\n", "model.names: unknown timm model 'resnet_does_not_exist'"),
-    ("train:\n  precision: fp8\n", "train.precision: invalid value 'fp8'"),
-    ("optim:\n  lr: -1\n", "optim.lr: invalid value -1.0 (expected > 0)"),
-    ("train: 5\n", "train: expected a mapping, got 5"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  epoch: 3\n", "train.epoch: unknown key"),
+        ("bogus: 1\n", "bogus: unknown key"),
+        ("train:\n  batch_size: abc\n", "train.batch_size: expected int, got 'abc'"),
+        ("train:\n  batch_size: 0\n", "train.batch_size: invalid value 0 (expected >= 1)"),
+        ("train:\n  batch_size: true\n", "train.batch_size: expected int, got True"),
+        ("cv:\n  folds: 1\n", "cv.folds: invalid value 1 (expected >= 2)"),
+        ("cv:\n  seeds: []\n", "cv.seeds: invalid value [] (expected at least one seed)"),
+        ("cv:\n  seeds: 42\n", "cv.seeds: expected a list of int, got 42"),
+        ("model:\n  names: [resnet_does_not_exist]\n", "model.names: unknown timm model 'resnet_does_not_exist'"),
+        ("train:\n  precision: fp8\n", "train.precision: invalid value 'fp8'"),
+        ("optim:\n  lr: -1\n", "optim.lr: invalid value -1.0 (expected > 0)"),
+        ("train: 5\n", "train: expected a mapping, got 5"),
+    ],
+)
 def test_validation_messages_name_key_and_value(tmp_path, text, message):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, text))

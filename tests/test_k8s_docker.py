@@ -1,5 +1,6 @@
 """Kubernetes manifests validate against the 1.33 schemas (offline, strict), agree with distrain's
 conventions, and the Dockerfile passes hadolint."""
+
 import shutil
 import subprocess
 

@@ -1,4 +1,3 @@
-
 import pytest
 from accelerate.commands.config.config_args import ClusterConfig
 

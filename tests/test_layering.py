@@ -1,4 +1,5 @@
 """The import rules of the architecture guide, checked by reading each module's imports."""
+
 import ast
 import json
 
@@ -61,9 +62,11 @@ def test_status_reads_a_run_directory_without_heavy_imports(tmp_path):
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(dump_yaml(load_config(REPO / "configs" / "digits.yaml")))
     (run_dir / "folds.json").write_text("{}")
-    code = ("import sys, json; from distrain.cli import main; rc = main(['status', '--run-dir', sys.argv[1], '--json']);"
-            "print(json.dumps({'rc': rc, 'heavy': [m for m in ('torch', 'timm', 'sklearn', 'mlflow', 'accelerate') "
-            "if m in sys.modules]}))")
+    code = (
+        "import sys, json; from distrain.cli import main; rc = main(['status', '--run-dir', sys.argv[1], '--json']);"
+        "print(json.dumps({'rc': rc, 'heavy': [m for m in ('torch', 'timm', 'sklearn', 'mlflow', 'accelerate') "
+        "if m in sys.modules]}))"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     status, result = proc.stdout.strip().rsplit("\n", 1)

@@ -9,17 +9,20 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from distrain.config import Config
 from distrain.ensembles.combine import EnsembleOutcome, run_ensembles
-from distrain.ensembles.report import build_report, write_report
+from distrain.ensembles.report import build_report, model_entry, write_report
 from distrain.ensembles.store import JobPredictions, OOFStore, build_store, long_table
 from distrain.fsutil import atomic_write, atomic_write_text
 from distrain.study.plan import column_key, expand_plan
 from distrain.study.results import is_done, load_job_predictions, read_done
-from distrain.tracking.base import Tracker, model_entry
+
+if TYPE_CHECKING:
+    from distrain.tracking.base import Tracker
 
 ENSEMBLE_ORDER = (
     "best_single",

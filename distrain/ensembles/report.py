@@ -60,6 +60,11 @@ def build_report(cfg: Config, store: OOFStore, test_by_job: Optional[np.ndarray]
     }
 
 
+def model_entry(name: str, version: str) -> dict:
+    """report.json's `ensemble_model`: the registered model's name, version and models:/ URI."""
+    return {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
+
+
 def write_report(run_dir: Path, report: dict) -> Path:
     path = run_dir / "report.json"
     atomic_write_json(path, report)

@@ -1,7 +1,7 @@
 """The final ensemble as a model that predicts from images: every included job's best checkpoint,
 averaged per (model, seed) column over folds, then the LightGBM meta-learner (or the weighted vote
 when stacking is off). `EnsemblePredictor` is plain Python; `DistrainPyfunc` adapts it to MLflow's
-pyfunc flavour so `mlflow.pyfunc.load_model(...).predict(images)` works.
+pyfunc flavour (`distrain.tracking.mlflow_model`) so `mlflow.pyfunc.load_model(...).predict(images)` works.
 
 Artifacts directory layout (written by `aggregate.write_model_artifacts`):
     meta.json          columns, jobs (id, column, checkpoint file), image_size, channels, num_classes,
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow.pyfunc
 import numpy as np
 import torch
 from PIL import Image
@@ -73,13 +72,3 @@ class EnsemblePredictor:
         from distrain.ensembles.stacking import predict_stacked, stacking_features
 
         return predict_stacked(self.boosters, stacking_features(cols), self.meta["num_classes"])
-
-
-class DistrainPyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc: `predict(images)` returns class probabilities [N, num_classes]."""
-
-    def load_context(self, context):
-        self.predictor = EnsemblePredictor(context.artifacts["ensemble"])
-
-    def predict(self, context, model_input, params=None):
-        return self.predictor.predict_proba(model_input)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from distrain.config import Config
+from distrain.console import route_library_output
 from distrain.data.index import DatasetIndex, read_index
 from distrain.data.loaders import check_shard_count
 from distrain.data.pack import ensure_digits
@@ -106,6 +107,8 @@ def start_study(cfg: Config, new_run_dir: bool, shard: Optional[tuple[int, int]]
             check_grad_checkpointing(name)
     index, manifest = prepare_data(cfg, accelerator)
     chosen = runtime.on_primary(accelerator, lambda: phases.prepare_run_dir(cfg, manifest, new_run_dir))
+    if accelerator.is_main_process:
+        route_library_output(chosen.run_dir)
     if chosen.experiment != cfg.experiment and accelerator.is_main_process:
         print(f"distrain: {cfg.run_dir} holds another config; using {chosen.run_dir}", flush=True)
     cfg = chosen

@@ -21,11 +21,6 @@ def resolve_tracking_uri(configured: str, run_root: str | Path) -> str:
     return "sqlite:///" + str((Path(run_root) / "mlflow.db").resolve())
 
 
-def model_entry(name: str, version: str) -> dict:
-    """report.json's `ensemble_model`: the registered model's name, version and models:/ URI."""
-    return {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
-
-
 class Tracker(ABC):
     """What the experiment, the training loop and aggregation log through. Run ids are explicit (no
     global active run); a tracker that cannot reach its server must not raise from these calls."""

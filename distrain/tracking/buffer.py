@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from distrain.ensembles.report import model_entry
 from distrain.fsutil import atomic_write_json
-from distrain.tracking.base import model_entry
 
 if TYPE_CHECKING:
     from distrain.tracking.mlflow_tracker import MlflowTracker

@@ -249,7 +249,7 @@ class MlflowTracker(Tracker):
         import mlflow
         import mlflow.pyfunc
 
-        from distrain.ensembles.serving import DistrainPyfunc
+        from distrain.tracking.mlflow_model import DistrainPyfunc
 
         mlflow.set_tracking_uri(self.tracking_uri)
         with mlflow.start_run(run_id=run_id):

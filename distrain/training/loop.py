@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from distrain.config import Config
+from distrain.console import is_terminal
 from distrain.data.index import DatasetIndex
 from distrain.data.loaders import train_loader
 from distrain.data.transforms import prepare_batch
@@ -30,7 +31,6 @@ from distrain.distributed.wrap import wrap
 from distrain.errors import ConfigError, Interrupted, NonFiniteLoss
 from distrain.study.plan import Job
 from distrain.study.results import JobResult
-from distrain.tracking.base import NullTracker, Tracker
 from distrain.training.checkpoint import (
     list_states,
     load_latest_state,
@@ -46,6 +46,8 @@ from distrain.training.state import EpochSums, TrainState
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+    from distrain.tracking.base import Tracker
 
 STATE_FORMAT = "distrain-state/1"
 
@@ -83,7 +85,7 @@ def fit_job(
     index: DatasetIndex,
     fold_of_sample: dict[str, int],
     accelerator: Accelerator,
-    tracker: Tracker = NullTracker(),
+    tracker: Optional[Tracker] = None,
     run_id: str = "",
     control: Optional[JobControl] = None,
 ) -> JobResult:
@@ -106,7 +108,14 @@ def fit_job(
     for epoch in epochs:
         row = trainer.evaluate(epoch, trainer.train_epoch(epoch))
         best = trainer.state.best
-        epochs.set_postfix(val=f"{row[f'val_{cfg.train.metric}']:.4f}", best=f"{best.score:.4f}")
+        val = row[f"val_{cfg.train.metric}"]
+        epochs.set_postfix(val=f"{val:.4f}", best=f"{best.score:.4f}")
+        if cfg.train.progress and not trainer.show_progress:  # a log: one plain line per epoch instead
+            trainer.log(
+                f"distrain: {job.id}: epoch {epoch + 1}/{cfg.train.epochs} val_{cfg.train.metric} {val:.4f} "
+                f"(best {best.score:.4f}), train_loss {row['train_loss']:.4f}, "
+                f"{row['samples_per_s']:.0f} samples/s"
+            )
         if trainer.should_stop_early(epoch, row):
             break  # every rank sees the same gathered metric, so every rank stops together
         if epoch + 1 < cfg.train.epochs:
@@ -155,7 +164,7 @@ class JobTrainer:
         index: DatasetIndex,
         fold_of_sample: dict[str, int],
         accelerator: Accelerator,
-        tracker: Tracker,
+        tracker: Optional[Tracker],
         run_id: str,
         control: JobControl,
     ):
@@ -163,7 +172,7 @@ class JobTrainer:
         self.tracker, self.run_id, self.control = tracker, run_id, control
         tc, dc = cfg.train, cfg.data
         self.world = accelerator.num_processes
-        self.show_progress = accelerator.is_main_process and tc.progress
+        self.show_progress = accelerator.is_main_process and tc.progress and is_terminal()  # bars: terminal only
         cv_labels = index.labels_of("cv")
         self.val_ids = {s for s in cv_labels if fold_of_sample[s] == job.fold}
         train_ids = set(cv_labels) - self.val_ids
@@ -389,7 +398,8 @@ class JobTrainer:
             "nonfinite_losses": state.nonfinite_losses,
         }
         state.history.append({"epoch": epoch, **row})
-        self.tracker.log_metrics(self.run_id, row, step=epoch)
+        if self.tracker is not None:
+            self.tracker.log_metrics(self.run_id, row, step=epoch)
         if val_score > state.best.score:
             state.best.score, state.best.epoch, state.best.oof = val_score, epoch, val
             state.best.state = {k: v.detach().to("cpu", copy=True) for k, v in evaluated.state_dict().items()}

@@ -1,5 +1,6 @@
 """A tracking server that is down never stalls training, and `distrain sync` later leaves the same
 MLflow tree as a run that never lost it."""
+
 import json
 import sys
 import time
@@ -12,8 +13,15 @@ from conftest import RUN_PY, free_port, mlflow_server, run_cmd
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model.names=[test_resnet]", "data.image_size=16", "cv.folds=2", "cv.seeds=[5]", "train.epochs=1",
-        "train.progress=false", "ensemble.max_rounds=20"]
+TINY = [
+    "model.names=[test_resnet]",
+    "data.image_size=16",
+    "cv.folds=2",
+    "cv.seeds=[5]",
+    "train.epochs=1",
+    "train.progress=false",
+    "ensemble.max_rounds=20",
+]
 # Keys whose values legitimately differ between the two runs (names, paths).
 DIFFERENT = ("experiment", "tracking.experiment_name")
 
@@ -31,8 +39,13 @@ def _tree(client: MlflowClient, experiment: str) -> dict:
         params = {k: v for k, v in r.data.params.items() if k not in DIFFERENT}
         metrics = {k: len(client.get_metric_history(r.info.run_id, k)) for k in r.data.metrics}
         artifacts = sorted(a.path for a in client.list_artifacts(r.info.run_id))
-        tree[r.info.run_name.replace(experiment, "EXP")] = {"kind": kind, "status": r.info.status, "params": params,
-                                                            "metrics": metrics, "artifacts": artifacts}
+        tree[r.info.run_name.replace(experiment, "EXP")] = {
+            "kind": kind,
+            "status": r.info.status,
+            "params": params,
+            "metrics": metrics,
+            "artifacts": artifacts,
+        }
     return tree
 
 
@@ -40,8 +53,9 @@ def test_dead_server_does_not_stall_and_sync_completes_the_tree(tmp_path):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"  # nothing listens here yet
     start = time.perf_counter()
-    down = run_cmd([sys.executable, str(RUN_PY), *TINY, "experiment=down", f"tracking.uri={uri}"], tmp_path,
-                   timeout=600)
+    down = run_cmd(
+        [sys.executable, str(RUN_PY), *TINY, "experiment=down", f"tracking.uri={uri}"], tmp_path, timeout=600
+    )
     down_s = time.perf_counter() - start
     assert down.returncode == 0, down.stdout + down.stderr
     assert down.stderr.count("warning: MLflow at") == 1, down.stderr  # warned once
@@ -55,8 +69,9 @@ def test_dead_server_does_not_stall_and_sync_completes_the_tree(tmp_path):
 
     with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path, port=port):
         start = time.perf_counter()
-        up = run_cmd([sys.executable, str(RUN_PY), *TINY, "experiment=up", f"tracking.uri={uri}"], tmp_path,
-                     timeout=600)
+        up = run_cmd(
+            [sys.executable, str(RUN_PY), *TINY, "experiment=up", f"tracking.uri={uri}"], tmp_path, timeout=600
+        )
         up_s = time.perf_counter() - start
         assert up.returncode == 0, up.stdout + up.stderr
         sync = run_cmd([sys.executable, "-m", "distrain.cli", "sync", "--run-dir", "runs/down"], tmp_path)
@@ -75,11 +90,13 @@ def test_dead_server_does_not_stall_and_sync_completes_the_tree(tmp_path):
         # and in the copy uploaded to the study run
         (registered,) = client.search_model_versions("name='distrain-down'")
         local = json.loads((tmp_path / "runs" / "down" / "report.json").read_text())["ensemble_model"]
-        assert local == {"name": "distrain-down", "version": registered.version,
-                         "uri": f"models:/distrain-down/{registered.version}"}
+        assert local == {
+            "name": "distrain-down",
+            "version": registered.version,
+            "uri": f"models:/distrain-down/{registered.version}",
+        }
         study = json.loads((tmp_path / "runs" / "down" / "mlflow.json").read_text())["parent_run_id"]
         uploaded = json.loads(Path(client.download_artifacts(study, "report.json", str(tmp_path))).read_text())
         assert uploaded["ensemble_model"] == local
-    print(f"server down: {down_s:.1f} s, server up: {up_s:.1f} s, ratio {down_s / up_s:.2f}; "
-          f"{sync.stdout.strip()}")
+    print(f"server down: {down_s:.1f} s, server up: {up_s:.1f} s, ratio {down_s / up_s:.2f}; {sync.stdout.strip()}")
     assert down_s <= 1.5 * up_s

@@ -6,13 +6,17 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
-from distrain import parallel
 from distrain.config import ConfigError, OptimConfig, load_config
-from distrain.data import write_digits
-from distrain.engine import Job, fit_job, steps_per_epoch
-from distrain.folds import build_fold_manifest
-from distrain.models import apply_grad_checkpointing, create_model
-from distrain.optim import lr_factor
+from distrain.data.pack import write_digits
+from distrain.distributed import runtime
+from distrain.distributed.checkpointing import apply_grad_checkpointing
+from distrain.distributed.wrap import wrap
+from distrain.study.folds import build_fold_manifest
+from distrain.study.plan import Job
+from distrain.training.loop import fit_job, steps_per_epoch
+from distrain.training.models import create_model
+from distrain.training.optim import lr_factor
+
 from conftest import requires_gpu
 
 
@@ -26,9 +30,16 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-@pytest.mark.parametrize("name, how", [("test_resnet", "timm+stem"), ("test_convnext", "timm+stem"),
-                                       ("test_vit", "timm+stem"), ("test_efficientnet", "timm+stem"),
-                                       ("dla46x_c", "stages")])
+@pytest.mark.parametrize(
+    "name, how",
+    [
+        ("test_resnet", "timm+stem"),
+        ("test_convnext", "timm+stem"),
+        ("test_vit", "timm+stem"),
+        ("test_efficientnet", "timm+stem"),
+        ("dla46x_c", "stages"),
+    ],
+)
 def test_grad_checkpointing_gives_same_loss_grads_and_running_stats(name, how):
     """Two training steps with and without checkpointing: same losses and gradients, and the same
     BatchNorm running statistics (recomputation in backward must not fold each batch in twice)."""
@@ -48,8 +59,13 @@ def test_grad_checkpointing_gives_same_loss_grads_and_running_stats(name, how):
             loss.backward()
             losses.append(loss.item())
         assert not any("_distrain_kept_stats" in vars(m) for m in model.modules())
-        results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                        {n: b.clone() for n, b in model.named_buffers()}))
+        results.append(
+            (
+                losses,
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                {n: b.clone() for n, b in model.named_buffers()},
+            )
+        )
     (losses_a, grads_a, buffers_a), (losses_b, grads_b, buffers_b) = results
     assert losses_a == pytest.approx(losses_b, rel=1e-6)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
@@ -66,7 +82,7 @@ def test_grad_checkpointing_gives_same_loss_grads_and_running_stats(name, how):
 def test_grad_checkpointing_trains_the_same_job(tmp_path, fresh_accelerate_state):
     """End to end through fit_job: 2 epochs with and without model.grad_checkpointing give the same
     best weights, BatchNorm statistics and OOF probabilities (the eval-mode model uses the statistics)."""
-    from distrain.data import read_index
+    from distrain.data.index import read_index
 
     data = tmp_path / "digits"
     write_digits(data)
@@ -77,10 +93,22 @@ def test_grad_checkpointing_trains_the_same_job(tmp_path, fresh_accelerate_state
     for ckpt in ("false", "true"):
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
-        cfg = load_config(None, [f"data.root={data}", "train.epochs=2", "model.names=[test_resnet]",
-                                 "data.image_size=16", f"model.grad_checkpointing={ckpt}", "train.progress=false"])
-        results.append(fit_job(Job("test_resnet", 1, 0), cfg, index, manifest.fold_of_sample,
-                               parallel.create_accelerator(cfg.train)))
+        cfg = load_config(
+            None,
+            [
+                f"data.root={data}",
+                "train.epochs=2",
+                "model.names=[test_resnet]",
+                "data.image_size=16",
+                f"model.grad_checkpointing={ckpt}",
+                "train.progress=false",
+            ],
+        )
+        results.append(
+            fit_job(
+                Job("test_resnet", 1, 0), cfg, index, manifest.fold_of_sample, runtime.create_accelerator(cfg.train)
+            )
+        )
     plain, checkpointed = results
     assert plain.best_state.keys() == checkpointed.best_state.keys()
     for k in plain.best_state:
@@ -96,7 +124,7 @@ def test_model_without_any_checkpointing_support_is_refused():
 
 
 def test_model_names_are_checked_for_checkpointing_before_any_work():
-    from distrain.models import check_grad_checkpointing
+    from distrain.distributed.checkpointing import check_grad_checkpointing
 
     assert check_grad_checkpointing("test_vit") == "timm+stem" and check_grad_checkpointing("dla46x_c") == "stages"
 
@@ -120,7 +148,7 @@ def _saved_activation_bytes(model, x):
 def test_stem_checkpointing_keeps_fewer_activations_and_the_same_model():
     """timm's own checkpoints leave resnet's full-resolution stem out; the fused stem segment cuts what
     the forward keeps, without changing the state-dict keys or eval-mode outputs."""
-    from distrain.models import find_stem
+    from distrain.distributed.checkpointing import find_stem
 
     x = torch.randn(4, 3, 64, 64)
     torch.manual_seed(0)
@@ -143,7 +171,7 @@ def test_stem_checkpointing_keeps_fewer_activations_and_the_same_model():
 
 
 def test_no_stem_where_the_model_has_no_stem_group():
-    from distrain.models import find_stem
+    from distrain.distributed.checkpointing import find_stem
 
     assert find_stem(create_model("densenet121", num_classes=2, in_chans=3)) == []  # stem spread over features.*
     assert find_stem(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())) == []  # no group_matcher
@@ -151,12 +179,12 @@ def test_no_stem_where_the_model_has_no_stem_group():
 
 def test_wrap_applies_checkpointing_then_compile_then_ddp(tmp_path, fresh_accelerate_state):
     from distrain.config import TrainConfig
-    from distrain.optim import create_optimizer
+    from distrain.training.optim import create_optimizer
 
     train = TrainConfig(compile=True, compile_backend="aot_eager", batch_size=8)
-    acc = parallel.create_accelerator(train)
+    acc = runtime.create_accelerator(train)
     model = create_model("dla46x_c", num_classes=4, in_chans=1)
-    trainable = parallel.wrap(acc, model, create_optimizer(model, OptimConfig()), train, grad_checkpointing=True)
+    trainable = wrap(acc, model, create_optimizer(model, OptimConfig()), train, grad_checkpointing=True)
     compiled = trainable.model  # one process: accelerate adds no DDP wrapper around the compiled module
     assert type(compiled).__name__ == "OptimizedModule" and compiled._orig_mod is model
     assert trainable.single is model and "forward" in vars(model.level2)  # checkpointed stage, inside compile
@@ -178,37 +206,54 @@ class RecordingTracker:
 
 
 def _nan_job(tmp_path, monkeypatch, max_nonfinite, tracker=None):
-    from distrain import data as data_mod
-    from distrain.data import read_index
+    from distrain.data.index import read_index
+    from distrain.training import loop
 
-    real = data_mod.prepare_batch
-    monkeypatch.setattr(data_mod, "prepare_batch", lambda images, augment: real(images, augment=augment) * float("nan")
-                        if augment else real(images, augment=augment))  # training batches only
+    real = loop.prepare_batch
+    monkeypatch.setattr(
+        loop,
+        "prepare_batch",
+        lambda images, augment: (
+            real(images, augment=augment) * float("nan") if augment else real(images, augment=augment)
+        ),
+    )  # training batches only
     data = tmp_path / "digits"
     write_digits(data)
     index = read_index(data)
-    cfg = load_config(None, [f"data.root={data}", "train.epochs=1", "model.names=[test_resnet]", "data.image_size=16",
-                             f"train.max_nonfinite_losses={max_nonfinite}", "train.batch_size=64"])
+    cfg = load_config(
+        None,
+        [
+            f"data.root={data}",
+            "train.epochs=1",
+            "model.names=[test_resnet]",
+            "data.image_size=16",
+            f"train.max_nonfinite_losses={max_nonfinite}",
+            "train.batch_size=64",
+        ],
+    )
     cv = index.split_ids("cv")
     labels = index.labels_of("cv")
     manifest = build_fold_manifest(cv, [labels[s] for s in cv], 5, 0)
-    acc = parallel.create_accelerator(cfg.train)
+    acc = runtime.create_accelerator(cfg.train)
     kwargs = {"tracker": tracker} if tracker else {}
     return fit_job(Job("test_resnet", 1, 0), cfg, index, manifest.fold_of_sample, acc, **kwargs), manifest
 
 
 def test_consecutive_nonfinite_losses_stop_the_job_with_a_clear_error(tmp_path, fresh_accelerate_state, monkeypatch):
-    from distrain.engine import NonFiniteLoss
+    from distrain.errors import NonFiniteLoss
 
-    with pytest.raises(NonFiniteLoss, match=r"test_resnet-s1-f0: \d+ consecutive non-finite losses by epoch 0 step 2 "
-                                            r"\(train.max_nonfinite_losses=3\)"):
+    with pytest.raises(
+        NonFiniteLoss,
+        match=r"test_resnet-s1-f0: \d+ consecutive non-finite losses by epoch 0 step 2 "
+        r"\(train.max_nonfinite_losses=3\)",
+    ):
         _nan_job(tmp_path, monkeypatch, 3)
 
 
 def test_nonfinite_losses_are_counted_and_logged(tmp_path, fresh_accelerate_state, monkeypatch):
     tracker = RecordingTracker()
     result, manifest = _nan_job(tmp_path, monkeypatch, 0, tracker)  # stopping disabled: count only
-    n_train = len(manifest.fold_of_sample) - len(manifest.samples_in_fold(0))
+    n_train = len(manifest.fold_of_sample) - sum(f == 0 for f in manifest.fold_of_sample.values())
     assert result.history[0]["nonfinite_losses"] == steps_per_epoch(n_train, 1, 64, 1)
     assert tracker.rows[0]["nonfinite_losses"] == result.history[0]["nonfinite_losses"]
 
@@ -237,14 +282,23 @@ def _tiny_job(tmp_path, precision):
     oneDNN's bf16 convolution backward returns non-finite weight gradients on some Xeons.)"""
     data = tmp_path / "digits"
     index = write_digits(data) if not (data / "index.json").exists() else None
-    from distrain.data import read_index
+    from distrain.data.index import read_index
+
     index = read_index(data)
-    cfg = load_config(None, [f"data.root={data}", "train.epochs=1", f"train.precision={precision}",
-                             "model.names=[test_resnet]", "data.image_size=32"])
+    cfg = load_config(
+        None,
+        [
+            f"data.root={data}",
+            "train.epochs=1",
+            f"train.precision={precision}",
+            "model.names=[test_resnet]",
+            "data.image_size=32",
+        ],
+    )
     cv = index.split_ids("cv")
     labels = index.labels_of("cv")
     manifest = build_fold_manifest(cv, [labels[s] for s in cv], 5, 0)
-    acc = parallel.create_accelerator(cfg.train)
+    acc = runtime.create_accelerator(cfg.train)
     return fit_job(Job("test_resnet", 1, 0), cfg, index, manifest.fold_of_sample, acc), acc, manifest
 
 
@@ -256,15 +310,15 @@ def test_bf16_on_cpu_runs_under_autocast(tmp_path, fresh_accelerate_state):
     assert conv_out.dtype == torch.bfloat16  # the engine's forward passes run in bf16
     assert all(math.isfinite(h["train_loss"]) for h in result.history)
     assert all(v.dtype == torch.float32 for v in result.best_state.values() if v.is_floating_point())
-    assert len(result.oof.sample_ids) == len(manifest.samples_in_fold(0))
+    assert len(result.oof.sample_ids) == sum(f == 0 for f in manifest.fold_of_sample.values())
     assert np.allclose(result.oof.probs.sum(1), 1, atol=1e-3)
 
 
 def test_fp16_on_cpu_is_refused_clearly():
     with pytest.raises(ConfigError, match="'fp16' needs a CUDA GPU"):
-        parallel.check_precision("fp16", cuda=False)
-    parallel.check_precision("bf16", cuda=False)
-    parallel.check_precision("no", cuda=False)
+        runtime.check_precision("fp16", cuda=False)
+    runtime.check_precision("bf16", cuda=False)
+    runtime.check_precision("no", cuda=False)
 
 
 @requires_gpu

@@ -1,8 +1,24 @@
 import numpy as np
 import pytest
 
-from distrain.ensemble import (EnsembleError, JobPredictions, OOFStore, build_store, fit_vote_weights, hard_vote,
-                               k_of_n_vote, long_table, naive_stack_score, run_ensembles, stack)
+from distrain.ensembles.combine import run_ensembles
+from distrain.ensembles.stacking import lgbm_params, predict_proba, stack, stacking_features
+from distrain.ensembles.store import JobPredictions, OOFStore, build_store, long_table
+from distrain.ensembles.voting import fit_vote_weights, hard_vote, k_of_n_vote
+from distrain.errors import EnsembleError
+from distrain.study.metrics import score
+
+
+def naive_stack_score(store: OOFStore, metric: str, *, seed: int = 0, rounds: int = 100) -> float:
+    """The mistake stacking must not make: fit the meta-learner on all OOF rows and score it on the same
+    rows. Here only to show how far above chance that leaks."""
+    import lightgbm as lgb
+
+    x = stacking_features(store.oof)
+    booster = lgb.train(
+        lgbm_params(store.num_classes, seed, 0.1, 31), lgb.Dataset(x, store.labels), num_boost_round=rounds
+    )
+    return score(metric, store.labels, predict_proba(booster, x, store.num_classes))
 
 
 def synthetic_store(n=1000, classes=4, columns=6, folds=5, signal=0.0, seed=0, n_test=200):
@@ -17,10 +33,17 @@ def synthetic_store(n=1000, classes=4, columns=6, folds=5, signal=0.0, seed=0, n
         e = np.exp(logits)
         return (e / e.sum(-1, keepdims=True)).astype(np.float32)
 
-    return OOFStore(sample_ids=[f"s{i:05d}" for i in range(n)], labels=labels, folds=np.arange(n) % folds,
-                    columns=[f"m{k}-s{k}" for k in range(columns)], oof=probs(labels),
-                    test_ids=[f"t{i}" for i in range(n_test)], test_labels=test_labels, test=probs(test_labels),
-                    jobs=[{"id": f"m{k}-s{k}-f{f}", "val_score": 0.0} for k in range(columns) for f in range(folds)])
+    return OOFStore(
+        sample_ids=[f"s{i:05d}" for i in range(n)],
+        labels=labels,
+        folds=np.arange(n) % folds,
+        columns=[f"m{k}-s{k}" for k in range(columns)],
+        oof=probs(labels),
+        test_ids=[f"t{i}" for i in range(n_test)],
+        test_labels=test_labels,
+        test=probs(test_labels),
+        jobs=[{"id": f"m{k}-s{k}-f{f}", "val_score": 0.0} for k in range(columns) for f in range(folds)],
+    )
 
 
 def test_leakage_permuted_labels_stacking_stays_at_chance_naive_does_not():
@@ -40,8 +63,16 @@ def test_ensembles_beat_single_models_when_columns_carry_signal():
     s = out.scores
     assert s["soft_vote"]["cv"] > s["best_single"]["cv"] + 0.05
     assert s["stacking"]["cv"] > s["mean_single"]["cv"] + 0.05
-    assert set(s) == {"best_single", "mean_single", "fold_average", "soft_vote", "hard_vote", "weighted_vote",
-                      "k_of_n_vote", "stacking"}
+    assert set(s) == {
+        "best_single",
+        "mean_single",
+        "fold_average",
+        "soft_vote",
+        "hard_vote",
+        "weighted_vote",
+        "k_of_n_vote",
+        "stacking",
+    }
     assert all(v["test"] is not None for v in s.values())
     assert sum(out.weights.values()) == pytest.approx(1.0) and min(out.weights.values()) >= 0
 
@@ -96,9 +127,18 @@ def _job(model, seed, fold, ids, classes=3, test_ids=("t0", "t1")):
     rng = np.random.default_rng(fold)
     p = rng.dirichlet(np.ones(classes), len(ids)).astype(np.float32)
     tp = rng.dirichlet(np.ones(classes), len(test_ids)).astype(np.float32)
-    return JobPredictions(id=f"{model}-s{seed}-f{fold}", model=model, seed=seed, fold=fold, val_score=0.5,
-                          oof_ids=list(ids), oof_probs=p, test_ids=list(test_ids), test_probs=tp,
-                          test_labels=np.array([0, 1]))
+    return JobPredictions(
+        id=f"{model}-s{seed}-f{fold}",
+        model=model,
+        seed=seed,
+        fold=fold,
+        val_score=0.5,
+        oof_ids=list(ids),
+        oof_probs=p,
+        test_ids=list(test_ids),
+        test_probs=tp,
+        test_labels=np.array([0, 1]),
+    )
 
 
 def test_store_checks_coverage_and_names_the_job():

@@ -1,5 +1,6 @@
 """The ledger and worker loop: atomic claims, lease expiry, retries, static shards, and a stress test
 with real worker processes SIGKILLed at random moments."""
+
 import json
 import random
 import signal
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from distrain.ledger import AGGREGATE, Ledger
-from distrain.scheduler import EXIT_FAILED, parse_shard, run_worker, select_shard
+from distrain.errors import EXIT_FAILED
+from distrain.orchestration.ledger import AGGREGATE, Ledger
+from distrain.orchestration.worker import parse_shard, run_worker, select_shard
 
-WORKER = Path(__file__).parent / "ledger_worker.py"
+WORKER = Path(__file__).parents[1] / "scripts" / "ledger_worker.py"
 
 
 def assert_no_overlapping_owners(history: list[dict]) -> None:
@@ -23,8 +25,10 @@ def assert_no_overlapping_owners(history: list[dict]) -> None:
     for job, rows in by_job.items():
         rows.sort(key=lambda r: r["attempt"])
         for a, b in zip(rows, rows[1:]):
-            assert a["end"] <= b["start"], f"{job}: attempt {a['attempt']} ({a['worker']}) still alive at " \
-                                           f"{a['end']:.3f} after attempt {b['attempt']} started at {b['start']:.3f}"
+            assert a["end"] <= b["start"], (
+                f"{job}: attempt {a['attempt']} ({a['worker']}) still alive at "
+                f"{a['end']:.3f} after attempt {b['attempt']} started at {b['start']:.3f}"
+            )
 
 
 def test_claim_is_exclusive_and_expired_lease_is_taken_over(tmp_path):
@@ -74,9 +78,16 @@ def test_worker_marks_failing_job_failed_others_finish_and_aggregates_once(tmp_p
         if claim.job_id == "b":
             raise RuntimeError("CUDA out of memory (simulated)")
 
-    out = run_worker(ledger, ["a", "b", "c"], worker="w", run_job=run_job,
-                     aggregate=lambda states: aggregated.append([s.status for s in states]),
-                     heartbeat_s=0.05, poll_s=0.01, log=lambda m: None)
+    out = run_worker(
+        ledger,
+        ["a", "b", "c"],
+        worker="w",
+        run_job=run_job,
+        aggregate=lambda states: aggregated.append([s.status for s in states]),
+        heartbeat_s=0.05,
+        poll_s=0.01,
+        log=lambda m: None,
+    )
     assert ran.count("b") == 2 and ran.count("a") == 1 and ran.count("c") == 1
     assert aggregated == [["done", "failed", "done"]]
     assert out.failed == ["b"] and out.exit_code == EXIT_FAILED
@@ -104,8 +115,17 @@ def test_static_shards_each_train_their_own_jobs(tmp_path):
     ran = {0: [], 1: []}
     aggregations = []
     for i in (0, 1):
-        run_worker(ledger, ids, worker=f"w{i}", shard=(i, 2), run_job=lambda c, b, i=i: ran[i].append(c.job_id),
-                   aggregate=lambda s: aggregations.append(1), heartbeat_s=0.05, poll_s=0.01, log=lambda m: None)
+        run_worker(
+            ledger,
+            ids,
+            worker=f"w{i}",
+            shard=(i, 2),
+            run_job=lambda c, b, i=i: ran[i].append(c.job_id),
+            aggregate=lambda s: aggregations.append(1),
+            heartbeat_s=0.05,
+            poll_s=0.01,
+            log=lambda m: None,
+        )
     assert ran == {0: ["j0", "j2", "j4"], 1: ["j1", "j3"]}
     assert aggregations == [1]  # the second (last) shard to finish aggregated
 
@@ -120,8 +140,9 @@ def test_stress_three_workers_sigkilled_and_restarted(tmp_path):
     env = {**__import__("os").environ, "LEASE_S": str(lease)}
 
     def start():
-        return subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), str(n_jobs), json.dumps(durations)],
-                                env=env)
+        return subprocess.Popen(
+            [sys.executable, str(WORKER), str(tmp_path), str(n_jobs), json.dumps(durations)], env=env
+        )
 
     workers = [start() for _ in range(3)]
     kills = 0

@@ -6,16 +6,17 @@ synthetic (sleep for the job's duration while the heartbeat thread renews the le
 one line per claim to RUN_DIR/claims.log (for claim-overhead figures) and writes
 RUN_DIR/aggregated/<worker> when aggregation completes.
 """
+
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from distrain.ledger import Ledger, default_worker_id  # noqa: E402
-from distrain.scheduler import run_worker  # noqa: E402
+from distrain.orchestration.ledger import Ledger, default_worker_id  # noqa: E402
+from distrain.orchestration.worker import run_worker  # noqa: E402
 
 
 def main() -> int:
@@ -51,10 +52,19 @@ def main() -> int:
         time.sleep(0.2)
         (run_dir / "aggregated").mkdir(exist_ok=True)
         (run_dir / "aggregated" / worker.replace(":", "-")).write_text(
-            json.dumps({"statuses": [s.status for s in states], "time": time.time()}))
+            json.dumps({"statuses": [s.status for s in states], "time": time.time()})
+        )
 
-    outcome = run_worker(ledger, job_ids, worker=worker, run_job=run_job, aggregate=aggregate,
-                         heartbeat_s=lease / 5, poll_s=poll, log=lambda m: None)
+    outcome = run_worker(
+        ledger,
+        job_ids,
+        worker=worker,
+        run_job=run_job,
+        aggregate=aggregate,
+        heartbeat_s=lease / 5,
+        poll_s=poll,
+        log=lambda m: None,
+    )
     return outcome.exit_code
 
 

@@ -1,22 +1,35 @@
 """Real workers on one ledger: `distrain schedule` packing W accelerate-launch groups of P gloo
 processes, a job that keeps failing, and the status command."""
+
 import json
 import sys
 
 import pytest
 
+from distrain.orchestration.ledger import AGGREGATE, Ledger
+
 from conftest import RUN_PY, run_cmd
-from distrain.ledger import AGGREGATE, Ledger
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model.names=[test_resnet]", "data.image_size=16", "cv.folds=2", "cv.seeds=[1,2]", "train.epochs=1",
-        "train.progress=false", "ensemble.register_model=false", "scheduler.poll_s=0.5"]
+TINY = [
+    "model.names=[test_resnet]",
+    "data.image_size=16",
+    "cv.folds=2",
+    "cv.seeds=[1,2]",
+    "train.epochs=1",
+    "train.progress=false",
+    "ensemble.register_model=false",
+    "scheduler.poll_s=0.5",
+]
 
 
 def test_schedule_two_workers_of_two_processes_share_the_ledger(tmp_path):
-    proc = run_cmd([sys.executable, "-m", "distrain.cli", "schedule", "--workers", "2", "--procs-per-worker", "2",
-                    *TINY], tmp_path, timeout=900)
+    proc = run_cmd(
+        [sys.executable, "-m", "distrain.cli", "schedule", "--workers", "2", "--procs-per-worker", "2", *TINY],
+        tmp_path,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "digits"
     ledger = Ledger(run_dir)
@@ -34,16 +47,22 @@ def test_schedule_two_workers_of_two_processes_share_the_ledger(tmp_path):
 
 def test_failing_job_is_marked_failed_others_finish_report_names_it(tmp_path):
     # inception_v3 needs larger inputs: at 16 px its forward raises in every attempt.
-    overrides = ["model.names=[test_resnet,inception_v3]", "data.image_size=16", "cv.folds=2", "cv.seeds=[1]",
-                 "train.epochs=1", "train.progress=false", "ensemble.register_model=false",
-                 "scheduler.max_retries=2"]
+    overrides = [
+        "model.names=[test_resnet,inception_v3]",
+        "data.image_size=16",
+        "cv.folds=2",
+        "cv.seeds=[1]",
+        "train.epochs=1",
+        "train.progress=false",
+        "ensemble.register_model=false",
+        "scheduler.max_retries=2",
+    ]
     proc = run_cmd([sys.executable, str(RUN_PY), *overrides], tmp_path, timeout=600)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     run_dir = tmp_path / "runs" / "digits"
     report = json.loads((run_dir / "report.json").read_text())
     assert sorted(f["id"] for f in report["failed_jobs"]) == ["inception_v3-s1-f0", "inception_v3-s1-f1"]
-    assert all("Kernel size can't be greater" in f["error"] for f in report["failed_jobs"]), \
-        report["failed_jobs"]
+    assert all("Kernel size can't be greater" in f["error"] for f in report["failed_jobs"]), report["failed_jobs"]
     assert sorted(j["id"] for j in report["jobs"]) == ["test_resnet-s1-f0", "test_resnet-s1-f1"]
     assert "FAILED" in proc.stdout
 
@@ -57,8 +76,9 @@ def test_failing_job_is_marked_failed_others_finish_report_names_it(tmp_path):
 
     rerun = run_cmd([sys.executable, str(RUN_PY), *overrides], tmp_path, timeout=600)
     assert rerun.returncode == 1 and "claimed" not in rerun.stdout  # nothing retried beyond max_retries
-    assert "failed for good (retries used up): inception_v3-s1-f0 after 2 attempt(s): " in rerun.stdout, \
-        rerun.stdout[-2000:]  # the rerun says why it exits 1
+    assert "failed for good (retries used up): inception_v3-s1-f0 after 2 attempt(s): " in rerun.stdout, rerun.stdout[
+        -2000:
+    ]  # the rerun says why it exits 1
 
     again = run_cmd([sys.executable, "-m", "distrain.cli", "aggregate", "--run-dir", str(run_dir)], tmp_path)
     assert again.returncode == 0, again.stderr

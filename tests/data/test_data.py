@@ -6,11 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from distrain import data as D
+from distrain import errors
+from distrain.data import index as index_mod
+from distrain.data import loaders, pack, transforms
 
 
 def test_digits_round_trip_with_ids_labels_and_holdout(tmp_path):
-    index = D.write_digits(tmp_path / "digits", shard_size=100)
+    index = pack.write_digits(tmp_path / "digits", shard_size=100)
     assert len(index.sample_ids) == 1797 and len(set(index.sample_ids)) == 1797
     test_ids = set(index.split_ids("test"))
     assert len(test_ids) == 360  # 20% stratified holdout
@@ -18,25 +20,25 @@ def test_digits_round_trip_with_ids_labels_and_holdout(tmp_path):
     seen = {}
     for split in ("cv", "test"):
         for url in index.urls(split):
-            for sid, image, label in D.decode_shard(url, 16, 1, cache=False):
+            for sid, image, label in loaders.decode_shard(url, 16, 1, cache=False):
                 assert image.shape == (1, 16, 16) and image.dtype == torch.uint8
                 seen[sid] = (split, label)
     labels = dict(zip(index.sample_ids, index.labels))
     splits = dict(zip(index.sample_ids, index.splits))
     assert seen == {s: (splits[s], labels[s]) for s in index.sample_ids}
     # the split is fixed: writing again gives the same holdout
-    assert set(D.write_digits(tmp_path / "again").split_ids("test")) == test_ids
+    assert set(pack.write_digits(tmp_path / "again").split_ids("test")) == test_ids
 
 
 def test_loaders_split_by_worker_and_cover_exactly_once(tmp_path):
-    index = D.write_digits(tmp_path / "digits", shard_size=100)
+    index = pack.write_digits(tmp_path / "digits", shard_size=100)
     keep = set(index.split_ids("cv")[::3])
     ids = []
-    for images, labels, batch_ids in D.eval_loader(index.urls("cv"), keep, batch_size=50, image_size=16,
+    for images, labels, batch_ids in loaders.eval_loader(index.urls("cv"), keep, batch_size=50, image_size=16,
                                                    channels=1, num_workers=2, cache=False):
         ids.extend(batch_ids)
     assert sorted(ids) == sorted(keep)  # 2 workers, disjoint shards: no sample twice, none lost
-    batches = iter(D.train_loader(index.urls("cv"), keep, batch_size=32, image_size=16, channels=1,
+    batches = iter(loaders.train_loader(index.urls("cv"), keep, batch_size=32, image_size=16, channels=1,
                                   num_workers=0, shuffle_buffer=100, seed=0))
     drawn = [sid for _ in range(30) for sid in next(batches)[2]]
     assert set(drawn) <= keep and len(set(drawn)) > 0.9 * len(keep)
@@ -44,10 +46,10 @@ def test_loaders_split_by_worker_and_cover_exactly_once(tmp_path):
 
 def test_prepare_batch_normalises_and_augments():
     x = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
-    plain = D.prepare_batch(x, augment=False)
+    plain = transforms.prepare_batch(x, augment=False)
     assert plain.min() >= -1 and plain.max() <= 1 and plain.dtype == torch.float32
     torch.manual_seed(0)
-    aug = D.prepare_batch(x, augment=True)
+    aug = transforms.prepare_batch(x, augment=True)
     assert aug.shape == plain.shape and not torch.allclose(aug, plain)
 
 
@@ -63,13 +65,13 @@ def test_pack_image_folder_and_csv(tmp_path):
         (src / cls).mkdir(parents=True)
         for i in range(10):
             (src / cls / f"img.{i}.png").write_bytes(_png(color))
-    samples, classes = D.samples_from_folder(src)
+    samples, classes = pack.samples_from_folder(src)
     assert classes == ["cat", "dog"] and len(samples) == 20
     assert all("." not in s.sample_id and "/" not in s.sample_id for s in samples)
-    index = D.write_dataset(samples, tmp_path / "packed", classes=classes, channels=3, test_fraction=0.2,
+    index = pack.write_dataset(samples, tmp_path / "packed", classes=classes, channels=3, test_fraction=0.2,
                             shard_size=4)
     assert len(index.split_ids("test")) == 4
-    rows = [r for url in index.urls("cv") for r in D.decode_shard(url, 8, 3, cache=False)]
+    rows = [r for url in index.urls("cv") for r in loaders.decode_shard(url, 8, 3, cache=False)]
     red = [img for sid, img, label in rows if label == 0]
     assert red and all(img[0].float().mean() > 200 and img[2].float().mean() < 50 for img in red)
 
@@ -78,23 +80,23 @@ def test_pack_image_folder_and_csv(tmp_path):
         w.writerow(["path", "label", "group"])
         for i, s in enumerate(sorted((src / "dog").glob("*.png")) + sorted((src / "cat").glob("*.png"))):
             w.writerow([s.relative_to(tmp_path), "dog" if "dog" in str(s) else "cat", f"g{i // 2}"])
-    samples, classes = D.samples_from_csv(tmp_path / "list.csv")
+    samples, classes = pack.samples_from_csv(tmp_path / "list.csv")
     assert classes == ["cat", "dog"] and {s.group for s in samples} == {f"g{i}" for i in range(10)}
 
 
 def test_bad_data_is_named(tmp_path):
-    with pytest.raises(D.DataError, match="no index.json"):
-        D.read_index(tmp_path / "missing")
-    index = D.write_digits(tmp_path / "d")
-    with pytest.raises(D.DataError, match=r"labels outside \[0, 5\) for data.num_classes=5"):
-        D.read_index(index.root, num_classes=5)
+    with pytest.raises(errors.DataError, match="no index.json"):
+        index_mod.read_index(tmp_path / "missing")
+    index = pack.write_digits(tmp_path / "d")
+    with pytest.raises(errors.DataError, match=r"labels outside \[0, 5\) for data.num_classes=5"):
+        index_mod.read_index(index.root, num_classes=5)
     (index.root / index.test_shards[0]).unlink()
-    with pytest.raises(D.DataError, match="shard test-000000.tar listed in index.json is missing"):
-        D.read_index(index.root)
-    with pytest.raises(D.DataError, match="already exists"):
-        D.write_digits(index.root)
-    with pytest.raises(D.DataError, match="cannot feed 2 ranks x 4 workers"):
-        D.check_shard_count(["a", "b"], 2, 4, "x")
+    with pytest.raises(errors.DataError, match="shard test-000000.tar listed in index.json is missing"):
+        index_mod.read_index(index.root)
+    with pytest.raises(errors.DataError, match="already exists"):
+        pack.write_digits(index.root)
+    with pytest.raises(errors.DataError, match="cannot feed 2 ranks x 4 workers"):
+        loaders.check_shard_count(["a", "b"], 2, 4, "x")
 
 
 def test_ensure_digits_keeps_the_copy_another_process_finished_first(tmp_path, monkeypatch):
@@ -102,26 +104,26 @@ def test_ensure_digits_keeps_the_copy_another_process_finished_first(tmp_path, m
     other renames its finished copy into place. The slower one must keep that copy, not fail
     (seen as `distrain schedule` exit codes [0, 2])."""
     root = tmp_path / "digits"
-    real_samples = D.digits_samples
+    real_samples = pack.digits_samples
     raced = []
 
     def samples_while_another_worker_finishes():
         out = real_samples()
         if not raced:
             raced.append(True)
-            D.write_digits(root)  # the other worker wins the race
+            pack.write_digits(root)  # the other worker wins the race
         return out
 
-    monkeypatch.setattr(D, "digits_samples", samples_while_another_worker_finishes)
-    D.ensure_digits(root)
-    assert raced and D.read_index(root).sample_ids  # the winner's complete copy, readable
+    monkeypatch.setattr(pack, "digits_samples", samples_while_another_worker_finishes)
+    pack.ensure_digits(root)
+    assert raced and index_mod.read_index(root).sample_ids  # the winner's complete copy, readable
     assert [p.name for p in tmp_path.iterdir()] == ["digits"]  # no temporary directory left behind
-    D.ensure_digits(root)  # present: nothing to do
+    pack.ensure_digits(root)  # present: nothing to do
 
 
 def test_ensure_digits_refuses_a_directory_without_an_index(tmp_path):
     (tmp_path / "digits").mkdir()
     (tmp_path / "digits" / "notes.txt").write_text("mine")
-    with pytest.raises(D.DataError, match="already exists"):
-        D.ensure_digits(tmp_path / "digits")
+    with pytest.raises(errors.DataError, match="already exists"):
+        pack.ensure_digits(tmp_path / "digits")
     assert [p.name for p in (tmp_path / "digits").iterdir()] == ["notes.txt"]

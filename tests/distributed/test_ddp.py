@@ -1,16 +1,36 @@
 import json
 import sys
 
-from distrain.data import write_digits
+from distrain.data.pack import write_digits
+
 from conftest import REPO, free_port, run_cmd
 
 
 def test_two_process_ddp_gather_has_no_duplicates(tmp_path):
     write_digits(tmp_path / "digits", shard_size=100)
-    proc = run_cmd([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    "--main_process_port", str(free_port()), str(REPO / "tests" / "ddp_gather_check.py"),
-                    str(tmp_path / "digits"), str(tmp_path)], cwd=tmp_path, timeout=300)
+    proc = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            str(REPO / "tests" / "scripts" / "ddp_gather_check.py"),
+            str(tmp_path / "digits"),
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in rows) == [0, 1] and all(r["world"] == 2 for r in rows)

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from distrain.folds import FoldManifest, FoldManifestMismatch, build_fold_manifest, persist_or_check
+from distrain.study.folds import FoldManifest, FoldManifestMismatch, build_fold_manifest, persist_or_check
 
 
 def dataset(n=300, classes=3, seed=0):
@@ -29,7 +29,7 @@ def test_stratified_every_sample_once_and_class_balance():
     label_of = dict(zip(ids, labels))
     overall = np.bincount(labels) / len(labels)
     for fold in range(5):
-        members = m.samples_in_fold(fold)
+        members = {s for s, f in m.fold_of_sample.items() if f == fold}
         assert abs(len(members) - 100) <= 1
         share = np.bincount([label_of[s] for s in members], minlength=4) / len(members)
         assert np.abs(share - overall).max() < 0.02

@@ -7,6 +7,7 @@ Builds distrain's DeepSpeed model from the launch/ JSON, trains a few steps on d
   state dict (and vs DeepSpeed's own zero_to_fp32 consolidation of an engine checkpoint);
 - resumability: logits after 2 more steps, and after reloading the engine checkpoint and redoing them.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -14,11 +15,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distrain import parallel
 from distrain.config import OptimConfig, TrainConfig
-from distrain.data import prepare_batch, read_index, train_loader
-from distrain.models import create_model
-from distrain.optim import create_optimizer
+from distrain.data.index import read_index
+from distrain.data.loaders import train_loader
+from distrain.data.transforms import prepare_batch
+from distrain.distributed import runtime
+from distrain.distributed.wrap import wrap
+from distrain.training.models import create_model
+from distrain.training.optim import create_optimizer
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 ds_json, digits, out = args[0], Path(args[1]), Path(args[2])
@@ -27,19 +31,37 @@ compile_backend = args[4] if len(args) > 4 else ""  # "" = no torch.compile
 # 32 px, not 16: at 16 px test_resnet's last stage sees 1x1 feature maps, where oneDNN's bf16 convolution
 # backward (3x3, stride 2) returns non-finite weight gradients on some Xeons (seen on an AMX-capable one).
 SIZE = 32
-train = TrainConfig(batch_size=16, grad_accum_steps=2, max_grad_norm=1.0, deepspeed=ds_json, progress=False,
-                    precision=precision, compile=bool(compile_backend), compile_backend=compile_backend or "inductor")
-acc = parallel.create_accelerator(train)
+train = TrainConfig(
+    batch_size=16,
+    grad_accum_steps=2,
+    max_grad_norm=1.0,
+    deepspeed=ds_json,
+    progress=False,
+    precision=precision,
+    compile=bool(compile_backend),
+    compile_backend=compile_backend or "inductor",
+)
+acc = runtime.create_accelerator(train)
 index = read_index(digits)
 torch.manual_seed(0)
 model = create_model("test_resnet", num_classes=10, in_chans=1)
 n_params = sum(p.numel() for p in model.parameters())
 optimizer = create_optimizer(model, OptimConfig(lr=1e-2))
-trainable = parallel.wrap(acc, model, optimizer, train, grad_checkpointing=True)  # timm's + the stem segment
+trainable = wrap(acc, model, optimizer, train, grad_checkpointing=True)  # timm's + the stem segment
 engine = trainable.engine
 criterion = torch.nn.CrossEntropyLoss()
-batches = iter(train_loader(index.urls("cv"), set(index.labels_of("cv")), batch_size=16, shuffle_buffer=100, seed=0,
-                            image_size=SIZE, channels=1, num_workers=0))
+batches = iter(
+    train_loader(
+        index.urls("cv"),
+        set(index.labels_of("cv")),
+        batch_size=16,
+        shuffle_buffer=100,
+        seed=0,
+        image_size=SIZE,
+        channels=1,
+        num_workers=0,
+    )
+)
 
 
 def step(n):
@@ -76,11 +98,19 @@ with torch.no_grad():
 ckpt = out / "engine"
 tag_info = trainable.save(ckpt, "t0")
 acc.wait_for_everyone()
-row = {"rank": acc.process_index, "input_dtype": str(trainable.input_dtype),
-       "buffer_dtypes": sorted({str(v.dtype) for k, v in state.items() if k not in dict(plain.named_parameters())}), "world": acc.num_processes, "stage": engine.zero_optimization_stage(),
-       "engine": type(engine).__name__, "compiled": engine.is_compiled, "n_params": n_params, "grad_norms": norms,
-       "max_abs_diff_plain_vs_engine": float((logits_plain - logits_engine).abs().max()),
-       "logit_scale": float(logits_engine.abs().max())}
+row = {
+    "rank": acc.process_index,
+    "input_dtype": str(trainable.input_dtype),
+    "buffer_dtypes": sorted({str(v.dtype) for k, v in state.items() if k not in dict(plain.named_parameters())}),
+    "world": acc.num_processes,
+    "stage": engine.zero_optimization_stage(),
+    "engine": type(engine).__name__,
+    "compiled": engine.is_compiled,
+    "n_params": n_params,
+    "grad_norms": norms,
+    "max_abs_diff_plain_vs_engine": float((logits_plain - logits_engine).abs().max()),
+    "logit_scale": float(logits_engine.abs().max()),
+}
 if acc.is_main_process:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO: the launch/ JSONs, their checks against distrain's config, and real 2-process ZeRO-2 /
 ZeRO-3 on CPU over gloo under torchrun (DeepSpeed's CPU backend has no fp16; accelerate's DeepSpeed path
 on CPU is single-process, so torchrun drives `deepspeed.initialize` directly, as on a cluster)."""
+
 import json
 import sys
 
@@ -8,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, RUN_PY, free_port, run_cmd
 from distrain.config import ConfigError, TrainConfig
-from distrain.data import write_digits
-from distrain.zero import load_deepspeed_config
+from distrain.data.pack import write_digits
+from distrain.distributed.zero import load_deepspeed_config
+
+from conftest import REPO, RUN_PY, free_port, run_cmd
 
 JSONS = sorted((REPO / "launch" / "deepspeed").glob("*.json"))
 
@@ -22,8 +24,12 @@ def launch_two(launcher, args, cwd, timeout=300):
         head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
     else:
         head = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
-    return run_cmd(head + ["--master_port", str(free_port()), *map(str, args)], cwd, timeout=timeout,
-                   env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"})
+    return run_cmd(
+        head + ["--master_port", str(free_port()), *map(str, args)],
+        cwd,
+        timeout=timeout,
+        env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.mark.parametrize("path", JSONS, ids=lambda p: p.name)
@@ -49,8 +55,11 @@ def test_accelerate_deepspeed_yamls_name_existing_jsons():
 
 
 def test_every_launch_file_is_covered_by_a_parse_test():
-    covered = set(JSONS) | set((REPO / "launch" / "accelerate").glob("*.yaml")) | {
-        REPO / "launch" / "deepspeed" / "hostfile.example", REPO / "launch" / "README.md"}
+    covered = (
+        set(JSONS)
+        | set((REPO / "launch" / "accelerate").glob("*.yaml"))
+        | {REPO / "launch" / "deepspeed" / "hostfile.example", REPO / "launch" / "README.md"}
+    )
     assert set(p for p in (REPO / "launch").rglob("*") if p.is_file()) == covered
 
 
@@ -74,18 +83,26 @@ def _write(tmp_path, **changes):
     return path
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"gradient_cliping": 1.0}, "unknown DeepSpeed key 'gradient_cliping'"),
-    ({"zero_optimization__overlap_com": True}, "zero_optimization.overlap_com: Extra inputs are not permitted"),
-    ({"train_micro_batch_size_per_gpu": 16}, "train_micro_batch_size_per_gpu=16 disagrees with train.batch_size=32"),
-    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps=4 disagrees with train.grad_accum_steps=2"),
-    ({"train_batch_size": 64}, "train_batch_size=64 disagrees with train.batch_size x train.grad_accum_steps x 2 "
-                               "processes=128"),
-    ({"gradient_clipping": 5.0}, "gradient_clipping=5.0 disagrees with train.max_grad_norm=1.0"),
-    ({"bf16": {"enabled": True}}, "bf16.enabled=True disagrees with train.precision='no'"),
-    ({"optimizer": {"type": "Adam"}}, "remove 'optimizer'"),
-    ({"zero_optimization__stage": 7}, "zero_optimization"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"gradient_cliping": 1.0}, "unknown DeepSpeed key 'gradient_cliping'"),
+        ({"zero_optimization__overlap_com": True}, "zero_optimization.overlap_com: Extra inputs are not permitted"),
+        (
+            {"train_micro_batch_size_per_gpu": 16},
+            "train_micro_batch_size_per_gpu=16 disagrees with train.batch_size=32",
+        ),
+        ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps=4 disagrees with train.grad_accum_steps=2"),
+        (
+            {"train_batch_size": 64},
+            "train_batch_size=64 disagrees with train.batch_size x train.grad_accum_steps x 2 processes=128",
+        ),
+        ({"gradient_clipping": 5.0}, "gradient_clipping=5.0 disagrees with train.max_grad_norm=1.0"),
+        ({"bf16": {"enabled": True}}, "bf16.enabled=True disagrees with train.precision='no'"),
+        ({"optimizer": {"type": "Adam"}}, "remove 'optimizer'"),
+        ({"zero_optimization__stage": 7}, "zero_optimization"),
+    ],
+)
 def test_inconsistent_or_unknown_deepspeed_config_is_refused(tmp_path, changes, message):
     train = TrainConfig(batch_size=32, grad_accum_steps=2, max_grad_norm=1.0)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
@@ -95,23 +112,40 @@ def test_inconsistent_or_unknown_deepspeed_config_is_refused(tmp_path, changes, 
 
 def test_bad_deepspeed_json_fails_before_training_with_one_line(tmp_path):
     bad = _write(tmp_path, train_micro_batch_size_per_gpu=16)
-    proc = run_cmd([sys.executable, str(RUN_PY), "train.batch_size=32", f"train.deepspeed={bad}",
-                    f"run_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'digits'}"], tmp_path, timeout=120)
+    proc = run_cmd(
+        [
+            sys.executable,
+            str(RUN_PY),
+            "train.batch_size=32",
+            f"train.deepspeed={bad}",
+            f"run_root={tmp_path / 'runs'}",
+            f"data.root={tmp_path / 'digits'}",
+        ],
+        tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert lines[-1] == (f"distrain: error: {bad}: train_micro_batch_size_per_gpu=16 disagrees with "
-                         f"train.batch_size=32"), proc.stderr[-2000:]
+    assert lines[-1] == (
+        f"distrain: error: {bad}: train_micro_batch_size_per_gpu=16 disagrees with train.batch_size=32"
+    ), proc.stderr[-2000:]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "digits").exists()  # nothing started
 
 
-@pytest.mark.parametrize("stage, launcher, precision, persist, compiled", [
-    (2, "deepspeed", "no", None, True), (2, "torchrun", "bf16", None, False),
-    # ZeRO-3 with every parameter partitioned, even the stem's (read outside their hooks); ZeRO-3 with the
-    # launch/ JSON unchanged is test_zero3_job_preempted_resumed_and_consolidated_under_torchrun below
-    (3, "torchrun", "no", 0, False), (3, "torchrun", "no", 0, True),
-])
-def test_two_process_zero_consolidated_weights_predict_like_the_engine(tmp_path, stage, launcher, precision, persist,
-                                                                       compiled):
+@pytest.mark.parametrize(
+    "stage, launcher, precision, persist, compiled",
+    [
+        (2, "deepspeed", "no", None, True),
+        (2, "torchrun", "bf16", None, False),
+        # ZeRO-3 with every parameter partitioned, even the stem's (read outside their hooks); ZeRO-3 with the
+        # launch/ JSON unchanged is test_zero3_job_preempted_resumed_and_consolidated_under_torchrun below
+        (3, "torchrun", "no", 0, False),
+        (3, "torchrun", "no", 0, True),
+    ],
+)
+def test_two_process_zero_consolidated_weights_predict_like_the_engine(
+    tmp_path, stage, launcher, precision, persist, compiled
+):
     """Trains with gradient checkpointing (timm's + the fused stem segment) from the launch/ JSON, and
     with train.compile (aot_eager) where `compiled`: the engine compiles its module in place."""
     write_digits(tmp_path / "digits", shard_size=200)
@@ -123,8 +157,18 @@ def test_two_process_zero_consolidated_weights_predict_like_the_engine(tmp_path,
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = persist
         ds_json = tmp_path / ds_json.name
         ds_json.write_text(json.dumps(cfg))
-    proc = launch_two(launcher, [REPO / "tests" / "zero_check.py", ds_json, tmp_path / "digits", out, precision,
-                                 "aot_eager" if compiled else ""], tmp_path)
+    proc = launch_two(
+        launcher,
+        [
+            REPO / "tests" / "scripts" / "zero_check.py",
+            ds_json,
+            tmp_path / "digits",
+            out,
+            precision,
+            "aot_eager" if compiled else "",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     n = rows[0]["n_params"]
@@ -155,13 +199,35 @@ def test_zero3_job_preempted_resumed_and_consolidated_under_torchrun(tmp_path):
     import subprocess
     import time
 
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), str(RUN_PY), "--config", str(REPO / "configs" / "digits.yaml"),
-            "model.names=[test_resnet]", "cv.folds=2", "cv.only_folds=[0]", "cv.seeds=[3]", "train.epochs=2",
-            "train.batch_size=16", "data.image_size=16", "train.progress=false", "ensemble.stacking=false",
-            "ensemble.register_model=false", "scheduler.checkpoint_every_s=0", "scheduler.keep_checkpoints=2",
-            f"train.deepspeed={REPO / 'launch/deepspeed/zero3.json'}", f"run_root={tmp_path / 'runs'}",
-            f"data.root={tmp_path / 'digits'}"]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(RUN_PY),
+        "--config",
+        str(REPO / "configs" / "digits.yaml"),
+        "model.names=[test_resnet]",
+        "cv.folds=2",
+        "cv.only_folds=[0]",
+        "cv.seeds=[3]",
+        "train.epochs=2",
+        "train.batch_size=16",
+        "data.image_size=16",
+        "train.progress=false",
+        "ensemble.stacking=false",
+        "ensemble.register_model=false",
+        "scheduler.checkpoint_every_s=0",
+        "scheduler.keep_checkpoints=2",
+        f"train.deepspeed={REPO / 'launch/deepspeed/zero3.json'}",
+        f"run_root={tmp_path / 'runs'}",
+        f"data.root={tmp_path / 'digits'}",
+    ]
     env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("MLFLOW_TRACKING_URI", None)
     job = tmp_path / "runs" / "digits" / "jobs" / "test_resnet-s3-f0"
@@ -181,14 +247,16 @@ def test_zero3_job_preempted_resumed_and_consolidated_under_torchrun(tmp_path):
     tags = sorted(p.name for p in (state / "deepspeed").iterdir() if p.is_dir())
     assert len(kept) == 2 and tags == kept, (kept, tags)  # engine checkpoints pruned with distrain's
 
-    second = run_cmd(args, tmp_path, timeout=400,
-                     env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"})
+    second = run_cmd(
+        args, tmp_path, timeout=400, env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
+    )
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
     assert f"resumed from {state / kept[-1]}.pt" in second.stdout, second.stdout[-3000:]
     assert (tmp_path / "runs" / "digits" / "report.json").is_file()
 
-    from distrain.data import eval_loader, prepare_batch
-    from distrain.models import create_model
+    from distrain.data.loaders import eval_loader
+    from distrain.data.transforms import prepare_batch
+    from distrain.training.models import create_model
 
     best = torch.load(job / "best.pt", weights_only=True)
     oof = np.load(job / "oof.npz")
@@ -211,15 +279,43 @@ def test_accelerate_launch_with_the_deepspeed_yaml_uses_the_plugin(tmp_path):
     the engine through accelerate's DeepSpeed plugin from distrain's resolved JSON. On CPU that plugin runs
     one process, so this checks the wiring, not the sharding (the torchrun tests above do that), with
     gradient checkpointing and the engine's own torch.compile on."""
-    proc = run_cmd([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                    "launch/accelerate/deepspeed_zero2.yaml", "--num_processes", "1", "--main_process_port",
-                    str(free_port()), str(RUN_PY), "--config", "configs/digits.yaml", "model.names=[test_resnet]",
-                    "cv.folds=2", "cv.only_folds=[0]", "cv.seeds=[3]", "train.epochs=1", "train.batch_size=32",
-                    "data.image_size=16", "train.progress=false", "ensemble.stacking=false",
-                    "ensemble.register_model=false", f"run_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'digits'}",
-                    "model.grad_checkpointing=true", "train.compile=true", "train.compile_backend=aot_eager"],
-                   REPO, timeout=400, env={"OMP_NUM_THREADS": "2"})
+    proc = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            "launch/accelerate/deepspeed_zero2.yaml",
+            "--num_processes",
+            "1",
+            "--main_process_port",
+            str(free_port()),
+            str(RUN_PY),
+            "--config",
+            "configs/digits.yaml",
+            "model.names=[test_resnet]",
+            "cv.folds=2",
+            "cv.only_folds=[0]",
+            "cv.seeds=[3]",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "data.image_size=16",
+            "train.progress=false",
+            "ensemble.stacking=false",
+            "ensemble.register_model=false",
+            f"run_root={tmp_path / 'runs'}",
+            f"data.root={tmp_path / 'digits'}",
+            "model.grad_checkpointing=true",
+            "train.compile=true",
+            "train.compile_backend=aot_eager",
+        ],
+        REPO,
+        timeout=400,
+        env={"OMP_NUM_THREADS": "2"},
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert ("test_resnet-s3-f0: DeepSpeed ZeRO-2 over 1 process via accelerate's DeepSpeed plugin, float32, "
-            "gradient checkpointing (timm+stem), torch.compile (aot_eager)") in proc.stdout, proc.stdout[-3000:]
+    assert (
+        "test_resnet-s3-f0: DeepSpeed ZeRO-2 over 1 process via accelerate's DeepSpeed plugin, float32, "
+        "gradient checkpointing (timm+stem), torch.compile (aot_eager)"
+    ) in proc.stdout, proc.stdout[-3000:]
     assert (tmp_path / "runs" / "digits" / "report.json").is_file()

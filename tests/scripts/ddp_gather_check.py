@@ -1,5 +1,6 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2`: each rank predicts its own shards of an
 uneven split; the gathered predictions must cover every sample exactly once, identically on both ranks."""
+
 import hashlib
 import json
 import sys
@@ -8,10 +9,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from distrain import parallel
-from distrain.data import read_index
-from distrain.engine import predict
-from distrain.models import create_model
+from distrain.data.index import read_index
+from distrain.distributed import runtime
+from distrain.training.evaluate import predict
+from distrain.training.models import create_model
 
 index = read_index(Path(sys.argv[1]))
 acc = Accelerator(cpu=True)
@@ -19,14 +20,25 @@ keep = set(index.split_ids("cv")[::7])  # an odd count that does not divide by 2
 torch.manual_seed(0)
 model = create_model("test_resnet", num_classes=10, in_chans=1)
 pred = predict(model, acc, index.urls("cv"), keep, batch_size=13, image_size=16, channels=1, num_workers=0)
-local = len(list(parallel.gather_rows(acc, [acc.process_index])))
-total = parallel.sum_across_ranks(acc, [1.0])[0]
+local = len(list(runtime.gather_rows(acc, [acc.process_index])))
+total = runtime.sum_across_ranks(acc, [1.0])[0]
 digest = hashlib.sha256("\n".join(pred.sample_ids).encode() + pred.probs.tobytes()).hexdigest()
 # one file per rank: lines printed by two processes into one pipe can interleave
-(Path(sys.argv[2]) / f"rank{acc.process_index}.json").write_text(json.dumps({
-    "rank": acc.process_index, "world": acc.num_processes, "rows": len(pred.sample_ids),
-    "distinct": len(set(pred.sample_ids)), "expected": len(keep), "covers": set(pred.sample_ids) == keep,
-    "digest": digest, "gathered_ranks": local, "sum": total}))
+(Path(sys.argv[2]) / f"rank{acc.process_index}.json").write_text(
+    json.dumps(
+        {
+            "rank": acc.process_index,
+            "world": acc.num_processes,
+            "rows": len(pred.sample_ids),
+            "distinct": len(set(pred.sample_ids)),
+            "expected": len(keep),
+            "covers": set(pred.sample_ids) == keep,
+            "digest": digest,
+            "gathered_ranks": local,
+            "sum": total,
+        }
+    )
+)
 # Tear the process group down before exit, as run.py does: left to interpreter shutdown, gloo's threads
 # can be destroyed while still running ("terminate called without an active exception", SIGABRT).
 acc.end_training()

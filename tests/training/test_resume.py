@@ -1,5 +1,6 @@
 """Training-state checkpoints: weights_only loading, checksums, deterministic resume after SIGKILL,
 and SIGTERM (preemption) saving within the grace window."""
+
 import json
 import signal
 import subprocess
@@ -12,15 +13,29 @@ import numpy as np
 import pytest
 import torch
 
+from distrain.orchestration.ledger import Ledger
+from distrain.training.checkpoint import load_latest_state, rng_state, save_state, set_rng_state
+
 from conftest import RUN_PY, run_cmd
-from distrain.checkpoint import load_latest_state, rng_state, save_state, set_rng_state
-from distrain.ledger import Ledger
 
 JOB = "test_resnet-s7-f0"
-TINY = ["model.names=[test_resnet]", "data.image_size=24", "cv.folds=2", "cv.seeds=[7]", "cv.only_folds=[0]",
-        "train.epochs=2", "train.batch_size=32", "train.progress=false", "train.deterministic=true",
-        "train.cpu_threads=1", "ensemble.stacking=false", "ensemble.register_model=false",
-        "scheduler.lease_timeout_s=1.5", "scheduler.heartbeat_s=0.2", "scheduler.poll_s=0.2"]
+TINY = [
+    "model.names=[test_resnet]",
+    "data.image_size=24",
+    "cv.folds=2",
+    "cv.seeds=[7]",
+    "cv.only_folds=[0]",
+    "train.epochs=2",
+    "train.batch_size=32",
+    "train.progress=false",
+    "train.deterministic=true",
+    "train.cpu_threads=1",
+    "ensemble.stacking=false",
+    "ensemble.register_model=false",
+    "scheduler.lease_timeout_s=1.5",
+    "scheduler.heartbeat_s=0.2",
+    "scheduler.poll_s=0.2",
+]
 STEPS = 718 // 32  # CV samples of the training fold / batch size
 
 
@@ -64,8 +79,14 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
 def _start_worker(cwd: Path, *overrides: str) -> subprocess.Popen:
     env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONWARNINGS"] = "ignore"
-    return subprocess.Popen([sys.executable, str(RUN_PY), *TINY, *overrides], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(RUN_PY), *TINY, *overrides],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for_mid_epoch_state(state_dir: Path, proc: subprocess.Popen, epoch: int, timeout: float = 300) -> int:

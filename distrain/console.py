@@ -1,0 +1,44 @@
+"""What people see: distrain's own lines, progress bars on a terminal, plain lines in a log, and library
+noise (MLflow's pickling and type-hint notices, artifact-download bars, third-party warnings) sent to
+`<run_dir>/distrain.log` instead of the terminal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+LOG_NAME = "distrain.log"
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_NOISY_LOGGERS = ("mlflow", "alembic", "urllib3", "git", "matplotlib", "lightgbm", "DeepSpeed", "py.warnings")
+
+
+def is_terminal() -> bool:
+    """stderr is a terminal: progress bars redraw there; in a log file they would be carriage-return soup."""
+    return sys.stderr.isatty()
+
+
+def route_library_output(run_dir: Path) -> Path:
+    """Send library log records and warnings raised outside distrain to `<run_dir>/distrain.log` (distrain's
+    own warnings still reach stderr). Call once the run directory exists; returns the log's path."""
+    path = run_dir / LOG_NAME
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in _NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+    to_terminal = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if str(filename).startswith(_PACKAGE_DIR):
+            to_terminal(message, category, filename, lineno, file, line)
+        else:
+            handler.stream.write(warnings.formatwarning(message, category, filename, lineno, line))
+            handler.flush()
+
+    warnings.showwarning = showwarning
+    return path
