@@ -19,7 +19,6 @@ import numpy as np
 from distrain.config import Config
 from distrain.ensembles.store import OOFStore
 from distrain.fsutil import atomic_write_json
-from distrain.study.metrics import score
 
 
 def build_report(cfg: Config, store: OOFStore, test_by_job: Optional[np.ndarray], mlflow_info: dict) -> dict:
@@ -27,6 +26,8 @@ def build_report(cfg: Config, store: OOFStore, test_by_job: Optional[np.ndarray]
 
     test_by_job [J, n_test, C] holds each job's own test probabilities, in the order of store.jobs.
     """
+    from distrain.study.metrics import score  # late: scikit-learn takes seconds; `distrain sync` needs none
+
     metric = cfg.train.metric
     labels = store.test_labels
     has_test = test_by_job is not None and labels is not None

@@ -72,79 +72,82 @@ def build_store(
         for j in jobs:
             by.setdefault(j.oof_probs.shape[1], j.id)
         raise EnsembleError("jobs have different class counts: " + ", ".join(f"{jid} has {c}" for c, jid in by.items()))
-    ids = sorted(fold_of_sample)
-    pos = {s: i for i, s in enumerate(ids)}
-    n_folds = max(fold_of_sample.values()) + 1
-    members = {f: {s for s, ff in fold_of_sample.items() if ff == f} for f in range(n_folds)}
-
-    problems: dict[str, list[str]] = {}  # column -> reasons
     columns: dict[str, list[JobPredictions]] = {}
     for j in jobs:
-        col = column_key(j.model, j.seed)
-        columns.setdefault(col, []).append(j)
-        got, want = set(j.oof_ids), members[j.fold]
-        if len(j.oof_ids) != len(got) or got != want:
-            missing = sorted(want - got)
-            problems.setdefault(col, []).append(
-                f"job {j.id}: OOF has {len(got & want)} of {len(want)} rows of fold {j.fold}"
-                + (f" (missing e.g. {missing[0]!r})" if missing else "")
-                + (f", {len(got - want)} rows from other folds" if got - want else "")
-                + (f", {len(j.oof_ids) - len(got)} duplicates" if len(j.oof_ids) != len(got) else "")
-            )
-    for m in missing_jobs:
-        problems.setdefault(column_key(m["model"], m["seed"]), []).append(f"job {m['id']}: not finished (no OOF)")
-    for col, js in columns.items():
-        folds_seen = sorted(j.fold for j in js)
-        if folds_seen != sorted(set(folds_seen)):
-            problems.setdefault(col, []).append(f"column {col}: a fold appears twice")
+        columns.setdefault(column_key(j.model, j.seed), []).append(j)
+    problems = _coverage_problems(columns, missing_jobs, fold_of_sample)
     if problems and not allow_partial:
         first = next(iter(problems.values()))[0]
         raise EnsembleError(
             f"{first}; every CV sample needs one OOF prediction per (model, seed) "
             f"(use --allow-partial to leave such columns out)"
         )
-    left_out = [{"column": col, "reason": r} for col, rs in problems.items() for r in rs]
-    kept = [c for c in columns if c not in problems]
+    kept = {col: js for col, js in columns.items() if col not in problems}
     if not kept:
         raise EnsembleError("no complete (model, seed) column to ensemble")
+    store = _align(kept, fold_of_sample, labels_of_sample, class_counts.pop())
+    store.left_out = [{"column": col, "reason": r} for col, rs in problems.items() for r in rs]
+    return store
 
-    n, c = len(ids), class_counts.pop()
-    oof = np.full((len(kept), n, c), np.nan, dtype=np.float32)
+
+def _coverage_problems(
+    columns: dict[str, list[JobPredictions]], missing_jobs: list[dict], fold_of_sample: dict[str, int]
+) -> dict[str, list[str]]:
+    """column -> why it cannot be ensembled: OOF rows that are not exactly its fold's, an unfinished job,
+    a fold twice."""
+    members: dict[int, set[str]] = {}
+    for s, f in fold_of_sample.items():
+        members.setdefault(f, set()).add(s)
+    problems: dict[str, list[str]] = {}
+    for col, js in columns.items():
+        for j in js:
+            got, want = set(j.oof_ids), members.get(j.fold, set())
+            if len(j.oof_ids) != len(got) or got != want:
+                missing = sorted(want - got)
+                problems.setdefault(col, []).append(
+                    f"job {j.id}: OOF has {len(got & want)} of {len(want)} rows of fold {j.fold}"
+                    + (f" (missing e.g. {missing[0]!r})" if missing else "")
+                    + (f", {len(got - want)} rows from other folds" if got - want else "")
+                    + (f", {len(j.oof_ids) - len(got)} duplicates" if len(j.oof_ids) != len(got) else "")
+                )
+    for m in missing_jobs:
+        problems.setdefault(column_key(m["model"], m["seed"]), []).append(f"job {m['id']}: not finished (no OOF)")
+    for col, js in columns.items():
+        folds_seen = sorted(j.fold for j in js)
+        if folds_seen != sorted(set(folds_seen)):
+            problems.setdefault(col, []).append(f"column {col}: a fold appears twice")
+    return problems
+
+
+def _align(
+    columns: dict[str, list[JobPredictions]],
+    fold_of_sample: dict[str, int],
+    labels_of_sample: dict[str, int],
+    num_classes: int,
+) -> OOFStore:
+    """The complete columns' OOF rows placed by sample id, and their fold-averaged test probabilities."""
+    ids = sorted(fold_of_sample)
+    pos = {s: i for i, s in enumerate(ids)}
+    jobs = [j for js in columns.values() for j in js]
+    oof = np.full((len(columns), len(ids), num_classes), np.nan, dtype=np.float32)
     test_ids = next((j.test_ids for j in jobs if j.test_probs is not None), [])
-    test = np.zeros((len(kept), len(test_ids), c), dtype=np.float32) if test_ids else None
+    test = np.zeros((len(columns), len(test_ids), num_classes), dtype=np.float32) if test_ids else None
     test_labels = next((j.test_labels for j in jobs if j.test_labels is not None), None)
     included = []
-    for k, col in enumerate(kept):
-        for j in sorted(columns[col], key=lambda j: j.fold):
+    for k, js in enumerate(columns.values()):
+        for j in sorted(js, key=lambda j: j.fold):
             oof[k, [pos[s] for s in j.oof_ids]] = j.oof_probs
-            included.append(
-                {
-                    "id": j.id,
-                    "model": j.model,
-                    "seed": j.seed,
-                    "fold": j.fold,
-                    "val_score": j.val_score,
-                    "best_epoch": j.best_epoch,
-                }
-            )
+            included.append({"id": j.id, "model": j.model, "seed": j.seed, "fold": j.fold,
+                             "val_score": j.val_score, "best_epoch": j.best_epoch})  # fmt: skip
             if test is not None:
                 if j.test_ids != test_ids or j.test_probs is None:
                     raise EnsembleError(f"job {j.id}: test predictions cover other samples than the other jobs")
-                test[k] += j.test_probs / len(columns[col])
+                test[k] += j.test_probs / len(js)
     if np.isnan(oof).any():  # cannot happen after the checks above; a guard against silent NaNs
         raise EnsembleError("OOF table has holes after alignment")
-    return OOFStore(
-        sample_ids=ids,
-        labels=np.asarray([labels_of_sample[s] for s in ids]),
-        folds=np.asarray([fold_of_sample[s] for s in ids]),
-        columns=kept,
-        oof=oof,
-        test_ids=list(test_ids),
-        test_labels=test_labels,
-        test=test,
-        jobs=included,
-        left_out=left_out,
-    )
+    return OOFStore(sample_ids=ids, labels=np.asarray([labels_of_sample[s] for s in ids]),
+                    folds=np.asarray([fold_of_sample[s] for s in ids]), columns=list(columns), oof=oof,
+                    test_ids=list(test_ids), test_labels=test_labels, test=test, jobs=included)  # fmt: skip
 
 
 def long_table(store: OOFStore):

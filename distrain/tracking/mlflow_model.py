@@ -3,22 +3,39 @@ returns class probabilities, through `distrain.ensembles.serving.EnsemblePredict
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-
-import mlflow.pyfunc
 
 from distrain.ensembles.serving import EnsemblePredictor
 
-# MLflow suggests type hints on `predict` for signature inference; images of any shape go in, so there is
-# no useful signature to infer, and the suggestion would reach every user at every registration.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+
+@contextlib.contextmanager
+def _without_type_hint_notice():
+    """MLflow suggests type hints on `predict` for signature inference, when mlflow.pyfunc is imported and
+    when a PythonModel is defined; images of any shape go in, so there is no signature to infer and the
+    notice would reach every user. MLflow forces its own "once" filter around the check, so the notice is
+    dropped where it is shown."""
+    shown = warnings.showwarning
+
+    def drop_notice(message, category, filename, lineno, file=None, line=None):
+        if "Add type hints to the `predict` method" not in str(message):
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = drop_notice
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
-class DistrainPyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc: `predict(images)` returns class probabilities [N, num_classes]."""
+with _without_type_hint_notice():
+    import mlflow.pyfunc
 
-    def load_context(self, context):
-        self.predictor = EnsemblePredictor(context.artifacts["ensemble"])
+    class DistrainPyfunc(mlflow.pyfunc.PythonModel):
+        """MLflow pyfunc: `predict(images)` returns class probabilities [N, num_classes]."""
 
-    def predict(self, context, model_input, params=None):
-        return self.predictor.predict_proba(model_input)
+        def load_context(self, context):
+            self.predictor = EnsemblePredictor(context.artifacts["ensemble"])
+
+        def predict(self, context, model_input, params=None):
+            return self.predictor.predict_proba(model_input)

@@ -247,9 +247,8 @@ class MlflowTracker(Tracker):
 
     def _log_ensemble_model_now(self, run_id: str, artifacts_dir: Path, registered_name: str) -> str:
         import mlflow
-        import mlflow.pyfunc
 
-        from distrain.tracking.mlflow_model import DistrainPyfunc
+        from distrain.tracking.mlflow_model import DistrainPyfunc  # imports mlflow.pyfunc without its notice
 
         mlflow.set_tracking_uri(self.tracking_uri)
         with mlflow.start_run(run_id=run_id):
