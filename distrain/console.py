@@ -4,10 +4,12 @@ noise (MLflow's pickling and type-hint notices, artifact-download bars, third-pa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 LOG_NAME = "distrain.log"
@@ -25,6 +27,8 @@ def route_library_output(run_dir: Path) -> Path:
     own warnings still reach stderr). Call once the run directory exists; returns the log's path."""
     path = run_dir / LOG_NAME
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with contextlib.suppress(ImportError):  # MLflow installs its own stderr handler when imported: first
+        import mlflow  # noqa: F401
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     for name in _NOISY_LOGGERS:
@@ -42,3 +46,10 @@ def route_library_output(run_dir: Path) -> Path:
 
     warnings.showwarning = showwarning
     return path
+
+
+@contextlib.contextmanager
+def library_prints_to_log(run_dir: Path) -> Iterator[None]:
+    """Lines a library prints itself (MLflow's "Successfully registered model ...") go to the run's log."""
+    with open(run_dir / LOG_NAME, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        yield

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+from distrain.console import library_prints_to_log
 from distrain.fsutil import atomic_write_json, create_exclusive_json
 from distrain.tracking.base import NullTracker, Tracker
 from distrain.tracking.buffer import BUFFER_DIR, PLACEHOLDER, read_marker
@@ -251,7 +252,7 @@ class MlflowTracker(Tracker):
         from distrain.tracking.mlflow_model import DistrainPyfunc  # imports mlflow.pyfunc without its notice
 
         mlflow.set_tracking_uri(self.tracking_uri)
-        with mlflow.start_run(run_id=run_id):
+        with library_prints_to_log(self.run_dir), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="ensemble",
                 python_model=DistrainPyfunc(),

@@ -79,6 +79,17 @@ def test_run_directory_and_report_keep_their_layout(default_run):
     assert now["files"] == {**before["files"], **ADDED_FILES}
 
 
+def test_library_noise_goes_to_the_log_not_the_terminal(default_run):
+    cwd, _, _, proc = default_run
+    terminal = proc.stdout + proc.stderr
+    log = (cwd / "runs" / "digits" / "distrain.log").read_text()
+    for notice in ("Successfully registered model", "Passing a Python object as `python_model`",
+                   "Creating initial MLflow database tables"):  # fmt: skip
+        assert notice not in terminal and notice in log, notice
+    assert "Downloading artifacts" not in terminal and "Add type hints" not in terminal
+    assert "\r" not in proc.stderr  # no progress-bar redraws in a log (not a terminal here)
+
+
 def oof_coverage(run_dir: Path) -> dict:
     """sample ids per (model, seed) over all folds' oof.npz files."""
     cover = {}
@@ -137,6 +148,8 @@ def test_rerun_on_finished_run_dir_trains_nothing(default_run):
     proc = distrain_run(cwd)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "distrain: job" not in proc.stdout and time.perf_counter() - start < seconds / 2
+    assert "distrain: nothing to train: all 10 jobs of runs/digits are done" in proc.stdout  # says why
+    assert "CV mean ± std" in proc.stdout and "stacking" in proc.stdout  # and shows the report again
     again = json.loads((cwd / "runs" / "digits" / "report.json").read_text())
     assert again["jobs"] == report["jobs"] and again["test"] == report["test"]
 
