@@ -22,19 +22,25 @@ def is_terminal() -> bool:
     return sys.stderr.isatty()
 
 
+def loggers_to_log(run_dir: Path, names: tuple[str, ...]) -> logging.Handler:
+    """Send these loggers' records to `<run_dir>/distrain.log` only. A library that configures its logger when
+    imported (MLflow does) needs this again after its import."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / LOG_NAME)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in names:
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+    return handler
+
+
 def route_library_output(run_dir: Path) -> Path:
     """Send library log records and warnings raised outside distrain to `<run_dir>/distrain.log` (distrain's
     own warnings still reach stderr). Call once the run directory exists; returns the log's path."""
     path = run_dir / LOG_NAME
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with contextlib.suppress(ImportError):  # MLflow installs its own stderr handler when imported: first
-        import mlflow  # noqa: F401
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    for name in _NOISY_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.handlers = [handler]
-        logger.propagate = False
+    handler = loggers_to_log(run_dir, _NOISY_LOGGERS)
     to_terminal = warnings.showwarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None):

@@ -67,6 +67,14 @@ def distrain_run(
     return run_cmd(cmd + ["--config", str(config), *overrides], cwd, timeout, env)
 
 
+def ledger_history(ledger, job_ids: list[str]) -> list[dict]:
+    """Every attempt of the given jobs as {job, attempt, worker, start, end, status}, by start time.
+    `end` is the owner's last sign of life (its end, else its last heartbeat)."""
+    rows = [{"job": j, "attempt": a.number, "worker": a.worker, "start": a.claimed_at, "end": a.last_seen,
+             "status": (a.end or {}).get("status", "open")} for j in job_ids for a in ledger.attempts(j)]  # fmt: skip
+    return sorted(rows, key=lambda r: r["start"])
+
+
 def last_line(text: str) -> str:
     lines = [l for l in text.strip().splitlines() if l.strip()]
     return lines[-1] if lines else ""

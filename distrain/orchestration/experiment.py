@@ -254,7 +254,7 @@ def finish(study: Study, outcome: WorkerOutcome) -> None:
                 Path(os.environ["DISTRAIN_WORKER_RESULT"]),  # every failure into exit 1
                 {"worker": study.worker, "exit_code": outcome.exit_code},
             )
-        if not outcome.trained and not outcome.aggregated and not outcome.preempted:
+        if not (outcome.trained or outcome.aggregated or outcome.preempted or outcome.failed):
             _say_nothing_was_trained(study)
 
     study.on_primary(record)

@@ -170,24 +170,6 @@ class Ledger:
         now = time.time()
         return [self.state(j, now) for j in job_ids]
 
-    def history(self, job_ids: list[str]) -> list[dict]:
-        """Every attempt of the given jobs as {job, attempt, worker, start, end, status}, by start time.
-        `end` is the owner's last sign of life (its end, else its last heartbeat)."""
-        rows = []
-        for j in job_ids:
-            for a in self.attempts(j):
-                rows.append(
-                    {
-                        "job": j,
-                        "attempt": a.number,
-                        "worker": a.worker,
-                        "start": a.claimed_at,
-                        "end": a.last_seen,
-                        "status": (a.end or {}).get("status", "open"),
-                    }
-                )
-        return sorted(rows, key=lambda r: r["start"])
-
     # ---- writing -------------------------------------------------------------------------------
     def try_claim(self, job_id: str, worker: str) -> Optional[Claim]:
         """Claim `job_id` if it is pending (never claimed, preempted, or its owner's lease expired).

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from distrain.console import library_prints_to_log
+from distrain.console import library_prints_to_log, loggers_to_log
 from distrain.fsutil import atomic_write_json, create_exclusive_json
 from distrain.tracking.base import NullTracker, Tracker
 from distrain.tracking.buffer import BUFFER_DIR, PLACEHOLDER, read_marker
@@ -48,6 +48,7 @@ class MlflowTracker(Tracker):
     ):
         from mlflow.tracking import MlflowClient
 
+        loggers_to_log(run_dir, ("mlflow", "alembic"))  # MLflow set its own stderr handler when imported
         bound_http_requests(timeout_s, max_retries)
         self.tracking_uri = tracking_uri
         self.run_dir, self.run_root, self.experiment_name = run_dir, run_root, experiment_name

@@ -8,7 +8,7 @@ import pytest
 
 from distrain.orchestration.ledger import AGGREGATE, Ledger
 
-from conftest import RUN_PY, run_cmd
+from conftest import RUN_PY, ledger_history, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def test_schedule_two_workers_of_two_processes_share_the_ledger(tmp_path):
     run_dir = tmp_path / "runs" / "digits"
     ledger = Ledger(run_dir)
     ids = [f"test_resnet-s{s}-f{f}" for s in (1, 2) for f in (0, 1)]
-    history = ledger.history(ids + [AGGREGATE])
+    history = ledger_history(ledger, ids + [AGGREGATE])
     assert sorted(r["job"] for r in history if r["status"] == "done") == sorted(ids + [AGGREGATE])
     owners = {r["worker"].rsplit(":", 1)[0] for r in history if r["job"] != AGGREGATE}
     assert len(owners) == 2, owners  # both workers trained jobs

@@ -15,6 +15,8 @@ from distrain.errors import EXIT_FAILED
 from distrain.orchestration.ledger import AGGREGATE, Ledger
 from distrain.orchestration.worker import parse_shard, run_worker, select_shard
 
+from conftest import ledger_history
+
 WORKER = Path(__file__).parents[1] / "scripts" / "ledger_worker.py"
 
 
@@ -164,7 +166,7 @@ def test_stress_three_workers_sigkilled_and_restarted(tmp_path):
 
     ledger = Ledger(tmp_path, lease_timeout_s=lease)
     ids = [f"job{i:03d}" for i in range(n_jobs)]
-    history = ledger.history(ids + [AGGREGATE])
+    history = ledger_history(ledger, ids + [AGGREGATE])
     for job in ids + [AGGREGATE]:
         done = [r for r in history if r["job"] == job and r["status"] == "done"]
         assert len(done) == 1, (job, [r for r in history if r["job"] == job])
