@@ -1,10 +1,10 @@
-"""Scheduler benchmark: N jobs of known, uneven durations over W worker processes sharing one ledger
+"""Worker-loop benchmark: N jobs of known, uneven durations over W worker processes sharing one ledger
 on local disk. Prints makespan / ideal makespan (target <= 1.10) and the claim overhead per job
 (target < 50 ms), then one JSON line.
 
     python benchmarks/scheduler.py [--jobs 40] [--workers 4] [--seed 0]
 
-The workers are real `distrain.scheduler.run_worker` processes against the real ledger (heartbeat
+The workers are real `distrain.orchestration.worker.run_worker` processes against the real ledger (heartbeat
 threads, lease files, exclusive claims, the aggregation claim); only the job body sleeps for the job's
 duration instead of training, so the figures isolate what the scheduler adds.
 Ideal makespan = max(sum of durations / W, longest job): no schedule can beat it. The makespan is
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-WORKER = Path(__file__).resolve().parents[1] / "tests" / "ledger_worker.py"
+WORKER = Path(__file__).resolve().parents[1] / "tests" / "scripts" / "ledger_worker.py"
 
 
 def main() -> None:
