@@ -104,7 +104,14 @@ class CVConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     names: list[str] = field(default_factory=lambda: ["resnet10t"])
-    """timm model names (pretrained=False); each is a backbone of the ensemble."""
+    """timm model names; each is a backbone of the ensemble."""
+    pretrained: bool = False
+    """Start from timm's pretrained weights (downloaded from the Hugging Face hub into its cache once;
+    with HF_HUB_OFFLINE=1 only the cache is used). The classifier is re-made for data.num_classes and the
+    first convolution adapted to the data's channels, as timm does."""
+    pretrained_file: str = ""
+    """A local checkpoint (.safetensors, .pth, .bin) to start from instead of the hub (timm's
+    pretrained_cfg_overlay file=...); implies pretrained. One model name only."""
     drop_rate: float = 0.0
     """Dropout before the classifier."""
     grad_checkpointing: bool = False
@@ -114,6 +121,9 @@ class ModelConfig:
     def __post_init__(self):
         _require(len(self.names) >= 1, "model.names", self.names, "at least one model")
         _require(0.0 <= self.drop_rate < 1.0, "model.drop_rate", self.drop_rate, "in [0, 1)")
+        if self.pretrained_file:
+            _require(len(self.names) == 1, "model.pretrained_file", self.pretrained_file,
+                     "a file for a single model name (model.names has several)")  # fmt: skip
 
 
 def check_model_names(names: list[str]) -> None:
@@ -179,8 +189,9 @@ class TrainConfig:
     progress: bool = True
     """Progress bars for epochs and steps (primary rank only)."""
     cpu_threads: int = 0
-    """Intra-op threads per process on CPU; 0 = this node's cores divided by its processes (accelerate
-    launch would otherwise leave each process one thread)."""
+    """Intra-op threads per process on CPU; 0 = the CPUs this process may use (its affinity mask, capped by
+    its cgroup's quota, e.g. a Kubernetes CPU limit) divided by this node's processes (accelerate launch would
+    otherwise leave each process one thread)."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms: bit-reproducible runs and resumes, at some speed cost on GPUs."""
     max_nonfinite_losses: int = 5
@@ -418,10 +429,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def config_from_dict(raw: dict, *, check_models: bool = True) -> Config:
     """Validate a plain mapping (as read from YAML) into a Config, or raise ConfigError.
-    check_models=False skips looking the model names up in timm's registry (see check_model_names)."""
+    check_models=False skips looking the model names up in timm's registry (see check_model_names) and
+    looking for model.pretrained_file (a saved run directory's config was checked when the run began)."""
     cfg = _build(Config, raw, "")
     if check_models:
         check_model_names(cfg.model.names)
+        if cfg.model.pretrained_file and not Path(cfg.model.pretrained_file).is_file():
+            raise ConfigError(f"model.pretrained_file: no such file: {cfg.model.pretrained_file}")
     return cfg
 
 

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from distrain.config import TrainConfig
+from distrain.distributed.cpus import available_cpus
 from distrain.errors import ConfigError
 
 T = TypeVar("T")
@@ -101,7 +102,7 @@ def create_accelerator(train: TrainConfig) -> Accelerator:
     if not cuda:
         # `accelerate launch` exports OMP_NUM_THREADS=1; on CPU that idles all cores but one.
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        torch.set_num_threads(train.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, local_processes)))
+        torch.set_num_threads(train.cpu_threads or max(1, available_cpus() // max(1, local_processes)))
     return accelerator
 
 

@@ -106,6 +106,11 @@ def start_study(cfg: Config, new_run_dir: bool, shard: Optional[tuple[int, int]]
         for name in cfg.model.names:
             check_grad_checkpointing(name)
     index, manifest = prepare_data(cfg, accelerator)
+    if cfg.model.pretrained or cfg.model.pretrained_file:  # each node fills its hub cache once, or refuses
+        from distrain.training.models import check_pretrained
+
+        runtime.on_primary(accelerator, per_node=True, fn=lambda: check_pretrained(
+            cfg.model, num_classes=cfg.data.num_classes, in_chans=index.channels))  # fmt: skip
     chosen = runtime.on_primary(accelerator, lambda: phases.prepare_run_dir(cfg, manifest, new_run_dir))
     if accelerator.is_main_process:
         route_library_output(chosen.run_dir)

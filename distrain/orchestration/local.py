@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from distrain.distributed.cpus import available_cpus
 from distrain.errors import EXIT_PREEMPTED, BadInput
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
@@ -81,7 +82,7 @@ def visible_gpus() -> list[str]:
 
 def run_local_workers(workers: int, procs_per_worker: int, run_args: list[str]) -> int:
     """Start the workers, forward SIGTERM / SIGINT to them, wait for all; returns the exit code."""
-    commands = worker_commands(workers, procs_per_worker, run_args, gpus=visible_gpus(), cpu_count=os.cpu_count() or 1)
+    commands = worker_commands(workers, procs_per_worker, run_args, gpus=visible_gpus(), cpu_count=available_cpus())
     result_dir = Path(tempfile.mkdtemp(prefix="distrain-workers-"))
     procs = []
     for i, (cmd, env) in enumerate(commands):

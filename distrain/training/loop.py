@@ -177,9 +177,9 @@ class JobTrainer:
         self.val_ids = {s for s in cv_labels if fold_of_sample[s] == job.fold}
         train_ids = set(cv_labels) - self.val_ids
         runtime.seed_everything(job.seed)  # identical initial weights on every rank
-        model = create_model(
-            job.model, num_classes=dc.num_classes, in_chans=index.channels, drop_rate=cfg.model.drop_rate
-        )
+        mc = cfg.model
+        model = create_model(job.model, num_classes=dc.num_classes, in_chans=index.channels, drop_rate=mc.drop_rate,
+                             pretrained=mc.pretrained, pretrained_file=mc.pretrained_file)  # fmt: skip
         optimizer = create_optimizer(model, cfg.optim)
         self.n_steps = steps_per_epoch(len(train_ids), self.world, tc.batch_size, tc.grad_accum_steps)
         opt_steps_per_epoch = self.n_steps // tc.grad_accum_steps

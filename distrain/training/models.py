@@ -1,4 +1,4 @@
-"""Single-device model construction: timm by name.
+"""Single-device model construction: timm by name, randomly initialised or from pretrained weights.
 
 Nothing here knows about ranks or wrappers; `distributed.wrap` applies gradient checkpointing, compile
 and the data-parallel wrapper to what `create_model` returns, in that order.
@@ -6,10 +6,85 @@ and the data-parallel wrapper to what `create_model` returns, in that order.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+
 import timm
 import torch
 
+from distrain.config import ModelConfig
+from distrain.errors import ConfigError
 
-def create_model(name: str, *, num_classes: int, in_chans: int, drop_rate: float = 0.0) -> torch.nn.Module:
-    """A timm classifier with random init."""
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_chans: int,
+    drop_rate: float = 0.0,
+    pretrained: bool = False,
+    pretrained_file: str = "",
+) -> torch.nn.Module:
+    """A timm classifier: random init, timm's pretrained weights (`pretrained`, from the Hugging Face hub
+    cache), or a local checkpoint (`pretrained_file`). timm re-makes the classifier when `num_classes`
+    differs from the weights' and adapts the first convolution to `in_chans`. Raises ConfigError, in one
+    line, when the weights cannot be had (offline and not cached, no such weights) or do not fit the model."""
+    if not (pretrained or pretrained_file):
+        return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    overlay = {"pretrained_cfg_overlay": {"file": str(pretrained_file)}} if pretrained_file else {}
+    source = f"model.pretrained_file={pretrained_file}" if pretrained_file else "model.pretrained=true"
+    with _missing_keys_reported() as missing:
+        try:
+            model = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans,
+                                      drop_rate=drop_rate, **overlay)  # fmt: skip
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            hint = "" if pretrained_file else " (offline? fill the hub cache first, or set model.pretrained_file)"
+            raise ConfigError(f"{source}: cannot load {name!r} weights: {type(e).__name__}: {first}{hint}") from None
+    not_loaded = [k for k in missing if not _may_be_reinitialised(k, model.pretrained_cfg)]
+    if not_loaded:
+        raise ConfigError(f"{source}: {len(not_loaded)} of {len(model.state_dict())} tensors of {name!r} are not in "
+                          f"the weights (e.g. {not_loaded[0]!r}); are they another architecture's?")  # fmt: skip
+    return model
+
+
+def _may_be_reinitialised(key: str, pretrained_cfg: dict) -> bool:
+    """The classifier (re-made for num_classes) and BatchNorm step counters may be absent from the weights."""
+    classifiers = pretrained_cfg.get("classifier") or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else classifiers
+    return key.endswith("num_batches_tracked") or any(key.startswith(c + ".") for c in classifiers)
+
+
+@contextlib.contextmanager
+def _missing_keys_reported() -> Iterator[list[str]]:
+    """The keys timm's loader reports missing. It loads non-strictly whenever it re-makes the classifier, so a
+    checkpoint of another architecture would otherwise leave the whole model randomly initialised, silently."""
+    missing: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            match = re.match(r"Missing keys \((.*)\) discovered", record.getMessage())
+            if match:
+                missing.extend(k.strip() for k in match.group(1).split(","))
+
+    logger = logging.getLogger("timm.models._builder")
+    handler, level = Collect(level=logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield missing
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def check_pretrained(model: ModelConfig, *, num_classes: int, in_chans: int) -> None:
+    """Load each backbone's pretrained weights once before any job starts (filling the hub cache), so that
+    weights that cannot be had or do not fit are refused up front. Nothing to do without pretrained weights."""
+    if not (model.pretrained or model.pretrained_file):
+        return
+    for name in model.names:
+        create_model(name, num_classes=num_classes, in_chans=in_chans, pretrained=model.pretrained,
+                     pretrained_file=model.pretrained_file)  # fmt: skip
