@@ -23,27 +23,24 @@ from distrain.errors import BadInput, refuse
 
 
 def _data(args) -> int:
-    from distrain.data.pack import samples_from_csv, samples_from_folder, write_dataset, write_digits
+    from distrain.data.pack import ShardLimits, samples_from_csv, samples_from_folder, write_dataset, write_digits
 
     if args.what == "digits":
-        index = write_digits(args.out, test_fraction=args.test_fraction, shard_size=args.shard_size)
+        index = write_digits(args.out, test_fraction=args.test_fraction, shard_size=args.shard_size or 64)
     else:
         if bool(args.images) == bool(args.csv):
             raise BadInput("data pack: give exactly one of --images DIR or --csv FILE")
         samples, classes = samples_from_folder(args.images) if args.images else samples_from_csv(args.csv)
         if not samples:
             raise BadInput("data pack: no images found")
-        index = write_dataset(
-            samples,
-            args.out,
-            classes=classes,
-            channels=args.channels,
-            test_fraction=args.test_fraction,
-            shard_size=args.shard_size,
-        )
+        channels = None if args.channels == "auto" else int(args.channels)
+        limits = ShardLimits(max_mb=args.shard_mb, max_samples=args.shard_size or 0, min_shards=args.min_shards)
+        index = write_dataset(samples, args.out, classes=classes, channels=channels,
+                              test_fraction=args.test_fraction, limits=limits)  # fmt: skip
     print(
         f"distrain: wrote {len(index.split_ids('cv'))} CV + {len(index.split_ids('test'))} test samples, "
-        f"{len(index.classes)} classes, {len(index.cv_shards)}+{len(index.test_shards)} shards to {index.root}"
+        f"{len(index.classes)} classes, {index.channels} channel(s), {len(index.cv_shards)}+{len(index.test_shards)} "
+        f"shards to {index.root}"
     )
     return 0
 
@@ -176,9 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="data/digits", help="output directory (must not exist)")
     d.add_argument("--images", help="pack: folder with one subfolder per class")
     d.add_argument("--csv", help="pack: CSV with columns path,label[,group]")
-    d.add_argument("--channels", type=int, choices=[1, 3], default=3, help="pack: 1 (grayscale) or 3 (RGB)")
+    d.add_argument("--channels", choices=["auto", "1", "3"], default="auto",
+                   help="pack: 1 (grayscale), 3 (RGB), or auto: 1 when every image is grayscale")  # fmt: skip
     d.add_argument("--test-fraction", type=float, default=0.2, help="fixed stratified holdout kept out of CV")
-    d.add_argument("--shard-size", type=int, default=64, help="samples per tar shard")
+    d.add_argument("--shard-mb", type=float, default=256.0, help="pack: megabytes per tar shard at most")
+    d.add_argument(
+        "--min-shards",
+        type=int,
+        default=32,
+        help="pack: smaller shards when the split would give fewer (every rank x worker reads its own)",
+    )
+    d.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help="samples per tar shard at most (digits: 64; pack: no limit but --shard-mb)",
+    )
 
     t = sub.add_parser("train", help="run the main job (as distrain/run.py)")
     t.add_argument("args", nargs=argparse.REMAINDER)

@@ -13,12 +13,14 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
+from tqdm.auto import tqdm
 
+from distrain.console import is_terminal
 from distrain.data.index import INDEX_FORMAT, INDEX_NAME, DatasetIndex, read_index
 from distrain.errors import DataError
 
@@ -27,11 +29,35 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 @dataclass(frozen=True)
 class Sample:
+    """One image to pack: its bytes in memory (`image_bytes`) or, so that packing streams, a file (`path`)."""
+
     sample_id: str
     label: int
-    image_bytes: bytes
     ext: str  # "png", "jpg", ...
     group: str = ""
+    image_bytes: bytes = b""
+    path: Optional[Path] = None
+
+    def read(self) -> bytes:
+        return self.path.read_bytes() if self.path is not None else self.image_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.path.stat().st_size if self.path is not None else len(self.image_bytes)
+
+
+@dataclass(frozen=True)
+class ShardLimits:
+    """Where one shard ends: at `max_mb` megabytes (webdataset suggests 100 MB to 1 GB), or `max_samples`
+    samples (0: no such limit); smaller when the split would otherwise give fewer than `min_shards` shards,
+    so that every rank x DataLoader worker of a large job still gets shards of its own."""
+
+    max_mb: float = 256.0
+    max_samples: int = 0
+    min_shards: int = 32
+
+    def max_bytes(self, total_bytes: int) -> float:
+        return min(self.max_mb * 1e6, max(1.0, total_bytes / self.min_shards))
 
 
 _ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -60,9 +86,20 @@ def holdout_split(labels: Sequence[int], groups: Sequence[str], test_fraction: f
     return is_test
 
 
-def write_dataset(samples: Sequence[Sample], out_dir: str | Path, *, classes: list[str], channels: int,
-                  test_fraction: float = 0.2, split_seed: int = 0, shard_size: int = 64) -> DatasetIndex:
-    """Write samples as cv/test shards + index.json into `out_dir`, atomically.
+def write_dataset(
+    samples: Sequence[Sample],
+    out_dir: str | Path,
+    *,
+    classes: list[str],
+    channels: Optional[int] = None,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    limits: ShardLimits = ShardLimits(),
+    shuffle_seed: Optional[int] = 0,
+) -> DatasetIndex:
+    """Write samples as cv/test shards + index.json into `out_dir`, streaming: one image's bytes in memory at
+    a time. Samples go into the shards in a seeded random order (`shuffle_seed`; None keeps the given
+    order), so no shard holds one class only. `channels` None: 1 when every image is grayscale, else 3.
 
     Everything is written into a temporary sibling directory that is renamed into place last, so
     an interrupted write never leaves a directory that looks complete. If `out_dir` appears
@@ -71,29 +108,22 @@ def write_dataset(samples: Sequence[Sample], out_dir: str | Path, *, classes: li
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise DataError(f"{out_dir}: already exists; choose another output directory")
-    ids = [s.sample_id for s in samples]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i, c in Counter(ids).items() if c > 1)
-        raise DataError(f"duplicate sample id {dup!r}")
-    for s in samples:
-        if not 0 <= s.label < len(classes):
-            raise DataError(f"sample {s.sample_id!r}: label {s.label} outside [0, {len(classes)})")
-    labels = [s.label for s in samples]
-    groups = [s.group for s in samples]
-    is_test = holdout_split(labels, groups, test_fraction, split_seed)
+    _check_samples(samples, classes)
+    is_test = holdout_split([s.label for s in samples], [s.group for s in samples], test_fraction, split_seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        shards = {}
-        for split, mask in (("cv", ~is_test), ("test", is_test)):
-            chosen = [s for s, m in zip(samples, mask) if m]
-            shards[split] = _write_shards(chosen, tmp, split, shard_size)
+        shards, colour = {}, set()
+        with tqdm(total=len(samples), unit="img", desc=f"packing {out_dir.name}", disable=not is_terminal()) as bar:
+            for split, mask in (("cv", ~is_test), ("test", is_test)):
+                chosen = _shuffled([s for s, m in zip(samples, mask) if m], shuffle_seed)
+                shards[split] = _write_shards(chosen, tmp, split, limits, colour, bar)
         index = {
-            "format": INDEX_FORMAT, "channels": channels, "classes": classes,
+            "format": INDEX_FORMAT, "channels": channels or (3 if True in colour else 1), "classes": classes,
             "shards": shards,
             "samples": [{"sample_id": s.sample_id, "label": s.label, "group": s.group,
                          "split": "test" if t else "cv"} for s, t in zip(samples, is_test)],
-        }
+        }  # fmt: skip
         (tmp / INDEX_NAME).write_text(json.dumps(index))
         try:
             tmp.rename(out_dir)
@@ -106,15 +136,64 @@ def write_dataset(samples: Sequence[Sample], out_dir: str | Path, *, classes: li
     return read_index(out_dir)
 
 
-def _write_shards(samples: Sequence[Sample], directory: Path, split: str, shard_size: int) -> list[str]:
-    names = []
-    for start in range(0, len(samples), shard_size):
-        name = f"{split}-{start // shard_size:06d}.tar"
-        with wds.TarWriter(str(directory / name)) as sink:
-            for s in samples[start:start + shard_size]:
-                sink.write({"__key__": s.sample_id, s.ext: s.image_bytes, "cls": str(s.label).encode()})
-        names.append(name)
+def _check_samples(samples: Sequence[Sample], classes: list[str]) -> None:
+    ids = [s.sample_id for s in samples]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i, c in Counter(ids).items() if c > 1)
+        raise DataError(f"duplicate sample id {dup!r}")
+    for s in samples:
+        if not 0 <= s.label < len(classes):
+            raise DataError(f"sample {s.sample_id!r}: label {s.label} outside [0, {len(classes)})")
+
+
+def _shuffled(samples: list[Sample], seed: Optional[int]) -> list[Sample]:
+    if seed is None:
+        return samples
+    order = np.random.default_rng(seed).permutation(len(samples))
+    return [samples[i] for i in order]
+
+
+def _write_shards(samples: Sequence[Sample], directory: Path, split: str, limits: ShardLimits, colour: set,
+                  bar) -> list[str]:  # fmt: skip
+    """Stream samples into `<split>-NNNNNN.tar` shards within `limits`; notes in `colour` whether each image
+    is in colour. Returns the shard names."""
+    max_bytes = limits.max_bytes(sum(_tar_bytes(s.nbytes) for s in samples))
+    names: list[str] = []
+    sink, count, size = None, 0, 0
+    try:
+        for s in samples:
+            data = s.read()
+            cost = _tar_bytes(len(data))
+            full = (limits.max_samples and count >= limits.max_samples) or (count and size + cost > max_bytes)
+            if sink is None or full:
+                if sink is not None:
+                    sink.close()
+                names.append(f"{split}-{len(names):06d}.tar")
+                sink, count, size = wds.TarWriter(str(directory / names[-1])), 0, 0
+            colour.add(_is_colour(data, s))
+            sink.write({"__key__": s.sample_id, s.ext: data, "cls": str(s.label).encode()})
+            count, size = count + 1, size + cost
+            bar.update(1)
+    finally:
+        if sink is not None:
+            sink.close()
     return names
+
+
+def _tar_bytes(image_bytes: int) -> int:
+    """What one sample adds to a tar shard: a 512-byte header and 512-byte blocks for the image, the same
+    for its label (small images are mostly tar overhead)."""
+    return 512 + -(-image_bytes // 512) * 512 + 1024
+
+
+def _is_colour(data: bytes, sample: Sample) -> bool:
+    """From the image's header only (no decoding): a colour mode, or not."""
+    try:
+        mode = Image.open(io.BytesIO(data)).mode
+    except Exception as e:
+        where = sample.path or sample.sample_id
+        raise DataError(f"{where}: not an image PIL can read ({type(e).__name__})") from None
+    return mode not in ("1", "L", "LA", "I", "I;16", "F")
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
@@ -129,16 +208,17 @@ def digits_samples() -> tuple[list[Sample], list[str]]:
 
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
-    samples = [Sample(sample_id=f"digits-{i:05d}", label=int(y), image_bytes=_png_bytes(img), ext="png")
+    samples = [Sample(sample_id=f"digits-{i:05d}", label=int(y), ext="png", image_bytes=_png_bytes(img))
                for i, (img, y) in enumerate(zip(images, digits.target))]
     return samples, [str(c) for c in range(10)]
 
 
 def write_digits(out_dir: str | Path, test_fraction: float = 0.2, shard_size: int = 64) -> DatasetIndex:
-    """`distrain data digits`: the digits data set as shards with a fixed stratified holdout."""
+    """`distrain data digits`: the digits data set as shards with a fixed stratified holdout. scikit-learn's
+    order already cycles through the classes; it is kept, so results stay comparable across versions."""
     samples, classes = digits_samples()
     return write_dataset(samples, out_dir, classes=classes, channels=1, test_fraction=test_fraction,
-                         shard_size=shard_size)
+                         limits=ShardLimits(max_samples=shard_size, min_shards=1), shuffle_seed=None)  # fmt: skip
 
 
 def ensure_digits(out_dir: str | Path) -> None:
@@ -202,6 +282,5 @@ def samples_from_csv(csv_path: str | Path) -> tuple[list[Sample], list[str]]:
 
 def _file_sample(path: Path, sample_id: str, label: int, group: str) -> Sample:
     ext = path.suffix.lower().lstrip(".")
-    return Sample(sample_id=sample_id, label=label, image_bytes=path.read_bytes(),
-                  ext="jpg" if ext == "jpeg" else ext, group=group)
+    return Sample(sample_id=sample_id, label=label, ext="jpg" if ext == "jpeg" else ext, group=group, path=path)
 

@@ -69,7 +69,7 @@ def test_pack_image_folder_and_csv(tmp_path):
     assert classes == ["cat", "dog"] and len(samples) == 20
     assert all("." not in s.sample_id and "/" not in s.sample_id for s in samples)
     index = pack.write_dataset(samples, tmp_path / "packed", classes=classes, channels=3, test_fraction=0.2,
-                            shard_size=4)
+                               limits=pack.ShardLimits(max_samples=4))  # fmt: skip
     assert len(index.split_ids("test")) == 4
     rows = [r for url in index.urls("cv") for r in loaders.decode_shard(url, 8, 3, cache=False)]
     red = [img for sid, img, label in rows if label == 0]
@@ -82,6 +82,50 @@ def test_pack_image_folder_and_csv(tmp_path):
             w.writerow([s.relative_to(tmp_path), "dog" if "dog" in str(s) else "cat", f"g{i // 2}"])
     samples, classes = pack.samples_from_csv(tmp_path / "list.csv")
     assert classes == ["cat", "dog"] and {s.group for s in samples} == {f"g{i}" for i in range(10)}
+
+
+def _class_folder(root, classes, per_class, mode="RGB", size=(40, 30)):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, size=(size[1], size[0], 3 if mode == "RGB" else 1), dtype=np.uint8)
+            Image.fromarray(pixels.squeeze()).convert(mode).save(root / name / f"{i}.jpg", quality=90)
+
+
+def test_pack_mixes_classes_in_every_shard_and_sizes_shards_by_bytes(tmp_path):
+    """Packing class by class left whole shards of one class (and shuffle buffers with few classes per
+    batch); samples now go into the shards in a seeded random order, shards end at a byte size."""
+    _class_folder(tmp_path / "imgs", ["a", "b", "c", "d"], per_class=30)
+    samples, classes = pack.samples_from_folder(tmp_path / "imgs")
+    assert all(s.path is not None and s.image_bytes == b"" for s in samples)  # nothing read until written
+    total = sum(s.nbytes for s in samples)
+    limits = pack.ShardLimits(max_mb=total / 1e6 / 8, min_shards=1)  # about 8 shards over both splits
+    index = pack.write_dataset(samples, tmp_path / "packed", classes=classes, test_fraction=0.2, limits=limits)
+    assert len(index.cv_shards) >= 5
+    for url in index.urls("cv"):
+        labels = {label for _, _, label in loaders.decode_shard(url, 8, 3, cache=False)}
+        assert len(labels) >= 2, url
+        assert (tmp_path / "packed" / url.split("/")[-1]).stat().st_size <= limits.max_mb * 1e6 + 20_000
+    assert index.channels == 3
+    again = pack.write_dataset(samples, tmp_path / "again", classes=classes, test_fraction=0.2, limits=limits)
+    def ids_by_shard(ix):
+        return [[sid for sid, _, _ in loaders.decode_shard(url, 8, 3, cache=False)] for url in ix.urls("cv")]
+
+    assert ids_by_shard(again) == ids_by_shard(index)  # the order is seeded: the same shards again
+
+
+def test_pack_detects_grayscale_and_keeps_enough_shards_for_many_readers(tmp_path):
+    _class_folder(tmp_path / "gray", ["x", "y"], per_class=20, mode="L")
+    samples, classes = pack.samples_from_folder(tmp_path / "gray")
+    index = pack.write_dataset(samples, tmp_path / "packed", classes=classes, limits=pack.ShardLimits(min_shards=8))
+    assert index.channels == 1  # all grayscale; one colour image would make it 3
+    assert len(index.cv_shards) >= 8  # 256 MB shards would have given one: too few for 8 readers
+    (tmp_path / "gray" / "x" / "broken.jpg").write_bytes(b"not an image")
+    samples, classes = pack.samples_from_folder(tmp_path / "gray")
+    with pytest.raises(errors.DataError, match=r"broken.jpg: not an image PIL can read"):
+        pack.write_dataset(samples, tmp_path / "bad", classes=classes)
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.*"))  # nothing half-written
 
 
 def test_bad_data_is_named(tmp_path):
