@@ -9,6 +9,8 @@ distrain aggregate --run-dir DIR [--allow-partial]  report + voting + stacking, 
                                                (`distrain ensemble` is the same)
 distrain status --run-dir DIR [--json]         pending / running (owner, progress, heartbeat) / done / failed
 distrain sync --run-dir DIR                    send tracking buffered while MLflow was down
+distrain predict --run-dir DIR (--images DIR | --shards DIR) --out FILE.csv [--model-uri URI]
+                                               the ensemble on unlabelled images of any size
 """
 
 from __future__ import annotations
@@ -153,6 +155,35 @@ def _sync(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from distrain.ensembles.serving import EnsemblePredictor, predict_folder, predict_shards, write_predictions_csv
+    from distrain.orchestration import phases
+    from distrain.tracking.base import resolve_tracking_uri
+
+    run_dir = Path(args.run_dir)
+    cfg = phases.load_run_dir(run_dir)
+    if bool(args.images) == bool(args.shards):
+        raise BadInput("predict: give exactly one of --images DIR or --shards DIR")
+    route_library_output(run_dir)
+    if args.model_uri:
+        from distrain.tracking.mlflow_model import load_registered_predictor
+
+        predictor = load_registered_predictor(args.model_uri, resolve_tracking_uri(cfg.tracking.uri, run_dir.parent))
+    else:
+        model_dir = run_dir / "ensemble" / "model"
+        if not (model_dir / "meta.json").is_file():
+            raise BadInput(f"{model_dir}: no ensemble model (the run has not aggregated, or ensemble.register_model"
+                           f" was false); give --model-uri models:/<name>/<version>")  # fmt: skip
+        predictor = EnsemblePredictor(model_dir)
+    source = Path(args.images or args.shards)
+    if not source.is_dir():
+        raise BadInput(f"predict: not a folder: {source}")
+    names, probs = (predict_folder if args.images else predict_shards)(predictor, source)
+    write_predictions_csv(Path(args.out), names, probs, predictor.classes)
+    print(f"distrain: wrote {len(names)} predictions ({len(predictor.classes)} classes) to {args.out}")
+    return 0
+
+
 def _schedule(args) -> int:
     from distrain.orchestration.local import run_local_workers
 
@@ -212,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     y = sub.add_parser("sync", help="send tracking calls buffered while MLflow was unreachable")
     y.add_argument("--run-dir", required=True)
 
+    r = sub.add_parser("predict", help="predict images of any size with a run's ensemble; writes a CSV")
+    r.add_argument("--run-dir", required=True)
+    r.add_argument("--images", help="a folder of images (searched recursively)")
+    r.add_argument("--shards", help="a folder of .tar shards (as `distrain data pack` writes)")
+    r.add_argument("--out", required=True, help="CSV: image, prediction, p_<class> ...")
+    r.add_argument("--model-uri", default="", help="a registered model, e.g. models:/distrain-digits/2 (default: "
+                                                    "the run directory's own ensemble files)")  # fmt: skip
+
     w = sub.add_parser("schedule", help="start W accelerate-launch workers on this node, sharing one ledger")
     w.add_argument("--config", default=None)
     w.add_argument("--workers", type=int, default=1, help="process groups on this node")
@@ -235,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "aggregate": _aggregate,
         "sync": _sync,
         "schedule": _schedule,
+        "predict": _predict,
     }
     try:
         return commands[args.command](args)

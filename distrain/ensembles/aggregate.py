@@ -183,8 +183,9 @@ def summary_markdown(report: dict) -> str:
 
 
 def write_model_artifacts(
-    cfg: Config, run_dir: Path, store: OOFStore, outcome: EnsembleOutcome, dest: Path, channels: int
-) -> Path:
+    cfg: Config, run_dir: Path, store: OOFStore, outcome: EnsembleOutcome, dest: Path, channels: int,
+    classes: list[str] | None = None,
+) -> Path:  # fmt: skip
     """The files EnsemblePredictor loads: checkpoints, meta-learner, meta.json."""
     if dest.exists():
         shutil.rmtree(dest)
@@ -218,6 +219,7 @@ def write_model_artifacts(
                 "method": method,
                 "boosters": boosters,
                 "weights": [outcome.weights[c] for c in store.columns],
+                "classes": classes or [str(c) for c in range(store.num_classes)],
             }
         )
     )
@@ -280,8 +282,9 @@ def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, review_files, 
     if cfg.ensemble.register_model and tracker.can_register_models:
         from distrain.data.index import read_index
 
-        channels = read_index(cfg.data.root).channels
-        artifacts = write_model_artifacts(cfg, run_dir, store, outcome, run_dir / "ensemble" / "model", channels)
+        index = read_index(cfg.data.root)
+        artifacts = write_model_artifacts(cfg, run_dir, store, outcome, run_dir / "ensemble" / "model",
+                                          index.channels, index.classes)  # fmt: skip
         name = cfg.ensemble.model_name or f"distrain-{cfg.experiment}"
         version = tracker.log_ensemble_model(stacking, artifacts, name)
         report["ensemble_model"] = model_entry(name, version)

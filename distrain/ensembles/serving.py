@@ -5,7 +5,7 @@ pyfunc flavour (`distrain.tracking.mlflow_model`) so `mlflow.pyfunc.load_model(.
 
 Artifacts directory layout (written by `aggregate.write_model_artifacts`):
     meta.json          columns, jobs (id, column, checkpoint file), image_size, channels, num_classes,
-                       method ("stacking" | "weighted_vote"), weights
+                       method ("stacking" | "weighted_vote"), weights, classes (names)
     checkpoints/*.pt   best.pt of each job
     booster_<k>.txt    the K fold LightGBM meta-models, averaged (stacking only)
 """
@@ -22,6 +22,15 @@ from PIL import Image
 from distrain.data.transforms import prepare_batch, to_uint8_tensor
 from distrain.errors import BadInput
 from distrain.training.models import create_model
+
+
+def _as_image(img) -> Image.Image:
+    if isinstance(img, Image.Image):
+        return img
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8:
+        raise BadInput(f"expected uint8 images, got {arr.dtype}")
+    return Image.fromarray(arr)
 
 
 class EnsemblePredictor:
@@ -42,14 +51,16 @@ class EnsemblePredictor:
 
             self.boosters = [lgb.Booster(model_str=(root / name).read_text()) for name in self.meta["boosters"]]
 
+    @property
+    def classes(self) -> list[str]:
+        return self.meta.get("classes") or [str(c) for c in range(self.meta["num_classes"])]
+
     def to_batch(self, images) -> torch.Tensor:
-        """uint8 images [N, H, W] or [N, H, W, C] -> uint8 [N, C, S, S], by the same function the shards are
-        decoded with (`data.transforms.to_uint8_tensor`), so serving cannot drift from training."""
-        arr = np.asarray(images)
-        if arr.dtype != np.uint8:
-            raise BadInput(f"expected uint8 images, got {arr.dtype}")
+        """Images of any size -> uint8 [N, C, S, S], by the function the shards are decoded with
+        (`data.transforms.to_uint8_tensor`), so serving cannot drift from training. `images`: PIL images,
+        uint8 arrays [H, W] or [H, W, C] (a list, each its own size), or one uint8 array [N, H, W(, C)]."""
         size, channels = self.meta["image_size"], self.meta["channels"]
-        return torch.stack([to_uint8_tensor(Image.fromarray(img), size, channels) for img in arr])
+        return torch.stack([to_uint8_tensor(_as_image(img), size, channels) for img in images])
 
     @torch.no_grad()
     def column_probs(self, images) -> np.ndarray:
@@ -72,3 +83,59 @@ class EnsemblePredictor:
         from distrain.ensembles.stacking import predict_stacked, stacking_features
 
         return predict_stacked(self.boosters, stacking_features(cols), self.meta["num_classes"])
+
+
+def predict_folder(predictor: EnsemblePredictor, folder: Path, batch_size: int = 64) -> tuple[list[str], np.ndarray]:
+    """Every image under `folder` (recursively, sorted), each of any size: (paths relative to `folder`,
+    probabilities [N, num_classes]). Raises BadInput naming a file that is not an image."""
+    from distrain.data.pack import IMAGE_EXTENSIONS
+
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise BadInput(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    probs = []
+    for start in range(0, len(paths), batch_size):
+        images = []
+        for path in paths[start : start + batch_size]:
+            try:
+                images.append(Image.open(path))
+            except Exception as e:
+                raise BadInput(f"{path}: not an image PIL can read ({type(e).__name__})") from None
+        probs.append(predictor.predict_proba(images))
+    return [p.relative_to(folder).as_posix() for p in paths], np.concatenate(probs)
+
+
+def write_predictions_csv(path: Path, names: list[str], probs: np.ndarray, classes: list[str]) -> None:
+    """image, prediction (class name), then p_<class> per class; written atomically."""
+    import csv
+    import io
+
+    from distrain.fsutil import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["image", "prediction", *(f"p_{c}" for c in classes)])
+    for name, row in zip(names, probs):
+        writer.writerow([name, classes[int(row.argmax())], *(f"{p:.6f}" for p in row)])
+    atomic_write_text(path, buf.getvalue())
+
+
+def predict_shards(predictor: EnsemblePredictor, folder: Path, batch_size: int = 64) -> tuple[list[str], np.ndarray]:
+    """Every sample of the `*.tar` shards under `folder` (sorted by sample id): (sample ids, probabilities)."""
+    import io
+
+    import webdataset as wds
+
+    urls = sorted(str(p) for p in folder.rglob("*.tar"))
+    if not urls:
+        raise BadInput(f"{folder}: no .tar shards")
+    rows = []
+    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
+        ext = next((k for k in sample if k in ("png", "jpg", "jpeg", "bmp", "webp")), None)
+        if ext is None:
+            raise BadInput(f"{sample.get('__url__', folder)}: sample {sample['__key__']!r} has no image")
+        rows.append((sample["__key__"], sample[ext]))
+    rows.sort()
+    probs = [predictor.predict_proba([Image.open(io.BytesIO(data)) for _, data in rows[i : i + batch_size]])
+             for i in range(0, len(rows), batch_size)]  # fmt: skip
+    return [sid for sid, _ in rows], np.concatenate(probs)

@@ -39,3 +39,11 @@ with _without_type_hint_notice():
 
         def predict(self, context, model_input, params=None):
             return self.predictor.predict_proba(model_input)
+
+
+def load_registered_predictor(model_uri: str, tracking_uri: str) -> EnsemblePredictor:
+    """The ensemble behind a registered model (e.g. `models:/distrain-digits/3`), downloaded by MLflow."""
+    mlflow.set_tracking_uri(tracking_uri)
+    with _without_type_hint_notice():
+        model = mlflow.pyfunc.load_model(model_uri)
+    return model.unwrap_python_model().predictor

@@ -303,6 +303,50 @@ def test_missing_oof_rows_are_named_or_left_out(default_run, tmp_path):
     assert "left out: job test_resnet-s43-f2" in proc.stdout
 
 
+def test_predict_writes_one_row_per_image_with_the_ensembles_probabilities(default_run, tmp_path):
+    """`distrain predict` on a folder of images of several sizes (the holdout digits at 8x8 among others) and
+    on the holdout shards: one row per image; the holdout rows equal the stacking ensemble's test
+    probabilities. The registered pyfunc model takes a list of differently sized images too."""
+    import csv
+
+    import mlflow.pyfunc
+    from PIL import Image
+
+    cwd, report, *_ = default_run
+    ids, images = _test_images(cwd)
+    folder = tmp_path / "unlabelled"
+    (folder / "holdout").mkdir(parents=True)
+    for sid, img in zip(ids, images):
+        Image.fromarray(img).save(folder / "holdout" / f"{sid}.png")
+    rng = np.random.default_rng(0)
+    odd_sizes = [rng.integers(0, 255, size=(h, w), dtype=np.uint8) for h, w in ((13, 20), (40, 50), (64, 9))]
+    for k, img in enumerate(odd_sizes):
+        Image.fromarray(img).save(folder / f"odd-{k}.png")
+    with np.load(cwd / "runs" / "digits" / "ensemble" / "stacking_test.npz") as z:
+        expected = dict(zip(z["sample_ids"].tolist(), z["probs"]))
+    for flag, source in (("--images", folder), ("--shards", cwd / "data" / "digits")):
+        out = tmp_path / f"preds{flag}.csv"
+        proc = run_cmd([sys.executable, "-m", "distrain.cli", "predict", "--run-dir", "runs/digits", flag, str(source),
+                        "--out", str(out)], cwd, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows = list(csv.DictReader(out.open()))
+        assert list(rows[0]) == ["image", "prediction", *(f"p_{c}" for c in range(10))]
+        by_id = {Path(r["image"]).stem: r for r in rows}
+        if flag == "--images":
+            assert len(rows) == len(ids) + len(odd_sizes) and {"odd-0", "odd-1", "odd-2"} <= set(by_id)
+        holdout = [s for s in ids if s in by_id]
+        assert len(holdout) == len(ids)
+        for sid in holdout:
+            probs = np.array([float(by_id[sid][f"p_{c}"]) for c in range(10)])
+            np.testing.assert_allclose(probs, expected[sid], atol=2e-6)
+            assert by_id[sid]["prediction"] == str(int(expected[sid].argmax()))
+    mlflow.set_tracking_uri(report["mlflow"]["tracking_uri"])
+    model = mlflow.pyfunc.load_model(report["ensemble_model"]["uri"])
+    probs = model.predict([images[0], *odd_sizes])
+    assert probs.shape == (4, 10)
+    np.testing.assert_allclose(probs[0], expected[ids[0]], atol=1e-5)
+
+
 def _chromium() -> str | None:
     import shutil
 
