@@ -115,6 +115,10 @@ def main():
                 f"model.names=[{args.model}]",
                 f"train.epochs={args.epochs}",
                 "data.augment=false",
+                "data.interpolation=bilinear",  # the bare loop's preprocessing: bilinear, no crop, [-1, 1]
+                "data.crop_pct=1.0",
+                "data.mean=[0.5]",
+                "data.std=[0.5]",
                 "train.precision=no",
                 "train.progress=false",
             ],

@@ -50,6 +50,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 METRICS = ("accuracy", "balanced_accuracy", "f1_macro")
 SCHEDULES = ("cosine", "cosine_restarts", "constant")
 DATA_SOURCES = ("digits", "shards")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 
 @dataclass(kw_only=True)
@@ -60,7 +61,17 @@ class DataConfig:
     root: str = "data/digits"
     """Directory holding the shards and their `index.json`."""
     image_size: int = 32
-    """Images are resized to image_size x image_size pixels."""
+    """Model input: image_size x image_size pixels (the shorter side resized to image_size / crop_pct,
+    keeping the aspect ratio, then centre-cropped)."""
+    interpolation: str = ""
+    """Resize filter: nearest, bilinear, bicubic or lanczos; empty: the backbone's timm data config."""
+    crop_pct: float = 0.0
+    """Centre-crop fraction (1.0: no crop); 0: the backbone's timm data config (e.g. 0.875 or 0.95)."""
+    mean: list[float] = field(default_factory=list)
+    """Per-channel mean of pixel values in [0, 1] (1 or `channels` values); empty: the backbone's timm
+    data config (ImageNet's for most; averaged to one value for grayscale data)."""
+    std: list[float] = field(default_factory=list)
+    """Per-channel standard deviation, as `mean`."""
     num_classes: int = 10
     """Number of classes; every label must lie in [0, num_classes)."""
     num_workers: int = 0
@@ -79,6 +90,12 @@ class DataConfig:
         _require(self.num_classes >= 2, "data.num_classes", self.num_classes, ">= 2")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, ">= 1")
+        _require(self.interpolation in ("", *INTERPOLATIONS), "data.interpolation", self.interpolation,
+                 f"one of {INTERPOLATIONS}")  # fmt: skip
+        _require(0.0 <= self.crop_pct <= 1.0, "data.crop_pct", self.crop_pct, "in (0, 1], or 0 for the model's")
+        _require(len(self.mean) in (0, 1, 3), "data.mean", self.mean, "1 or 3 values, or none for the model's")
+        _require(len(self.std) in (0, 1, 3), "data.std", self.std, "1 or 3 values, or none for the model's")
+        _require(all(v > 0 for v in self.std), "data.std", self.std, "values > 0")
 
 
 @dataclass(kw_only=True)

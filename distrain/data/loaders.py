@@ -17,17 +17,17 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from distrain.data.transforms import to_uint8_tensor
+from distrain.data.transforms import ImageTransform
 from distrain.errors import DataError
 
-# Decoded shards, per process: (url, image_size, channels) -> [(sample_id, uint8 [C,H,W], label)].
+# Decoded shards, per process: (url, transform.decode_key) -> [(sample_id, uint8 [C,H,W], label)].
 # Every job of a run reads the same shards, so each is parsed and decoded once, not once per epoch.
-_DECODED_SHARDS: dict[tuple[str, int, int], list[tuple[str, torch.Tensor, int]]] = {}
+_DECODED_SHARDS: dict[tuple, list[tuple[str, torch.Tensor, int]]] = {}
 
 
-def decode_shard(url: str, image_size: int, channels: int, cache: bool = True) -> list[tuple[str, torch.Tensor, int]]:
+def decode_shard(url: str, transform: ImageTransform, cache: bool = True) -> list[tuple[str, torch.Tensor, int]]:
     """All samples of one shard as (sample_id, uint8 image [channels, image_size, image_size], label)."""
-    key = (url, image_size, channels)
+    key = (url, transform.decode_key)
     if key in _DECODED_SHARDS:
         return _DECODED_SHARDS[key]
     rows = []
@@ -35,7 +35,7 @@ def decode_shard(url: str, image_size: int, channels: int, cache: bool = True) -
         sid = sample["__key__"]
         ext = next((k for k in sample if k in ("png", "jpg", "jpeg", "bmp", "webp")), None)
         try:
-            image = to_uint8_tensor(Image.open(io.BytesIO(sample[ext])), image_size, channels)
+            image = transform.decode(Image.open(io.BytesIO(sample[ext])))
         except Exception as e:
             raise DataError(f"{url}: sample {sid!r}: image cannot be decoded ({type(e).__name__})") from None
         rows.append((sid, image, int(sample["cls"])))
@@ -44,10 +44,10 @@ def decode_shard(url: str, image_size: int, channels: int, cache: bool = True) -
     return rows
 
 
-def _decoded_samples(image_size: int, channels: int, cache: bool):
+def _decoded_samples(transform: ImageTransform, cache: bool):
     def stage(shards: Iterable[dict]) -> Iterator[tuple[str, torch.Tensor, int]]:
         for shard in shards:
-            yield from decode_shard(shard["url"], image_size, channels, cache)
+            yield from decode_shard(shard["url"], transform, cache)
     return stage
 
 
@@ -74,7 +74,7 @@ def check_shard_count(urls: Sequence[str], world_size: int, num_workers: int, wh
                         f"workers; write smaller shards or lower data.num_workers")
 
 
-def train_loader(urls: Sequence[str], keep_ids: set[str], *, batch_size: int, image_size: int, channels: int,
+def train_loader(urls: Sequence[str], keep_ids: set[str], *, batch_size: int, transform: ImageTransform,
                  num_workers: int, shuffle_buffer: int, seed: int, cache: bool = True) -> torch.utils.data.DataLoader:
     """An endless stream of training batches from this rank's shards, restricted to `keep_ids`.
 
@@ -86,7 +86,7 @@ def train_loader(urls: Sequence[str], keep_ids: set[str], *, batch_size: int, im
         lambda: _cycled_shards(urls, seed),
         wds.split_by_node,
         wds.split_by_worker,
-        _decoded_samples(image_size, channels, cache),
+        _decoded_samples(transform, cache),
         wds.select(lambda row: row[0] in keep_ids),
         # A distinct, reproducible shuffle stream per rank; workers get theirs from the DataLoader seed.
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed * 1000 + rank),
@@ -95,11 +95,11 @@ def train_loader(urls: Sequence[str], keep_ids: set[str], *, batch_size: int, im
     return _loader(pipeline, num_workers, seed)
 
 
-def eval_loader(urls: Sequence[str], keep_ids: Optional[set[str]], *, batch_size: int, image_size: int,
-                channels: int, num_workers: int, cache: bool = True) -> torch.utils.data.DataLoader:
+def eval_loader(urls: Sequence[str], keep_ids: Optional[set[str]], *, batch_size: int, transform: ImageTransform,
+                num_workers: int, cache: bool = True) -> torch.utils.data.DataLoader:
     """One pass over this rank's share of `urls` (all of it in one process), each sample exactly once."""
     stages = [wds.SimpleShardList(list(urls)), wds.split_by_node, wds.split_by_worker,
-              _decoded_samples(image_size, channels, cache)]
+              _decoded_samples(transform, cache)]
     if keep_ids is not None:
         stages.append(wds.select(lambda row: row[0] in keep_ids))
     stages.append(wds.batched(batch_size, collation_fn=_collate, partial=True))

@@ -1,30 +1,97 @@
-"""The one definition of how an image becomes model input, shared by training, evaluation and serving:
-`to_uint8_tensor` (decode-side: colour mode and resize, as the shards are read) and `prepare_batch`
-(device-side: normalise, and augment training batches).
+"""The one definition of how an image becomes model input, shared by training, evaluation, test prediction
+and serving: an `ImageTransform` (resolved per backbone from timm's data config, overridable under `data:`)
+decodes images to uint8 (`decode`: colour mode, resize keeping the aspect ratio, centre crop, as timm's eval
+transform does) and `prepare_batch` normalises batches on the device (and augments training batches).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from distrain.errors import ConfigError
 
-def to_uint8_tensor(image: Image.Image, image_size: int, channels: int) -> torch.Tensor:
-    """A PIL image as uint8 [channels, image_size, image_size]: converted to L or RGB, resized bilinearly."""
-    image = image.convert("L" if channels == 1 else "RGB").resize((image_size, image_size), Image.BILINEAR)
-    arr = np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, channels)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+                  "lanczos": Image.LANCZOS}  # fmt: skip
 
 
-def prepare_batch(images: torch.Tensor, *, augment: bool) -> torch.Tensor:
+@dataclass(frozen=True)
+class ImageTransform:
+    """How one backbone sees an image: `image_size` square, `channels`, resized with `interpolation` so that
+    the shorter side is image_size / crop_pct, centre-cropped, then (x / 255 - mean) / std per channel."""
+
+    image_size: int
+    channels: int
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+    @property
+    def decode_key(self) -> tuple:
+        """What decoding depends on (normalisation happens later, per batch)."""
+        return self.image_size, self.channels, self.interpolation, self.crop_pct
+
+    def decode(self, image: Image.Image) -> torch.Tensor:
+        """A PIL image of any size as uint8 [channels, image_size, image_size]."""
+        image = image.convert("L" if self.channels == 1 else "RGB")
+        w, h = image.size
+        scale = self.image_size / self.crop_pct / min(w, h)
+        resized = (max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale)))
+        if resized != (w, h):
+            image = image.resize(resized, INTERPOLATIONS[self.interpolation])
+        left, top = (resized[0] - self.image_size) // 2, (resized[1] - self.image_size) // 2
+        if resized != (self.image_size, self.image_size):
+            image = image.crop((left, top, left + self.image_size, top + self.image_size))
+        arr = np.asarray(image, dtype=np.uint8).reshape(self.image_size, self.image_size, self.channels)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, C, H, W] -> float (x / 255 - mean) / std, computed as x / (255 std) - mean / std."""
+        scale = torch.tensor([255.0 * s for s in self.std], device=images.device).view(1, -1, 1, 1)
+        shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)], device=images.device).view(1, -1, 1, 1)
+        return images.float().div_(scale).sub_(shift)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageTransform":
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+
+def resolve_transform(model_name: str, data, channels: int) -> ImageTransform:
+    """The transform of `model_name` on this data: `data.interpolation`, `data.crop_pct`, `data.mean` and
+    `data.std` where set, else the model's timm pretrained config (mean and std averaged to one channel for
+    grayscale data). `data` is the config's DataConfig. Raises ConfigError for a mean/std of the wrong length."""
+    import timm
+
+    pretrained = timm.models.get_pretrained_cfg(model_name)
+    cfg = pretrained.to_dict() if pretrained is not None else {}
+    mean = tuple(data.mean) or tuple(cfg.get("mean") or (0.485, 0.456, 0.406))
+    std = tuple(data.std) or tuple(cfg.get("std") or (0.229, 0.224, 0.225))
+    for key, value in (("data.mean", mean), ("data.std", std)):
+        if len(value) not in (1, channels) and not (channels == 1 and len(value) == 3):
+            raise ConfigError(f"{key}: {len(value)} values for {channels}-channel images (give 1 or {channels})")
+    if channels == 1:  # RGB statistics for grayscale input: their average, as the folded first conv sees it
+        mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
+    elif len(mean) == 1 or len(std) == 1:
+        mean, std = mean * (channels // len(mean)), std * (channels // len(std))
+    interpolation = data.interpolation or cfg.get("interpolation") or "bicubic"
+    crop_pct = data.crop_pct or cfg.get("crop_pct") or 0.875
+    return ImageTransform(data.image_size, channels, interpolation, float(crop_pct), mean, std)
+
+
+def prepare_batch(images: torch.Tensor, transform: ImageTransform, *, augment: bool) -> torch.Tensor:
     """uint8 [B,C,H,W] (on the training device) -> normalised float, with a random affine per image
     (rotation +-10 deg, shift +-8%, scale 0.9-1.1) when `augment`. Done per batch on the device:
     cheaper than per-sample PIL transforms on CPU and free on a GPU."""
-    x = images.float().div_(127.5).sub_(1.0)  # [0, 255] -> [-1, 1]
+    x = transform.normalise(images)
     if not augment:
         return x
     b = x.shape[0]

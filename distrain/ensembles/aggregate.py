@@ -187,6 +187,8 @@ def write_model_artifacts(
     classes: list[str] | None = None,
 ) -> Path:  # fmt: skip
     """The files EnsemblePredictor loads: checkpoints, meta-learner, meta.json."""
+    from distrain.data.transforms import resolve_transform  # late: torch, and only when a model is written
+
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "checkpoints").mkdir(parents=True)
@@ -200,6 +202,7 @@ def write_model_artifacts(
                 "model": j["model"],
                 "column": column_key(j["model"], j["seed"]),
                 "checkpoint": f"{j['id']}.pt",
+                "transform": resolve_transform(j["model"], cfg.data, channels).to_dict(),
             }
         )
     method = "stacking" if outcome.stacking is not None else "weighted_vote"

@@ -4,7 +4,7 @@ when stacking is off). `EnsemblePredictor` is plain Python; `DistrainPyfunc` ada
 pyfunc flavour (`distrain.tracking.mlflow_model`) so `mlflow.pyfunc.load_model(...).predict(images)` works.
 
 Artifacts directory layout (written by `aggregate.write_model_artifacts`):
-    meta.json          columns, jobs (id, column, checkpoint file), image_size, channels, num_classes,
+    meta.json          columns, jobs (id, column, checkpoint file, transform), image_size, channels, num_classes,
                        method ("stacking" | "weighted_vote"), weights, classes (names)
     checkpoints/*.pt   best.pt of each job
     booster_<k>.txt    the K fold LightGBM meta-models, averaged (stacking only)
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distrain.data.transforms import prepare_batch, to_uint8_tensor
+from distrain.data.transforms import ImageTransform, prepare_batch
 from distrain.errors import BadInput
 from distrain.training.models import create_model
 
@@ -55,25 +55,34 @@ class EnsemblePredictor:
     def classes(self) -> list[str]:
         return self.meta.get("classes") or [str(c) for c in range(self.meta["num_classes"])]
 
-    def to_batch(self, images) -> torch.Tensor:
-        """Images of any size -> uint8 [N, C, S, S], by the function the shards are decoded with
-        (`data.transforms.to_uint8_tensor`), so serving cannot drift from training. `images`: PIL images,
-        uint8 arrays [H, W] or [H, W, C] (a list, each its own size), or one uint8 array [N, H, W(, C)]."""
-        size, channels = self.meta["image_size"], self.meta["channels"]
-        return torch.stack([to_uint8_tensor(_as_image(img), size, channels) for img in images])
+    def transform_of(self, job: dict) -> ImageTransform:
+        """The job's preprocessing as training used it (older model files: bilinear, no crop, [-1, 1])."""
+        if "transform" in job:
+            return ImageTransform.from_dict(job["transform"])
+        return ImageTransform(self.meta["image_size"], self.meta["channels"])
+
+    def to_batch(self, images, transform: ImageTransform) -> torch.Tensor:
+        """Images of any size -> uint8 [N, C, S, S] by the transform the shards are decoded with, so serving
+        cannot drift from training. `images`: PIL images, uint8 arrays [H, W] or [H, W, C] (a list, each its
+        own size), or one uint8 array [N, H, W(, C)]."""
+        return torch.stack([transform.decode(_as_image(img)) for img in images])
 
     @torch.no_grad()
     def column_probs(self, images) -> np.ndarray:
         """[M, N, C]: each (model, seed) column's fold-averaged probabilities."""
-        x = prepare_batch(self.to_batch(images), augment=False)
+        images = [_as_image(img) for img in images]
         columns = self.meta["columns"]
-        sums = np.zeros((len(columns), len(x), self.meta["num_classes"]))
+        sums = np.zeros((len(columns), len(images), self.meta["num_classes"]))
         counts = np.zeros(len(columns))
-        for column, model in self.models:
-            k = columns.index(column)
+        batches: dict[ImageTransform, torch.Tensor] = {}  # one decoded batch per distinct transform
+        for job, (column, model) in zip(self.meta["jobs"], self.models):
+            transform = self.transform_of(job)
+            if transform not in batches:
+                batches[transform] = prepare_batch(self.to_batch(images, transform), transform, augment=False)
+            x = batches[transform]
             probs = torch.cat([torch.softmax(model(x[i : i + 256]).float(), 1) for i in range(0, len(x), 256)])
-            sums[k] += probs.numpy()
-            counts[k] += 1
+            sums[columns.index(column)] += probs.numpy()
+            counts[columns.index(column)] += 1
         return (sums / counts[:, None, None]).astype(np.float32)
 
     def predict_proba(self, images) -> np.ndarray:

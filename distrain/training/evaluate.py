@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from distrain.data.loaders import eval_loader
-from distrain.data.transforms import prepare_batch
+from distrain.data.transforms import ImageTransform, prepare_batch
 from distrain.distributed.runtime import gather_rows
 from distrain.errors import JobFailure
 from distrain.study.results import Predictions
@@ -25,8 +25,7 @@ def predict(
     keep_ids: Optional[set[str]],
     *,
     batch_size: int,
-    image_size: int,
-    channels: int,
+    transform: ImageTransform,
     num_workers: int,
     cache: bool = True,
 ) -> Predictions:
@@ -39,14 +38,13 @@ def predict(
         urls,
         keep_ids,
         batch_size=batch_size * 2,
-        image_size=image_size,
-        channels=channels,
+        transform=transform,
         num_workers=num_workers,
         cache=cache,
     )
     for images, labels, ids in loader:
         with accelerator.autocast():
-            logits = model(prepare_batch(images.to(accelerator.device), augment=False))
+            logits = model(prepare_batch(images.to(accelerator.device), transform, augment=False))
         probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
         rows.extend(zip(ids, probs, labels.tolist()))
     model.train(was_training)

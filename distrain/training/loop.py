@@ -25,7 +25,7 @@ from distrain.config import Config
 from distrain.console import is_terminal
 from distrain.data.index import DatasetIndex
 from distrain.data.loaders import train_loader
-from distrain.data.transforms import prepare_batch
+from distrain.data.transforms import prepare_batch, resolve_transform
 from distrain.distributed import runtime
 from distrain.distributed.wrap import wrap
 from distrain.errors import ConfigError, Interrupted, NonFiniteLoss
@@ -191,9 +191,8 @@ class JobTrainer:
         self.trainable = wrap(accelerator, model, optimizer, tc, grad_checkpointing=cfg.model.grad_checkpointing)
         runtime.seed_everything(job.seed, per_rank=True)  # distinct augmentation / dropout streams per rank
         self.log(f"distrain: {job.id}: {self.trainable.describe()}")
-        self.loader_kw = dict(
-            image_size=dc.image_size, channels=index.channels, num_workers=dc.num_workers, cache=dc.cache
-        )
+        self.transform = resolve_transform(job.model, dc, index.channels)
+        self.loader_kw = dict(transform=self.transform, num_workers=dc.num_workers, cache=dc.cache)
         self.train_batches = iter(
             train_loader(
                 index.urls("cv"),
@@ -364,7 +363,7 @@ class JobTrainer:
         device = self.accelerator.device
         images, labels, _ids = next(self.train_batches)
         self.state.batches += 1
-        images = prepare_batch(images.to(device, non_blocking=True), augment=self.cfg.data.augment)
+        images = prepare_batch(images.to(device, non_blocking=True), self.transform, augment=self.cfg.data.augment)
         labels = labels.to(device, non_blocking=True)
         loss, logits, stepped = self.trainable.micro_step(images, labels, self.criterion)
         if stepped.boundary:

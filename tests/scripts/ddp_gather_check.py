@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from distrain.data.index import read_index
+from distrain.data.transforms import ImageTransform
 from distrain.distributed import runtime
 from distrain.training.evaluate import predict
 from distrain.training.models import create_model
@@ -19,7 +20,7 @@ acc = Accelerator(cpu=True)
 keep = set(index.split_ids("cv")[::7])  # an odd count that does not divide by 2 ranks or the batch size
 torch.manual_seed(0)
 model = create_model("test_resnet", num_classes=10, in_chans=1)
-pred = predict(model, acc, index.urls("cv"), keep, batch_size=13, image_size=16, channels=1, num_workers=0)
+pred = predict(model, acc, index.urls("cv"), keep, batch_size=13, transform=ImageTransform(16, 1), num_workers=0)
 local = len(list(runtime.gather_rows(acc, [acc.process_index])))
 total = runtime.sum_across_ranks(acc, [1.0])[0]
 digest = hashlib.sha256("\n".join(pred.sample_ids).encode() + pred.probs.tobytes()).hexdigest()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from distrain.config import OptimConfig, TrainConfig
 from distrain.data.index import read_index
 from distrain.data.loaders import train_loader
-from distrain.data.transforms import prepare_batch
+from distrain.data.transforms import ImageTransform, prepare_batch
 from distrain.distributed import runtime
 from distrain.distributed.wrap import wrap
 from distrain.training.models import create_model
@@ -31,6 +31,7 @@ compile_backend = args[4] if len(args) > 4 else ""  # "" = no torch.compile
 # 32 px, not 16: at 16 px test_resnet's last stage sees 1x1 feature maps, where oneDNN's bf16 convolution
 # backward (3x3, stride 2) returns non-finite weight gradients on some Xeons (seen on an AMX-capable one).
 SIZE = 32
+TRANSFORM = ImageTransform(SIZE, 1)  # bilinear, no crop, [-1, 1]: as before data configs existed
 train = TrainConfig(
     batch_size=16,
     grad_accum_steps=2,
@@ -57,8 +58,7 @@ batches = iter(
         batch_size=16,
         shuffle_buffer=100,
         seed=0,
-        image_size=SIZE,
-        channels=1,
+        transform=TRANSFORM,
         num_workers=0,
     )
 )
@@ -68,7 +68,7 @@ def step(n):
     norms = []
     for _ in range(n):
         images, labels, _ = next(batches)
-        _, _, r = trainable.micro_step(prepare_batch(images, augment=False), labels, criterion)
+        _, _, r = trainable.micro_step(prepare_batch(images, TRANSFORM, augment=False), labels, criterion)
         if r.boundary:
             norms.append(float(r.grad_norm))
     return norms
@@ -131,7 +131,7 @@ saved_batches = [next(batches) for _ in range(4)]
 
 def replay():
     for images, labels, _ in saved_batches:
-        trainable.micro_step(prepare_batch(images, augment=False), labels, criterion)
+        trainable.micro_step(prepare_batch(images, TRANSFORM, augment=False), labels, criterion)
     return engine_logits()
 
 

@@ -213,8 +213,10 @@ def _nan_job(tmp_path, monkeypatch, max_nonfinite, tracker=None):
     monkeypatch.setattr(
         loop,
         "prepare_batch",
-        lambda images, augment: (
-            real(images, augment=augment) * float("nan") if augment else real(images, augment=augment)
+        lambda images, transform, augment: (
+            real(images, transform, augment=augment) * float("nan")
+            if augment
+            else real(images, transform, augment=augment)
         ),
     )  # training batches only
     data = tmp_path / "digits"
