@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
@@ -28,20 +29,17 @@ def predict(
     transform: ImageTransform,
     num_workers: int,
     cache: bool = True,
+    loader: Optional[Iterable] = None,
 ) -> Predictions:
     """Softmax probabilities for the samples in `urls` (restricted to keep_ids), each rank predicting its own
-    shards, gathered on every rank and sorted by sample id."""
+    shards, gathered on every rank and sorted by sample id. A `loader` from `eval_loader` over the same
+    samples may be passed to be reused: its persistent workers keep their decoded shards between epochs."""
     was_training = model.training
     model.eval()
     rows = []
-    loader = eval_loader(
-        urls,
-        keep_ids,
-        batch_size=batch_size * 2,
-        transform=transform,
-        num_workers=num_workers,
-        cache=cache,
-    )
+    if loader is None:
+        loader = eval_loader(urls, keep_ids, batch_size=batch_size * 2, transform=transform, num_workers=num_workers,
+                             cache=cache)  # fmt: skip
     for images, labels, ids in loader:
         with accelerator.autocast():
             logits = model(prepare_batch(images.to(accelerator.device), transform, augment=False))

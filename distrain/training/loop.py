@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from distrain.config import Config
 from distrain.console import is_terminal
 from distrain.data.index import DatasetIndex
-from distrain.data.loaders import train_loader
+from distrain.data.loaders import eval_loader, train_loader
 from distrain.data.transforms import prepare_batch, resolve_transform
 from distrain.distributed import runtime
 from distrain.distributed.wrap import wrap
@@ -203,6 +203,8 @@ class JobTrainer:
                 **self.loader_kw,
             )
         )
+        # Built once per job: rebuilt every epoch, its DataLoader workers (and their decoded shards) would be too.
+        self.val_loader = eval_loader(index.urls("cv"), self.val_ids, batch_size=tc.batch_size * 2, **self.loader_kw)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
         self.nonfinite = _NonFiniteCounter(accelerator.device, tc.max_nonfinite_losses)
         self.state = TrainState()
@@ -377,9 +379,8 @@ class JobTrainer:
         """Score the fold's validation samples, log the epoch's row and keep the best epoch's weights and OOF."""
         tc, state = self.cfg.train, self.state
         evaluated = self.trainable.eval_model()  # ZeRO: the fp32 weights gathered into a plain model
-        val = predict(
-            evaluated, self.accelerator, self.index.urls("cv"), self.val_ids, batch_size=tc.batch_size, **self.loader_kw
-        )
+        val = predict(evaluated, self.accelerator, self.index.urls("cv"), self.val_ids, batch_size=tc.batch_size,
+                      loader=self.val_loader, **self.loader_kw)  # fmt: skip
         check_coverage(val, self.val_ids, f"{self.job.id} validation")
         val_score = val.score(tc.metric)
         train_metric = train["correct"] / train["seen"]  # accuracy on augmented batches as the weights moved

@@ -330,3 +330,24 @@ def test_mixed_precision_on_gpu(tmp_path, fresh_accelerate_state, precision):
     result, acc, _ = _tiny_job(tmp_path, precision)
     assert acc.device.type == "cuda"
     assert all(math.isfinite(h["train_loss"]) for h in result.history)
+
+
+def test_the_validation_loader_is_built_once_per_job(tmp_path, fresh_accelerate_state, monkeypatch):
+    """Rebuilt every epoch, the loader's DataLoader workers (and the shards they decoded) would be too: with 2
+    workers a 4-epoch digits job took 3.70 s that way and 3.00 s with the loader kept (median of 3)."""
+    from distrain.data.index import read_index
+    from distrain.training import loop
+
+    built = []
+    real = loop.eval_loader
+    monkeypatch.setattr(loop, "eval_loader", lambda *a, **k: built.append(k["transform"]) or real(*a, **k))
+    index = read_index(write_digits(tmp_path / "digits").root)
+    cfg = load_config(None, [f"data.root={index.root}", "train.epochs=3", "model.names=[test_resnet]",
+                             "data.image_size=16", "data.num_workers=2", "train.progress=false"])  # fmt: skip
+    labels = index.labels_of("cv")
+    manifest = build_fold_manifest(list(labels), list(labels.values()), 5, 0)
+    result = fit_job(
+        Job("test_resnet", 1, 0), cfg, index, manifest.fold_of_sample, runtime.create_accelerator(cfg.train)
+    )
+    assert len(result.history) == 3 and len(built) == 1
+    assert len(result.oof.sample_ids) == sum(f == 0 for f in manifest.fold_of_sample.values())  # still every sample
