@@ -52,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         shard = parse_shard(args.shard)
+        from distrain.distributed.runtime import exit_without_teardown
         from distrain.orchestration.experiment import run_experiment
 
-        return run_experiment(cfg, shard=shard, new_run_dir=args.new_run_dir)
+        return exit_without_teardown(run_experiment(cfg, shard=shard, new_run_dir=args.new_run_dir))
     except BadInput as e:
         return refuse(e)
 

@@ -241,7 +241,7 @@ def aggregate(study: Study, states: list[JobState]) -> None:
 
 
 def finish(study: Study, outcome: WorkerOutcome) -> None:
-    """Record how this worker ended (for `distrain schedule` and people), say so, release the process group."""
+    """Record how this worker ended (for `distrain schedule` and people), say so, end the process group's work."""
 
     def record() -> None:
         row = {
@@ -265,7 +265,7 @@ def finish(study: Study, outcome: WorkerOutcome) -> None:
     study.on_primary(record)
     if outcome.preempted:
         study.log(f"distrain: {study.worker}: stopped by SIGTERM; state saved, lease released (exit 75)")
-    study.accelerator.end_training()
+    runtime.end_process_group(study.accelerator)
 
 
 def _say_nothing_was_trained(study: Study) -> None:
