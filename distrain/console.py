@@ -14,6 +14,7 @@ from pathlib import Path
 
 LOG_NAME = "distrain.log"
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_HANDLERS: dict[Path, logging.FileHandler] = {}
 _NOISY_LOGGERS = ("mlflow", "alembic", "urllib3", "git", "matplotlib", "lightgbm", "DeepSpeed", "py.warnings")
 
 
@@ -25,9 +26,12 @@ def is_terminal() -> bool:
 def loggers_to_log(run_dir: Path, names: tuple[str, ...]) -> logging.Handler:
     """Send these loggers' records to `<run_dir>/distrain.log` only. A library that configures its logger when
     imported (MLflow does) needs this again after its import."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / LOG_NAME)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    path = (run_dir / LOG_NAME).resolve()
+    handler = _HANDLERS.get(path)
+    if handler is None:  # one open file per log, however often loggers are (re)routed to it
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handler = _HANDLERS[path] = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     for name in names:
         logger = logging.getLogger(name)
         logger.handlers = [handler]

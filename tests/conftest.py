@@ -35,6 +35,13 @@ def run_cmd(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = N
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def accelerate_launch(processes: int, script: Path) -> list[str]:
+    """`accelerate launch --multi_gpu` of `script` with `processes` processes: real DDP over gloo on CPU."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), str(script)]  # fmt: skip
+
+
 def distrain_run(
     cwd: Path,
     *overrides: str,
@@ -44,26 +51,7 @@ def distrain_run(
     env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """The main job, as `python distrain/run.py` (1 process) or `accelerate launch --multi_gpu` (DDP on CPU)."""
-    if processes == 1:
-        cmd = [sys.executable, str(RUN_PY)]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            str(RUN_PY),
-        ]
+    cmd = [sys.executable, str(RUN_PY)] if processes == 1 else accelerate_launch(processes, RUN_PY)
     return run_cmd(cmd + ["--config", str(config), *overrides], cwd, timeout, env)
 
 

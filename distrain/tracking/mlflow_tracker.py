@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from distrain.console import library_prints_to_log, loggers_to_log
 from distrain.fsutil import atomic_write_json, create_exclusive_json
-from distrain.tracking.base import NullTracker, Tracker
+from distrain.tracking.base import Tracker
 from distrain.tracking.buffer import BUFFER_DIR, PLACEHOLDER, read_marker
 
 PARENT_TAG = "mlflow.parentRunId"  # how MLflow marks a nested run
@@ -325,12 +325,3 @@ def _refers_to_placeholder(op: dict) -> bool:
 
 def _is_missing_run(error: Exception) -> bool:
     return "RESOURCE_DOES_NOT_EXIST" in str(getattr(error, "error_code", "")) or "not found" in str(error).lower()
-
-
-def create_tracker(
-    is_primary: bool, tracking_uri: str, experiment_name: str, run_dir: Path, run_root: Path, **kwargs
-) -> Tracker:
-    """MlflowTracker on the primary rank, NullTracker on the others."""
-    if not is_primary:
-        return NullTracker()
-    return MlflowTracker(tracking_uri, experiment_name, run_dir, run_root, **kwargs)

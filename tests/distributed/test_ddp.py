@@ -1,30 +1,15 @@
 import json
-import sys
 
 from distrain.data.pack import write_digits
 
-from conftest import REPO, free_port, run_cmd
+from conftest import REPO, accelerate_launch, run_cmd
 
 
 def test_two_process_ddp_gather_has_no_duplicates(tmp_path):
     write_digits(tmp_path / "digits", shard_size=100)
     proc = run_cmd(
         [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            str(REPO / "tests" / "scripts" / "ddp_gather_check.py"),
+            *accelerate_launch(2, REPO / "tests" / "scripts" / "ddp_gather_check.py"),
             str(tmp_path / "digits"),
             str(tmp_path),
         ],
