@@ -114,7 +114,7 @@ def main():
                 f"data.root={root}",
                 f"model.names=[{args.model}]",
                 f"train.epochs={args.epochs}",
-                "data.augment=false",
+                "augment.enabled=false",
                 "data.interpolation=bilinear",  # the bare loop's preprocessing: bilinear, no crop, [-1, 1]
                 "data.crop_pct=1.0",
                 "data.mean=[0.5]",

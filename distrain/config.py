@@ -74,21 +74,17 @@ class DataConfig:
     """Per-channel standard deviation, as `mean`."""
     num_classes: int = 10
     """Number of classes; every label must lie in [0, num_classes)."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank (each reads its own subset of this rank's shards)."""
+    num_workers: int = -1
+    """DataLoader worker processes per rank that read, decode and augment samples; -1: the CPUs this process
+    may use divided by this node's processes (at most one per shard a rank reads)."""
     shuffle_buffer: int = 1000
-    """Samples held in the training shuffle buffer."""
-    cache: bool = True
-    """Keep decoded, resized shards in memory (per process), so every epoch and job after the first
-    skips tar parsing and image decoding. Turn off when the data set does not fit in RAM."""
-    augment: bool = True
-    """Random affine augmentation (rotate, shift, scale) of training batches, applied on the device."""
+    """Samples (shard offsets, not images) held in the training shuffle buffer."""
 
     def __post_init__(self):
         _require(self.source in DATA_SOURCES, "data.source", self.source, f"one of {DATA_SOURCES}")
         _require(self.image_size >= 8, "data.image_size", self.image_size, ">= 8")
         _require(self.num_classes >= 2, "data.num_classes", self.num_classes, ">= 2")
-        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
+        _require(self.num_workers >= -1, "data.num_workers", self.num_workers, ">= 0, or -1 for one per CPU")
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, ">= 1")
         _require(self.interpolation in ("", *INTERPOLATIONS), "data.interpolation", self.interpolation,
                  f"one of {INTERPOLATIONS}")  # fmt: skip
@@ -96,6 +92,62 @@ class DataConfig:
         _require(len(self.mean) in (0, 1, 3), "data.mean", self.mean, "1 or 3 values, or none for the model's")
         _require(len(self.std) in (0, 1, 3), "data.std", self.std, "1 or 3 values, or none for the model's")
         _require(all(v > 0 for v in self.std), "data.std", self.std, "values > 0")
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    """Training augmentation, built by timm: `timm.data.create_transform` per sample in the DataLoader workers
+    (random-resized crop, flips, colour jitter or auto-augment), random erasing and Mixup / CutMix per batch
+    on the training device. Evaluation never augments."""
+
+    enabled: bool = True
+    """Augment training samples; false: training sees the evaluation transform (resize, centre crop)."""
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """Random-resized crop: the crop's area as a fraction of the image's, [min, max]."""
+    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
+    """Random-resized crop: the crop's aspect ratio (width / height), [min, max]."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip (0 for digits and text)."""
+    vflip: float = 0.0
+    """Probability of a vertical flip (e.g. 0.5 for satellite or microscope images)."""
+    color_jitter: float = 0.4
+    """Brightness, contrast and saturation jitter strength; 0 disables. Ignored when auto_augment is set."""
+    auto_augment: str = ""
+    """timm auto-augment policy, e.g. `rand-m9-mstd0.5-inc1` (RandAugment), `augmix-m5-w4-d2`,
+    `original`, `v0`; empty disables."""
+    re_prob: float = 0.0
+    """Random erasing: probability per image (applied per batch on the device, as timm's prefetcher does)."""
+    re_mode: str = "pixel"
+    """Random erasing fill: `pixel` (per-pixel noise), `rand` (per-channel colour) or `const` (zeros)."""
+    re_count: int = 1
+    """Random erasing: at most this many boxes per image."""
+    mixup: float = 0.0
+    """Mixup alpha (timm.data.Mixup); 0 disables. Mixup / CutMix train with soft targets (label smoothing
+    folded in) and need an even train.batch_size."""
+    cutmix: float = 0.0
+    """CutMix alpha; 0 disables."""
+    mix_prob: float = 1.0
+    """Probability that a batch is mixed at all (when mixup or cutmix is on)."""
+    switch_prob: float = 0.5
+    """With both mixup and cutmix on: probability of CutMix instead of Mixup for a batch."""
+
+    def __post_init__(self):
+        for key, pair, low in (("augment.scale", self.scale, 0.0), ("augment.ratio", self.ratio, 0.0)):
+            _require(len(pair) == 2 and low < pair[0] <= pair[1], key, pair, f"[min, max] with {low} < min <= max")
+        _require(self.scale[1] <= 1.0, "augment.scale", self.scale, "max <= 1")
+        for key in ("hflip", "vflip", "re_prob", "mix_prob", "switch_prob"):
+            value = getattr(self, key)
+            _require(0.0 <= value <= 1.0, f"augment.{key}", value, "a probability in [0, 1]")
+        for key in ("color_jitter", "mixup", "cutmix"):
+            _require(getattr(self, key) >= 0, f"augment.{key}", getattr(self, key), ">= 0")
+        _require(self.re_mode in ("pixel", "rand", "const"), "augment.re_mode", self.re_mode,
+                 "one of ('pixel', 'rand', 'const')")  # fmt: skip
+        _require(self.re_count >= 1, "augment.re_count", self.re_count, ">= 1")
+
+    @property
+    def mixes(self) -> bool:
+        """Mixup or CutMix is on: training targets are soft."""
+        return self.enabled and (self.mixup > 0 or self.cutmix > 0) and self.mix_prob > 0
 
 
 @dataclass(kw_only=True)
@@ -154,6 +206,27 @@ def check_model_names(names: list[str]) -> None:
             close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
             hint = f" (similar: {', '.join(close)})" if close else ""
             raise ConfigError(f"model.names: unknown timm model {name!r}{hint}")
+
+
+def check_auto_augment(policy: str) -> None:
+    """Raise ConfigError when timm cannot build the auto-augment `policy` (checked by building it)."""
+    if not policy:
+        return
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    builders = {"rand": rand_augment_transform, "augmix": augment_and_mix_transform}
+    name, *sections = policy.split("-")
+    builder = builders.get(name, auto_augment_transform)  # timm's own dispatch
+    try:
+        # timm skips a rand / augmix section without a number ("rand-m9-foo"); a typo should not pass silently
+        bad = [c for c in sections if name in builders and not re.search(r"\d", c) and not c.startswith("t")]
+        assert not bad, f"section {bad[0]!r} has no value"
+        builder(policy, {"translate_const": 100, "img_mean": (124, 116, 104)})
+    except Exception as e:  # timm raises AssertionError / KeyError / ValueError for unknown parts
+        raise ConfigError(
+            f"augment.auto_augment: timm cannot build policy {policy!r} ({type(e).__name__}: {e}); "
+            f"e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0"
+        ) from None
 
 
 @dataclass(kw_only=True)
@@ -331,6 +404,7 @@ class Config:
     run_root: str = "runs"
     """Where run directories (and the default MLflow store) live."""
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     cv: CVConfig = field(default_factory=CVConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -346,6 +420,9 @@ class Config:
             self.experiment,
             "a non-empty name without '/'",
         )
+        if self.augment.mixes:
+            _require(self.train.batch_size % 2 == 0, "train.batch_size", self.train.batch_size,
+                     "an even number with augment.mixup / augment.cutmix (timm's Mixup mixes pairs)")  # fmt: skip
 
     @property
     def run_dir(self) -> Path:
@@ -451,6 +528,7 @@ def config_from_dict(raw: dict, *, check_models: bool = True) -> Config:
     cfg = _build(Config, raw, "")
     if check_models:
         check_model_names(cfg.model.names)
+        check_auto_augment(cfg.augment.auto_augment)
         if cfg.model.pretrained_file and not Path(cfg.model.pretrained_file).is_file():
             raise ConfigError(f"model.pretrained_file: no such file: {cfg.model.pretrained_file}")
     return cfg

@@ -1,17 +1,15 @@
 """The one definition of how an image becomes model input, shared by training, evaluation, test prediction
 and serving: an `ImageTransform` (resolved per backbone from timm's data config, overridable under `data:`)
 decodes images to uint8 (`decode`: colour mode, resize keeping the aspect ratio, centre crop, as timm's eval
-transform does) and `prepare_batch` normalises batches on the device (and augments training batches).
+transform does) and normalises batches on the device (`normalise`). Training augmentation: `distrain.data.augment`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from distrain.errors import ConfigError
@@ -85,22 +83,3 @@ def resolve_transform(model_name: str, data, channels: int) -> ImageTransform:
     interpolation = data.interpolation or cfg.get("interpolation") or "bicubic"
     crop_pct = data.crop_pct or cfg.get("crop_pct") or 0.875
     return ImageTransform(data.image_size, channels, interpolation, float(crop_pct), mean, std)
-
-
-def prepare_batch(images: torch.Tensor, transform: ImageTransform, *, augment: bool) -> torch.Tensor:
-    """uint8 [B,C,H,W] (on the training device) -> normalised float, with a random affine per image
-    (rotation +-10 deg, shift +-8%, scale 0.9-1.1) when `augment`. Done per batch on the device:
-    cheaper than per-sample PIL transforms on CPU and free on a GPU."""
-    x = transform.normalise(images)
-    if not augment:
-        return x
-    b = x.shape[0]
-    angle = (torch.rand(b, device=x.device) * 2 - 1) * (10 * math.pi / 180)
-    scale = 0.9 + torch.rand(b, device=x.device) * 0.2
-    shift = (torch.rand(b, 2, device=x.device) * 2 - 1) * 0.16  # grid units: 2 = full width
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
-
-

@@ -101,9 +101,14 @@ def create_accelerator(train: TrainConfig) -> Accelerator:
         )
     if not cuda:
         # `accelerate launch` exports OMP_NUM_THREADS=1; on CPU that idles all cores but one.
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        torch.set_num_threads(train.cpu_threads or max(1, available_cpus() // max(1, local_processes)))
+        torch.set_num_threads(train.cpu_threads or cpus_per_process(accelerator))
     return accelerator
+
+
+def cpus_per_process(accelerator: Accelerator) -> int:
+    """This process's share of the CPUs it may use (affinity, cgroup quota) among this node's processes."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    return max(1, available_cpus() // max(1, local_processes))
 
 
 def seed_everything(seed: int, *, per_rank: bool = False) -> None:

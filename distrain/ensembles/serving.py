@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distrain.data.transforms import ImageTransform, prepare_batch
+from distrain.data.transforms import ImageTransform
 from distrain.errors import BadInput
 from distrain.training.models import create_model
 
@@ -78,7 +78,7 @@ class EnsemblePredictor:
         for job, (column, model) in zip(self.meta["jobs"], self.models):
             transform = self.transform_of(job)
             if transform not in batches:
-                batches[transform] = prepare_batch(self.to_batch(images, transform), transform, augment=False)
+                batches[transform] = transform.normalise(self.to_batch(images, transform))
             x = batches[transform]
             probs = torch.cat([torch.softmax(model(x[i : i + 256]).float(), 1) for i in range(0, len(x), 256)])
             sums[columns.index(column)] += probs.numpy()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from distrain.data.loaders import eval_loader
-from distrain.data.transforms import ImageTransform, prepare_batch
+from distrain.data.transforms import ImageTransform
 from distrain.distributed.runtime import gather_rows
 from distrain.errors import JobFailure
 from distrain.study.results import Predictions
@@ -20,29 +19,17 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module,
-    accelerator: Accelerator,
-    urls: list[str],
-    keep_ids: Optional[set[str]],
-    *,
-    batch_size: int,
-    transform: ImageTransform,
-    num_workers: int,
-    cache: bool = True,
-    loader: Optional[Iterable] = None,
+    model: torch.nn.Module, accelerator: Accelerator, loader: Iterable, transform: ImageTransform
 ) -> Predictions:
-    """Softmax probabilities for the samples in `urls` (restricted to keep_ids), each rank predicting its own
-    shards, gathered on every rank and sorted by sample id. A `loader` from `eval_loader` over the same
-    samples may be passed to be reused: its persistent workers keep their decoded shards between epochs."""
+    """Softmax probabilities for the samples of `loader` (an `eval_loader`: this rank's share of the shards),
+    gathered on every rank and sorted by sample id. A loader built once can be reused every epoch: its
+    persistent workers stay up."""
     was_training = model.training
     model.eval()
     rows = []
-    if loader is None:
-        loader = eval_loader(urls, keep_ids, batch_size=batch_size * 2, transform=transform, num_workers=num_workers,
-                             cache=cache)  # fmt: skip
     for images, labels, ids in loader:
         with accelerator.autocast():
-            logits = model(prepare_batch(images.to(accelerator.device), transform, augment=False))
+            logits = model(transform.normalise(images.to(accelerator.device)))
         probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
         rows.extend(zip(ids, probs, labels.tolist()))
     model.train(was_training)

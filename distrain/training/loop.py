@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from distrain.config import Config
 from distrain.console import is_terminal
+from distrain.data.augment import BatchAugment
 from distrain.data.index import DatasetIndex
-from distrain.data.loaders import eval_loader, train_loader
-from distrain.data.transforms import prepare_batch, resolve_transform
+from distrain.data.loaders import default_workers, eval_loader, train_decoder, train_loader
+from distrain.data.transforms import resolve_transform
 from distrain.distributed import runtime
 from distrain.distributed.wrap import wrap
 from distrain.errors import ConfigError, Interrupted, NonFiniteLoss
@@ -192,20 +193,22 @@ class JobTrainer:
         runtime.seed_everything(job.seed, per_rank=True)  # distinct augmentation / dropout streams per rank
         self.log(f"distrain: {job.id}: {self.trainable.describe()}")
         self.transform = resolve_transform(job.model, dc, index.channels)
-        self.loader_kw = dict(transform=self.transform, num_workers=dc.num_workers, cache=dc.cache)
-        self.train_batches = iter(
-            train_loader(
-                index.urls("cv"),
-                train_ids,
-                batch_size=tc.batch_size,
-                shuffle_buffer=dc.shuffle_buffer,
-                seed=job.seed * 100 + job.fold,
-                **self.loader_kw,
-            )
+        self.train_labels = {s: cv_labels[s] for s in sorted(train_ids)}
+        workers = default_workers(
+            dc.num_workers, len(index.cv_shards), self.world, runtime.cpus_per_process(accelerator)
         )
-        # Built once per job: rebuilt every epoch, its DataLoader workers (and their decoded shards) would be too.
-        self.val_loader = eval_loader(index.urls("cv"), self.val_ids, batch_size=tc.batch_size * 2, **self.loader_kw)
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+        self.loader_kw = dict(num_workers=workers, pin_memory=accelerator.device.type == "cuda")
+        self.train_batches = None  # started on the first step, at the resumed position
+        # Built once per job: rebuilt every epoch, its DataLoader workers would start again every epoch.
+        self.val_loader = self._eval_loader("cv", {s: cv_labels[s] for s in self.val_ids})
+        self.batch_augment = BatchAugment(self.transform, cfg.augment, num_classes=dc.num_classes,
+                                          label_smoothing=tc.label_smoothing, device=accelerator.device)  # fmt: skip
+        if self.batch_augment.soft_targets:  # Mixup / CutMix targets carry the label smoothing
+            from timm.loss import SoftTargetCrossEntropy
+
+            self.criterion = SoftTargetCrossEntropy()
+        else:
+            self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
         self.nonfinite = _NonFiniteCounter(accelerator.device, tc.max_nonfinite_losses)
         self.state = TrainState()
         self.resume_step = 0  # the step the first epoch after a resume starts at
@@ -224,9 +227,7 @@ class JobTrainer:
             return
         self.scheduler.load_state_dict(saved["scheduler"])
         self.state.load_state_dict(saved)
-        self.resume_step = self.state.step
-        for _ in range(self.state.batches):  # replay the data stream (no compute) to the saved position
-            next(self.train_batches)
+        self.resume_step = self.state.step  # the data stream restarts at state.batches, without decoding before it
         set_rng_state(saved["rng"][self.accelerator.process_index])
         self.log(
             f"distrain: {self.job.id}: resumed from {saved['path']} (epoch {self.state.epoch}, "
@@ -363,11 +364,13 @@ class JobTrainer:
     def _micro_step(self):
         """Draw one micro-batch and train on it; steps the LR schedule when the optimizer stepped."""
         device = self.accelerator.device
+        if self.train_batches is None:
+            self.train_batches = self._train_stream(start_batch=self.state.batches)
         images, labels, _ids = next(self.train_batches)
         self.state.batches += 1
-        images = prepare_batch(images.to(device, non_blocking=True), self.transform, augment=self.cfg.data.augment)
         labels = labels.to(device, non_blocking=True)
-        loss, logits, stepped = self.trainable.micro_step(images, labels, self.criterion)
+        inputs, targets = self.batch_augment(images.to(device, non_blocking=True), labels)
+        loss, logits, stepped = self.trainable.micro_step(inputs, targets, self.criterion)
         if stepped.boundary:
             if stepped.applied:
                 self.scheduler.step()
@@ -375,12 +378,23 @@ class JobTrainer:
                 self.state.skipped_steps += 1  # fp16 overflow: the loss scaler skipped this step
         return loss, logits, labels, stepped
 
+    def _train_stream(self, start_batch: int):
+        dc, seed = self.cfg.data, self.job.seed * 100 + self.job.fold
+        decode = train_decoder(self.transform, self.cfg.augment, seed)
+        loader = train_loader(self.index.urls("cv"), self.train_labels, batch_size=self.cfg.train.batch_size,
+                              decode=decode, shuffle_buffer=dc.shuffle_buffer, seed=seed, start_batch=start_batch,
+                              **self.loader_kw)  # fmt: skip
+        return iter(loader)
+
+    def _eval_loader(self, split: str, labels: dict[str, int]):
+        return eval_loader(self.index.urls(split), labels, batch_size=self.cfg.train.batch_size * 2,
+                           transform=self.transform, **self.loader_kw)  # fmt: skip
+
     def evaluate(self, epoch: int, train: dict[str, float]) -> dict[str, float]:
         """Score the fold's validation samples, log the epoch's row and keep the best epoch's weights and OOF."""
         tc, state = self.cfg.train, self.state
         evaluated = self.trainable.eval_model()  # ZeRO: the fp32 weights gathered into a plain model
-        val = predict(evaluated, self.accelerator, self.index.urls("cv"), self.val_ids, batch_size=tc.batch_size,
-                      loader=self.val_loader, **self.loader_kw)  # fmt: skip
+        val = predict(evaluated, self.accelerator, self.val_loader, self.transform)
         check_coverage(val, self.val_ids, f"{self.job.id} validation")
         val_score = val.score(tc.metric)
         train_metric = train["correct"] / train["seen"]  # accuracy on augmented batches as the weights moved
@@ -419,14 +433,8 @@ class JobTrainer:
         final.load_state_dict(best.state)
         test = None
         if self.index.test_shards:
-            test = predict(
-                final,
-                self.accelerator,
-                self.index.urls("test"),
-                None,
-                batch_size=self.cfg.train.batch_size,
-                **self.loader_kw,
-            )
+            loader = self._eval_loader("test", self.index.labels_of("test"))
+            test = predict(final, self.accelerator, loader, self.transform)
             check_coverage(test, set(self.index.labels_of("test")), f"{self.job.id} test")
         runtime.release(self.accelerator)
         return JobResult(

@@ -9,6 +9,17 @@ from PIL import Image
 from distrain import errors
 from distrain.data import index as index_mod
 from distrain.data import loaders, pack, transforms
+from distrain.data.shards import read_image, shard_samples
+
+
+def _shard_rows(url, transform):
+    """(sample id, eval-decoded image, the label stored in the shard's .cls member) per sample of a shard."""
+    import tarfile
+
+    with tarfile.open(url) as tar:
+        stored = {m.name.split(".")[0]: int(tar.extractfile(m).read()) for m in tar if m.name.endswith(".cls")}
+    return [(ref.sample_id, transform.decode(Image.open(io.BytesIO(read_image(ref)))), stored[ref.sample_id])
+            for ref in shard_samples(url)]  # fmt: skip
 
 
 def test_digits_round_trip_with_ids_labels_and_holdout(tmp_path):
@@ -20,7 +31,7 @@ def test_digits_round_trip_with_ids_labels_and_holdout(tmp_path):
     seen = {}
     for split in ("cv", "test"):
         for url in index.urls(split):
-            for sid, image, label in loaders.decode_shard(url, transforms.ImageTransform(16, 1), cache=False):
+            for sid, image, label in _shard_rows(url, transforms.ImageTransform(16, 1)):
                 assert image.shape == (1, 16, 16) and image.dtype == torch.uint8
                 seen[sid] = (split, label)
     labels = dict(zip(index.sample_ids, index.labels))
@@ -32,25 +43,25 @@ def test_digits_round_trip_with_ids_labels_and_holdout(tmp_path):
 
 def test_loaders_split_by_worker_and_cover_exactly_once(tmp_path):
     index = pack.write_digits(tmp_path / "digits", shard_size=100)
-    keep = set(index.split_ids("cv")[::3])
+    labels = index.labels_of("cv")
+    keep = {s: labels[s] for s in index.split_ids("cv")[::3]}
     ids = []
-    for images, labels, batch_ids in loaders.eval_loader(index.urls("cv"), keep, batch_size=50,
-                                                   transform=transforms.ImageTransform(16, 1), num_workers=2, cache=False):
+    for images, batch_labels, batch_ids in loaders.eval_loader(index.urls("cv"), keep, batch_size=50,
+                                                         transform=transforms.ImageTransform(16, 1), num_workers=2):  # fmt: skip
         ids.extend(batch_ids)
+        assert batch_labels.tolist() == [keep[s] for s in batch_ids]
     assert sorted(ids) == sorted(keep)  # 2 workers, disjoint shards: no sample twice, none lost
-    batches = iter(loaders.train_loader(index.urls("cv"), keep, batch_size=32, transform=transforms.ImageTransform(16, 1),
-                                  num_workers=0, shuffle_buffer=100, seed=0))
+    batches = iter(loaders.train_loader(index.urls("cv"), keep, batch_size=32,
+                                        decode=loaders.eval_decoder(transforms.ImageTransform(16, 1)),
+                                        num_workers=0, shuffle_buffer=100, seed=0))  # fmt: skip
     drawn = [sid for _ in range(30) for sid in next(batches)[2]]
-    assert set(drawn) <= keep and len(set(drawn)) > 0.9 * len(keep)
+    assert set(drawn) <= set(keep) and len(set(drawn)) > 0.9 * len(keep)
 
 
-def test_prepare_batch_normalises_and_augments():
-    x = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
-    plain = transforms.prepare_batch(x, transforms.ImageTransform(8, 1), augment=False)
-    assert plain.min() >= -1 and plain.max() <= 1 and plain.dtype == torch.float32
-    torch.manual_seed(0)
-    aug = transforms.prepare_batch(x, transforms.ImageTransform(8, 1), augment=True)
-    assert aug.shape == plain.shape and not torch.allclose(aug, plain)
+def test_normalise_maps_uint8_to_the_configured_range():
+    x = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1)
+    out = transforms.ImageTransform(8, 1, mean=(0.5,), std=(0.5,)).normalise(x)
+    assert out.dtype == torch.float32 and out.flatten().tolist() == [-1.0, 1.0]
 
 
 def _png(color):
@@ -71,7 +82,7 @@ def test_pack_image_folder_and_csv(tmp_path):
     index = pack.write_dataset(samples, tmp_path / "packed", classes=classes, channels=3, test_fraction=0.2,
                                limits=pack.ShardLimits(max_samples=4))  # fmt: skip
     assert len(index.split_ids("test")) == 4
-    rows = [r for url in index.urls("cv") for r in loaders.decode_shard(url, transforms.ImageTransform(8, 3), cache=False)]
+    rows = [r for url in index.urls("cv") for r in _shard_rows(url, transforms.ImageTransform(8, 3))]
     red = [img for sid, img, label in rows if label == 0]
     assert red and all(img[0].float().mean() > 200 and img[2].float().mean() < 50 for img in red)
 
@@ -104,13 +115,13 @@ def test_pack_mixes_classes_in_every_shard_and_sizes_shards_by_bytes(tmp_path):
     index = pack.write_dataset(samples, tmp_path / "packed", classes=classes, test_fraction=0.2, limits=limits)
     assert len(index.cv_shards) >= 5
     for url in index.urls("cv"):
-        labels = {label for _, _, label in loaders.decode_shard(url, transforms.ImageTransform(8, 3), cache=False)}
+        labels = {label for _, _, label in _shard_rows(url, transforms.ImageTransform(8, 3))}
         assert len(labels) >= 2, url
         assert (tmp_path / "packed" / url.split("/")[-1]).stat().st_size <= limits.max_mb * 1e6 + 20_000
     assert index.channels == 3
     again = pack.write_dataset(samples, tmp_path / "again", classes=classes, test_fraction=0.2, limits=limits)
     def ids_by_shard(ix):
-        return [[sid for sid, _, _ in loaders.decode_shard(url, transforms.ImageTransform(8, 3), cache=False)] for url in ix.urls("cv")]
+        return [[sid for sid, _, _ in _shard_rows(url, transforms.ImageTransform(8, 3))] for url in ix.urls("cv")]
 
     assert ids_by_shard(again) == ids_by_shard(index)  # the order is seeded: the same shards again
 
@@ -175,7 +186,7 @@ def test_ensure_digits_refuses_a_directory_without_an_index(tmp_path):
 
 def test_one_transform_for_training_evaluation_and_serving(tmp_path):
     """A non-square colour JPEG read back from its shard by the loaders (training and evaluation both decode
-    through `decode_shard`) and handed to the serving predictor as a PIL image or an array gives the same
+    through `ImageTransform.decode`) and handed to the serving predictor as a PIL image or an array gives the same
     uint8 tensor and, normalised, the same model input; the transform is the backbone's timm data config."""
     from distrain.config import DataConfig
     from distrain.ensembles.serving import EnsemblePredictor
@@ -192,17 +203,16 @@ def test_one_transform_for_training_evaluation_and_serving(tmp_path):
     pretrained = __import__("timm").models.get_pretrained_cfg("test_resnet")
     assert (transform.interpolation, transform.crop_pct, transform.mean) == (
         pretrained.interpolation, pretrained.crop_pct, tuple(pretrained.mean))
-    from_shard = {sid: img for url in index.urls("cv") for sid, img, _ in loaders.decode_shard(url, transform, False)}
+    from_shard = {sid: img for url in index.urls("cv") for sid, img, _ in _shard_rows(url, transform)}
     from_loader = next(iter(loaders.eval_loader(index.urls("cv"), None, batch_size=8, transform=transform,
-                                                num_workers=0, cache=False)))  # fmt: skip
+                                                num_workers=0)))  # fmt: skip
     serving = object.__new__(EnsemblePredictor)  # to_batch needs no loaded models
     sid = pack.safe_sample_id("a/photo")
     for image in (Image.open(path), np.asarray(Image.open(path))):
         served = serving.to_batch([image], transform)[0]
         assert served.shape == (3, 24, 24) and torch.equal(served, from_shard[sid])
         assert torch.equal(served, from_loader[0][from_loader[2].index(sid)])
-        assert torch.equal(transforms.prepare_batch(served[None], transform, augment=False),
-                           transforms.prepare_batch(from_shard[sid][None], transform, augment=False))  # fmt: skip
+        assert torch.equal(transform.normalise(served[None]), transform.normalise(from_shard[sid][None]))
 
 
 def test_data_config_overrides_and_bad_values(tmp_path):

@@ -255,7 +255,7 @@ def test_zero3_job_preempted_resumed_and_consolidated_under_torchrun(tmp_path):
     assert (tmp_path / "runs" / "digits" / "report.json").is_file()
 
     from distrain.data.loaders import eval_loader
-    from distrain.data.transforms import ImageTransform, prepare_batch
+    from distrain.data.transforms import ImageTransform
     from distrain.training.models import create_model
 
     best = torch.load(job / "best.pt", weights_only=True)
@@ -268,11 +268,9 @@ def test_zero3_job_preempted_resumed_and_consolidated_under_torchrun(tmp_path):
     probs = {}
     with torch.no_grad():
         for images, _labels, ids in eval_loader(
-            urls, keep, batch_size=64, transform=ImageTransform(16, 1), num_workers=0
+            urls, dict.fromkeys(keep, -1), batch_size=64, transform=ImageTransform(16, 1), num_workers=0
         ):
-            for i, p in zip(
-                ids, torch.softmax(model(prepare_batch(images, ImageTransform(16, 1), augment=False)), 1).numpy()
-            ):
+            for i, p in zip(ids, torch.softmax(model(ImageTransform(16, 1).normalise(images)), 1).numpy()):
                 probs[i] = p
     ours = np.stack([probs[i] for i in oof["sample_ids"].tolist()])
     np.testing.assert_allclose(ours, oof["probs"], atol=1e-5)

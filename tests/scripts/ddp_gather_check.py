@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from distrain.data.index import read_index
+from distrain.data.loaders import eval_loader
 from distrain.data.transforms import ImageTransform
 from distrain.distributed import runtime
 from distrain.training.evaluate import predict
@@ -17,10 +18,13 @@ from distrain.training.models import create_model
 
 index = read_index(Path(sys.argv[1]))
 acc = Accelerator(cpu=True)
-keep = set(index.split_ids("cv")[::7])  # an odd count that does not divide by 2 ranks or the batch size
+labels = index.labels_of("cv")
+keep = {s: labels[s] for s in index.split_ids("cv")[::7]}  # an odd count: divides by neither 2 ranks nor the batch
 torch.manual_seed(0)
 model = create_model("test_resnet", num_classes=10, in_chans=1)
-pred = predict(model, acc, index.urls("cv"), keep, batch_size=13, transform=ImageTransform(16, 1), num_workers=0)
+transform = ImageTransform(16, 1)
+pred = predict(model, acc, eval_loader(index.urls("cv"), keep, batch_size=13, transform=transform, num_workers=0),
+               transform)  # fmt: skip
 local = len(list(runtime.gather_rows(acc, [acc.process_index])))
 total = runtime.sum_across_ranks(acc, [1.0])[0]
 digest = hashlib.sha256("\n".join(pred.sample_ids).encode() + pred.probs.tobytes()).hexdigest()
@@ -33,7 +37,7 @@ digest = hashlib.sha256("\n".join(pred.sample_ids).encode() + pred.probs.tobytes
             "rows": len(pred.sample_ids),
             "distinct": len(set(pred.sample_ids)),
             "expected": len(keep),
-            "covers": set(pred.sample_ids) == keep,
+            "covers": set(pred.sample_ids) == set(keep),
             "digest": digest,
             "gathered_ranks": local,
             "sum": total,

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from distrain.config import OptimConfig, TrainConfig
 from distrain.data.index import read_index
-from distrain.data.loaders import train_loader
-from distrain.data.transforms import ImageTransform, prepare_batch
+from distrain.data.loaders import eval_decoder, train_loader
+from distrain.data.transforms import ImageTransform
 from distrain.distributed import runtime
 from distrain.distributed.wrap import wrap
 from distrain.training.models import create_model
@@ -54,11 +54,11 @@ criterion = torch.nn.CrossEntropyLoss()
 batches = iter(
     train_loader(
         index.urls("cv"),
-        set(index.labels_of("cv")),
+        index.labels_of("cv"),
         batch_size=16,
         shuffle_buffer=100,
         seed=0,
-        transform=TRANSFORM,
+        decode=eval_decoder(TRANSFORM),
         num_workers=0,
     )
 )
@@ -68,7 +68,7 @@ def step(n):
     norms = []
     for _ in range(n):
         images, labels, _ = next(batches)
-        _, _, r = trainable.micro_step(prepare_batch(images, TRANSFORM, augment=False), labels, criterion)
+        _, _, r = trainable.micro_step(TRANSFORM.normalise(images), labels, criterion)
         if r.boundary:
             norms.append(float(r.grad_norm))
     return norms
@@ -131,7 +131,7 @@ saved_batches = [next(batches) for _ in range(4)]
 
 def replay():
     for images, labels, _ in saved_batches:
-        trainable.micro_step(prepare_batch(images, TRANSFORM, augment=False), labels, criterion)
+        trainable.micro_step(TRANSFORM.normalise(images), labels, criterion)
     return engine_logits()
 
 

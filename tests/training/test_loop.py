@@ -209,16 +209,12 @@ def _nan_job(tmp_path, monkeypatch, max_nonfinite, tracker=None):
     from distrain.data.index import read_index
     from distrain.training import loop
 
-    real = loop.prepare_batch
-    monkeypatch.setattr(
-        loop,
-        "prepare_batch",
-        lambda images, transform, augment: (
-            real(images, transform, augment=augment) * float("nan")
-            if augment
-            else real(images, transform, augment=augment)
-        ),
-    )  # training batches only
+    class PoisonedAugment(loop.BatchAugment):  # training batches only: evaluation does not augment
+        def __call__(self, images, labels):
+            inputs, targets = super().__call__(images, labels)
+            return inputs * float("nan"), targets
+
+    monkeypatch.setattr(loop, "BatchAugment", PoisonedAugment)
     data = tmp_path / "digits"
     write_digits(data)
     index = read_index(data)
@@ -340,7 +336,7 @@ def test_the_validation_loader_is_built_once_per_job(tmp_path, fresh_accelerate_
 
     built = []
     real = loop.eval_loader
-    monkeypatch.setattr(loop, "eval_loader", lambda *a, **k: built.append(k["transform"]) or real(*a, **k))
+    monkeypatch.setattr(loop, "eval_loader", lambda urls, *a, **k: built.append(urls[0]) or real(urls, *a, **k))
     index = read_index(write_digits(tmp_path / "digits").root)
     cfg = load_config(None, [f"data.root={index.root}", "train.epochs=3", "model.names=[test_resnet]",
                              "data.image_size=16", "data.num_workers=2", "train.progress=false"])  # fmt: skip
@@ -349,5 +345,6 @@ def test_the_validation_loader_is_built_once_per_job(tmp_path, fresh_accelerate_
     result = fit_job(
         Job("test_resnet", 1, 0), cfg, index, manifest.fold_of_sample, runtime.create_accelerator(cfg.train)
     )
-    assert len(result.history) == 3 and len(built) == 1
+    assert len(result.history) == 3 and len(built) == 2  # the validation fold's once, the holdout's once
+    assert sum("/cv-" in url for url in built) == 1
     assert len(result.oof.sample_ids) == sum(f == 0 for f in manifest.fold_of_sample.values())  # still every sample

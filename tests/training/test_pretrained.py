@@ -96,3 +96,44 @@ def test_missing_file_and_several_models_are_refused_at_config_time(tmp_path):
     (tmp_path / "w.pt").write_bytes(b"")
     with pytest.raises(ConfigError, match="a file for a single model name"):
         load_config(None, ["model.names=[test_resnet,test_convnext]", f"model.pretrained_file={tmp_path / 'w.pt'}"])
+
+
+def test_the_finetune_example_config_trains_a_step_from_a_local_file(tmp_path, imagenet_like_file):
+    """configs/finetune.yaml as a user runs it (pretrained backbone, RandAugment, erasing, Mixup / CutMix, soft
+    targets) with a tiny model, a local pretrained file and 32 px JPEGs: the weights are the file's before the
+    first step and the job trains and predicts."""
+    import numpy as np
+    from PIL import Image
+
+    from distrain.data import pack
+
+    from conftest import REPO
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        folder = tmp_path / "photos" / ("cat" if i % 2 else "dog")
+        folder.mkdir(parents=True, exist_ok=True)
+        size = (int(rng.integers(40, 80)), int(rng.integers(30, 60)))
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    samples, classes = pack.samples_from_folder(tmp_path / "photos")
+    index = pack.write_dataset(samples, tmp_path / "mine", classes=classes, test_fraction=0.2,
+                               limits=pack.ShardLimits(max_samples=8, min_shards=1))  # fmt: skip
+    path, weights = imagenet_like_file
+    cfg = load_config(REPO / "configs" / "finetune.yaml", [
+        f"data.root={index.root}", "data.num_classes=2", "data.image_size=32", "data.num_workers=0",
+        "model.names=[test_resnet]", "model.pretrained=false", f"model.pretrained_file={path}", "train.epochs=1",
+        "train.batch_size=8", "train.precision=no", "train.progress=false", "cv.folds=2"])  # fmt: skip
+    assert cfg.augment.mixes and cfg.augment.auto_augment and cfg.augment.re_prob > 0
+    labels = index.labels_of("cv")
+    manifest = build_fold_manifest(list(labels), list(labels.values()), 2, 0)
+    acc = runtime.create_accelerator(cfg.train)
+    job = Job("test_resnet", 1, 0)
+    trainer = JobTrainer(job, cfg, index, manifest.fold_of_sample, acc, None, "", JobControl())
+    assert torch.equal(trainer.trainable.single.conv1[0].weight, weights["conv1.0.weight"])
+    assert trainer.trainable.single.fc.weight.shape[0] == 2 and trainer.batch_augment.soft_targets
+    assert trainer.transform.mean == tuple(__import__("timm").models.get_pretrained_cfg("test_resnet").mean)
+    result = fit_job(job, cfg, index, manifest.fold_of_sample, acc)
+    assert len(result.history) == 1 and np.isfinite(result.history[0]["train_loss"])
+    assert result.test is not None and result.test.probs.shape == (len(index.split_ids("test")), 2)
