@@ -10,7 +10,6 @@ pass, sample id), so it does not depend on how many ranks or workers read the da
 from __future__ import annotations
 
 import contextlib
-import io
 import random
 import zlib
 from typing import Iterator
@@ -72,7 +71,7 @@ class _DraftingResizedCrop:
 
 
 class SampleAugment:
-    """Encoded image bytes -> augmented uint8 [C, S, S] tensor, by timm's training transform for `transform`
+    """An opened (not yet decoded) image -> augmented uint8 [C, S, S] tensor, by timm's training transform for `transform`
     (its size, channels, interpolation and mean, the fill of auto-augment) and the `augment` config."""
 
     def __init__(self, transform: ImageTransform, augment):
@@ -92,8 +91,8 @@ class SampleAugment:
         self.channels = transform.channels
         self.size = transform.image_size
 
-    def __call__(self, data: bytes) -> torch.Tensor:
-        image = self.crop(Image.open(io.BytesIO(data)))
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = self.crop(image)
         for t in self.rest:
             image = t(image)
         if image.mode != self.mode:  # some auto-augment ops return RGB for L input

@@ -27,7 +27,11 @@ from distrain.data.transforms import ImageTransform
 from distrain.errors import DataError
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # uint8 images [B, C, S, S], labels [B], sample ids
-Decoder = Callable[[bytes, SampleRef, int], torch.Tensor]
+Decoder = Callable[[SampleRef, int], torch.Tensor]  # (sample, pass over the data) -> uint8 [C, S, S]
+
+# Evaluation-decoded images, per process: (shard, sample id, transform.decode_key) -> uint8 tensor. Filled only
+# when the whole data set fits in data.cache_mb (`fits_in_cache`): every job of a run reads the same shards.
+_DECODED: dict[tuple, torch.Tensor] = {}
 
 
 def _records(labels: Optional[dict[str, int]]):
@@ -52,9 +56,10 @@ def _decoded(decode: Decoder):
             images = []
             with isolated_rng():
                 for ref, _label, pass_index in rows:
-                    data = read_image(ref)
                     try:
-                        images.append(decode(data, ref, pass_index))
+                        images.append(decode(ref, pass_index))
+                    except DataError:
+                        raise
                     except Exception as e:
                         raise DataError(f"{ref.where()}: image cannot be decoded ({type(e).__name__}: {e})") from None
             yield torch.stack(images), torch.tensor([r[1] for r in rows], dtype=torch.long), [r[0].sample_id for r in rows]
@@ -78,21 +83,37 @@ def _malloc_trim() -> Callable[[], object]:
 release_freed_memory = _malloc_trim()
 
 
-def eval_decoder(transform: ImageTransform) -> Decoder:
-    """Decode for evaluation and prediction: resize and centre crop, no randomness."""
-    return lambda data, _ref, _pass: transform.decode(Image.open(io.BytesIO(data)))
+def fits_in_cache(n_samples: int, transform: ImageTransform, cache_mb: float) -> bool:
+    """Whether `n_samples` evaluation-decoded images fit in `cache_mb` megabytes."""
+    return n_samples * transform.channels * transform.image_size**2 <= cache_mb * 1e6
 
 
-def train_decoder(transform: ImageTransform, augment, stream_seed: int) -> Decoder:
+def eval_decoder(transform: ImageTransform, cache: bool = False) -> Decoder:
+    """Decode for evaluation and prediction: resize and centre crop, no randomness. With `cache`, each image is
+    read and decoded once per process (see `fits_in_cache`)."""
+
+    def decode(ref: SampleRef, _pass_index: int) -> torch.Tensor:
+        key = (ref.url, ref.sample_id, transform.decode_key)
+        if cache and key in _DECODED:
+            return _DECODED[key]
+        image = transform.decode(Image.open(io.BytesIO(read_image(ref))))
+        if cache:
+            _DECODED[key] = image
+        return image
+
+    return decode
+
+
+def train_decoder(transform: ImageTransform, augment, stream_seed: int, cache: bool = False) -> Decoder:
     """Decode for training: timm's augmentation seeded per (stream seed, pass, sample), or the eval transform
-    when augmentation is off."""
+    (cached as `eval_decoder`) when augmentation is off."""
     if not augment.enabled:
-        return eval_decoder(transform)
+        return eval_decoder(transform, cache)
     sample_augment = SampleAugment(transform, augment)
 
-    def decode(data: bytes, ref: SampleRef, pass_index: int) -> torch.Tensor:
+    def decode(ref: SampleRef, pass_index: int) -> torch.Tensor:
         seed_sample(sample_seed(stream_seed, pass_index, ref.sample_id))
-        return sample_augment(data)
+        return sample_augment(Image.open(io.BytesIO(read_image(ref))))
 
     return decode
 
@@ -182,8 +203,8 @@ def train_loader(urls: Sequence[str], labels: dict[str, int], *, batch_size: int
     return _loader(pipeline, num_workers, seed, pin_memory)
 
 
-def eval_loader(urls: Sequence[str], labels: Optional[dict[str, int]], *, batch_size: int,
-                transform: ImageTransform, num_workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:  # fmt: skip
+def eval_loader(urls: Sequence[str], labels: Optional[dict[str, int]], *, batch_size: int, transform: ImageTransform,
+                num_workers: int, pin_memory: bool = False, cache: bool = False) -> torch.utils.data.DataLoader:  # fmt: skip
     """One pass over this rank's share of `urls` (all of it in one process), each sample of `labels` exactly
     once (every sample, with label -1, when `labels` is None)."""
     pipeline = wds.DataPipeline(
@@ -192,7 +213,7 @@ def eval_loader(urls: Sequence[str], labels: Optional[dict[str, int]], *, batch_
         wds.split_by_worker,
         _records(labels),
         wds.batched(batch_size, collation_fn=list, partial=True),
-        _decoded(eval_decoder(transform)),
+        _decoded(eval_decoder(transform, cache)),
     )
     return _loader(pipeline, num_workers, 0, pin_memory)
 

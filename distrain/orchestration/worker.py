@@ -161,6 +161,10 @@ class _ClaimLoop:
             status, error = "preempted", ""
         except LeaseLost:
             status, error = "lost", ""
+        except BadInput as e:  # bad data or config fails every attempt alike: stop with its one line (exit 2)
+            if self.is_primary:  # the ledger directly: the other ranks may be inside a collective
+                self.ledger.finish(claim, "failed", f"{type(e).__name__}: {e}")
+            raise
         except Exception as e:  # the attempt fails; the other jobs go on
             status, error = "failed", f"{type(e).__name__}: {e}"
             self.log(f"distrain: {claim.job_id} failed (attempt {claim.attempt}): {error}")

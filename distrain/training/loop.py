@@ -25,7 +25,7 @@ from distrain.config import Config
 from distrain.console import is_terminal
 from distrain.data.augment import BatchAugment
 from distrain.data.index import DatasetIndex
-from distrain.data.loaders import default_workers, eval_loader, train_decoder, train_loader
+from distrain.data.loaders import default_workers, eval_loader, fits_in_cache, train_decoder, train_loader
 from distrain.data.transforms import resolve_transform
 from distrain.distributed import runtime
 from distrain.distributed.wrap import wrap
@@ -198,6 +198,7 @@ class JobTrainer:
             dc.num_workers, len(index.cv_shards), self.world, runtime.cpus_per_process(accelerator)
         )
         self.loader_kw = dict(num_workers=workers, pin_memory=accelerator.device.type == "cuda")
+        self.cache = fits_in_cache(len(index.sample_ids), self.transform, dc.cache_mb)
         self.train_batches = None  # started on the first step, at the resumed position
         # Built once per job: rebuilt every epoch, its DataLoader workers would start again every epoch.
         self.val_loader = self._eval_loader("cv", {s: cv_labels[s] for s in self.val_ids})
@@ -380,7 +381,7 @@ class JobTrainer:
 
     def _train_stream(self, start_batch: int):
         dc, seed = self.cfg.data, self.job.seed * 100 + self.job.fold
-        decode = train_decoder(self.transform, self.cfg.augment, seed)
+        decode = train_decoder(self.transform, self.cfg.augment, seed, self.cache)
         loader = train_loader(self.index.urls("cv"), self.train_labels, batch_size=self.cfg.train.batch_size,
                               decode=decode, shuffle_buffer=dc.shuffle_buffer, seed=seed, start_batch=start_batch,
                               **self.loader_kw)  # fmt: skip
@@ -388,7 +389,7 @@ class JobTrainer:
 
     def _eval_loader(self, split: str, labels: dict[str, int]):
         return eval_loader(self.index.urls(split), labels, batch_size=self.cfg.train.batch_size * 2,
-                           transform=self.transform, **self.loader_kw)  # fmt: skip
+                           transform=self.transform, cache=self.cache, **self.loader_kw)  # fmt: skip
 
     def evaluate(self, epoch: int, train: dict[str, float]) -> dict[str, float]:
         """Score the fold's validation samples, log the epoch's row and keep the best epoch's weights and OOF."""

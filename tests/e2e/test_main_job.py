@@ -402,3 +402,23 @@ def test_browser_shows_study_jobs_ensembles_and_a_plot(mlflow_server, tmp_path):
         assert plot.evaluate("img => img.naturalWidth") > 100
         page.screenshot(path=str(tmp_path / "plot.png"))
         browser.close()
+
+
+def test_an_image_that_cannot_be_decoded_stops_the_run_naming_shard_and_sample(tmp_path):
+    """Damaged after packing (pack reads only image headers): the job fails on the sample with one line and
+    exit 2, not retries that would fail alike; the ledger records the failed attempt."""
+    from distrain.data.pack import write_digits
+    from distrain.data.shards import shard_samples
+
+    index = write_digits(tmp_path / "digits")
+    ref = shard_samples(index.urls("cv")[0])[3]
+    with open(ref.url, "r+b") as f:
+        f.seek(ref.offset)
+        f.write(b"\x89PNG\r\n\x1a\n" + b"\xab" * (ref.size - 8))  # a PNG header over a broken body
+    proc = distrain_run(tmp_path, f"data.root={index.root}", "train.epochs=1", timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = last_line(proc.stderr)
+    assert line.startswith(f"distrain: error: {ref.url}: sample '{ref.sample_id}': image cannot be decoded"), line
+    assert "Traceback" not in proc.stderr
+    ends = list((tmp_path / "runs" / "digits").rglob("attempt-*.end"))
+    assert len(ends) == 1 and json.loads(ends[0].read_text())["status"] == "failed"
