@@ -3,7 +3,8 @@
 Both train fold 0 of the digits CV pool with AdamW + warmup/cosine, gradient clipping at 1.0, fp32,
 batch 64, no augmentation, and evaluate the validation fold after every epoch keeping the best weights.
 The bare loop holds the decoded images in memory as one tensor and indexes batches from it; distrain
-reads its WebDataset shards (decoded once per process, then cached) through `fit_job`.
+reads its WebDataset shards through `fit_job` in the same process (data.num_workers=0; the digits fit in
+data.cache_mb, so each image is decoded once per process and kept).
 
 Printed: training throughput (samples/s over the training steps, first epoch excluded as warm-up) and
 whole-job wall time, each as a ratio distrain / bare (target for throughput: >= 0.95). Runs alternate
@@ -115,6 +116,7 @@ def main():
                 f"model.names=[{args.model}]",
                 f"train.epochs={args.epochs}",
                 "augment.enabled=false",
+                "data.num_workers=0",
                 "data.interpolation=bilinear",  # the bare loop's preprocessing: bilinear, no crop, [-1, 1]
                 "data.crop_pct=1.0",
                 "data.mean=[0.5]",

@@ -185,6 +185,8 @@ def test_ddp_two_processes_same_manifest_and_full_oof(default_run, tmp_path):
         (None, ["model.names=[resnet_nope]"], "model.names: unknown timm model 'resnet_nope'"),
         (None, ["data.num_classes=5"], "labels outside [0, 5) for data.num_classes=5"),
         (None, ["train.precision=fp16"], "train.precision: 'fp16' needs a CUDA GPU"),
+        (None, ["augment.auto_augment=rand-m9-foo"], "augment.auto_augment: timm cannot build policy 'rand-m9-foo'"),
+        (None, ["data.mean=[0.5,0.5]"], "data.mean: invalid value [0.5, 0.5]"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line_and_leaves_no_work(tmp_path, setup, overrides, message):
