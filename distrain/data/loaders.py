@@ -63,7 +63,9 @@ def _decoded(decode: Decoder):
                     except Exception as e:
                         raise DataError(f"{ref.where()}: image cannot be decoded ({type(e).__name__}: {e})") from None
             yield torch.stack(images), torch.tensor([r[1] for r in rows], dtype=torch.long), [r[0].sample_id for r in rows]
-            release_freed_memory()
+            if torch.utils.data.get_worker_info() is not None:
+                release_freed_memory()  # in a worker only: in the training process it would hand back the memory
+                # the next step's tensors are about to reuse (training throughput fell by a third)
 
     return stage
 

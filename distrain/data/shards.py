@@ -8,6 +8,8 @@ a shuffle buffer holds a few dozen bytes per sample instead of an image.
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -31,7 +33,18 @@ class SampleRef:
 
 def shard_samples(url: str) -> list[SampleRef]:
     """The image of every sample in shard `url`, in file order, from the tar headers alone. Raises DataError
-    for an unreadable tar or a sample without an image (WebDataset keys: `<sample_id>.<ext>`, no dots in ids)."""
+    for an unreadable tar or a sample without an image (WebDataset keys: `<sample_id>.<ext>`, no dots in ids).
+    The last 64 shards' lists are kept per process (keyed by the file's size and mtime): a pass over small
+    shards otherwise spends most of its loading time re-reading headers."""
+    try:
+        stat = os.stat(url)
+    except OSError as e:
+        raise DataError(f"{url}: not a readable tar shard ({type(e).__name__}: {e})") from None
+    return _scan(url, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _scan(url: str, _size: int, _mtime_ns: int) -> list[SampleRef]:
     refs: dict[str, SampleRef] = {}
     seen: dict[str, None] = {}  # every key, in file order
     try:
