@@ -281,7 +281,8 @@ class TrainConfig:
     patience: int = 0
     """Stop a job after this many epochs without a better val metric; 0 disables."""
     max_train_val_gap: float = 0.0
-    """Stop a job when train metric - val metric exceeds this (practice: 0.05); 0 disables."""
+    """Stop a job when train metric - val metric exceeds this (practice: 0.05); 0 disables. The train side is the
+    metric on a fixed, un-augmented sample of the training fold as large as the validation fold."""
     progress: bool = True
     """Progress bars for epochs and steps (primary rank only)."""
     cpu_threads: int = 0

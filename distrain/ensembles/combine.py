@@ -75,8 +75,7 @@ def run_ensembles(
 ) -> EnsembleOutcome:
     """Base summaries, the voting variants and stacking, each with a leakage-free CV score and a test score.
 
-    test_by_job [J, n_test, C]: each fold model's own test probabilities, the voters of k-of-n voting on
-    test (on OOF the voters are the columns, since each sample has one fold model per column).
+    test_by_job [J, n_test, C]: each fold model's own test probabilities (for the single-model summaries).
     """
     s = _Scorer(store, metric)
     scores: dict[str, dict[str, Optional[float]]] = {}
@@ -84,7 +83,7 @@ def run_ensembles(
     base = _singles(s, test_by_job, scores, preds)
     _plain_votes(s, scores, preds)
     weights, skipped = _weighted_vote(s, scores, preds, stacking)
-    vote_k, n_test_voters = _k_of_n(s, test_by_job, vote_fraction, vote_threshold, scores, preds)
+    vote_k, n_voters = _k_of_n(s, vote_fraction, vote_threshold, scores, preds)
     stacked = None
     if stacking and "stacking" not in skipped:
         stacked = stack(
@@ -105,8 +104,8 @@ def run_ensembles(
         oof_predictions=preds,
         stacking=stacked,
         vote_k=vote_k,
-        vote_n_oof=len(store.columns),
-        vote_n_test=n_test_voters,
+        vote_n_oof=n_voters,
+        vote_n_test=n_voters,
         skipped=skipped,
     )
 
@@ -171,21 +170,18 @@ def _weighted_vote(s: _Scorer, scores: dict, preds: dict, stacking: bool) -> tup
     return weights, {}
 
 
-def _k_of_n(
-    s: _Scorer, test_by_job: Optional[np.ndarray], vote_fraction: float, threshold: float, scores: dict, preds: dict
-) -> tuple[int, int]:
-    """'At least k of n' voting; returns (k on OOF, number of test voters)."""
+def _k_of_n(s: _Scorer, vote_fraction: float, threshold: float, scores: dict, preds: dict) -> tuple[int, int]:
+    """'At least k of n' voting over the (model, seed) columns, on OOF and on test alike (a column's test
+    probabilities are its fold average), so the CV score estimates the rule applied to test. Voting the
+    individual fold models on test would be another rule (k of 10 instead of k of 2 in the digits run) that no
+    OOF sample can score. Returns (k, n)."""
     store = s.store
-    k_oof = max(1, math.ceil(vote_fraction * len(store.columns)))
-    kofn_oof = detections_to_labels(k_of_n_vote(store.oof, k_oof, threshold), soft_vote(store.oof))
-    voters_test = test_by_job if test_by_job is not None else store.test
-    n_test_voters = voters_test.shape[0] if voters_test is not None else 0
-    k_test = max(1, math.ceil(vote_fraction * n_test_voters))
+    n = len(store.columns)
+    k = max(1, math.ceil(vote_fraction * n))
+    kofn_oof = detections_to_labels(k_of_n_vote(store.oof, k, threshold), soft_vote(store.oof))
     scores["k_of_n_vote"] = {
         "cv": s.cv_labels(kofn_oof),
-        "test": s.test_labels(
-            lambda: detections_to_labels(k_of_n_vote(voters_test, k_test, threshold), voters_test.mean(0))
-        ),
+        "test": s.test_labels(lambda: detections_to_labels(k_of_n_vote(store.test, k, threshold), store.test.mean(0))),
     }
     preds["k_of_n_vote"] = kofn_oof
-    return k_oof, n_test_voters
+    return k, n

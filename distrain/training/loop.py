@@ -10,6 +10,7 @@ one or several nodes; everything rank-aware goes through `distrain.distributed`.
 
 from __future__ import annotations
 
+import random
 import time
 import warnings
 from collections.abc import Callable
@@ -124,6 +125,11 @@ def fit_job(
     return trainer.finish()
 
 
+def train_probe_ids(train_ids: set[str], n: int, job: Job) -> list[str]:
+    """The fixed sample of a job's training fold (n ids, seeded by the job) scored un-augmented every epoch."""
+    return random.Random(job.seed * 100 + job.fold).sample(sorted(train_ids), min(len(train_ids), n))
+
+
 class _NonFiniteCounter:
     """Consecutive non-finite losses, kept on the device and read every few steps (no per-step host sync)."""
 
@@ -202,6 +208,12 @@ class JobTrainer:
         self.train_batches = None  # started on the first step, at the resumed position
         # Built once per job: rebuilt every epoch, its DataLoader workers would start again every epoch.
         self.val_loader = self._eval_loader("cv", {s: cv_labels[s] for s in self.val_ids})
+        # The train side of the train-val gap: the metric on a fixed, un-augmented sample of the training fold
+        # as large as the validation fold (accuracy on augmented batches is not comparable with a val F1).
+        probe = random.Random(job.seed * 100 + job.fold).sample(
+            sorted(train_ids), min(len(train_ids), len(self.val_ids))
+        )
+        self.train_probe = self._eval_loader("cv", {s: cv_labels[s] for s in probe})
         self.batch_augment = BatchAugment(self.transform, cfg.augment, num_classes=dc.num_classes,
                                           label_smoothing=tc.label_smoothing, device=accelerator.device)  # fmt: skip
         if self.batch_augment.soft_targets:  # Mixup / CutMix targets carry the label smoothing
@@ -398,11 +410,12 @@ class JobTrainer:
         val = predict(evaluated, self.accelerator, self.val_loader, self.transform)
         check_coverage(val, self.val_ids, f"{self.job.id} validation")
         val_score = val.score(tc.metric)
-        train_metric = train["correct"] / train["seen"]  # accuracy on augmented batches as the weights moved
+        train_metric = predict(evaluated, self.accelerator, self.train_probe, self.transform).score(tc.metric)
         val_loss = F.nll_loss(torch.log(torch.from_numpy(val.probs).clamp_min(1e-12)), torch.from_numpy(val.labels))
         row = {
             "train_loss": train["loss_sum"] / train["seen"],
-            "train_accuracy": train_metric,
+            "train_accuracy": train["correct"] / train["seen"],  # on augmented batches, as the weights moved
+            f"train_eval_{tc.metric}": train_metric,
             "val_loss": float(val_loss.item()),
             f"val_{tc.metric}": val_score,
             "train_val_gap": train_metric - val_score,

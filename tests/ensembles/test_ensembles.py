@@ -157,3 +157,19 @@ def test_store_checks_coverage_and_names_the_job():
     odd = [_job("a", 1, 0, f0), _job("a", 1, 1, f1, classes=4)]
     with pytest.raises(EnsembleError, match="different class counts: a-s1-f0 has 3, a-s1-f1 has 4"):
         build_store(odd, [], fold_of, labels)
+
+
+def test_k_of_n_votes_the_same_columns_on_cv_and_test():
+    """The voters are the (model, seed) columns on OOF and on test (each column's test prediction its fold
+    average): fold models voting on test would be another rule (here k of 15 instead of k of 3) that the CV
+    score does not validate."""
+    store = synthetic_store(n=300, classes=3, columns=3, folds=5, signal=1.5, seed=4)
+    rng = np.random.default_rng(0)
+    by_job = rng.dirichlet(np.ones(3), size=(15, len(store.test_ids))).astype(np.float32)
+    outcome = run_ensembles(store, "accuracy", test_by_job=by_job, stacking=False, vote_fraction=0.6)
+    assert (outcome.vote_k, outcome.vote_n_oof, outcome.vote_n_test) == (2, 3, 3)
+    detected = k_of_n_vote(store.test, 2, 0.5)
+    by_hand = np.where(
+        detected.any(1), np.where(detected, store.test.mean(0), -1).argmax(1), store.test.mean(0).argmax(1)
+    )
+    assert outcome.scores["k_of_n_vote"]["test"] == pytest.approx(float((by_hand == store.test_labels).mean()))

@@ -345,6 +345,43 @@ def test_the_validation_loader_is_built_once_per_job(tmp_path, fresh_accelerate_
     result = fit_job(
         Job("test_resnet", 1, 0), cfg, index, manifest.fold_of_sample, runtime.create_accelerator(cfg.train)
     )
-    assert len(result.history) == 3 and len(built) == 2  # the validation fold's once, the holdout's once
-    assert sum("/cv-" in url for url in built) == 1
+    # once each per job, not per epoch: the validation fold, the training-fold probe, the holdout
+    assert len(result.history) == 3 and len(built) == 3 and sum("/cv-" in url for url in built) == 2
     assert len(result.oof.sample_ids) == sum(f == 0 for f in manifest.fold_of_sample.values())  # still every sample
+
+
+def test_train_val_gap_compares_the_same_metric_on_unaugmented_images(tmp_path, fresh_accelerate_state):
+    """A macro-F1 run logged a gap of 0.51 when the train side was accuracy on augmented batches. The train side
+    is now the configured metric on a fixed, un-augmented training-fold sample: recomputed here from the epoch's
+    weights, it matches the logged value, and the gap is that minus the validation metric."""
+    from distrain.data.index import read_index
+    from distrain.data.loaders import eval_loader
+    from distrain.data.transforms import resolve_transform
+    from distrain.study.metrics import score
+    from distrain.training.loop import train_probe_ids
+
+    index = read_index(write_digits(tmp_path / "digits").root)
+    cfg = load_config(None, [f"data.root={index.root}", "train.epochs=1", "model.names=[test_resnet]",
+                             "data.image_size=16", "data.num_workers=0", "train.metric=f1_macro",
+                             "augment.scale=[0.3,1.0]", "train.progress=false"])  # fmt: skip
+    labels = index.labels_of("cv")
+    manifest = build_fold_manifest(list(labels), list(labels.values()), 5, 0)
+    job = Job("test_resnet", 1, 2)
+    result = fit_job(job, cfg, index, manifest.fold_of_sample, runtime.create_accelerator(cfg.train))
+    row = result.history[0]
+    val_ids = {s for s in labels if manifest.fold_of_sample[s] == job.fold}
+    probe = train_probe_ids(set(labels) - val_ids, len(val_ids), job)
+    assert len(probe) == len(val_ids) and not set(probe) & val_ids
+    model = create_model("test_resnet", num_classes=10, in_chans=1)
+    model.load_state_dict(result.best_state)
+    model.eval()
+    transform = resolve_transform("test_resnet", cfg.data, 1)
+    ids, probs = [], []
+    with torch.no_grad():
+        for images, _, batch_ids in eval_loader(index.urls("cv"), {s: labels[s] for s in probe}, batch_size=64,
+                                                transform=transform, num_workers=0):  # fmt: skip
+            ids += batch_ids
+            probs.append(torch.softmax(model(transform.normalise(images)), 1).numpy())
+    expected = score("f1_macro", np.array([labels[s] for s in ids]), np.concatenate(probs))
+    assert row["train_eval_f1_macro"] == pytest.approx(expected, abs=1e-6)
+    assert row["train_val_gap"] == pytest.approx(row["train_eval_f1_macro"] - row["val_f1_macro"])
