@@ -9,6 +9,7 @@ values are parsed as YAML scalars (so `train.epochs=3`, `cv.seeds=[1,2]`, `train
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import types
@@ -189,6 +190,12 @@ class ModelConfig:
     pretrained_cfg_overlay file=...); implies pretrained. One model name only."""
     drop_rate: float = 0.0
     """Dropout before the classifier."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth (timm's drop_path_rate), e.g. 0.1-0.2 when fine-tuning ConvNeXt; 0 disables."""
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-backbone settings: model name -> {dotted key: value} for keys of optim, train (not metric), augment,
+    data.image_size / interpolation / crop_pct / mean / std and model.drop_rate / drop_path_rate /
+    grad_checkpointing; e.g. `convnext_tiny: {optim.lr: 4.5e-4, optim.weight_decay: 8.5e-5}`."""
     grad_checkpointing: bool = False
     """Trade compute for activation memory: timm's set_grad_checkpointing where the model has it, else
     torch.utils.checkpoint around each top-level stage."""
@@ -196,6 +203,7 @@ class ModelConfig:
     def __post_init__(self):
         _require(len(self.names) >= 1, "model.names", self.names, "at least one model")
         _require(0.0 <= self.drop_rate < 1.0, "model.drop_rate", self.drop_rate, "in [0, 1)")
+        _require(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", self.drop_path_rate, "in [0, 1)")
         if self.pretrained_file:
             _require(len(self.names) == 1, "model.pretrained_file", self.pretrained_file,
                      "a file for a single model name (model.names has several)")  # fmt: skip
@@ -212,6 +220,18 @@ def check_model_names(names: list[str]) -> None:
             close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
             hint = f" (similar: {', '.join(close)})" if close else ""
             raise ConfigError(f"model.names: unknown timm model {name!r}{hint}")
+
+
+def check_optimizer(name: str) -> None:
+    """Raise ConfigError when timm has no optimizer called `name`."""
+    from timm.optim import list_optimizers
+
+    known = list_optimizers()
+    if name.lower() not in known:
+        close = difflib.get_close_matches(name.lower(), known, n=5)
+        raise ConfigError(
+            f"optim.name: timm has no optimizer {name!r}" + (f" (similar: {', '.join(close)})" if close else "")
+        )
 
 
 def check_auto_augment(policy: str) -> None:
@@ -237,8 +257,16 @@ def check_auto_augment(policy: str) -> None:
 
 @dataclass(kw_only=True)
 class OptimConfig:
+    name: str = "adamw"
+    """timm optimizer (timm.optim.list_optimizers()): adamw, adam, sgd (Nesterov momentum), momentum, lamb,
+    lion, ... built by timm's create_optimizer_v2."""
     lr: float = 2e-3
-    """Peak AdamW learning rate (per optimizer step, not scaled by world size)."""
+    """Peak learning rate (per optimizer step, not scaled by world size)."""
+    momentum: float = 0.9
+    """Momentum of the optimizers that take one (sgd, momentum, ...)."""
+    layer_decay: float = 0.0
+    """Layer-wise LR decay for fine-tuning (e.g. 0.75: each layer group from the head down gets 0.75x the
+    next one's LR; groups from the model's timm group_matcher); 0 disables."""
     weight_decay: float = 0.05
     """AdamW decoupled weight decay."""
     warmup_fraction: float = 0.1
@@ -254,6 +282,8 @@ class OptimConfig:
 
     def __post_init__(self):
         _require(self.lr > 0, "optim.lr", self.lr, "> 0")
+        _require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "in [0, 1)")
+        _require(0 <= self.layer_decay <= 1, "optim.layer_decay", self.layer_decay, "in (0, 1], or 0 to disable")
         _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
         _require(0 <= self.warmup_fraction < 1, "optim.warmup_fraction", self.warmup_fraction, "in [0, 1)")
         _require(self.schedule in SCHEDULES, "optim.schedule", self.schedule, f"one of {SCHEDULES}")
@@ -427,6 +457,13 @@ class Config:
             self.experiment,
             "a non-empty name without '/'",
         )
+        for name, changes in self.model.overrides.items():
+            _require(name in self.model.names, "model.overrides", name, f"a name in model.names {self.model.names}")
+            for key in flatten(changes):
+                _require(_overridable(key), f"model.overrides.{name}", key, "a key of optim, train (not metric), "
+                         "augment, data.image_size/interpolation/crop_pct/mean/std or model.drop_rate/"
+                         "drop_path_rate/grad_checkpointing")  # fmt: skip
+            self.for_model(name)  # builds it: wrong types and values are refused now, naming the key
         if self.augment.mixes:
             _require(self.train.batch_size % 2 == 0, "train.batch_size", self.train.batch_size,
                      "an even number with augment.mixup / augment.cutmix (timm's Mixup mixes pairs)")  # fmt: skip
@@ -437,6 +474,33 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def for_model(self, name: str) -> Config:
+        """This config with `model.overrides[name]` applied (itself when there are none)."""
+        changes = flatten(self.model.overrides.get(name, {}))
+        if not changes:
+            return self
+        raw = self.to_dict()
+        for key, value in changes.items():
+            section, field_name = key.split(".", 1)
+            raw[section][field_name] = value
+        raw["model"]["overrides"] = {}  # applied; checked again without them
+        try:
+            cfg = _build(Config, raw, "")
+        except ConfigError as e:
+            raise ConfigError(f"model.overrides.{name}: {e}") from None
+        cfg.model.overrides = self.model.overrides
+        return cfg
+
+
+_OVERRIDABLE = ("optim.", "train.", "augment.", "data.image_size", "data.interpolation", "data.crop_pct", "data.mean",
+                "data.std", "model.drop_rate", "model.drop_path_rate", "model.grad_checkpointing")  # fmt: skip
+
+
+def _overridable(key: str) -> bool:
+    if key == "train.metric" or key.count(".") != 1:
+        return False
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in _OVERRIDABLE)
 
 
 # Keys that may change between runs of one run directory without changing what is trained.
@@ -456,6 +520,13 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         if value is None:
             return None
         return _check_type(key, value, args[0])
+    if origin is dict:
+        _key_type, item = typing.get_args(hint)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {k: _check_type(f"{key}.{k}", v, item) for k, v in value.items()}
+    if hint is typing.Any:
+        return value
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -536,6 +607,7 @@ def config_from_dict(raw: dict, *, check_models: bool = True) -> Config:
     if check_models:
         check_model_names(cfg.model.names)
         check_auto_augment(cfg.augment.auto_augment)
+        check_optimizer(cfg.optim.name)
         if cfg.model.pretrained_file and not Path(cfg.model.pretrained_file).is_file():
             raise ConfigError(f"model.pretrained_file: no such file: {cfg.model.pretrained_file}")
     return cfg

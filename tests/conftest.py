@@ -118,3 +118,15 @@ def mlflow_server(store_uri: str, cwd: Path, port: int | None = None):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerator state is a per-process singleton; reset it around each in-process test."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -202,7 +202,7 @@ def write_model_artifacts(
                 "model": j["model"],
                 "column": column_key(j["model"], j["seed"]),
                 "checkpoint": f"{j['id']}.pt",
-                "transform": resolve_transform(j["model"], cfg.data, channels).to_dict(),
+                "transform": resolve_transform(j["model"], cfg.for_model(j["model"]).data, channels).to_dict(),
             }
         )
     method = "stacking" if outcome.stacking is not None else "weighted_vote"

@@ -90,8 +90,10 @@ def start_tracking(cfg: Config, manifest: FoldManifest, worker: str) -> Tracker:
 
 
 def job_params(cfg: Config, job: Job) -> dict:
-    """What a job's MLflow run records as params: the whole config, flattened, and the job's cell."""
-    return {**flatten(cfg.to_dict()), "job.model": job.model, "job.seed": job.seed, "job.fold": job.fold}
+    """What a job's MLflow run records as params: the whole config as this job's backbone sees it (its
+    model.overrides applied), flattened, and the job's cell."""
+    effective = cfg.for_model(job.model).to_dict()
+    return {**flatten(effective), "job.model": job.model, "job.seed": job.seed, "job.fold": job.fold}
 
 
 def failed_jobs(ledger: Ledger, plan: list[Job]) -> list[dict]:

@@ -98,6 +98,7 @@ def fit_job(
     position, so a resumed job ends bit-identical to an uninterrupted one (with deterministic kernels).
     Raises `Interrupted` when `control.stop_requested` turned true (its state saved first).
     """
+    cfg = cfg.for_model(job.model)  # model.overrides for this backbone
     trainer = JobTrainer(job, cfg, index, fold_of_sample, accelerator, tracker, run_id, control or JobControl())
     trainer.resume()
     epochs = tqdm(
@@ -186,6 +187,7 @@ class JobTrainer:
         runtime.seed_everything(job.seed)  # identical initial weights on every rank
         mc = cfg.model
         model = create_model(job.model, num_classes=dc.num_classes, in_chans=index.channels, drop_rate=mc.drop_rate,
+                             drop_path_rate=mc.drop_path_rate,
                              pretrained=mc.pretrained, pretrained_file=mc.pretrained_file)  # fmt: skip
         optimizer = create_optimizer(model, cfg.optim)
         self.n_steps = steps_per_epoch(len(train_ids), self.world, tc.batch_size, tc.grad_accum_steps)

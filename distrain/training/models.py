@@ -24,21 +24,27 @@ def create_model(
     num_classes: int,
     in_chans: int,
     drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
     pretrained: bool = False,
     pretrained_file: str = "",
 ) -> torch.nn.Module:
     """A timm classifier: random init, timm's pretrained weights (`pretrained`, from the Hugging Face hub
     cache), or a local checkpoint (`pretrained_file`). timm re-makes the classifier when `num_classes`
     differs from the weights' and adapts the first convolution to `in_chans`. Raises ConfigError, in one
-    line, when the weights cannot be had (offline and not cached, no such weights) or do not fit the model."""
+    line, when the weights cannot be had (offline and not cached, no such weights) or do not fit the model, and
+    for a `drop_path_rate` the model does not take."""
+    regularisation = {"drop_rate": drop_rate, **({"drop_path_rate": drop_path_rate} if drop_path_rate else {})}
     if not (pretrained or pretrained_file):
-        return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+        try:
+            return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **regularisation)
+        except TypeError as e:
+            raise ConfigError(f"model {name!r} cannot be built with {regularisation} ({e})") from None
     overlay = {"pretrained_cfg_overlay": {"file": str(pretrained_file)}} if pretrained_file else {}
     source = f"model.pretrained_file={pretrained_file}" if pretrained_file else "model.pretrained=true"
     with _missing_keys_reported() as missing:
         try:
             model = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans,
-                                      drop_rate=drop_rate, **overlay)  # fmt: skip
+                                      **regularisation, **overlay)  # fmt: skip
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0][:300]
             hint = "" if pretrained_file else " (offline? fill the hub cache first, or set model.pretrained_file)"

@@ -14,13 +14,17 @@ from distrain.config import OptimConfig
 
 
 def create_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; biases and norm weights (1-d parameters) get no weight decay, as timm does."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    """timm's `create_optimizer_v2`: `optim.name` (AdamW by default; `sgd` is SGD with Nesterov momentum),
+    no weight decay on biases, norm weights and the model's `no_weight_decay()` parameters, and with
+    `optim.layer_decay` layer-wise learning rates (each group's `lr_scale`, from the model's group_matcher).
+    The scale is applied to each group's lr here, since the LambdaLR schedule multiplies the lr it finds."""
+    from timm.optim import create_optimizer_v2
+
+    optimizer = create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum, layer_decay=cfg.layer_decay or None)  # fmt: skip
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
+    return optimizer
 
 
 def lr_factor(step: int, *, total_steps: int, steps_per_epoch: int, cfg: OptimConfig) -> float:

@@ -20,16 +20,6 @@ from distrain.training.optim import lr_factor
 from conftest import requires_gpu
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerator state is a per-process singleton; reset it around each in-process test."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.mark.parametrize(
     "name, how",
     [
