@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from distrain.config import OptimConfig
+from distrain.config import OptimConfig, timm_optim
 
 
 def create_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -18,9 +18,7 @@ def create_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Op
     no weight decay on biases, norm weights and the model's `no_weight_decay()` parameters, and with
     `optim.layer_decay` layer-wise learning rates (each group's `lr_scale`, from the model's group_matcher).
     The scale is applied to each group's lr here, since the LambdaLR schedule multiplies the lr it finds."""
-    from timm.optim import create_optimizer_v2
-
-    optimizer = create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    optimizer = timm_optim().create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum, layer_decay=cfg.layer_decay or None)  # fmt: skip
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
