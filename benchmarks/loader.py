@@ -99,9 +99,9 @@ def timm_batches(urls, labels, workers):
     import webdataset as wds
     from timm.data import create_transform
 
-    from distrain.data.augment import _patch_timm_posterize
+    from distrain.data.augment import patch_timm_posterize
 
-    _patch_timm_posterize()  # timm 1.0 + Pillow 13 crash on posterize(0 bits) without it, distrain or not
+    patch_timm_posterize()  # timm 1.0 + Pillow 13 crash on posterize(0 bits) without it, distrain or not
     transform = create_transform(SIZE, is_training=True, scale=tuple(AUGMENT.scale), hflip=AUGMENT.hflip,
                                  auto_augment=AUGMENT.auto_augment, re_prob=AUGMENT.re_prob, re_mode="pixel",
                                  interpolation="bicubic", mean=TRANSFORM.mean, std=TRANSFORM.std)  # fmt: skip

@@ -33,7 +33,8 @@ def _posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     return ImageOps.posterize(image, bits_to_keep)
 
 
-def _patch_timm_posterize() -> None:
+def patch_timm_posterize() -> None:
+    """Install `_posterize` in timm's auto-augment op table (idempotent)."""
     from timm.data import auto_augment
 
     for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
@@ -77,7 +78,7 @@ class SampleAugment:
     def __init__(self, transform: ImageTransform, augment):
         from timm.data import create_transform
 
-        _patch_timm_posterize()  # before create_transform builds the ops
+        patch_timm_posterize()  # before create_transform builds the ops
         primary, secondary, final = create_transform(
             transform.image_size, is_training=True, separate=True, use_prefetcher=True,
             scale=tuple(augment.scale), ratio=tuple(augment.ratio), hflip=augment.hflip, vflip=augment.vflip,
