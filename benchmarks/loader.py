@@ -80,18 +80,19 @@ def training_labels(root: Path) -> tuple[list[str], dict[str, int]]:
     return index.urls("cv"), {s: y for i, (s, y) in enumerate(sorted(labels.items())) if i % 5}
 
 
+def distrain_loader(urls, labels, workers):
+    return loaders.train_loader(urls, labels, batch_size=BATCH, num_workers=workers, shuffle_buffer=BUFFER, seed=0,
+                                decode=loaders.train_decoder(TRANSFORM, AUGMENT, stream_seed=0))  # fmt: skip
+
+
 def distrain_batches(urls, labels, workers):
-    loader = loaders.train_loader(urls, labels, batch_size=BATCH, num_workers=workers, shuffle_buffer=BUFFER, seed=0,
-                                  decode=loaders.train_decoder(TRANSFORM, AUGMENT, stream_seed=0))  # fmt: skip
     on_device = BatchAugment(TRANSFORM, AUGMENT, num_classes=10, label_smoothing=0.0, device="cpu")
-    for images, targets, _ids in loader:
+    for images, targets, _ids in distrain_loader(urls, labels, workers):
         yield on_device(images, targets)[0]
 
 
 def distrain_loader_batches(urls, labels, workers):
-    loader = loaders.train_loader(urls, labels, batch_size=BATCH, num_workers=workers, shuffle_buffer=BUFFER, seed=0,
-                                  decode=loaders.train_decoder(TRANSFORM, AUGMENT, stream_seed=0))  # fmt: skip
-    for images, _targets, _ids in loader:
+    for images, _targets, _ids in distrain_loader(urls, labels, workers):
         yield images
 
 

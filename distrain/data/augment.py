@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import random
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
 from distrain.data.transforms import ImageTransform
+
 
 def _posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     """timm's posterize as Pillow < 13 ran it: 0 bits kept is a black image. Pillow 13 refuses bits outside
@@ -72,8 +73,8 @@ class _DraftingResizedCrop:
 
 
 class SampleAugment:
-    """An opened (not yet decoded) image -> augmented uint8 [C, S, S] tensor, by timm's training transform for `transform`
-    (its size, channels, interpolation and mean, the fill of auto-augment) and the `augment` config."""
+    """An opened (not yet decoded) image -> augmented uint8 [C, S, S] tensor, by timm's training transform for
+    `transform`    (its size, channels, interpolation and mean, the fill of auto-augment) and the `augment` config."""
 
     def __init__(self, transform: ImageTransform, augment):
         from timm.data import create_transform

@@ -47,8 +47,9 @@ def read_index(root: str | Path, num_classes: Optional[int] = None) -> DatasetIn
     root = Path(root)
     path = root / INDEX_NAME
     if not path.is_file():
-        raise DataError(f"data path {root}: no {INDEX_NAME} (write shards with `distrain data digits` "
-                        f"or `distrain data pack`)")
+        raise DataError(
+            f"data path {root}: no {INDEX_NAME} (write shards with `distrain data digits` or `distrain data pack`)"
+        )
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError:
@@ -56,18 +57,25 @@ def read_index(root: str | Path, num_classes: Optional[int] = None) -> DatasetIn
     if d.get("format") != INDEX_FORMAT:
         raise DataError(f"{path}: unknown format {d.get('format')!r} (expected {INDEX_FORMAT!r})")
     samples = d["samples"]
-    index = DatasetIndex(root=root, channels=int(d["channels"]), classes=list(d["classes"]),
-                         cv_shards=d["shards"]["cv"], test_shards=d["shards"]["test"],
-                         sample_ids=[s["sample_id"] for s in samples], labels=[int(s["label"]) for s in samples],
-                         groups=[s.get("group", "") for s in samples], splits=[s["split"] for s in samples])
+    index = DatasetIndex(
+        root=root,
+        channels=int(d["channels"]),
+        classes=list(d["classes"]),
+        cv_shards=d["shards"]["cv"],
+        test_shards=d["shards"]["test"],
+        sample_ids=[s["sample_id"] for s in samples],
+        labels=[int(s["label"]) for s in samples],
+        groups=[s.get("group", "") for s in samples],
+        splits=[s["split"] for s in samples],
+    )
     for name in index.cv_shards + index.test_shards:
         if not (root / name).is_file():
             raise DataError(f"data path {root}: shard {name} listed in {INDEX_NAME} is missing")
     if num_classes is not None:
         bad = [(s, y) for s, y in zip(index.sample_ids, index.labels) if not 0 <= y < num_classes]
         if bad:
-            raise DataError(f"data path {root}: {len(bad)} labels outside [0, {num_classes}) for "
-                            f"data.num_classes={num_classes}, e.g. sample {bad[0][0]!r} has label {bad[0][1]}")
+            raise DataError(
+                f"data path {root}: {len(bad)} labels outside [0, {num_classes}) for "
+                f"data.num_classes={num_classes}, e.g. sample {bad[0][0]!r} has label {bad[0][1]}"
+            )
     return index
-
-

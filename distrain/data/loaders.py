@@ -15,11 +15,13 @@ import ctypes
 import io
 import itertools
 import random
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Optional
 
 import torch
 import webdataset as wds
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from distrain.data.augment import SampleAugment, isolated_rng, sample_seed, seed_sample
 from distrain.data.shards import SampleRef, read_image, shard_samples
@@ -62,7 +64,11 @@ def _decoded(decode: Decoder):
                         raise
                     except Exception as e:
                         raise DataError(f"{ref.where()}: image cannot be decoded ({type(e).__name__}: {e})") from None
-            yield torch.stack(images), torch.tensor([r[1] for r in rows], dtype=torch.long), [r[0].sample_id for r in rows]
+            yield (
+                torch.stack(images),
+                torch.tensor([r[1] for r in rows], dtype=torch.long),
+                [r[0].sample_id for r in rows],
+            )
             if torch.utils.data.get_worker_info() is not None:
                 release_freed_memory()  # in a worker only: in the training process it would hand back the memory
                 # the next step's tensors are about to reuse (training throughput fell by a third)
@@ -171,8 +177,10 @@ def check_shard_count(urls: Sequence[str], world_size: int, num_workers: int, wh
     """Each rank x worker must own at least one shard, or it would read nothing."""
     readers = world_size * max(1, num_workers)
     if len(urls) < readers:
-        raise DataError(f"{what}: {len(urls)} shards cannot feed {world_size} ranks x {max(1, num_workers)} "
-                        f"workers; write smaller shards or lower data.num_workers")
+        raise DataError(
+            f"{what}: {len(urls)} shards cannot feed {world_size} ranks x {max(1, num_workers)} "
+            f"workers; write smaller shards or lower data.num_workers"
+        )
 
 
 def default_workers(requested: int, n_shards: int, world_size: int, cpus_per_process: int) -> int:
@@ -185,7 +193,7 @@ def default_workers(requested: int, n_shards: int, world_size: int, cpus_per_pro
 
 def train_loader(urls: Sequence[str], labels: dict[str, int], *, batch_size: int, decode: Decoder,
                  num_workers: int, shuffle_buffer: int, seed: int, start_batch: int = 0,
-                 pin_memory: bool = False) -> torch.utils.data.DataLoader:  # fmt: skip
+                 pin_memory: bool = False) -> DataLoader:  # fmt: skip
     """An endless stream of training batches from this rank's shards, restricted to the samples in `labels`
     (sample id -> class), beginning at batch `start_batch` of the stream.
 
@@ -206,7 +214,7 @@ def train_loader(urls: Sequence[str], labels: dict[str, int], *, batch_size: int
 
 
 def eval_loader(urls: Sequence[str], labels: Optional[dict[str, int]], *, batch_size: int, transform: ImageTransform,
-                num_workers: int, pin_memory: bool = False, cache: bool = False) -> torch.utils.data.DataLoader:  # fmt: skip
+                num_workers: int, pin_memory: bool = False, cache: bool = False) -> DataLoader:  # fmt: skip
     """One pass over this rank's share of `urls` (all of it in one process), each sample of `labels` exactly
     once (every sample, with label -1, when `labels` is None)."""
     pipeline = wds.DataPipeline(
@@ -220,7 +228,7 @@ def eval_loader(urls: Sequence[str], labels: Optional[dict[str, int]], *, batch_
     return _loader(pipeline, num_workers, 0, pin_memory)
 
 
-class _Loader(torch.utils.data.DataLoader):
+class _Loader(DataLoader):
     """A DataLoader whose DataErrors from a worker keep their one-line message: torch re-raises a worker's
     exception with the worker's whole traceback as the message."""
 
@@ -232,7 +240,7 @@ class _Loader(torch.utils.data.DataLoader):
             raise DataError(lines[-1].removeprefix(f"{DataError.__module__}.DataError: ")) from None
 
 
-def _loader(pipeline, num_workers: int, seed: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+def _loader(pipeline, num_workers: int, seed: int, pin_memory: bool) -> DataLoader:
     g = torch.Generator()
     g.manual_seed(seed)
     return _Loader(pipeline, batch_size=None, num_workers=num_workers, generator=g,

@@ -11,9 +11,10 @@ import re
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import webdataset as wds
@@ -208,8 +209,10 @@ def digits_samples() -> tuple[list[Sample], list[str]]:
 
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
-    samples = [Sample(sample_id=f"digits-{i:05d}", label=int(y), ext="png", image_bytes=_png_bytes(img))
-               for i, (img, y) in enumerate(zip(images, digits.target))]
+    samples = [
+        Sample(sample_id=f"digits-{i:05d}", label=int(y), ext="png", image_bytes=_png_bytes(img))
+        for i, (img, y) in enumerate(zip(images, digits.target))
+    ]
     return samples, [str(c) for c in range(10)]
 
 
@@ -275,12 +278,14 @@ def samples_from_csv(csv_path: str | Path) -> tuple[list[Sample], list[str]]:
         path = (csv_path.parent / row["path"]).resolve()
         if not path.is_file():
             raise DataError(f"{csv_path}: image not found: {row['path']}")
-        samples.append(_file_sample(path, safe_sample_id(str(Path(row["path"]).with_suffix(""))), label,
-                                    (row.get("group") or "").strip()))
+        samples.append(
+            _file_sample(
+                path, safe_sample_id(str(Path(row["path"]).with_suffix(""))), label, (row.get("group") or "").strip()
+            )
+        )
     return samples, classes
 
 
 def _file_sample(path: Path, sample_id: str, label: int, group: str) -> Sample:
     ext = path.suffix.lower().lstrip(".")
     return Sample(sample_id=sample_id, label=label, ext="jpg" if ext == "jpeg" else ext, group=group, path=path)
-

@@ -59,7 +59,7 @@ class ImageTransform:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ImageTransform":
+    def from_dict(cls, d: dict) -> ImageTransform:
         return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
 

@@ -133,18 +133,12 @@ def predict_shards(predictor: EnsemblePredictor, folder: Path, batch_size: int =
     """Every sample of the `*.tar` shards under `folder` (sorted by sample id): (sample ids, probabilities)."""
     import io
 
-    import webdataset as wds
+    from distrain.data.shards import read_image, shard_samples
 
     urls = sorted(str(p) for p in folder.rglob("*.tar"))
     if not urls:
         raise BadInput(f"{folder}: no .tar shards")
-    rows = []
-    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
-        ext = next((k for k in sample if k in ("png", "jpg", "jpeg", "bmp", "webp")), None)
-        if ext is None:
-            raise BadInput(f"{sample.get('__url__', folder)}: sample {sample['__key__']!r} has no image")
-        rows.append((sample["__key__"], sample[ext]))
-    rows.sort()
-    probs = [predictor.predict_proba([Image.open(io.BytesIO(data)) for _, data in rows[i : i + batch_size]])
-             for i in range(0, len(rows), batch_size)]  # fmt: skip
-    return [sid for sid, _ in rows], np.concatenate(probs)
+    refs = sorted((ref for url in urls for ref in shard_samples(url)), key=lambda ref: ref.sample_id)
+    probs = [predictor.predict_proba([Image.open(io.BytesIO(read_image(ref))) for ref in refs[i : i + batch_size]])
+             for i in range(0, len(refs), batch_size)]  # fmt: skip
+    return [ref.sample_id for ref in refs], np.concatenate(probs)

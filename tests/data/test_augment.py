@@ -180,9 +180,10 @@ def test_evaluation_images_are_cached_only_when_the_whole_data_set_fits(photos, 
     labels = photos.labels_of("cv")
     for cache, expected_reads in ((False, 2 * len(labels)), (True, len(labels))):
         reads.clear()
-        passes = [
-            {sid: img for images, _, ids in loaders.eval_loader(photos.urls("cv"), labels, batch_size=16, transform=t,
-                                                                num_workers=0, cache=cache) for sid, img in zip(ids, images)}
-            for _ in range(2)
-        ]  # fmt: skip
+        passes = []
+        for _ in range(2):
+            loader = loaders.eval_loader(
+                photos.urls("cv"), labels, batch_size=16, transform=t, num_workers=0, cache=cache
+            )
+            passes.append({sid: img for images, _, ids in loader for sid, img in zip(ids, images)})
         assert len(reads) == expected_reads and all(torch.equal(passes[0][s], passes[1][s]) for s in labels)

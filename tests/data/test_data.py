@@ -46,8 +46,9 @@ def test_loaders_split_by_worker_and_cover_exactly_once(tmp_path):
     labels = index.labels_of("cv")
     keep = {s: labels[s] for s in index.split_ids("cv")[::3]}
     ids = []
-    for images, batch_labels, batch_ids in loaders.eval_loader(index.urls("cv"), keep, batch_size=50,
-                                                         transform=transforms.ImageTransform(16, 1), num_workers=2):  # fmt: skip
+    transform = transforms.ImageTransform(16, 1)
+    for _images, batch_labels, batch_ids in loaders.eval_loader(index.urls("cv"), keep, batch_size=50,
+                                                                transform=transform, num_workers=2):  # fmt: skip
         ids.extend(batch_ids)
         assert batch_labels.tolist() == [keep[s] for s in batch_ids]
     assert sorted(ids) == sorted(keep)  # 2 workers, disjoint shards: no sample twice, none lost
@@ -97,7 +98,7 @@ def test_pack_image_folder_and_csv(tmp_path):
 
 def _class_folder(root, classes, per_class, mode="RGB", size=(40, 30)):
     rng = np.random.default_rng(0)
-    for c, name in enumerate(classes):
+    for name in classes:
         (root / name).mkdir(parents=True)
         for i in range(per_class):
             pixels = rng.integers(0, 255, size=(size[1], size[0], 3 if mode == "RGB" else 1), dtype=np.uint8)
@@ -120,6 +121,7 @@ def test_pack_mixes_classes_in_every_shard_and_sizes_shards_by_bytes(tmp_path):
         assert (tmp_path / "packed" / url.split("/")[-1]).stat().st_size <= limits.max_mb * 1e6 + 20_000
     assert index.channels == 3
     again = pack.write_dataset(samples, tmp_path / "again", classes=classes, test_fraction=0.2, limits=limits)
+
     def ids_by_shard(ix):
         return [[sid for sid, _, _ in _shard_rows(url, transforms.ImageTransform(8, 3))] for url in ix.urls("cv")]
 
@@ -202,7 +204,10 @@ def test_one_transform_for_training_evaluation_and_serving(tmp_path):
     transform = transforms.resolve_transform("test_resnet", DataConfig(image_size=24), index.channels)
     pretrained = __import__("timm").models.get_pretrained_cfg("test_resnet")
     assert (transform.interpolation, transform.crop_pct, transform.mean) == (
-        pretrained.interpolation, pretrained.crop_pct, tuple(pretrained.mean))
+        pretrained.interpolation,
+        pretrained.crop_pct,
+        tuple(pretrained.mean),
+    )
     from_shard = {sid: img for url in index.urls("cv") for sid, img, _ in _shard_rows(url, transform)}
     from_loader = next(iter(loaders.eval_loader(index.urls("cv"), None, batch_size=8, transform=transform,
                                                 num_workers=0)))  # fmt: skip
