@@ -179,7 +179,7 @@ def _predict(args) -> int:
     if not source.is_dir():
         raise BadInput(f"predict: not a folder: {source}")
     names, probs = (predict_folder if args.images else predict_shards)(predictor, source)
-    write_predictions_csv(Path(args.out), names, probs, predictor.classes)
+    write_predictions_csv(Path(args.out), names, probs, predictor.classes, predictor.decide(probs))
     print(f"distrain: wrote {len(names)} predictions ({len(predictor.classes)} classes) to {args.out}")
     return 0
 

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from distrain.errors import ConfigError
+from distrain.tasks import LOSSES, METRICS, TASKS, losses_for, metric_fits, metrics_for
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -48,16 +49,16 @@ def yaml_load(text: str) -> Any:
 
 
 PRECISIONS = ("no", "fp16", "bf16")
-METRICS = ("accuracy", "balanced_accuracy", "f1_macro")
 SCHEDULES = ("cosine", "cosine_restarts", "constant")
-DATA_SOURCES = ("digits", "shards")
+DATA_SOURCES = ("digits", "digits_binary", "shards")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     source: str = "digits"
-    """`digits` (scikit-learn's bundled digits, written as shards on first use) or `shards` (packed with
+    """`digits` (scikit-learn's bundled digits, written as shards on first use), `digits_binary` (the same
+    images labelled 'is it an 8?': a binary task with 9.7% positives) or `shards` (packed with
     `distrain data pack`)."""
     root: str = "data/digits"
     """Directory holding the shards and their `index.json`."""
@@ -316,9 +317,22 @@ class TrainConfig:
     precision: str = "no"
     """Mixed precision: `no` (fp32), `fp16` (with dynamic loss scaling) or `bf16`."""
     metric: str = "accuracy"
-    """Validation metric used to pick the best checkpoint (higher is better)."""
+    """Validation metric that picks the best epoch and the best single model and drives early stopping, in its
+    own direction: accuracy, balanced_accuracy, f1 (binary: the positive class), f1_macro, f1_micro, qwk
+    (quadratic weighted kappa), roc_auc, average_precision (binary), log_loss (lower is better)."""
+    loss: str = "ce"
+    """`ce` (cross-entropy with label_smoothing), `focal` (focal loss: focal_gamma, focal_alpha; gamma 0 is ce)
+    or, for a binary task, `bce` (binary cross-entropy on p(positive), with pos_weight). Under Mixup / CutMix
+    ce and focal take the mixed soft targets."""
     label_smoothing: float = 0.0
-    """Cross-entropy label smoothing."""
+    """Label smoothing of the targets (ce, focal, bce)."""
+    focal_gamma: float = 2.0
+    """Focal loss: down-weights well-classified samples by (1 - p_true)^gamma."""
+    focal_alpha: float = 0.0
+    """Focal loss, binary task: weight of the positive class (the negatives get 1 - alpha), e.g. 0.25 as in
+    RetinaNet; 0: no class weighting."""
+    pos_weight: float = 1.0
+    """bce: weight of the positive samples' loss (e.g. negatives / positives for a rare positive class)."""
     patience: int = 0
     """Stop a job after this many epochs without a better val metric; 0 disables."""
     max_train_val_gap: float = 0.0
@@ -351,8 +365,12 @@ class TrainConfig:
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, ">= 1")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, ">= 0")
         _require(self.precision in PRECISIONS, "train.precision", self.precision, f"one of {PRECISIONS}")
-        _require(self.metric in METRICS, "train.metric", self.metric, f"one of {METRICS}")
+        _require(self.metric in METRICS, "train.metric", self.metric, f"one of {tuple(METRICS)}")
         _require(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
+        _require(self.loss in LOSSES, "train.loss", self.loss, f"one of {tuple(LOSSES)}")
+        _require(self.focal_gamma >= 0, "train.focal_gamma", self.focal_gamma, ">= 0")
+        _require(0 <= self.focal_alpha < 1, "train.focal_alpha", self.focal_alpha, "in (0, 1), or 0 for none")
+        _require(self.pos_weight > 0, "train.pos_weight", self.pos_weight, "> 0")
         _require(self.patience >= 0, "train.patience", self.patience, ">= 0")
         _require(self.max_train_val_gap >= 0, "train.max_train_val_gap", self.max_train_val_gap, ">= 0")
         _require(self.cpu_threads >= 0, "train.cpu_threads", self.cpu_threads, ">= 0")
@@ -449,6 +467,9 @@ class SchedulerConfig:
 class Config:
     experiment: str = "digits"
     """Experiment name: the run directory is <run_root>/<experiment>."""
+    task: str = "multiclass"
+    """`multiclass` (one label per image, softmax) or `binary` (data.num_classes 2, label 1 the positive class;
+    the ensembles' decision threshold on p(positive) is tuned on the OOF predictions)."""
     run_root: str = "runs"
     """Where run directories (and the default MLflow store) live."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -468,13 +489,17 @@ class Config:
             self.experiment,
             "a non-empty name without '/'",
         )
+        _require(self.task in TASKS, "task", self.task, f"one of {TASKS}")
+        if self.task == "binary":
+            _require(self.data.num_classes == 2, "data.num_classes", self.data.num_classes, "2 for task: binary")
+        _check_task_fit(self, "")
         for name, changes in self.model.overrides.items():
             _require(name in self.model.names, "model.overrides", name, f"a name in model.names {self.model.names}")
             for key in flatten(changes):
                 _require(_overridable(key), f"model.overrides.{name}", key, "a key of optim, train (not metric), "
                          "augment, data.image_size/interpolation/crop_pct/mean/std or model.drop_rate/"
                          "drop_path_rate/grad_checkpointing")  # fmt: skip
-            self.for_model(name)  # builds it: wrong types and values are refused now, naming the key
+            _check_task_fit(self.for_model(name), f"model.overrides.{name}: ")  # builds it: bad values refused now
         if self.augment.mixes:
             _require(self.train.batch_size % 2 == 0, "train.batch_size", self.train.batch_size,
                      "an even number with augment.mixup / augment.cutmix (timm's Mixup mixes pairs)")  # fmt: skip
@@ -502,6 +527,18 @@ class Config:
             raise ConfigError(f"model.overrides.{name}: {e}") from None
         cfg.model.overrides = self.model.overrides
         return cfg
+
+
+def _check_task_fit(cfg: Config, where: str) -> None:
+    """The metric and the loss fit the task; loss-specific settings are not set for another loss."""
+    tc, task = cfg.train, cfg.task
+    _require(metric_fits(tc.metric, task), f"{where}train.metric", tc.metric, f"a {task} metric: {metrics_for(task)}")
+    _require(tc.loss in losses_for(task), f"{where}train.loss", tc.loss, f"a {task} loss: {losses_for(task)}")
+    if tc.focal_alpha:
+        _require(tc.loss == "focal" and task == "binary", f"{where}train.focal_alpha", tc.focal_alpha,
+                 "0 unless train.loss is focal on a binary task")  # fmt: skip
+    if tc.pos_weight != 1.0:
+        _require(tc.loss == "bce", f"{where}train.pos_weight", tc.pos_weight, "1 unless train.loss is bce")
 
 
 _OVERRIDABLE = ("optim.", "train.", "augment.", "data.image_size", "data.interpolation", "data.crop_pct", "data.mean",

@@ -34,6 +34,22 @@ def test_every_shipped_config_parses():
         ("train:\n  precision: fp8\n", "train.precision: invalid value 'fp8'"),
         ("optim:\n  lr: -1\n", "optim.lr: invalid value -1.0 (expected > 0)"),
         ("train: 5\n", "train: expected a mapping, got 5"),
+        ("task: binary\n", "data.num_classes: invalid value 10 (expected 2 for task: binary)"),
+        ("task: regression\n", "task: invalid value 'regression' (expected one of ('multiclass', 'binary'))"),
+        ("train:\n  loss: bce\n", "train.loss: invalid value 'bce' (expected a multiclass loss: ['ce', 'focal'])"),
+        (
+            "train:\n  metric: average_precision\n",
+            "train.metric: invalid value 'average_precision' (expected a multiclass metric",
+        ),
+        (
+            "train:\n  focal_alpha: 0.25\n",
+            "train.focal_alpha: invalid value 0.25 (expected 0 unless train.loss is focal on a binary task)",
+        ),
+        ("task: binary\ndata:\n  num_classes: 2\ntrain:\n  pos_weight: 4\n", "train.pos_weight: invalid value 4.0"),
+        (
+            "model:\n  overrides:\n    resnet10t:\n      train.loss: bce\n",
+            "model.overrides.resnet10t: train.loss: invalid value 'bce'",
+        ),
     ],
 )
 def test_validation_messages_name_key_and_value(tmp_path, text, message):

@@ -203,28 +203,41 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def digits_samples() -> tuple[list[Sample], list[str]]:
-    """scikit-learn's bundled 8x8 digits (1797 images, no download) as grayscale PNG samples."""
+DIGITS_POSITIVE = 8
+"""The positive class of the binary digits task (`data.source: digits_binary`): 'is it an 8?', 174 of 1,797
+images (9.7%), and the digit most confused with others (3, 5, 9, 1)."""
+
+
+def digits_samples(binary: bool = False) -> tuple[list[Sample], list[str]]:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download) as grayscale PNG samples; with `binary`,
+    labelled 1 for an 8 (DIGITS_POSITIVE) and 0 for any other digit."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
     samples = [
-        Sample(sample_id=f"digits-{i:05d}", label=int(y), ext="png", image_bytes=_png_bytes(img))
+        Sample(
+            sample_id=f"digits-{i:05d}",
+            label=int(y == DIGITS_POSITIVE if binary else y),
+            ext="png",
+            image_bytes=_png_bytes(img),
+        )  # fmt: skip
         for i, (img, y) in enumerate(zip(images, digits.target))
     ]
-    return samples, [str(c) for c in range(10)]
+    return samples, ["other", str(DIGITS_POSITIVE)] if binary else [str(c) for c in range(10)]
 
 
-def write_digits(out_dir: str | Path, test_fraction: float = 0.2, shard_size: int = 64) -> DatasetIndex:
+def write_digits(
+    out_dir: str | Path, test_fraction: float = 0.2, shard_size: int = 64, binary: bool = False
+) -> DatasetIndex:
     """`distrain data digits`: the digits data set as shards with a fixed stratified holdout. scikit-learn's
     order already cycles through the classes; it is kept, so results stay comparable across versions."""
-    samples, classes = digits_samples()
+    samples, classes = digits_samples(binary)
     return write_dataset(samples, out_dir, classes=classes, channels=1, test_fraction=test_fraction,
                          limits=ShardLimits(max_samples=shard_size, min_shards=1), shuffle_seed=None)  # fmt: skip
 
 
-def ensure_digits(out_dir: str | Path) -> None:
+def ensure_digits(out_dir: str | Path, binary: bool = False) -> None:
     """Write the digits shards into `out_dir` unless a complete copy is there. Safe when several
     processes start together on one disk (`distrain schedule` workers, nodes sharing a file system): one
     that finds the directory written by another while it was building its own copy keeps the other's."""
@@ -232,7 +245,7 @@ def ensure_digits(out_dir: str | Path) -> None:
     if index_file.exists():
         return
     try:
-        write_digits(out_dir)
+        write_digits(out_dir, binary=binary)
     except DataError:
         if not index_file.exists():  # not a lost race: a directory without an index is in the way
             raise

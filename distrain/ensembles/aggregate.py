@@ -20,6 +20,7 @@ from distrain.ensembles.store import JobPredictions, OOFStore, build_store, long
 from distrain.fsutil import atomic_write, atomic_write_text
 from distrain.study.plan import column_key, expand_plan
 from distrain.study.results import is_done, load_job_predictions, read_done
+from distrain.tasks import best_index
 
 if TYPE_CHECKING:
     from distrain.tracking.base import Tracker
@@ -107,6 +108,7 @@ def aggregate(
         max_rounds=ec.max_rounds,
         early_stopping=ec.early_stopping,
         max_meta_rows=ec.max_meta_rows,
+        task=cfg.task,
     )
     report["ensembles"] = {
         name: {"cv": outcome.scores[name]["cv"], "test": outcome.scores[name]["test"]}
@@ -128,6 +130,8 @@ def aggregate(
         "left_out": store.left_out,
         "skipped": outcome.skipped,
     }
+    if outcome.thresholds:
+        report["thresholds"] = outcome.thresholds
     out_dir = run_dir / "ensemble"
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "oof_store.parquet", lambda f: long_table(store).to_parquet(f, index=False))
@@ -145,9 +149,8 @@ def aggregate(
 def _write_review(report: dict, store: OOFStore, outcome: EnsembleOutcome, out_dir: Path, metric: str) -> list[Path]:
     from distrain.ensembles.plots import plot_calibration, plot_confusion, plot_scores
 
-    best_name = max(
-        report["ensembles"], key=lambda n: report["ensembles"][n]["cv"] if n in outcome.oof_predictions else -1
-    )
+    named = [n for n in report["ensembles"] if n in outcome.oof_predictions]
+    best_name = named[best_index(metric, [report["ensembles"][n]["cv"] for n in named])]
     soft = store.oof.mean(0)
     files = [
         plot_scores(report["jobs"], report["ensembles"], metric, out_dir / "scores.png"),
@@ -177,6 +180,10 @@ def summary_markdown(report: dict) -> str:
         f"Columns (model, seed): {', '.join(details['columns'])}; best single: {details['best_single_column']}.",
         "Weighted-vote weights: " + ", ".join(f"{c} {w:.3f}" for c, w in details["weights"].items()) + ".",
     ]
+    for name, t in report.get("thresholds", {}).items():
+        test = f"; test {t['test_at_0.5']:.4f} -> {t['test_tuned']:.4f}" if t["test_tuned"] is not None else ""
+        lines.append(f"{name}: threshold {t['threshold']:.2f}: CV {m} {t['cv_at_0.5']:.4f} at 0.5 -> "
+                     f"{t['cv_tuned']:.4f} tuned{test}.")  # fmt: skip
     if details["left_out"]:
         lines += ["", "Left out (--allow-partial):"] + [f"- {x['column']}: {x['reason']}" for x in details["left_out"]]
     return "\n".join(lines) + "\n"
@@ -222,6 +229,8 @@ def write_model_artifacts(
                 "method": method,
                 "boosters": boosters,
                 "weights": [outcome.weights[c] for c in store.columns],
+                # binary: the decision threshold on p(positive), tuned on the method's OOF predictions
+                "threshold": outcome.thresholds[method]["threshold"] if method in outcome.thresholds else None,
                 "classes": classes or [str(c) for c in range(store.num_classes)],
             }
         )

@@ -16,9 +16,11 @@ import numpy as np
 
 from distrain.ensembles.stacking import StackingResult, stack
 from distrain.ensembles.store import OOFStore
+from distrain.ensembles.thresholds import tuned_threshold_scores
 from distrain.ensembles.voting import detections_to_labels, fit_vote_weights, hard_vote, k_of_n_vote, soft_vote
 from distrain.study.metrics import score, score_labels
 from distrain.study.plan import parse_column
+from distrain.tasks import METRICS, best_index
 
 
 @dataclass
@@ -32,6 +34,7 @@ class EnsembleOutcome:
     vote_n_oof: int
     vote_n_test: int
     skipped: dict[str, str] = field(default_factory=dict)  # ensemble name -> why it was not built
+    thresholds: dict[str, dict] = field(default_factory=dict)  # binary: ensemble -> tuned_threshold_scores
 
 
 @dataclass
@@ -72,18 +75,25 @@ def run_ensembles(
     max_rounds: int = 100,
     early_stopping: int = 10,
     max_meta_rows: int = 15000,
+    task: str = "multiclass",
 ) -> EnsembleOutcome:
-    """Base summaries, the voting variants and stacking, each with a leakage-free CV score and a test score.
+    """Base summaries, the voting variants and stacking, each with a leakage-free CV score and a test score;
+    for a binary task also each probability ensemble's scores at decision thresholds tuned on OOF.
 
     test_by_job [J, n_test, C]: each fold model's own test probabilities (for the single-model summaries).
     """
     s = _Scorer(store, metric)
     scores: dict[str, dict[str, Optional[float]]] = {}
     preds: dict[str, np.ndarray] = {}
-    base = _singles(s, test_by_job, scores, preds)
-    _plain_votes(s, scores, preds)
-    weights, skipped = _weighted_vote(s, scores, preds, stacking)
-    vote_k, n_voters = _k_of_n(s, vote_fraction, vote_threshold, scores, preds)
+    probs: dict[str, tuple[np.ndarray, Optional[np.ndarray]]] = {}  # probability ensembles: (OOF, test)
+    base = _singles(s, test_by_job, scores, preds, probs)
+    weights, skipped = _weighted_vote(s, scores, preds, probs, stacking)
+    if METRICS[metric].on_probabilities:  # hard and k-of-n votes give labels only
+        why = f"gives labels; {metric} scores probabilities"
+        skipped.update(hard_vote=why, k_of_n_vote=why)
+        vote_k, n_voters = 0, len(store.columns)
+    else:
+        vote_k, n_voters = _k_of_n(s, vote_fraction, vote_threshold, scores, preds)
     stacked = None
     if stacking and "stacking" not in skipped:
         stacked = stack(
@@ -97,6 +107,12 @@ def run_ensembles(
         )
         scores["stacking"] = {"cv": s.cv(stacked.oof_probs), "test": s.test(stacked.test_probs)}
         preds["stacking"] = stacked.oof_probs.argmax(1)
+        probs["stacking"] = (stacked.oof_probs, stacked.test_probs)
+    thresholds = {}
+    if task == "binary" and not METRICS[metric].on_probabilities and len(set(store.folds.tolist())) > 1:
+        test_labels = store.test_labels if s.has_test else None
+        thresholds = {name: tuned_threshold_scores(metric, store.labels, oof, store.folds, test_labels, test)
+                      for name, (oof, test) in probs.items()}  # fmt: skip
     return EnsembleOutcome(
         scores=scores,
         base=base,
@@ -107,11 +123,13 @@ def run_ensembles(
         vote_n_oof=n_voters,
         vote_n_test=n_voters,
         skipped=skipped,
+        thresholds=thresholds,
     )
 
 
-def _singles(s: _Scorer, test_by_job: Optional[np.ndarray], scores: dict, preds: dict) -> dict:
-    """best_single, mean_single and fold_average; returns the per-job / column / model summaries."""
+def _singles(s: _Scorer, test_by_job: Optional[np.ndarray], scores: dict, preds: dict, probs: dict) -> dict:
+    """best_single, mean_single, fold_average, soft_vote and, unless the metric scores probabilities, hard_vote;
+    returns the per-job / column / model summaries."""
     store = s.store
     col_cv = [s.cv(store.oof[k]) for k in range(len(store.columns))]
     col_test = [s.test(store.test[k]) if s.has_test else None for k in range(len(store.columns))]
@@ -123,12 +141,14 @@ def _singles(s: _Scorer, test_by_job: Optional[np.ndarray], scores: dict, preds:
             "cv": s.cv(store.oof[idx].mean(0)),
             "test": s.test(store.test[idx].mean(0)) if s.has_test else None,
         }
-    best_k = int(np.argmax(col_cv))
+    best_k = best_index(s.metric, col_cv)
     scores["best_single"] = {"cv": col_cv[best_k], "test": col_test[best_k], "column": store.columns[best_k]}
     scores["mean_single"] = {"cv": float(np.mean(col_cv)), "test": float(np.mean(col_test)) if s.has_test else None}
     preds["best_single"] = store.oof[best_k].argmax(1)
+    probs["best_single"] = (store.oof[best_k], store.test[best_k] if s.has_test else None)
     fold_avg_test = test_by_job.mean(0) if test_by_job is not None else (store.test.mean(0) if s.has_test else None)
     scores["fold_average"] = {"cv": float(np.mean([j["val_score"] for j in store.jobs])), "test": s.test(fold_avg_test)}
+    _plain_votes(s, scores, preds, probs)
     return {
         "jobs": {j["id"]: j["val_score"] for j in store.jobs},
         "columns": {c: {"cv": col_cv[k], "test": col_test[k]} for k, c in enumerate(store.columns)},
@@ -136,18 +156,23 @@ def _singles(s: _Scorer, test_by_job: Optional[np.ndarray], scores: dict, preds:
     }
 
 
-def _plain_votes(s: _Scorer, scores: dict, preds: dict) -> None:
-    """soft_vote (mean probability) and hard_vote (majority of argmaxes)."""
+def _plain_votes(s: _Scorer, scores: dict, preds: dict, probs: dict) -> None:
+    """soft_vote (mean probability) and, for a decision metric, hard_vote (majority of argmaxes)."""
     store = s.store
-    soft_oof = soft_vote(store.oof)
-    scores["soft_vote"] = {"cv": s.cv(soft_oof), "test": s.test(soft_vote(store.test) if s.has_test else None)}
+    soft_oof, soft_test = soft_vote(store.oof), soft_vote(store.test) if s.has_test else None
+    scores["soft_vote"] = {"cv": s.cv(soft_oof), "test": s.test(soft_test)}
     preds["soft_vote"] = soft_oof.argmax(1)
+    probs["soft_vote"] = (soft_oof, soft_test)
+    if METRICS[s.metric].on_probabilities:
+        return
     hard_oof = hard_vote(store.oof)
     scores["hard_vote"] = {"cv": s.cv_labels(hard_oof), "test": s.test_labels(lambda: hard_vote(store.test))}
     preds["hard_vote"] = hard_oof
 
 
-def _weighted_vote(s: _Scorer, scores: dict, preds: dict, stacking: bool) -> tuple[np.ndarray, dict[str, str]]:
+def _weighted_vote(
+    s: _Scorer, scores: dict, preds: dict, probs: dict, stacking: bool
+) -> tuple[np.ndarray, dict[str, str]]:
     """Weighted voting, fitted per held-out fold on the other folds' OOF rows. With one trained fold
     (cv.only_folds=[k]) there are no other rows: it (and stacking) are skipped and said so, not fitted on
     the rows they are scored on. Returns the test-time weights and what was skipped."""
@@ -162,11 +187,10 @@ def _weighted_vote(s: _Scorer, scores: dict, preds: dict, stacking: bool) -> tup
         held = store.folds == k
         weighted_oof[held] = soft_vote(store.oof[:, held], fit_vote_weights(store.oof[:, ~held], y[~held]))
     weights = fit_vote_weights(store.oof, y)
-    scores["weighted_vote"] = {
-        "cv": s.cv(weighted_oof),
-        "test": s.test(soft_vote(store.test, weights) if s.has_test else None),
-    }
+    weighted_test = soft_vote(store.test, weights) if s.has_test else None
+    scores["weighted_vote"] = {"cv": s.cv(weighted_oof), "test": s.test(weighted_test)}
     preds["weighted_vote"] = weighted_oof.argmax(1)
+    probs["weighted_vote"] = (weighted_oof, weighted_test)
     return weights, {}
 
 

@@ -47,6 +47,7 @@ def build_report(cfg: Config, store: OOFStore, test_by_job: Optional[np.ndarray]
     scores = np.array([r["val_score"] for r in rows])
     return {
         "experiment": cfg.experiment,
+        "task": cfg.task,
         "metric": metric,
         "jobs": rows,
         "cv": {"mean": float(scores.mean()), "std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0},
@@ -100,4 +101,10 @@ def format_table(report: dict) -> str:
             lines.append(f"{name:<32} {s['cv']:>14.4f} {test:>14}")
         for name, why in report.get("ensemble_details", {}).get("skipped", {}).items():
             lines.append(f"{name:<32} {'skipped: ' + why}")
+    if report.get("thresholds"):
+        lines += ["", f"{'threshold tuned on OOF':<32} {'CV at 0.5 / tuned':>22} {'test at 0.5 / tuned':>22}"]
+        for name, t in report["thresholds"].items():
+            test = f"{t['test_at_0.5']:.4f} / {t['test_tuned']:.4f}" if t["test_tuned"] is not None else "-"
+            label = f"{name} ({t['threshold']:.2f})"
+            lines.append(f"{label:<32} {t['cv_at_0.5']:>10.4f} / {t['cv_tuned']:.4f} {test:>22}")
     return "\n".join(lines)

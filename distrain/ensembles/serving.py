@@ -5,7 +5,8 @@ pyfunc flavour (`distrain.tracking.mlflow_model`) so `mlflow.pyfunc.load_model(.
 
 Artifacts directory layout (written by `aggregate.write_model_artifacts`):
     meta.json          columns, jobs (id, column, checkpoint file, transform), image_size, channels, num_classes,
-                       method ("stacking" | "weighted_vote"), weights, classes (names)
+                       method ("stacking" | "weighted_vote"), weights, classes (names), threshold (binary:
+                       the decision threshold on p(positive) tuned on OOF; null: the argmax)
     checkpoints/*.pt   best.pt of each job
     booster_<k>.txt    the K fold LightGBM meta-models, averaged (stacking only)
 """
@@ -21,6 +22,7 @@ from PIL import Image
 
 from distrain.data.transforms import ImageTransform
 from distrain.errors import BadInput
+from distrain.study.metrics import decisions
 from distrain.training.models import create_model
 
 
@@ -93,6 +95,11 @@ class EnsemblePredictor:
 
         return predict_stacked(self.boosters, stacking_features(cols), self.meta["num_classes"])
 
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Class indices of `predict_proba`'s output: p(positive) >= the tuned threshold for a binary task
+        whose threshold was tuned on OOF, else the argmax."""
+        return decisions(probs, self.meta.get("threshold"))
+
 
 def predict_folder(predictor: EnsemblePredictor, folder: Path, batch_size: int = 64) -> tuple[list[str], np.ndarray]:
     """Every image under `folder` (recursively, sorted), each of any size: (paths relative to `folder`,
@@ -114,8 +121,9 @@ def predict_folder(predictor: EnsemblePredictor, folder: Path, batch_size: int =
     return [p.relative_to(folder).as_posix() for p in paths], np.concatenate(probs)
 
 
-def write_predictions_csv(path: Path, names: list[str], probs: np.ndarray, classes: list[str]) -> None:
-    """image, prediction (class name), then p_<class> per class; written atomically."""
+def write_predictions_csv(path: Path, names: list[str], probs: np.ndarray, classes: list[str],
+                          predicted: np.ndarray) -> None:  # fmt: skip
+    """image, prediction (class name of `predicted`), then p_<class> per class; written atomically."""
     import csv
     import io
 
@@ -124,8 +132,8 @@ def write_predictions_csv(path: Path, names: list[str], probs: np.ndarray, class
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["image", "prediction", *(f"p_{c}" for c in classes)])
-    for name, row in zip(names, probs):
-        writer.writerow([name, classes[int(row.argmax())], *(f"{p:.6f}" for p in row)])
+    for name, row, label in zip(names, probs, predicted):
+        writer.writerow([name, classes[int(label)], *(f"{p:.6f}" for p in row)])
     atomic_write_text(path, buf.getvalue())
 
 

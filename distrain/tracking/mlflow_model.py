@@ -1,5 +1,7 @@
 """The registered ensemble as an MLflow pyfunc model: `mlflow.pyfunc.load_model(uri).predict(images)`
-returns class probabilities, through `distrain.ensembles.serving.EnsemblePredictor`."""
+returns class probabilities, and `predict(images, params={"output": "labels"})` the decided class indices
+(argmax, or p(positive) >= the OOF-tuned threshold of a binary task), through
+`distrain.ensembles.serving.EnsemblePredictor`."""
 
 from __future__ import annotations
 
@@ -32,13 +34,26 @@ with _without_type_hint_notice():
     import mlflow.pyfunc
 
     class DistrainPyfunc(mlflow.pyfunc.PythonModel):
-        """MLflow pyfunc: `predict(images)` returns class probabilities [N, num_classes]."""
+        """MLflow pyfunc: `predict(images)` returns class probabilities [N, num_classes]; with
+        `params={"output": "labels"}` the decided class indices [N]."""
 
         def load_context(self, context):
             self.predictor = EnsemblePredictor(context.artifacts["ensemble"])
 
         def predict(self, context, model_input, params=None):
-            return self.predictor.predict_proba(model_input)
+            probs = self.predictor.predict_proba(model_input)
+            output = (params or {}).get("output", "probabilities")
+            if output not in ("probabilities", "labels"):
+                raise ValueError(f"params.output: {output!r} (expected 'probabilities' or 'labels')")
+            return self.predictor.decide(probs) if output == "labels" else probs
+
+
+def signature():
+    """No input schema (images of any size and shape go in); one parameter, `output`."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec
+
+    return ModelSignature(inputs=None, params=ParamSchema([ParamSpec("output", "string", "probabilities")]))
 
 
 def load_registered_predictor(model_uri: str, tracking_uri: str) -> EnsemblePredictor:

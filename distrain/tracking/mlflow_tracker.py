@@ -250,13 +250,14 @@ class MlflowTracker(Tracker):
     def _log_ensemble_model_now(self, run_id: str, artifacts_dir: Path, registered_name: str) -> str:
         import mlflow
 
-        from distrain.tracking.mlflow_model import DistrainPyfunc  # imports mlflow.pyfunc without its notice
+        from distrain.tracking.mlflow_model import DistrainPyfunc, signature  # mlflow.pyfunc without its notice
 
         mlflow.set_tracking_uri(self.tracking_uri)
         with library_prints_to_log(self.run_dir), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="ensemble",
                 python_model=DistrainPyfunc(),
+                signature=signature(),
                 artifacts={"ensemble": str(artifacts_dir)},
                 pip_requirements=["distrain", "torch", "timm", "lightgbm", "pillow"],
                 registered_model_name=registered_name,

@@ -33,6 +33,7 @@ from distrain.distributed.wrap import wrap
 from distrain.errors import ConfigError, Interrupted, NonFiniteLoss
 from distrain.study.plan import Job
 from distrain.study.results import JobResult
+from distrain.tasks import improves, overfit_gap
 from distrain.training.checkpoint import (
     list_states,
     load_latest_state,
@@ -42,6 +43,7 @@ from distrain.training.checkpoint import (
     set_rng_state,
 )
 from distrain.training.evaluate import check_coverage, predict
+from distrain.training.losses import create_loss
 from distrain.training.models import create_model
 from distrain.training.optim import create_optimizer, create_scheduler
 from distrain.training.state import EpochSums, TrainState
@@ -212,18 +214,11 @@ class JobTrainer:
         self.val_loader = self._eval_loader("cv", {s: cv_labels[s] for s in self.val_ids})
         # The train side of the train-val gap: the metric on a fixed, un-augmented sample of the training fold
         # as large as the validation fold (accuracy on augmented batches is not comparable with a val F1).
-        probe = random.Random(job.seed * 100 + job.fold).sample(
-            sorted(train_ids), min(len(train_ids), len(self.val_ids))
-        )
+        probe = train_probe_ids(train_ids, len(self.val_ids), job)
         self.train_probe = self._eval_loader("cv", {s: cv_labels[s] for s in probe})
         self.batch_augment = BatchAugment(self.transform, cfg.augment, num_classes=dc.num_classes,
                                           label_smoothing=tc.label_smoothing, device=accelerator.device)  # fmt: skip
-        if self.batch_augment.soft_targets:  # Mixup / CutMix targets carry the label smoothing
-            from timm.loss import SoftTargetCrossEntropy
-
-            self.criterion = SoftTargetCrossEntropy()
-        else:
-            self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+        self.criterion = create_loss(tc, cfg.task)  # takes Mixup / CutMix soft targets too
         self.nonfinite = _NonFiniteCounter(accelerator.device, tc.max_nonfinite_losses)
         self.state = TrainState()
         self.resume_step = 0  # the step the first epoch after a resume starts at
@@ -420,7 +415,7 @@ class JobTrainer:
             f"train_eval_{tc.metric}": train_metric,
             "val_loss": float(val_loss.item()),
             f"val_{tc.metric}": val_score,
-            "train_val_gap": train_metric - val_score,
+            "train_val_gap": overfit_gap(tc.metric, train_metric, val_score),
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": train["grad_norm"],
             "samples_per_s": train["seen"] / train["seconds"],
@@ -430,7 +425,7 @@ class JobTrainer:
         state.history.append({"epoch": epoch, **row})
         if self.tracker is not None:
             self.tracker.log_metrics(self.run_id, row, step=epoch)
-        if val_score > state.best.score:
+        if improves(tc.metric, val_score, state.best.score):
             state.best.score, state.best.epoch, state.best.oof = val_score, epoch, val
             state.best.state = {k: v.detach().to("cpu", copy=True) for k, v in evaluated.state_dict().items()}
         return row

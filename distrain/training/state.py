@@ -33,7 +33,7 @@ class EpochSums:
 class BestEpoch:
     """The best validation score so far, with the weights and OOF predictions that gave it."""
 
-    score: float = -math.inf
+    score: float = math.nan  # nothing scored yet (the metric may point either way)
     epoch: int = -1
     state: Optional[dict[str, torch.Tensor]] = None
     oof: Optional[Predictions] = None

@@ -187,6 +187,7 @@ def test_ddp_two_processes_same_manifest_and_full_oof(default_run, tmp_path):
         (None, ["train.precision=fp16"], "train.precision: 'fp16' needs a CUDA GPU"),
         (None, ["augment.auto_augment=rand-m9-foo"], "augment.auto_augment: timm cannot build policy 'rand-m9-foo'"),
         (None, ["data.mean=[0.5,0.5]"], "data.mean: invalid value [0.5, 0.5]"),
+        (None, ["train.loss=bce"], "train.loss: invalid value 'bce' (expected a multiclass loss"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line_and_leaves_no_work(tmp_path, setup, overrides, message):

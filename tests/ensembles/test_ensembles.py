@@ -173,3 +173,42 @@ def test_k_of_n_votes_the_same_columns_on_cv_and_test():
         detected.any(1), np.where(detected, store.test.mean(0), -1).argmax(1), store.test.mean(0).argmax(1)
     )
     assert outcome.scores["k_of_n_vote"]["test"] == pytest.approx(float((by_hand == store.test_labels).mean()))
+
+
+def biased_binary_store(seed=0):
+    """A rare positive class whose probabilities are too low: 0.5 misses positives a lower threshold finds."""
+    store = synthetic_store(n=1000, classes=2, columns=3, signal=1.5, seed=seed)
+    rng = np.random.default_rng(seed)
+    store.labels = (rng.random(1000) < 0.15).astype(int)
+    store.test_labels = (rng.random(200) < 0.15).astype(int)
+    for probs, labels in ((store.oof, store.labels), (store.test, store.test_labels)):
+        p1 = np.clip(0.15 + 0.25 * labels + rng.normal(0, 0.12, (3, len(labels))), 0.01, 0.99)
+        probs[:] = np.stack([1 - p1, p1], -1)
+    return store
+
+
+def test_binary_thresholds_are_tuned_on_other_folds_and_beat_one_half():
+    store = biased_binary_store()
+    out = run_ensembles(store, "f1", stacking=True, task="binary")
+    t = out.thresholds["soft_vote"]
+    print({k: v for k, v in t.items() if k != "fold_thresholds"})
+    assert set(out.thresholds) == {"best_single", "soft_vote", "weighted_vote", "stacking"}
+    assert t["cv_tuned"] > t["cv_at_0.5"] + 0.1 and t["test_tuned"] > t["test_at_0.5"] + 0.1
+    assert t["threshold"] < 0.5
+    assert t["cv_at_0.5"] == pytest.approx(out.scores["soft_vote"]["cv"], abs=0.02)
+    # fold 2's threshold never saw fold 2's labels: relabelling fold 2 leaves it where it was
+    flipped = biased_binary_store()
+    held = flipped.folds == 2
+    flipped.labels[held] = 1 - flipped.labels[held]
+    again = run_ensembles(flipped, "f1", stacking=False, task="binary").thresholds["soft_vote"]
+    assert again["fold_thresholds"]["2"] == t["fold_thresholds"]["2"]
+    assert again["fold_thresholds"]["0"] != t["fold_thresholds"]["0"]
+
+
+def test_probability_metric_skips_label_only_votes_and_lower_is_better_picks_best_single():
+    store = synthetic_store(n=600, classes=3, columns=4, signal=1.0)
+    store.oof[2] = np.eye(3)[store.labels] * 0.9 + 0.1 / 3  # column 2 is the sharpest: lowest log loss
+    out = run_ensembles(store, "log_loss", stacking=False)
+    assert {"hard_vote", "k_of_n_vote"} <= set(out.skipped) and "hard_vote" not in out.scores
+    assert out.scores["best_single"]["column"] == store.columns[2]
+    assert out.scores["best_single"]["cv"] == pytest.approx(score("log_loss", store.labels, store.oof[2]))

@@ -1,0 +1,79 @@
+"""Training losses, chosen by `train.loss` and checked against the task by the config.
+
+Every loss takes the model's logits [n, C] and either integer labels [n] or soft targets [n, C] (Mixup /
+CutMix, whose targets already carry the label smoothing), and returns the batch mean.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distrain.config import TrainConfig
+
+
+def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """One-hot targets with `smoothing` spread evenly over the classes (as torch's cross-entropy smooths)."""
+    return F.one_hot(labels, num_classes).float() * (1.0 - smoothing) + smoothing / num_classes
+
+
+class CrossEntropy(nn.Module):
+    """Softmax cross-entropy of integer labels (with label smoothing) or of soft targets."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.ndim == 2:  # soft targets: smoothing already folded in
+            return torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+        return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+
+
+class FocalLoss(nn.Module):
+    """Softmax focal loss (Lin et al. 2017): -sum_c w_c q_c (1 - p_c)^gamma log p_c, with q the (smoothed)
+    one-hot or soft target and w optional class weights. gamma 0 and no weights is cross-entropy."""
+
+    def __init__(self, gamma: float, label_smoothing: float = 0.0, class_weights: list[float] | None = None):
+        super().__init__()
+        self.gamma, self.label_smoothing = gamma, label_smoothing
+        self.register_buffer("class_weights", torch.tensor(class_weights) if class_weights else None)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        log_p = F.log_softmax(logits.float(), dim=1)
+        if target.ndim == 1:
+            target = smoothed_one_hot(target, logits.shape[1], self.label_smoothing)
+        terms = target * (1.0 - log_p.exp()).pow(self.gamma) * log_p
+        if self.class_weights is not None:
+            terms = terms * self.class_weights.to(terms.device)
+        return -terms.sum(dim=1).mean()
+
+
+class BinaryCrossEntropy(nn.Module):
+    """Binary cross-entropy with logits on p(positive) of a 2-logit head: p = softmax(z)[1] = sigmoid(z1 - z0),
+    so the head, probabilities and ensembles stay those of two classes. `pos_weight` scales the positives'
+    term (torch's pos_weight)."""
+
+    def __init__(self, pos_weight: float = 1.0, label_smoothing: float = 0.0):
+        super().__init__()
+        self.pos_weight, self.label_smoothing = pos_weight, label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if target.ndim == 2:
+            y = target[:, 1].float()
+        else:
+            y = target.float() * (1.0 - self.label_smoothing) + self.label_smoothing / 2
+        pos_weight = torch.tensor(self.pos_weight, device=logits.device)
+        return F.binary_cross_entropy_with_logits(logits[:, 1] - logits[:, 0], y, pos_weight=pos_weight)
+
+
+def create_loss(tc: TrainConfig, task: str) -> nn.Module:
+    """The loss `train.loss` names, set up from the train section (the config checked it fits the task)."""
+    if tc.loss == "bce":
+        return BinaryCrossEntropy(tc.pos_weight, tc.label_smoothing)
+    if tc.loss == "focal":
+        weights = [1.0 - tc.focal_alpha, tc.focal_alpha] if task == "binary" and tc.focal_alpha else None
+        return FocalLoss(tc.focal_gamma, tc.label_smoothing, weights)
+    return CrossEntropy(tc.label_smoothing)

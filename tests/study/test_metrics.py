@@ -1,0 +1,79 @@
+"""Every metric equals scikit-learn's; direction decides best epochs and gaps; thresholds are tuned."""
+
+import math
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from distrain.study.metrics import decisions, score, tune_threshold
+from distrain.tasks import METRICS, best_index, improves, overfit_gap
+
+rng = np.random.default_rng(0)
+MULTI_PROBS = rng.dirichlet(np.ones(4), 300)
+MULTI_LABELS = np.where(rng.random(300) < 0.6, MULTI_PROBS.argmax(1), rng.integers(0, 4, 300))
+BIN_PROBS = rng.dirichlet(np.ones(2), 300)
+BIN_LABELS = (rng.random(300) < 0.25 + 0.5 * BIN_PROBS[:, 1]).astype(int)
+
+SKLEARN = {
+    "accuracy": lambda y, p: skm.accuracy_score(y, p.argmax(1)),
+    "balanced_accuracy": lambda y, p: skm.balanced_accuracy_score(y, p.argmax(1)),
+    "f1_macro": lambda y, p: skm.f1_score(y, p.argmax(1), average="macro"),
+    "f1_micro": lambda y, p: skm.f1_score(y, p.argmax(1), average="micro"),
+    "qwk": lambda y, p: skm.cohen_kappa_score(y, p.argmax(1), weights="quadratic"),
+    "log_loss": lambda y, p: skm.log_loss(y, p),
+}
+
+
+@pytest.mark.parametrize("metric", [m for m in METRICS if "multiclass" in METRICS[m].tasks])
+def test_multiclass_metrics_equal_scikit_learn(metric):
+    expected = (
+        skm.roc_auc_score(MULTI_LABELS, MULTI_PROBS, multi_class="ovr", average="macro")
+        if metric == "roc_auc"
+        else SKLEARN[metric](MULTI_LABELS, MULTI_PROBS)
+    )
+    assert score(metric, MULTI_LABELS, MULTI_PROBS) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("metric", [m for m in METRICS if "binary" in METRICS[m].tasks])
+def test_binary_metrics_equal_scikit_learn(metric):
+    p1 = BIN_PROBS[:, 1]
+    expected = {
+        "f1": lambda: skm.f1_score(BIN_LABELS, p1 >= 0.3),
+        "roc_auc": lambda: skm.roc_auc_score(BIN_LABELS, p1),
+        "average_precision": lambda: skm.average_precision_score(BIN_LABELS, p1),
+    }.get(metric)
+    if expected is None:  # decision metrics at threshold 0.3
+        pred = np.stack([1 - (p1 >= 0.3), p1 >= 0.3], 1).astype(float)
+        assert score(metric, BIN_LABELS, BIN_PROBS, threshold=0.3) == pytest.approx(
+            SKLEARN[metric](BIN_LABELS, pred if metric != "log_loss" else BIN_PROBS), abs=1e-9
+        )
+    else:
+        assert score(metric, BIN_LABELS, BIN_PROBS, threshold=0.3) == pytest.approx(expected(), abs=1e-9)
+
+
+def test_roc_auc_averages_the_classes_present_and_is_nan_with_one():
+    present = MULTI_LABELS != 3
+    expected = np.mean([skm.roc_auc_score(MULTI_LABELS[present] == c, MULTI_PROBS[present, c]) for c in range(3)])
+    assert score("roc_auc", MULTI_LABELS[present], MULTI_PROBS[present]) == pytest.approx(expected)
+    assert math.isnan(score("roc_auc", np.zeros(5, int), MULTI_PROBS[:5]))
+
+
+def test_direction_picks_the_best_and_signs_the_gap():
+    assert improves("log_loss", 0.3, 0.4) and not improves("log_loss", 0.5, 0.4)
+    assert improves("accuracy", 0.9, 0.8) and not improves("accuracy", 0.7, 0.8)
+    assert improves("log_loss", 0.9, math.nan) and improves("accuracy", 0.1, math.nan)
+    assert best_index("log_loss", [0.5, 0.2, 0.3]) == 1 and best_index("f1", [0.5, 0.2, 0.7]) == 2
+    assert overfit_gap("log_loss", 0.1, 0.3) == pytest.approx(0.2)  # train loss lower: overfitting, positive
+    assert overfit_gap("accuracy", 0.95, 0.90) == pytest.approx(0.05)
+
+
+def test_tuned_threshold_is_the_grid_best_and_decisions_use_it():
+    t = tune_threshold("f1", BIN_LABELS, BIN_PROBS)
+    grid = np.round(np.arange(0.01, 1.0, 0.01), 2)
+    best = max(skm.f1_score(BIN_LABELS, BIN_PROBS[:, 1] >= g) for g in grid)
+    assert score("f1", BIN_LABELS, BIN_PROBS, threshold=t) == pytest.approx(best)
+    assert score("f1", BIN_LABELS, BIN_PROBS, threshold=t) >= score("f1", BIN_LABELS, BIN_PROBS)
+    assert tune_threshold("roc_auc", BIN_LABELS, BIN_PROBS) == 0.5  # a probability metric has no threshold
+    assert (decisions(BIN_PROBS, 0.2) == (BIN_PROBS[:, 1] >= 0.2)).all()
+    assert (decisions(MULTI_PROBS) == MULTI_PROBS.argmax(1)).all()
