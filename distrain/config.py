@@ -159,6 +159,24 @@ class AugmentConfig:
 
 
 @dataclass(kw_only=True)
+class TTAConfig:
+    """Test-time augmentation: softmax probabilities averaged over views of each image, for the OOF and test
+    predictions (every epoch's validation included), `distrain predict` and the registered model alike."""
+
+    hflip: bool = False
+    """Add the horizontally mirrored image."""
+    vflip: bool = False
+    """Add the vertically mirrored image."""
+    scales: list[float] = field(default_factory=list)
+    """Add the image resized by each factor, e.g. [1.15] (CNNs; a ViT without dynamic_img_size refuses other
+    sizes)."""
+
+    def __post_init__(self):
+        for s in self.scales:
+            _require(0.25 <= s <= 4 and s != 1.0, "tta.scales", self.scales, "factors in [0.25, 4] other than 1")
+
+
+@dataclass(kw_only=True)
 class CVConfig:
     folds: int = 5
     """Number of cross-validation folds (K)."""
@@ -194,7 +212,7 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     """Stochastic depth (timm's drop_path_rate), e.g. 0.1-0.2 when fine-tuning ConvNeXt; 0 disables."""
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per-backbone settings: model name -> {dotted key: value} for keys of optim, train (not metric), augment,
+    """Per-backbone settings: model name -> {dotted key: value} for keys of optim, train (not metric), augment, tta,
     data.image_size / interpolation / crop_pct / mean / std and model.drop_rate / drop_path_rate /
     grad_checkpointing; e.g. `convnext_tiny: {optim.lr: 4.5e-4, optim.weight_decay: 8.5e-5}`."""
     grad_checkpointing: bool = False
@@ -333,6 +351,13 @@ class TrainConfig:
     RetinaNet; 0: no class weighting."""
     pos_weight: float = 1.0
     """bce: weight of the positive samples' loss (e.g. negatives / positives for a rare positive class)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights (timm's ModelEmaV3, fp32), e.g. 0.999; every epoch
+    it is evaluated beside the raw weights and the better of the two competes for the job's best epoch (the
+    checkpoint and OOF source; done.json and report.json say which). 0 disables. Not with ZeRO-3."""
+    ema_warmup: bool = False
+    """Ramp the EMA decay up as 1 - (1 + step)^-0.75, capped at ema_decay (timm's warmup), so the random
+    initial weights fade within the first hundreds of steps instead of thousands."""
     patience: int = 0
     """Stop a job after this many epochs without a better val metric; 0 disables."""
     max_train_val_gap: float = 0.0
@@ -372,6 +397,7 @@ class TrainConfig:
         _require(0 <= self.focal_alpha < 1, "train.focal_alpha", self.focal_alpha, "in (0, 1), or 0 for none")
         _require(self.pos_weight > 0, "train.pos_weight", self.pos_weight, "> 0")
         _require(self.patience >= 0, "train.patience", self.patience, ">= 0")
+        _require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in (0, 1), or 0 to disable")
         _require(self.max_train_val_gap >= 0, "train.max_train_val_gap", self.max_train_val_gap, ">= 0")
         _require(self.cpu_threads >= 0, "train.cpu_threads", self.cpu_threads, ">= 0")
         _require(bool(self.compile_backend), "train.compile_backend", self.compile_backend, "a backend name")
@@ -474,6 +500,7 @@ class Config:
     """Where run directories (and the default MLflow store) live."""
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    tta: TTAConfig = field(default_factory=TTAConfig)
     cv: CVConfig = field(default_factory=CVConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -497,7 +524,7 @@ class Config:
             _require(name in self.model.names, "model.overrides", name, f"a name in model.names {self.model.names}")
             for key in flatten(changes):
                 _require(_overridable(key), f"model.overrides.{name}", key, "a key of optim, train (not metric), "
-                         "augment, data.image_size/interpolation/crop_pct/mean/std or model.drop_rate/"
+                         "augment, tta, data.image_size/interpolation/crop_pct/mean/std or model.drop_rate/"
                          "drop_path_rate/grad_checkpointing")  # fmt: skip
             _check_task_fit(self.for_model(name), f"model.overrides.{name}: ")  # builds it: bad values refused now
         if self.augment.mixes:
@@ -541,8 +568,9 @@ def _check_task_fit(cfg: Config, where: str) -> None:
         _require(tc.loss == "bce", f"{where}train.pos_weight", tc.pos_weight, "1 unless train.loss is bce")
 
 
-_OVERRIDABLE = ("optim.", "train.", "augment.", "data.image_size", "data.interpolation", "data.crop_pct", "data.mean",
-                "data.std", "model.drop_rate", "model.drop_path_rate", "model.grad_checkpointing")  # fmt: skip
+_OVERRIDABLE = ("optim.", "train.", "augment.", "tta.", "data.image_size", "data.interpolation", "data.crop_pct",
+                "data.mean", "data.std", "model.drop_rate", "model.drop_path_rate",
+                "model.grad_checkpointing")  # fmt: skip
 
 
 def _overridable(key: str) -> bool:

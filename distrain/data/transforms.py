@@ -63,6 +63,43 @@ class ImageTransform:
         return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
 
+@dataclass(frozen=True)
+class TestTimeAugment:
+    """Views of a normalised batch whose softmax probabilities are averaged: the batch itself, its mirror
+    images (`hflip`, `vflip`) and the batch resized by each of `scales` (bilinear; the backbone must take other
+    input sizes, as CNNs with global pooling do). The same for OOF, test, `distrain predict` and the pyfunc."""
+
+    hflip: bool = False
+    vflip: bool = False
+    scales: tuple[float, ...] = ()
+
+    def views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = [x]
+        if self.hflip:
+            out.append(x.flip(-1))
+        if self.vflip:
+            out.append(x.flip(-2))
+        for s in self.scales:
+            size = max(8, round(x.shape[-1] * s))
+            out.append(torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False))
+        return out
+
+    def probs(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities [B, C] of `model`, averaged over the views (fp32)."""
+        views = self.views(x)
+        total = torch.softmax(model(views[0]).float(), dim=1)
+        for view in views[1:]:
+            total += torch.softmax(model(view).float(), dim=1)
+        return total / len(views)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> TestTimeAugment:
+        return cls(d["hflip"], d["vflip"], tuple(d["scales"])) if d else cls()
+
+
 def resolve_transform(model_name: str, data, channels: int) -> ImageTransform:
     """The transform of `model_name` on this data: `data.interpolation`, `data.crop_pct`, `data.mean` and
     `data.std` where set, else the model's timm pretrained config (mean and std averaged to one channel for

@@ -55,6 +55,11 @@ class Trainable(ABC):
         """Every weight and buffer of the single-device model, fp32 on CPU. Collective under ZeRO."""
 
     @abstractmethod
+    def current_weights(self) -> torch.nn.Module:
+        """A module (timm's keys) holding this rank's full current weights, without a collective: what an EMA
+        of the weights reads after each optimizer step."""
+
+    @abstractmethod
     def eval_model(self) -> torch.nn.Module:
         """`plain` holding the current weights, ready to evaluate. Collective under ZeRO."""
 

@@ -53,6 +53,9 @@ class DDPModel(Trainable):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.single.state_dict().items()}
 
+    def current_weights(self) -> torch.nn.Module:
+        return self.single
+
     def eval_model(self) -> torch.nn.Module:
         return self.single
 

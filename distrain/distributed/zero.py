@@ -137,6 +137,9 @@ def load_deepspeed_config(path: str | Path, train: TrainConfig, world_size: int)
     if "bfloat16" in cfg:
         raise ConfigError(f"{p}: use 'bf16', not its legacy spelling 'bfloat16'")
     _validate_sections(p, cfg)
+    if train.ema_decay and zero_stage(cfg) == 3:
+        raise ConfigError(f"{p}: train.ema_decay needs every rank to hold the full weights; ZeRO-3 partitions them "
+                          f"(use ZeRO-2, or set train.ema_decay=0)")  # fmt: skip
     return cfg
 
 
@@ -257,6 +260,11 @@ class ZeroModel(Trainable):
                 value = value.detach().cpu()
                 out[name] = value.float() if value.is_floating_point() else value.clone()
         return out
+
+    def current_weights(self) -> torch.nn.Module:
+        """The engine's module: every rank holds the full (fp32, or bf16 / fp16 working) weights under ZeRO-1/2."""
+        assert self.stage < 3, "ZeRO-3 partitions the weights (refused with train.ema_decay when the config is read)"
+        return self.single
 
     def eval_model(self) -> torch.nn.Module:
         """The plain fp32 copy with the current weights (collective)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,6 +57,7 @@ def load_store(
                 fold=job.fold,
                 val_score=float(done["val_score"]),
                 best_epoch=int(done["best_epoch"]),
+                best_source=done.get("best_source", "raw"),
                 oof_ids=oof.sample_ids,
                 oof_probs=oof.probs,
                 test_ids=test.sample_ids if test else [],
@@ -210,6 +212,7 @@ def write_model_artifacts(
                 "column": column_key(j["model"], j["seed"]),
                 "checkpoint": f"{j['id']}.pt",
                 "transform": resolve_transform(j["model"], cfg.for_model(j["model"]).data, channels).to_dict(),
+                "tta": asdict(cfg.for_model(j["model"]).tta),
             }
         )
     method = "stacking" if outcome.stacking is not None else "weighted_vote"

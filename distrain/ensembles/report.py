@@ -40,6 +40,7 @@ def build_report(cfg: Config, store: OOFStore, test_by_job: Optional[np.ndarray]
             "status": "done",
             "val_score": float(j["val_score"]),
             "best_epoch": j["best_epoch"],
+            "best_source": j.get("best_source", "raw"),  # raw weights or their EMA (train.ema_decay)
             "test_score": score(metric, labels, test_by_job[i]) if has_test else None,
         }
         for i, j in enumerate(store.jobs)

@@ -4,7 +4,7 @@ when stacking is off). `EnsemblePredictor` is plain Python; `DistrainPyfunc` ada
 pyfunc flavour (`distrain.tracking.mlflow_model`) so `mlflow.pyfunc.load_model(...).predict(images)` works.
 
 Artifacts directory layout (written by `aggregate.write_model_artifacts`):
-    meta.json          columns, jobs (id, column, checkpoint file, transform), image_size, channels, num_classes,
+    meta.json          columns, jobs (id, column, checkpoint file, transform, tta), image_size, channels, num_classes,
                        method ("stacking" | "weighted_vote"), weights, classes (names), threshold (binary:
                        the decision threshold on p(positive) tuned on OOF; null: the argmax)
     checkpoints/*.pt   best.pt of each job
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distrain.data.transforms import ImageTransform
+from distrain.data.transforms import ImageTransform, TestTimeAugment
 from distrain.errors import BadInput
 from distrain.study.metrics import decisions
 from distrain.training.models import create_model
@@ -82,7 +82,8 @@ class EnsemblePredictor:
             if transform not in batches:
                 batches[transform] = transform.normalise(self.to_batch(images, transform))
             x = batches[transform]
-            probs = torch.cat([torch.softmax(model(x[i : i + 256]).float(), 1) for i in range(0, len(x), 256)])
+            tta = TestTimeAugment.from_dict(job.get("tta"))  # as the job's OOF and test predictions were made
+            probs = torch.cat([tta.probs(model, x[i : i + 256]) for i in range(0, len(x), 256)])
             sums[columns.index(column)] += probs.numpy()
             counts[columns.index(column)] += 1
         return (sums / counts[:, None, None]).astype(np.float32)

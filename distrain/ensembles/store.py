@@ -28,7 +28,7 @@ class OOFStore:
     test_ids: list[str] = field(default_factory=list)
     test_labels: Optional[np.ndarray] = None  # [n_test]
     test: Optional[np.ndarray] = None  # [M, n_test, C] fold-averaged per column
-    jobs: list[dict] = field(default_factory=list)  # id, model, seed, fold, val_score, best_epoch (included jobs)
+    jobs: list[dict] = field(default_factory=list)  # id, model, seed, fold, val_score, best_epoch, best_source
     left_out: list[dict] = field(default_factory=list)  # jobs left out with --allow-partial, and why
 
     @property
@@ -51,6 +51,7 @@ class JobPredictions:
     test_probs: Optional[np.ndarray]
     test_labels: Optional[np.ndarray]
     best_epoch: int = -1
+    best_source: str = "raw"
 
 
 def build_store(
@@ -137,8 +138,8 @@ def _align(
     for k, js in enumerate(columns.values()):
         for j in sorted(js, key=lambda j: j.fold):
             oof[k, [pos[s] for s in j.oof_ids]] = j.oof_probs
-            included.append({"id": j.id, "model": j.model, "seed": j.seed, "fold": j.fold,
-                             "val_score": j.val_score, "best_epoch": j.best_epoch})  # fmt: skip
+            included.append({"id": j.id, "model": j.model, "seed": j.seed, "fold": j.fold, "val_score": j.val_score,
+                             "best_epoch": j.best_epoch, "best_source": j.best_source})  # fmt: skip
             if test is not None:
                 if j.test_ids != test_ids or j.test_probs is None:
                     raise EnsembleError(f"job {j.id}: test predictions cover other samples than the other jobs")

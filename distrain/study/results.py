@@ -52,6 +52,7 @@ class JobResult:
     test: Optional[Predictions]
     best_state: dict[str, Any]  # fp32 state dict (torch tensors) of the single-device model at its best epoch
     history: list[dict] = field(default_factory=list)
+    best_source: str = "raw"  # "raw" weights or their "ema"
 
 
 def job_dir(run_dir: Path, job: Job) -> Path:
@@ -95,6 +96,7 @@ def write_job_files(run_dir: Path, result: JobResult, mlflow_run_id: str = "") -
             "status": "done",
             "val_score": result.val_score,
             "best_epoch": result.best_epoch,
+            "best_source": result.best_source,
             "mlflow_run_id": mlflow_run_id,
         },
     )

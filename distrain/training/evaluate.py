@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from distrain.data.transforms import ImageTransform
+from distrain.data.transforms import ImageTransform, TestTimeAugment
 from distrain.distributed.runtime import gather_rows
 from distrain.errors import JobFailure
 from distrain.study.results import Predictions
@@ -19,18 +19,21 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module, accelerator: Accelerator, loader: Iterable, transform: ImageTransform
+    model: torch.nn.Module,
+    accelerator: Accelerator,
+    loader: Iterable,
+    transform: ImageTransform,
+    tta: TestTimeAugment = TestTimeAugment(),
 ) -> Predictions:
-    """Softmax probabilities for the samples of `loader` (an `eval_loader`: this rank's share of the shards),
-    gathered on every rank and sorted by sample id. A loader built once can be reused every epoch: its
-    persistent workers stay up."""
+    """Softmax probabilities (averaged over the `tta` views) for the samples of `loader` (an `eval_loader`: this
+    rank's share of the shards), gathered on every rank and sorted by sample id. A loader built once can be
+    reused every epoch: its persistent workers stay up."""
     was_training = model.training
     model.eval()
     rows = []
     for images, labels, ids in loader:
         with accelerator.autocast():
-            logits = model(transform.normalise(images.to(accelerator.device)))
-        probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            probs = tta.probs(model, transform.normalise(images.to(accelerator.device))).cpu().numpy()
         rows.extend(zip(ids, probs, labels.tolist()))
     model.train(was_training)
     rows = gather_rows(accelerator, rows)

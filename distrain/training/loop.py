@@ -27,7 +27,7 @@ from distrain.console import is_terminal
 from distrain.data.augment import BatchAugment
 from distrain.data.index import DatasetIndex
 from distrain.data.loaders import default_workers, eval_loader, fits_in_cache, train_decoder, train_loader
-from distrain.data.transforms import resolve_transform
+from distrain.data.transforms import TestTimeAugment, resolve_transform
 from distrain.distributed import runtime
 from distrain.distributed.wrap import wrap
 from distrain.errors import ConfigError, Interrupted, NonFiniteLoss
@@ -44,7 +44,7 @@ from distrain.training.checkpoint import (
 )
 from distrain.training.evaluate import check_coverage, predict
 from distrain.training.losses import create_loss
-from distrain.training.models import create_model
+from distrain.training.models import create_ema, create_model
 from distrain.training.optim import create_optimizer, create_scheduler
 from distrain.training.state import EpochSums, TrainState
 
@@ -128,6 +128,11 @@ def fit_job(
     return trainer.finish()
 
 
+def tta_of(cfg: Config) -> TestTimeAugment:
+    """The config's test-time augmentation."""
+    return TestTimeAugment(cfg.tta.hflip, cfg.tta.vflip, tuple(cfg.tta.scales))
+
+
 def train_probe_ids(train_ids: set[str], n: int, job: Job) -> list[str]:
     """The fixed sample of a job's training fold (n ids, seeded by the job) scored un-augmented every epoch."""
     return random.Random(job.seed * 100 + job.fold).sample(sorted(train_ids), min(len(train_ids), n))
@@ -200,9 +205,11 @@ class JobTrainer:
             optimizer, cfg.optim, total_steps=opt_steps_per_epoch * tc.epochs, steps_per_epoch=opt_steps_per_epoch
         )
         self.trainable = wrap(accelerator, model, optimizer, tc, grad_checkpointing=cfg.model.grad_checkpointing)
+        self.ema = create_ema(self.trainable.plain, tc.ema_decay, tc.ema_warmup)
         runtime.seed_everything(job.seed, per_rank=True)  # distinct augmentation / dropout streams per rank
         self.log(f"distrain: {job.id}: {self.trainable.describe()}")
         self.transform = resolve_transform(job.model, dc, index.channels)
+        self.tta = tta_of(cfg)
         self.train_labels = {s: cv_labels[s] for s in sorted(train_ids)}
         workers = default_workers(
             dc.num_workers, len(index.cv_shards), self.world, runtime.cpus_per_process(accelerator)
@@ -236,6 +243,8 @@ class JobTrainer:
         if saved is None:
             return
         self.scheduler.load_state_dict(saved["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(saved["ema"])
         self.state.load_state_dict(saved)
         self.resume_step = self.state.step  # the data stream restarts at state.batches, without decoding before it
         set_rng_state(saved["rng"][self.accelerator.process_index])
@@ -282,6 +291,7 @@ class JobTrainer:
                 **self.state.state_dict(),
                 **engine_state,
                 "scheduler": self.scheduler.state_dict(),
+                "ema": {k: v.cpu() for k, v in self.ema.state_dict().items()} if self.ema is not None else None,
                 "rng": rngs,
             }
             state_dir = self.control.state_dir
@@ -384,6 +394,8 @@ class JobTrainer:
         if stepped.boundary:
             if stepped.applied:
                 self.scheduler.step()
+                if self.ema is not None:  # the scheduler's count of applied steps drives the EMA warmup
+                    self.ema.update(self.trainable.current_weights(), step=self.scheduler.last_epoch)
             else:
                 self.state.skipped_steps += 1  # fp16 overflow: the loss scaler skipped this step
         return loss, logits, labels, stepped
@@ -404,10 +416,10 @@ class JobTrainer:
         """Score the fold's validation samples, log the epoch's row and keep the best epoch's weights and OOF."""
         tc, state = self.cfg.train, self.state
         evaluated = self.trainable.eval_model()  # ZeRO: the fp32 weights gathered into a plain model
-        val = predict(evaluated, self.accelerator, self.val_loader, self.transform)
+        val = predict(evaluated, self.accelerator, self.val_loader, self.transform, self.tta)
         check_coverage(val, self.val_ids, f"{self.job.id} validation")
         val_score = val.score(tc.metric)
-        train_metric = predict(evaluated, self.accelerator, self.train_probe, self.transform).score(tc.metric)
+        train_metric = predict(evaluated, self.accelerator, self.train_probe, self.transform, self.tta).score(tc.metric)
         val_loss = F.nll_loss(torch.log(torch.from_numpy(val.probs).clamp_min(1e-12)), torch.from_numpy(val.labels))
         row = {
             "train_loss": train["loss_sum"] / train["seen"],
@@ -422,12 +434,18 @@ class JobTrainer:
             "skipped_steps": state.skipped_steps,
             "nonfinite_losses": state.nonfinite_losses,
         }
+        candidates = [("raw", evaluated, val, val_score)]
+        if self.ema is not None:  # the averaged weights compete with the raw ones for the best epoch
+            ema_val = predict(self.ema.module, self.accelerator, self.val_loader, self.transform, self.tta)
+            row[f"val_ema_{tc.metric}"] = ema_val.score(tc.metric)
+            candidates.append(("ema", self.ema.module, ema_val, row[f"val_ema_{tc.metric}"]))
         state.history.append({"epoch": epoch, **row})
         if self.tracker is not None:
             self.tracker.log_metrics(self.run_id, row, step=epoch)
-        if improves(tc.metric, val_score, state.best.score):
-            state.best.score, state.best.epoch, state.best.oof = val_score, epoch, val
-            state.best.state = {k: v.detach().to("cpu", copy=True) for k, v in evaluated.state_dict().items()}
+        for source, model, pred, score in candidates:
+            if improves(tc.metric, score, state.best.score):
+                state.best.score, state.best.epoch, state.best.oof, state.best.source = score, epoch, pred, source
+                state.best.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         return row
 
     def should_stop_early(self, epoch: int, row: dict[str, float]) -> bool:
@@ -445,13 +463,14 @@ class JobTrainer:
         test = None
         if self.index.test_shards:
             loader = self._eval_loader("test", self.index.labels_of("test"))
-            test = predict(final, self.accelerator, loader, self.transform)
+            test = predict(final, self.accelerator, loader, self.transform, self.tta)
             check_coverage(test, set(self.index.labels_of("test")), f"{self.job.id} test")
         runtime.release(self.accelerator)
         return JobResult(
             job=self.job,
             val_score=best.score,
             best_epoch=best.epoch,
+            best_source=best.source,
             oof=best.oof,
             test=test,
             best_state=best.state,

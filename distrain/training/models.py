@@ -94,3 +94,13 @@ def check_pretrained(model: ModelConfig, *, num_classes: int, in_chans: int) -> 
     for name in model.names:
         create_model(name, num_classes=num_classes, in_chans=in_chans, pretrained=model.pretrained,
                      pretrained_file=model.pretrained_file)  # fmt: skip
+
+
+def create_ema(model: torch.nn.Module, decay: float, warmup: bool):
+    """timm's ModelEmaV3 over a copy of `model`, kept in fp32 (a bf16 EMA would round most updates away);
+    `update(weights, step)` after each optimizer step. None when decay is 0."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=warmup, warmup_power=0.75, dtype=torch.float32)

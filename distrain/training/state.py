@@ -37,6 +37,8 @@ class BestEpoch:
     epoch: int = -1
     state: Optional[dict[str, torch.Tensor]] = None
     oof: Optional[Predictions] = None
+    source: str = "raw"
+    """`raw` (the trained weights) or `ema` (their moving average, train.ema_decay)."""
 
     def state_dict(self) -> dict[str, Any]:
         oof = None
@@ -46,14 +48,14 @@ class BestEpoch:
                 "probs": torch.from_numpy(self.oof.probs),
                 "labels": torch.from_numpy(self.oof.labels),
             }
-        return {"score": self.score, "epoch": self.epoch, "state": self.state, "oof": oof}
+        return {"score": self.score, "epoch": self.epoch, "state": self.state, "oof": oof, "source": self.source}
 
     @classmethod
     def from_state_dict(cls, d: dict[str, Any]) -> BestEpoch:
         oof = d["oof"]
         if oof is not None:
             oof = Predictions(oof["sample_ids"], oof["probs"].numpy(), oof["labels"].numpy())
-        return cls(score=d["score"], epoch=d["epoch"], state=d["state"], oof=oof)
+        return cls(score=d["score"], epoch=d["epoch"], state=d["state"], oof=oof, source=d.get("source", "raw"))
 
 
 @dataclass

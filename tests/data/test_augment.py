@@ -187,3 +187,28 @@ def test_evaluation_images_are_cached_only_when_the_whole_data_set_fits(photos, 
             )
             passes.append({sid: img for images, _, ids in loader for sid, img in zip(ids, images)})
         assert len(reads) == expected_reads and all(torch.equal(passes[0][s], passes[1][s]) for s in labels)
+
+
+def test_tta_with_identity_views_leaves_predictions_unchanged_and_averages_the_views():
+    from distrain.data.transforms import TestTimeAugment
+    from distrain.training.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet", num_classes=3, in_chans=1).eval()
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        plain = torch.softmax(model(x), 1)
+        assert torch.equal(TestTimeAugment().probs(model, x), plain)
+        mirror_symmetric = torch.cat([x[..., :16], x[..., :16].flip(-1)], -1)  # its hflip view is itself
+        torch.testing.assert_close(
+            TestTimeAugment(hflip=True).probs(model, mirror_symmetric), torch.softmax(model(mirror_symmetric), 1)
+        )
+        flipped = TestTimeAugment(hflip=True, vflip=True).probs(model, x)
+        views = [x, x.flip(-1), x.flip(-2)]
+        torch.testing.assert_close(flipped, sum(torch.softmax(model(v), 1) for v in views) / 3)
+        assert not torch.allclose(flipped, plain)
+        scaled = TestTimeAugment(scales=(1.25,))
+        assert [v.shape[-1] for v in scaled.views(x)] == [32, 40]
+        assert scaled.probs(model, x).sum(1).allclose(torch.ones(4))
+    tta = TestTimeAugment(True, False, (0.75,))
+    assert TestTimeAugment.from_dict(tta.to_dict()) == tta and TestTimeAugment.from_dict(None) == TestTimeAugment()

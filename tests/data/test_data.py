@@ -164,8 +164,8 @@ def test_ensure_digits_keeps_the_copy_another_process_finished_first(tmp_path, m
     real_samples = pack.digits_samples
     raced = []
 
-    def samples_while_another_worker_finishes():
-        out = real_samples()
+    def samples_while_another_worker_finishes(binary=False):
+        out = real_samples(binary)
         if not raced:
             raced.append(True)
             pack.write_digits(root)  # the other worker wins the race

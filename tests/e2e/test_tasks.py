@@ -1,5 +1,5 @@
-"""End to end: a binary study (digits, 'is it an 8?') through OOF, voting, stacking, OOF-tuned thresholds
-and the registered pyfunc model."""
+"""End to end: a binary study (digits, 'is it an 8?', focal loss, flip TTA) through OOF, voting, stacking,
+OOF-tuned thresholds and the registered pyfunc model."""
 
 import io
 import json
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def binary_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("binary")
     proc = distrain_run(cwd, "cv.folds=3", "cv.seeds=[1]", "train.epochs=3", "train.loss=focal",
-                        "train.focal_alpha=0.25", config=REPO / "configs" / "digits_binary.yaml",
+                        "train.focal_alpha=0.25", "tta.hflip=true", config=REPO / "configs" / "digits_binary.yaml",
                         timeout=e2e_timeout(900))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = cwd / "runs" / "digits-binary"
@@ -56,6 +56,9 @@ def test_registered_binary_model_decides_with_the_tuned_threshold(binary_run):
     mlflow.set_tracking_uri(report["mlflow"]["tracking_uri"])
     model = mlflow.pyfunc.load_model(report["ensemble_model"]["uri"])
     probs = model.predict(images)
+    with np.load(run_dir / "ensemble" / "stacking_test.npz") as z:  # the jobs' test predictions, made with TTA
+        np.testing.assert_allclose(probs, z["probs"], atol=1e-5)
+    assert all(job["tta"]["hflip"] for job in meta["jobs"])
     decided = model.predict(images, params={"output": "labels"})
     assert probs.shape == (len(labels), 2)
     assert (decided == (probs[:, 1] >= meta["threshold"])).all()

@@ -375,3 +375,59 @@ def test_train_val_gap_compares_the_same_metric_on_unaugmented_images(tmp_path, 
     expected = score("f1_macro", np.array([labels[s] for s in ids]), np.concatenate(probs))
     assert row["train_eval_f1_macro"] == pytest.approx(expected, abs=1e-6)
     assert row["train_val_gap"] == pytest.approx(row["train_eval_f1_macro"] - row["val_f1_macro"])
+
+
+def test_ema_weights_equal_a_hand_rolled_ema_and_compete_for_the_best_epoch(
+    tmp_path, fresh_accelerate_state, monkeypatch
+):
+    """train.ema_decay: after every applied optimizer step (here every 2nd micro-batch) the EMA reads the
+    current weights; its weights equal e_t = d_t e_(t-1) + (1 - d_t) w_t with timm's warmup decay
+    d_t = min(d, 1 - t^-0.75) (d_1 = 0: a copy); it is scored every epoch, and the better of it and the raw
+    weights becomes the job's best."""
+    from distrain.data.index import read_index
+    from distrain.training import loop
+
+    seen_weights, emas = [], []
+    real_create = loop.create_ema
+
+    def recording_ema(model, decay, warmup):
+        ema = real_create(model, decay, warmup)
+        real_update = ema.update
+
+        def update(weights, step):
+            seen_weights.append((step, {k: v.detach().clone() for k, v in weights.state_dict().items()}))
+            real_update(weights, step=step)
+
+        ema.update = update
+        emas.append(ema)
+        return ema
+
+    monkeypatch.setattr(loop, "create_ema", recording_ema)
+    index = read_index(write_digits(tmp_path / "digits").root)
+    cfg = load_config(None, [f"data.root={index.root}", "train.epochs=2", "model.names=[test_resnet]",
+                             "data.image_size=16", "data.num_workers=0", "train.grad_accum_steps=2",
+                             "train.ema_decay=0.99", "train.ema_warmup=true", "train.progress=false"])  # fmt: skip
+    labels = index.labels_of("cv")
+    manifest = build_fold_manifest(list(labels), list(labels.values()), 5, 0)
+    result = fit_job(
+        Job("test_resnet", 1, 0), cfg, index, manifest.fold_of_sample, runtime.create_accelerator(cfg.train)
+    )
+    n_train = sum(f != 0 for f in manifest.fold_of_sample.values())
+    assert [s for s, _ in seen_weights] == list(range(1, 2 * steps_per_epoch(n_train, 1, 64, 2) // 2 + 1))
+    expected = {}
+    for step, weights in seen_weights:
+        decay = 0.0 if step == 1 else min(0.99, 1 - step**-0.75)
+        for k, w in weights.items():
+            expected[k] = w.float().clone() if k not in expected or not w.is_floating_point() else (
+                decay * expected[k] + (1 - decay) * w.float())  # fmt: skip
+    ema_state = emas[0].module.state_dict()
+    for k, v in expected.items():
+        torch.testing.assert_close(ema_state[k].float(), v, rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.equal(ema_state["fc.weight"], seen_weights[-1][1]["fc.weight"])  # an average, not a copy
+    rows = result.history
+    assert all("val_ema_accuracy" in r for r in rows)
+    scores = [(r["val_accuracy"], "raw", r["epoch"]) for r in rows] + [
+        (r["val_ema_accuracy"], "ema", r["epoch"]) for r in rows
+    ]
+    best = max(scores, key=lambda t: (t[0], -t[2], t[1] == "raw"))  # first epoch, raw before ema among equals
+    assert (result.val_score, result.best_source, result.best_epoch) == best

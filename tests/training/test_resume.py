@@ -29,6 +29,7 @@ TINY = [
     "train.batch_size=32",
     "train.progress=false",
     "train.deterministic=true",
+    "train.ema_decay=0.9",  # the EMA's state resumes too
     "train.cpu_threads=1",
     "ensemble.stacking=false",
     "ensemble.register_model=false",
@@ -136,6 +137,7 @@ def test_sigkilled_job_resumes_bit_identical(tmp_path):
     assert list(a_oof["sample_ids"]) == list(b_oof["sample_ids"])
     assert np.array_equal(a_oof["probs"], b_oof["probs"])
     assert [h["val_accuracy"] for h in a_hist] == [h["val_accuracy"] for h in b_hist]
+    assert [h["val_ema_accuracy"] for h in a_hist] == [h["val_ema_accuracy"] for h in b_hist]
     assert [h["train_loss"] for h in a_hist] == [h["train_loss"] for h in b_hist]
     attempts = Ledger(killed / "runs" / "digits").attempts(JOB)
     assert [(a.end or {}).get("status") for a in attempts] == ["expired", "done"]
