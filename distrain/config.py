@@ -65,6 +65,10 @@ class DataConfig:
     image_size: int = 32
     """Model input: image_size x image_size pixels (the shorter side resized to image_size / crop_pct,
     keeping the aspect ratio, then centre-cropped)."""
+    image_size_schedule: dict[int, int] = field(default_factory=dict)
+    """Progressive resolution: training epoch -> image size from that epoch on, e.g. {0: 640, 4: 960}; epochs
+    increasing from 0, the last size data.image_size (validation, OOF and test always run at data.image_size).
+    Empty: every epoch at data.image_size."""
     interpolation: str = ""
     """Resize filter: nearest, bilinear, bicubic or lanczos; empty: the backbone's timm data config."""
     crop_pct: float = 0.0
@@ -328,6 +332,9 @@ class TrainConfig:
     """Training epochs per job."""
     batch_size: int = 64
     """Samples per process per micro-batch."""
+    batch_size_schedule: dict[int, int] = field(default_factory=dict)
+    """Training epoch -> batch size from that epoch on, e.g. {0: 128, 4: 64} beside an image_size_schedule;
+    epochs increasing from 0. Empty: train.batch_size throughout (also the size of evaluation batches / 2)."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
     max_grad_norm: float = 1.0
@@ -522,14 +529,21 @@ class Config:
         _check_task_fit(self, "")
         for name, changes in self.model.overrides.items():
             _require(name in self.model.names, "model.overrides", name, f"a name in model.names {self.model.names}")
-            for key in flatten(changes):
+            for key in _override_keys(changes):
                 _require(_overridable(key), f"model.overrides.{name}", key, "a key of optim, train (not metric), "
                          "augment, tta, data.image_size/interpolation/crop_pct/mean/std or model.drop_rate/"
                          "drop_path_rate/grad_checkpointing")  # fmt: skip
             _check_task_fit(self.for_model(name), f"model.overrides.{name}: ")  # builds it: bad values refused now
+        _check_schedule("data.image_size_schedule", self.data.image_size_schedule, self.train.epochs, 8)
+        _check_schedule("train.batch_size_schedule", self.train.batch_size_schedule, self.train.epochs, 1)
+        sizes = list(self.data.image_size_schedule.values())
+        if sizes:
+            _require(sizes[-1] == self.data.image_size, "data.image_size_schedule", self.data.image_size_schedule,
+                     f"a last size of data.image_size={self.data.image_size} (evaluation runs at it)")  # fmt: skip
         if self.augment.mixes:
-            _require(self.train.batch_size % 2 == 0, "train.batch_size", self.train.batch_size,
-                     "an even number with augment.mixup / augment.cutmix (timm's Mixup mixes pairs)")  # fmt: skip
+            for b in (self.train.batch_size, *self.train.batch_size_schedule.values()):
+                _require(b % 2 == 0, "train.batch_size", b,
+                         "an even number with augment.mixup / augment.cutmix (timm's Mixup mixes pairs)")  # fmt: skip
 
     @property
     def run_dir(self) -> Path:
@@ -540,7 +554,7 @@ class Config:
 
     def for_model(self, name: str) -> Config:
         """This config with `model.overrides[name]` applied (itself when there are none)."""
-        changes = flatten(self.model.overrides.get(name, {}))
+        changes = _override_keys(self.model.overrides.get(name, {}))
         if not changes:
             return self
         raw = self.to_dict()
@@ -556,6 +570,29 @@ class Config:
         return cfg
 
 
+def _override_keys(changes: dict) -> dict[str, Any]:
+    """{'optim': {'lr': 1}, 'data.image_size_schedule': {0: 16}} -> {'optim.lr': 1, 'data.image_size_schedule':
+    {0: 16}}: flattened to `section.field` keys, a mapping-valued field kept whole."""
+    out: dict[str, Any] = {}
+    for key, value in changes.items():
+        if "." not in str(key) and isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[str(key)] = value
+    return out
+
+
+def _check_schedule(key: str, schedule: dict[int, int], epochs: int, smallest: int) -> None:
+    """Epoch keys strictly increasing from 0 and below train.epochs; values at least `smallest`."""
+    starts = list(schedule)
+    if not starts:
+        return
+    _require(starts[0] == 0, key, schedule, "a first epoch of 0")
+    _require(all(a < b for a, b in zip(starts, starts[1:])), key, schedule, "strictly increasing epochs")
+    _require(starts[-1] < epochs, key, schedule, f"epochs below train.epochs={epochs}")
+    _require(all(v >= smallest for v in schedule.values()), key, schedule, f"values >= {smallest}")
+
+
 def _check_task_fit(cfg: Config, where: str) -> None:
     """The metric and the loss fit the task; loss-specific settings are not set for another loss."""
     tc, task = cfg.train, cfg.task
@@ -568,9 +605,9 @@ def _check_task_fit(cfg: Config, where: str) -> None:
         _require(tc.loss == "bce", f"{where}train.pos_weight", tc.pos_weight, "1 unless train.loss is bce")
 
 
-_OVERRIDABLE = ("optim.", "train.", "augment.", "tta.", "data.image_size", "data.interpolation", "data.crop_pct",
-                "data.mean", "data.std", "model.drop_rate", "model.drop_path_rate",
-                "model.grad_checkpointing")  # fmt: skip
+_OVERRIDABLE = ("optim.", "train.", "augment.", "tta.", "data.image_size", "data.image_size_schedule",
+                "data.interpolation", "data.crop_pct", "data.mean", "data.std", "model.drop_rate",
+                "model.drop_path_rate", "model.grad_checkpointing")  # fmt: skip
 
 
 def _overridable(key: str) -> bool:
@@ -597,9 +634,9 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
             return None
         return _check_type(key, value, args[0])
     if origin is dict:
-        _key_type, item = typing.get_args(hint)
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_type, item = typing.get_args(hint)
+        if not isinstance(value, dict) or not all(type(k) is key_type for k in value):
+            raise ConfigError(f"{key}: expected a mapping with {key_type.__name__} keys, got {value!r}")
         return {k: _check_type(f"{key}.{k}", v, item) for k, v in value.items()}
     if hint is typing.Any:
         return value

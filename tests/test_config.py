@@ -47,6 +47,14 @@ def test_every_shipped_config_parses():
         ),
         ("task: binary\ndata:\n  num_classes: 2\ntrain:\n  pos_weight: 4\n", "train.pos_weight: invalid value 4.0"),
         (
+            "data:\n  image_size_schedule: {0: 16, 4: 8, 2: 32}\n",
+            "data.image_size_schedule: invalid value {0: 16, 4: 8, 2: 32} (expected strictly increasing epochs)",
+        ),
+        ("data:\n  image_size_schedule: {1: 32}\n", "(expected a first epoch of 0)"),
+        ("data:\n  image_size_schedule: {0: 16, 2: 24}\n", "(expected a last size of data.image_size=32"),
+        ("data:\n  image_size_schedule: {0: 16, 20: 32}\n", "(expected epochs below train.epochs=12)"),
+        ("data:\n  image_size_schedule: {'0': 32}\n", "data.image_size_schedule: expected a mapping with int keys"),
+        (
             "model:\n  overrides:\n    resnet10t:\n      train.loss: bce\n",
             "model.overrides.resnet10t: train.loss: invalid value 'bce'",
         ),

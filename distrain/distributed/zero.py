@@ -137,6 +137,9 @@ def load_deepspeed_config(path: str | Path, train: TrainConfig, world_size: int)
     if "bfloat16" in cfg:
         raise ConfigError(f"{p}: use 'bf16', not its legacy spelling 'bfloat16'")
     _validate_sections(p, cfg)
+    if train.batch_size_schedule:
+        raise ConfigError(f"{p}: train.batch_size_schedule: DeepSpeed fixes the micro-batch size for the whole run "
+                          f"(train_micro_batch_size_per_gpu); keep one train.batch_size under ZeRO")  # fmt: skip
     if train.ema_decay and zero_stage(cfg) == 3:
         raise ConfigError(f"{p}: train.ema_decay needs every rank to hold the full weights; ZeRO-3 partitions them "
                           f"(use ZeRO-2, or set train.ema_decay=0)")  # fmt: skip

@@ -10,6 +10,7 @@ one or several nodes; everything rank-aware goes through `distrain.distributed`.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 import warnings
@@ -128,6 +129,30 @@ def fit_job(
     return trainer.finish()
 
 
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one training epoch trains at: progressive resolution's image size and batch size, and the first
+    epoch of the phase (the run of epochs with both unchanged) it belongs to."""
+
+    image_size: int
+    batch_size: int
+    phase_start: int
+
+    @classmethod
+    def of(cls, cfg: Config, epoch: int) -> EpochPlan:
+        def at(schedule: dict[int, int], e: int, default: int) -> int:
+            return next((v for start, v in reversed(schedule.items()) if start <= e), default)
+
+        def key(e: int) -> tuple[int, int]:
+            return (at(cfg.data.image_size_schedule, e, cfg.data.image_size),
+                    at(cfg.train.batch_size_schedule, e, cfg.train.batch_size))  # fmt: skip
+
+        first = epoch
+        while first > 0 and key(first - 1) == key(epoch):
+            first -= 1
+        return cls(*key(epoch), phase_start=first)
+
+
 def tta_of(cfg: Config) -> TestTimeAugment:
     """The config's test-time augmentation."""
     return TestTimeAugment(cfg.tta.hflip, cfg.tta.vflip, tuple(cfg.tta.scales))
@@ -197,13 +222,14 @@ class JobTrainer:
                              drop_path_rate=mc.drop_path_rate,
                              pretrained=mc.pretrained, pretrained_file=mc.pretrained_file)  # fmt: skip
         optimizer = create_optimizer(model, cfg.optim)
-        self.n_steps = steps_per_epoch(len(train_ids), self.world, tc.batch_size, tc.grad_accum_steps)
-        opt_steps_per_epoch = self.n_steps // tc.grad_accum_steps
+        self.plan = [EpochPlan.of(cfg, epoch) for epoch in range(tc.epochs)]  # progressive resolution, if any
+        self.epoch_steps = [steps_per_epoch(len(train_ids), self.world, p.batch_size, tc.grad_accum_steps)
+                            for p in self.plan]  # fmt: skip
+        total_opt_steps = sum(self.epoch_steps) // tc.grad_accum_steps
         # On the plain torch optimizer: DeepSpeed's ZeRO optimizers keep its param_groups, so the LR set here
-        # is the LR they use.
-        self.scheduler = create_scheduler(
-            optimizer, cfg.optim, total_steps=opt_steps_per_epoch * tc.epochs, steps_per_epoch=opt_steps_per_epoch
-        )
+        # is the LR they use. (Warm restarts count epochs in mean optimizer steps per epoch.)
+        self.scheduler = create_scheduler(optimizer, cfg.optim, total_steps=total_opt_steps,
+                                          steps_per_epoch=max(1, total_opt_steps // tc.epochs))  # fmt: skip
         self.trainable = wrap(accelerator, model, optimizer, tc, grad_checkpointing=cfg.model.grad_checkpointing)
         self.ema = create_ema(self.trainable.plain, tc.ema_decay, tc.ema_warmup)
         runtime.seed_everything(job.seed, per_rank=True)  # distinct augmentation / dropout streams per rank
@@ -216,7 +242,8 @@ class JobTrainer:
         )
         self.loader_kw = dict(num_workers=workers, pin_memory=accelerator.device.type == "cuda")
         self.cache = fits_in_cache(len(index.sample_ids), self.transform, dc.cache_mb)
-        self.train_batches = None  # started on the first step, at the resumed position
+        self.train_batches = None  # started on an epoch's first step, at the resumed position
+        self.stream_phase = -1  # the first epoch of the phase whose stream train_batches is
         # Built once per job: rebuilt every epoch, its DataLoader workers would start again every epoch.
         self.val_loader = self._eval_loader("cv", {s: cv_labels[s] for s in self.val_ids})
         # The train side of the train-val gap: the metric on a fixed, un-augmented sample of the training fold
@@ -250,7 +277,7 @@ class JobTrainer:
         set_rng_state(saved["rng"][self.accelerator.process_index])
         self.log(
             f"distrain: {self.job.id}: resumed from {saved['path']} (epoch {self.state.epoch}, "
-            f"step {self.state.step}/{self.n_steps})"
+            f"step {self.state.step}/{self.epoch_steps[self.state.epoch]})"
         )
         self.last_save = time.monotonic()
 
@@ -305,7 +332,8 @@ class JobTrainer:
         """Between optimizer steps: checkpoint when due, and stop (after a checkpoint) when asked.
         Ranks decide together (one tiny all-reduce), so they save and stop at the same step."""
         control = self.control
-        control.progress.update(epoch=epoch, epochs=self.cfg.train.epochs, step=step, steps=self.n_steps)
+        steps = self.epoch_steps[min(epoch, len(self.epoch_steps) - 1)]
+        control.progress.update(epoch=epoch, epochs=self.cfg.train.epochs, step=step, steps=steps)
         if control.state_dir is None and self.world == 1:
             if control.stop_requested():
                 raise Interrupted(f"{self.job.id}: stop requested (no checkpoint directory)")
@@ -327,6 +355,8 @@ class JobTrainer:
         tc, device, state = self.cfg.train, self.accelerator.device, self.state
         self.trainable.train()
         start_step, self.resume_step = self.resume_step, 0
+        n_steps = self.epoch_steps[epoch]
+        self._start_stream(epoch)
         sums = state.sums if start_step else EpochSums()
         # Running sums stay tensors: no per-step host round trip (a device sync on GPUs).
         loss_sum = torch.tensor(sums.loss_sum, device=device)
@@ -346,7 +376,7 @@ class JobTrainer:
             )
 
         steps = tqdm(
-            range(start_step, self.n_steps),
+            range(start_step, n_steps),
             desc=f"epoch {epoch}",
             disable=not self.show_progress,
             leave=False,
@@ -365,10 +395,10 @@ class JobTrainer:
             loss_sum += loss.detach() * len(labels)
             correct += (logits.detach().argmax(1) == labels).sum()
             seen += len(labels)
-            if (step + 1) % tc.grad_accum_steps == 0 and step + 1 < self.n_steps:
+            if (step + 1) % tc.grad_accum_steps == 0 and step + 1 < n_steps:
                 self.step_boundary(epoch, step + 1, current_sums)
         train_seconds = time.perf_counter() - start
-        self.nonfinite.check(self.job, epoch, self.n_steps - 1)
+        self.nonfinite.check(self.job, epoch, n_steps - 1)
         state.nonfinite_losses += self.nonfinite.take_total()
         loss_total, correct_total, seen_total = runtime.sum_across_ranks(
             self.accelerator, [float(loss_sum), float(correct), seen]
@@ -384,8 +414,6 @@ class JobTrainer:
     def _micro_step(self):
         """Draw one micro-batch and train on it; steps the LR schedule when the optimizer stepped."""
         device = self.accelerator.device
-        if self.train_batches is None:
-            self.train_batches = self._train_stream(start_batch=self.state.batches)
         images, labels, _ids = next(self.train_batches)
         self.state.batches += 1
         labels = labels.to(device, non_blocking=True)
@@ -400,13 +428,25 @@ class JobTrainer:
                 self.state.skipped_steps += 1  # fp16 overflow: the loss scaler skipped this step
         return loss, logits, labels, stepped
 
-    def _train_stream(self, start_batch: int):
-        dc, seed = self.cfg.data, self.job.seed * 100 + self.job.fold
-        decode = train_decoder(self.transform, self.cfg.augment, seed, self.cache)
-        loader = train_loader(self.index.urls("cv"), self.train_labels, batch_size=self.cfg.train.batch_size,
-                              decode=decode, shuffle_buffer=dc.shuffle_buffer, seed=seed, start_batch=start_batch,
+    def _start_stream(self, epoch: int) -> None:
+        """Keep the training stream when `epoch` continues its phase; else start the phase's stream (its own seed,
+        image size and batch size) at this job's position in it: a resume lands mid-phase on the right batch."""
+        first = self.plan[epoch].phase_start
+        if self.train_batches is not None and first == self.stream_phase:
+            return
+        self.train_batches = None  # release the last phase's DataLoader workers first
+        start_batch = self.state.batches - sum(self.epoch_steps[:first])
+        plan, dc = self.plan[epoch], self.cfg.data
+        seed = self.job.seed * 100 + self.job.fold + 7919 * first  # phase 0: the stream a job without phases has
+        transform = dataclasses.replace(self.transform, image_size=plan.image_size)
+        decode = train_decoder(transform, self.cfg.augment, seed, self.cache and plan.image_size == dc.image_size)
+        loader = train_loader(self.index.urls("cv"), self.train_labels, batch_size=plan.batch_size, decode=decode,
+                              shuffle_buffer=dc.shuffle_buffer, seed=seed, start_batch=start_batch,
                               **self.loader_kw)  # fmt: skip
-        return iter(loader)
+        self.train_batches, self.stream_phase = iter(loader), first
+        if epoch and epoch == first:
+            self.log(f"distrain: {self.job.id}: epoch {epoch}: training at {plan.image_size} px, "
+                     f"batch size {plan.batch_size}")  # fmt: skip
 
     def _eval_loader(self, split: str, labels: dict[str, int]):
         return eval_loader(self.index.urls(split), labels, batch_size=self.cfg.train.batch_size * 2,

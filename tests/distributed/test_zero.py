@@ -323,9 +323,11 @@ def test_accelerate_launch_with_the_deepspeed_yaml_uses_the_plugin(tmp_path):
     assert (tmp_path / "runs" / "digits" / "report.json").is_file()
 
 
-def test_ema_is_refused_under_zero3_and_allowed_under_zero2():
+def test_ema_under_zero3_and_a_batch_size_schedule_are_refused():
     """ZeRO-3 partitions the weights, so no rank holds what an EMA must average after each step."""
     train = TrainConfig(batch_size=24, ema_decay=0.999)
     with pytest.raises(ConfigError, match="train.ema_decay needs every rank to hold the full weights"):
         load_deepspeed_config(REPO / "launch" / "deepspeed" / "zero3.json", train, world_size=2)
     assert load_deepspeed_config(REPO / "launch" / "deepspeed" / "zero2.json", train, world_size=2)
+    with pytest.raises(ConfigError, match="DeepSpeed fixes the micro-batch size"):
+        load_deepspeed_config(JSONS[0], TrainConfig(batch_size_schedule={0: 64, 2: 32}), world_size=2)

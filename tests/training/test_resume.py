@@ -1,5 +1,5 @@
-"""Training-state checkpoints: weights_only loading, checksums, deterministic resume after SIGKILL,
-and SIGTERM (preemption) saving within the grace window."""
+"""Training-state checkpoints: weights_only loading, checksums, deterministic resume after SIGKILL (with an
+EMA and a resolution switch before the kill), and SIGTERM (preemption) saving within the grace window."""
 
 import json
 import signal
@@ -30,6 +30,7 @@ TINY = [
     "train.progress=false",
     "train.deterministic=true",
     "train.ema_decay=0.9",  # the EMA's state resumes too
+    "data.image_size_schedule={0: 16, 1: 24}",  # progressive resolution: killed in the first epoch at 24 px
     "train.cpu_threads=1",
     "ensemble.stacking=false",
     "ensemble.register_model=false",
