@@ -434,8 +434,8 @@ def test_ema_weights_equal_a_hand_rolled_ema_and_compete_for_the_best_epoch(
 
 
 def test_progressive_resolution_trains_each_phase_at_its_size_and_batch(tmp_path, fresh_accelerate_state, monkeypatch):
-    """data.image_size_schedule {0: 16, 2: 24} with train.batch_size_schedule {0: 64, 2: 32}: epochs 0-1 train on
-    64 x 16 px batches, epoch 2 on 32 x 24 px ones, as many as each epoch's steps; validation is always at 24 px."""
+    """data.image_size_schedule {0: 16, 1: 24} with train.batch_size_schedule {0: 64, 1: 32}: epoch 0 trains on
+    64 x 16 px batches, epoch 1 on 32 x 24 px ones, as many as each epoch's steps; validation is always at 24 px."""
     from distrain.data.augment import BatchAugment
     from distrain.data.index import read_index
     from distrain.training import loop
@@ -453,9 +453,9 @@ def test_progressive_resolution_trains_each_phase_at_its_size_and_batch(tmp_path
         lambda m, a, loader, t, tta: evaluated.append(t.image_size) or real_predict(m, a, loader, t, tta),
     )
     index = read_index(write_digits(tmp_path / "digits").root)
-    cfg = load_config(None, [f"data.root={index.root}", "train.epochs=3", "model.names=[test_resnet]",
-                             "data.image_size=24", "data.image_size_schedule={0: 16, 2: 24}",
-                             "train.batch_size_schedule={0: 64, 2: 32}", "data.num_workers=0",
+    cfg = load_config(None, [f"data.root={index.root}", "train.epochs=2", "model.names=[test_resnet]",
+                             "data.image_size=24", "data.image_size_schedule={0: 16, 1: 24}",
+                             "train.batch_size_schedule={0: 64, 1: 32}", "data.num_workers=0",
                              "train.progress=false"])  # fmt: skip
     labels = index.labels_of("cv")
     manifest = build_fold_manifest(list(labels), list(labels.values()), 5, 0)
@@ -464,10 +464,12 @@ def test_progressive_resolution_trains_each_phase_at_its_size_and_batch(tmp_path
     )
     n_train = sum(f != 0 for f in manifest.fold_of_sample.values())
     small, large = steps_per_epoch(n_train, 1, 64, 1), steps_per_epoch(n_train, 1, 32, 1)
-    assert shapes == [(64, 1, 16, 16)] * 2 * small + [(32, 1, 24, 24)] * large
-    assert set(evaluated) == {24} and len(result.history) == 3
-    assert [loop.EpochPlan.of(cfg, e) for e in range(3)] == [
-        loop.EpochPlan(16, 64, 0),
-        loop.EpochPlan(16, 64, 0),
-        loop.EpochPlan(24, 32, 2),
-    ]
+    assert shapes == [(64, 1, 16, 16)] * small + [(32, 1, 24, 24)] * large
+    assert set(evaluated) == {24} and len(result.history) == 2
+    assert [loop.EpochPlan.of(cfg, e) for e in range(2)] == [loop.EpochPlan(16, 64, 0), loop.EpochPlan(24, 32, 1)]
+    longer = load_config(None, ["train.epochs=5", "data.image_size_schedule={0: 16, 3: 32}",
+                                "train.batch_size_schedule={0: 64, 1: 32}"])  # fmt: skip
+    assert [loop.EpochPlan.of(longer, e) for e in range(5)] == [
+        loop.EpochPlan(16, 64, 0), loop.EpochPlan(16, 32, 1), loop.EpochPlan(16, 32, 1), loop.EpochPlan(32, 32, 3),
+        loop.EpochPlan(32, 32, 3),
+    ]  # fmt: skip
