@@ -153,11 +153,6 @@ class EpochPlan:
         return cls(*key(epoch), phase_start=first)
 
 
-def tta_of(cfg: Config) -> TestTimeAugment:
-    """The config's test-time augmentation."""
-    return TestTimeAugment(cfg.tta.hflip, cfg.tta.vflip, tuple(cfg.tta.scales))
-
-
 def train_probe_ids(train_ids: set[str], n: int, job: Job) -> list[str]:
     """The fixed sample of a job's training fold (n ids, seeded by the job) scored un-augmented every epoch."""
     return random.Random(job.seed * 100 + job.fold).sample(sorted(train_ids), min(len(train_ids), n))
@@ -235,7 +230,7 @@ class JobTrainer:
         runtime.seed_everything(job.seed, per_rank=True)  # distinct augmentation / dropout streams per rank
         self.log(f"distrain: {job.id}: {self.trainable.describe()}")
         self.transform = resolve_transform(job.model, dc, index.channels)
-        self.tta = tta_of(cfg)
+        self.tta = TestTimeAugment.from_dict(dataclasses.asdict(cfg.tta))  # as meta.json stores it for serving
         self.train_labels = {s: cv_labels[s] for s in sorted(train_ids)}
         workers = default_workers(
             dc.num_workers, len(index.cv_shards), self.world, runtime.cpus_per_process(accelerator)
