@@ -1,10 +1,10 @@
 """The competition recipe's options, each measured against the same baseline: the shipped digits config run
-unchanged and with one option switched on (same folds, seeds and holdout), then the binary digits config's
-OOF-tuned decision thresholds. Every run is the real main job (`python distrain/run.py`) in a scratch
-directory; the figures are read from each run's report.json. Prints a table with differences to the baseline
-and, last, one JSON line.
+unchanged and with one option switched on (same folds, seeds and holdout), then the OOF-tuned decision
+thresholds of the binary and multilabel digits configs (at 0.5 and tuned, CV and holdout). Every run is the real
+main job (`python distrain/run.py`) in a scratch directory; the figures are read from each run's report.json.
+Prints a table with differences to the baseline and, last, one JSON line.
 
-    python benchmarks/recipe.py [--variants baseline,ema,mixup,focal,tta] [--no-binary] [--keep DIR]
+    python benchmarks/recipe.py [--variants baseline,ema,mixup,focal,tta] [--tasks binary,multilabel] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ VARIANTS = {
     "tta": ["tta.scales=[0.875,1.125]"],  # digits are not mirror-symmetric: scales, not flips
 }
 QUIET = ["train.progress=false", "ensemble.register_model=false"]
+TASK_CONFIGS = {"binary": "digits_binary.yaml", "multilabel": "digits_multilabel.yaml"}
 
 
 def run(config: Path, experiment: str, overrides: list[str], cwd: Path) -> tuple[dict, float]:
@@ -51,13 +52,13 @@ def figures(report: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--no-binary", action="store_true", help="skip the binary thresholds run")
+    ap.add_argument("--tasks", default=",".join(TASK_CONFIGS), help="thresholds runs: binary, multilabel or none")
     ap.add_argument("--keep", default="", help="run in this directory and keep it (default: a temporary one)")
     args = ap.parse_args()
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
-    if unknown or names[:1] != ["baseline"]:
-        raise SystemExit(f"--variants: start with baseline; known: {', '.join(VARIANTS)} (unknown: {unknown})")
+    if unknown or (names and names[0] != "baseline"):
+        raise SystemExit(f"--variants: start with baseline, or none; known: {', '.join(VARIANTS)} (unknown: {unknown})")
     with tempfile.TemporaryDirectory() as tmp:
         cwd = Path(args.keep or tmp)
         cwd.mkdir(parents=True, exist_ok=True)
@@ -68,25 +69,36 @@ def main() -> None:
             if name == "ema":
                 results[name]["jobs_best_from_ema"] = sum(j.get("best_source") == "ema" for j in report["jobs"])
             print(f"{name}: {results[name]}", flush=True)
-        base = results["baseline"]
-        print(f"\n{'variant':<10} {'CV mean':>9} {'holdout':>9} {'Δ holdout':>10} {'soft vote':>10} {'stacking':>9}")
-        for name, r in results.items():
-            delta = r["holdout_fold_average"] - base["holdout_fold_average"]
-            print(f"{name:<10} {r['cv_mean']:>9.4f} {r['holdout_fold_average']:>9.4f} {delta:>+10.4f} "
-                  f"{r['soft_vote_test']:>10.4f} {r['stacking_test'] or float('nan'):>9.4f}")  # fmt: skip
-        binary = None
-        if not args.no_binary:
-            report, seconds = run(REPO / "configs" / "digits_binary.yaml", "recipe-binary", [], cwd)
-            binary = {"metric": report["metric"], "seconds": round(seconds, 1), "thresholds": report["thresholds"]}
-            print(
-                f"\nbinary ('is it an 8?', {report['metric']}): ensemble (threshold): CV at 0.5 -> tuned; "
-                f"holdout at 0.5 -> tuned"
-            )
-            for name, t in report["thresholds"].items():
-                print(f"  {name} ({t['threshold']:.2f}): CV {t['cv_at_0.5']:.4f} -> {t['cv_tuned']:.4f} "
-                      f"({t['cv_tuned'] / t['cv_at_0.5']:.3f}x); holdout {t['test_at_0.5']:.4f} -> "
-                      f"{t['test_tuned']:.4f} ({t['test_tuned'] / t['test_at_0.5']:.3f}x)")  # fmt: skip
-    print(json.dumps({"benchmark": "recipe", "variants": results, "binary": binary}))
+        if results:
+            variants_table(results)
+        tasks = {task: thresholds_run(task, cwd) for task in args.tasks.split(",") if task and task != "none"}
+    print(json.dumps({"benchmark": "recipe", "variants": results, **tasks}))
+
+
+def variants_table(results: dict) -> None:
+    """Each variant against the baseline."""
+    base = results["baseline"]
+    print(f"\n{'variant':<10} {'CV mean':>9} {'holdout':>9} {'Δ holdout':>10} {'soft vote':>10} {'stacking':>9}")
+    for name, r in results.items():
+        delta = r["holdout_fold_average"] - base["holdout_fold_average"]
+        print(f"{name:<10} {r['cv_mean']:>9.4f} {r['holdout_fold_average']:>9.4f} {delta:>+10.4f} "
+              f"{r['soft_vote_test']:>10.4f} {r['stacking_test'] or float('nan'):>9.4f}")  # fmt: skip
+
+
+def thresholds_run(task: str, cwd: Path) -> dict:
+    """The task's digits config, run as shipped: each ensemble's thresholds and its scores at 0.5 and tuned."""
+    from distrain.ensembles.report import format_threshold
+
+    if task not in TASK_CONFIGS:
+        raise SystemExit(f"--tasks: {task!r} (known: {', '.join(TASK_CONFIGS)})")
+    report, seconds = run(REPO / "configs" / TASK_CONFIGS[task], f"recipe-{task}", [], cwd)
+    print(f"\n{task} ({report['metric']}): ensemble (threshold): CV at 0.5 -> tuned; holdout at 0.5 -> tuned")
+    for name, t in report["thresholds"].items():
+        print(f"  {name} ({format_threshold(t['threshold'])}): CV {t['cv_at_0.5']:.4f} -> {t['cv_tuned']:.4f} "
+              f"({t['cv_tuned'] / t['cv_at_0.5']:.3f}x); holdout {t['test_at_0.5']:.4f} -> "
+              f"{t['test_tuned']:.4f} ({t['test_tuned'] / t['test_at_0.5']:.3f}x)", flush=True)  # fmt: skip
+    return {"metric": report["metric"], "seconds": round(seconds, 1), "ensembles": report["ensembles"],
+            "thresholds": report["thresholds"]}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """`distrain` console script: wiring only.
 
-distrain data digits [--out DIR]               scikit-learn's digits as WebDataset shards
-distrain data pack (--images DIR | --csv FILE) --out DIR
+distrain data digits [--out DIR] [--task T]    scikit-learn's digits as WebDataset shards
+distrain data pack (--images DIR | --csv FILE [--multilabel]) --out DIR
 distrain train --config FILE [a.b=value ...]   the main job (same as distrain/run.py)
 distrain schedule --config FILE --workers W --procs-per-worker P [a.b=value ...]
                                                W workers on this node, one ledger
@@ -28,11 +28,17 @@ def _data(args) -> int:
     from distrain.data.pack import ShardLimits, samples_from_csv, samples_from_folder, write_dataset, write_digits
 
     if args.what == "digits":
-        index = write_digits(args.out, test_fraction=args.test_fraction, shard_size=args.shard_size or 64)
+        index = write_digits(args.out, test_fraction=args.test_fraction, shard_size=args.shard_size or 64,
+                             task=args.task)  # fmt: skip
     else:
         if bool(args.images) == bool(args.csv):
             raise BadInput("data pack: give exactly one of --images DIR or --csv FILE")
-        samples, classes = samples_from_folder(args.images) if args.images else samples_from_csv(args.csv)
+        if args.multilabel and not args.csv:
+            raise BadInput("data pack: --multilabel needs --csv FILE (label lists per row)")
+        if args.images:
+            samples, classes = samples_from_folder(args.images)
+        else:
+            samples, classes = samples_from_csv(args.csv, args.multilabel)
         if not samples:
             raise BadInput("data pack: no images found")
         channels = None if args.channels == "auto" else int(args.channels)
@@ -112,7 +118,7 @@ def _aggregate(args) -> int:
     run_dir = Path(args.run_dir)
     cfg = phases.load_run_dir(run_dir)
     route_library_output(run_dir)
-    index = read_index(cfg.data.root, num_classes=cfg.data.num_classes)
+    index = read_index(cfg.data.root, cfg.data.num_classes, cfg.task)
     manifest = FoldManifest.from_json((run_dir / "folds.json").read_text())
     failed = phases.failed_jobs(phases.open_ledger(cfg, run_dir), expand_plan(cfg))
     phases.aggregate_and_report(
@@ -120,7 +126,7 @@ def _aggregate(args) -> int:
         run_dir,
         phases.open_tracker(cfg, run_dir),
         manifest.fold_of_sample,
-        dict(zip(index.sample_ids, index.labels)),
+        {**index.labels_of("cv"), **index.labels_of("test")},
         failed,
         allow_partial=args.allow_partial,
     )
@@ -204,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="data/digits", help="output directory (must not exist)")
     d.add_argument("--images", help="pack: folder with one subfolder per class")
     d.add_argument("--csv", help="pack: CSV with columns path,label[,group]")
+    d.add_argument("--multilabel", action="store_true",
+                   help="pack --csv: each label cell lists a sample's labels, separated by spaces, | or ;")  # fmt: skip
+    d.add_argument("--task", choices=["multiclass", "binary", "multilabel"], default="multiclass",
+                   help="digits: label the digit, 'is it an 8?' or the digit's properties")  # fmt: skip
     d.add_argument("--channels", choices=["auto", "1", "3"], default="auto",
                    help="pack: 1 (grayscale), 3 (RGB), or auto: 1 when every image is grayscale")  # fmt: skip
     d.add_argument("--test-fraction", type=float, default=0.2, help="fixed stratified holdout kept out of CV")

@@ -50,7 +50,9 @@ def yaml_load(text: str) -> Any:
 
 PRECISIONS = ("no", "fp16", "bf16")
 SCHEDULES = ("cosine", "cosine_restarts", "constant")
-DATA_SOURCES = ("digits", "digits_binary", "shards")
+DATA_SOURCES = ("digits", "digits_binary", "digits_multilabel", "shards")
+DIGITS_TASKS = {"digits": ("multiclass", 10), "digits_binary": ("binary", 2), "digits_multilabel": ("multilabel", 4)}
+"""The task and data.num_classes each built-in digits source is labelled for."""
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 
@@ -58,8 +60,8 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 class DataConfig:
     source: str = "digits"
     """`digits` (scikit-learn's bundled digits, written as shards on first use), `digits_binary` (the same
-    images labelled 'is it an 8?': a binary task with 9.7% positives) or `shards` (packed with
-    `distrain data pack`)."""
+    images labelled 'is it an 8?': a binary task with 9.7% positives), `digits_multilabel` (each image labelled
+    with its digit's properties: even, large (>= 5), loop, prime) or `shards` (packed with `distrain data pack`)."""
     root: str = "data/digits"
     """Directory holding the shards and their `index.json`."""
     image_size: int = 32
@@ -79,7 +81,7 @@ class DataConfig:
     std: list[float] = field(default_factory=list)
     """Per-channel standard deviation, as `mean`."""
     num_classes: int = 10
-    """Number of classes; every label must lie in [0, num_classes)."""
+    """Number of classes (multilabel: of labels); every label must lie in [0, num_classes)."""
     num_workers: int = -1
     """DataLoader worker processes per rank that read, decode and augment samples; -1: the CPUs this process
     may use divided by this node's processes (at most one per shard a rank reads)."""
@@ -343,19 +345,21 @@ class TrainConfig:
     """Mixed precision: `no` (fp32), `fp16` (with dynamic loss scaling) or `bf16`."""
     metric: str = "accuracy"
     """Validation metric that picks the best epoch and the best single model and drives early stopping, in its
-    own direction: accuracy, balanced_accuracy, f1 (binary: the positive class), f1_macro, f1_micro, qwk
-    (quadratic weighted kappa), roc_auc, average_precision (binary), log_loss (lower is better)."""
+    own direction: accuracy (multilabel: every label right), balanced_accuracy, f1 (binary: the positive class),
+    f1_macro, f1_micro, qwk (quadratic weighted kappa), roc_auc, average_precision (binary), map (multilabel:
+    mean average precision over the labels), log_loss (lower is better)."""
     loss: str = "ce"
-    """`ce` (cross-entropy with label_smoothing), `focal` (focal loss: focal_gamma, focal_alpha; gamma 0 is ce)
-    or, for a binary task, `bce` (binary cross-entropy on p(positive), with pos_weight). Under Mixup / CutMix
-    ce and focal take the mixed soft targets."""
+    """`ce` (cross-entropy with label_smoothing), `focal` (focal loss: focal_gamma, focal_alpha; gamma 0 is ce;
+    multilabel: sigmoid focal loss per label) or, for a binary or multilabel task, `bce` (binary cross-entropy
+    on p(positive), or per label, with pos_weight). Under Mixup / CutMix the losses take the mixed soft
+    targets. A multilabel task takes bce or focal."""
     label_smoothing: float = 0.0
     """Label smoothing of the targets (ce, focal, bce)."""
     focal_gamma: float = 2.0
     """Focal loss: down-weights well-classified samples by (1 - p_true)^gamma."""
     focal_alpha: float = 0.0
-    """Focal loss, binary task: weight of the positive class (the negatives get 1 - alpha), e.g. 0.25 as in
-    RetinaNet; 0: no class weighting."""
+    """Focal loss, binary or multilabel task: weight of the positives (the negatives get 1 - alpha), e.g. 0.25
+    as in RetinaNet; 0: no class weighting."""
     pos_weight: float = 1.0
     """bce: weight of the positive samples' loss (e.g. negatives / positives for a rare positive class)."""
     ema_decay: float = 0.0
@@ -501,8 +505,10 @@ class Config:
     experiment: str = "digits"
     """Experiment name: the run directory is <run_root>/<experiment>."""
     task: str = "multiclass"
-    """`multiclass` (one label per image, softmax) or `binary` (data.num_classes 2, label 1 the positive class;
-    the ensembles' decision threshold on p(positive) is tuned on the OOF predictions)."""
+    """`multiclass` (one label per image, softmax), `binary` (data.num_classes 2, label 1 the positive class;
+    the ensembles' decision threshold on p(positive) is tuned on the OOF predictions) or `multilabel` (any set
+    of data.num_classes labels per image, one sigmoid each; a data set packed with `--multilabel`; one
+    threshold per label tuned on the OOF predictions)."""
     run_root: str = "runs"
     """Where run directories (and the default MLflow store) live."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -526,6 +532,11 @@ class Config:
         _require(self.task in TASKS, "task", self.task, f"one of {TASKS}")
         if self.task == "binary":
             _require(self.data.num_classes == 2, "data.num_classes", self.data.num_classes, "2 for task: binary")
+        if self.data.source in DIGITS_TASKS:
+            task, n = DIGITS_TASKS[self.data.source]
+            _require(self.task == task, "task", self.task, f"{task} for data.source: {self.data.source}")
+            _require(self.data.num_classes == n, "data.num_classes", self.data.num_classes,
+                     f"{n} for data.source: {self.data.source}")  # fmt: skip
         _check_task_fit(self, "")
         for name, changes in self.model.overrides.items():
             _require(name in self.model.names, "model.overrides", name, f"a name in model.names {self.model.names}")
@@ -599,8 +610,8 @@ def _check_task_fit(cfg: Config, where: str) -> None:
     _require(metric_fits(tc.metric, task), f"{where}train.metric", tc.metric, f"a {task} metric: {metrics_for(task)}")
     _require(tc.loss in losses_for(task), f"{where}train.loss", tc.loss, f"a {task} loss: {losses_for(task)}")
     if tc.focal_alpha:
-        _require(tc.loss == "focal" and task == "binary", f"{where}train.focal_alpha", tc.focal_alpha,
-                 "0 unless train.loss is focal on a binary task")  # fmt: skip
+        _require(tc.loss == "focal" and task != "multiclass", f"{where}train.focal_alpha", tc.focal_alpha,
+                 "0 unless train.loss is focal on a binary or multilabel task")  # fmt: skip
     if tc.pos_weight != 1.0:
         _require(tc.loss == "bce", f"{where}train.pos_weight", tc.pos_weight, "1 unless train.loss is bce")
 

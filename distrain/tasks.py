@@ -4,6 +4,10 @@ the config checks against these tables before any work starts, and `distrain.stu
 A *binary* task is a two-class task whose decision is `p(positive) >= threshold` (0.5 unless thresholds are
 tuned on the OOF predictions); everything else about it (a 2-logit head, [n, 2] probabilities, the ensembles)
 is the multiclass machinery with two classes.
+
+A *multilabel* task gives each image any subset of data.num_classes labels (none included): one sigmoid per
+label, [n, L] independent probabilities, labels as [n, L] 0/1 rows, and each label decided by
+`p >= its threshold` (0.5, or one per label tuned on the OOF predictions).
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-TASKS = ("multiclass", "binary")
+TASKS = ("multiclass", "binary", "multilabel")
+SINGLE_LABEL = ("multiclass", "binary")
 
 
 @dataclass(frozen=True)
@@ -24,21 +29,22 @@ class MetricSpec:
 
 
 METRICS: dict[str, MetricSpec] = {
-    "accuracy": MetricSpec(True, False, TASKS, "fraction of samples whose decision is right"),
-    "balanced_accuracy": MetricSpec(True, False, TASKS, "mean recall over classes"),
+    "accuracy": MetricSpec(True, False, TASKS, "fraction of samples whose decision is right (multilabel: all labels)"),
+    "balanced_accuracy": MetricSpec(True, False, SINGLE_LABEL, "mean recall over classes"),
     "f1": MetricSpec(True, False, ("binary",), "F1 of the positive class (label 1)"),
-    "f1_macro": MetricSpec(True, False, TASKS, "unweighted mean of the per-class F1"),
+    "f1_macro": MetricSpec(True, False, TASKS, "unweighted mean of the per-class (per-label) F1"),
     "f1_micro": MetricSpec(True, False, TASKS, "F1 over all decisions pooled"),
-    "qwk": MetricSpec(True, False, TASKS, "quadratic weighted Cohen's kappa (ordinal labels)"),
-    "roc_auc": MetricSpec(True, True, TASKS, "ROC AUC (binary: of p(positive); multiclass: one-vs-rest, macro)"),
+    "qwk": MetricSpec(True, False, SINGLE_LABEL, "quadratic weighted Cohen's kappa (ordinal labels)"),
+    "roc_auc": MetricSpec(True, True, TASKS, "ROC AUC (binary: of p(positive); else one-vs-rest / per label, macro)"),
     "average_precision": MetricSpec(True, True, ("binary",), "area under the precision-recall curve of p(positive)"),
+    "map": MetricSpec(True, True, ("multilabel",), "mean over labels of the average precision (mAP)"),
     "log_loss": MetricSpec(False, True, TASKS, "cross-entropy of the probabilities (lower is better)"),
 }
 
 LOSSES: dict[str, tuple[str, ...]] = {
-    "ce": TASKS,  # cross-entropy with label smoothing (soft-target cross-entropy under Mixup / CutMix)
-    "focal": TASKS,  # focal loss; gamma 0 is cross-entropy
-    "bce": ("binary",),  # binary cross-entropy with logits on p(positive), with pos_weight
+    "ce": SINGLE_LABEL,  # cross-entropy with label smoothing (soft-target cross-entropy under Mixup / CutMix)
+    "focal": TASKS,  # focal loss (softmax, or sigmoid per label for multilabel); gamma 0 is cross-entropy
+    "bce": ("binary", "multilabel"),  # binary cross-entropy with logits (per label for multilabel), pos_weight
 }
 
 

@@ -35,7 +35,16 @@ def test_every_shipped_config_parses():
         ("optim:\n  lr: -1\n", "optim.lr: invalid value -1.0 (expected > 0)"),
         ("train: 5\n", "train: expected a mapping, got 5"),
         ("task: binary\n", "data.num_classes: invalid value 10 (expected 2 for task: binary)"),
-        ("task: regression\n", "task: invalid value 'regression' (expected one of ('multiclass', 'binary'))"),
+        ("task: regression\n", "task: invalid value 'regression' (expected one of ('multiclass', 'binary', 'multil"),
+        (
+            "task: multilabel\ndata:\n  num_classes: 4\n",
+            "task: invalid value 'multilabel' (expected multiclass for data.source: digits)",
+        ),
+        (
+            "task: multilabel\ndata:\n  source: digits_multilabel\n  num_classes: 4\n",
+            "train.loss: invalid value 'ce' (expected a multilabel loss: ['focal', 'bce'])",
+        ),
+        ("train:\n  metric: map\n", "train.metric: invalid value 'map' (expected a multiclass metric"),
         ("train:\n  loss: bce\n", "train.loss: invalid value 'bce' (expected a multiclass loss: ['ce', 'focal'])"),
         (
             "train:\n  metric: average_precision\n",
@@ -43,9 +52,12 @@ def test_every_shipped_config_parses():
         ),
         (
             "train:\n  focal_alpha: 0.25\n",
-            "train.focal_alpha: invalid value 0.25 (expected 0 unless train.loss is focal on a binary task)",
+            "train.focal_alpha: invalid value 0.25 (expected 0 unless train.loss is focal on a binary or multilabel",
         ),
-        ("task: binary\ndata:\n  num_classes: 2\ntrain:\n  pos_weight: 4\n", "train.pos_weight: invalid value 4.0"),
+        (
+            "task: binary\ndata:\n  source: digits_binary\n  num_classes: 2\ntrain:\n  pos_weight: 4\n",
+            "train.pos_weight: invalid value 4.0",
+        ),
         (
             "data:\n  image_size_schedule: {0: 16, 4: 8, 2: 32}\n",
             "data.image_size_schedule: invalid value {0: 16, 4: 8, 2: 32} (expected strictly increasing epochs)",

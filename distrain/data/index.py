@@ -3,6 +3,10 @@
 A data set directory holds `cv-NNNNNN.tar` shards (the cross-validation pool), `test-NNNNNN.tar`
 shards (a fixed stratified holdout that no fold ever trains on) and `index.json`, so that folds can
 be built and run directories read without opening an image (and without importing torch).
+
+A multilabel data set (`"multilabel": true`) gives each sample a list of class indices (possibly empty)
+instead of one; `labels_of` hands them out as 0/1 rows over the classes, as loaders, OOF files and the
+ensembles use them.
 """
 
 from __future__ import annotations
@@ -10,12 +14,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from distrain.errors import DataError
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "distrain-shards/1"
+
+Label = Union[int, tuple[int, ...]]
+"""A sample's label: a class index, or for a multilabel data set its classes' indices (a 0/1 row per class in
+`labels_of`)."""
 
 
 @dataclass(frozen=True)
@@ -28,22 +36,29 @@ class DatasetIndex:
     cv_shards: list[str]
     test_shards: list[str]
     sample_ids: list[str]
-    labels: list[int]
+    labels: list[Label]  # class indices; multilabel: tuples of class indices
     groups: list[str]
     splits: list[str]  # "cv" or "test" per sample
+    multilabel: bool = False
 
     def split_ids(self, split: str) -> list[str]:
         return [s for s, sp in zip(self.sample_ids, self.splits) if sp == split]
 
-    def labels_of(self, split: str) -> dict[str, int]:
-        return {s: y for s, y, sp in zip(self.sample_ids, self.labels, self.splits) if sp == split}
+    def labels_of(self, split: str) -> dict[str, Label]:
+        """sample id -> class index, or for a multilabel data set a 0/1 tuple over the classes."""
+        if not self.multilabel:
+            return {s: y for s, y, sp in zip(self.sample_ids, self.labels, self.splits) if sp == split}
+        n = len(self.classes)
+        return {s: tuple(int(c in y) for c in range(n))
+                for s, y, sp in zip(self.sample_ids, self.labels, self.splits) if sp == split}  # fmt: skip
 
     def urls(self, split: str) -> list[str]:
         return [str(self.root / name) for name in (self.cv_shards if split == "cv" else self.test_shards)]
 
 
-def read_index(root: str | Path, num_classes: Optional[int] = None) -> DatasetIndex:
-    """Load and check `index.json`: shards exist, labels lie in [0, num_classes)."""
+def read_index(root: str | Path, num_classes: Optional[int] = None, task: Optional[str] = None) -> DatasetIndex:
+    """Load and check `index.json`: shards exist, labels lie in [0, num_classes), label lists exactly when `task`
+    is multilabel."""
     root = Path(root)
     path = root / INDEX_NAME
     if not path.is_file():
@@ -56,7 +71,7 @@ def read_index(root: str | Path, num_classes: Optional[int] = None) -> DatasetIn
         raise DataError(f"{path}: not valid JSON") from None
     if d.get("format") != INDEX_FORMAT:
         raise DataError(f"{path}: unknown format {d.get('format')!r} (expected {INDEX_FORMAT!r})")
-    samples = d["samples"]
+    samples, multilabel = d["samples"], bool(d.get("multilabel", False))
     index = DatasetIndex(
         root=root,
         channels=int(d["channels"]),
@@ -64,15 +79,20 @@ def read_index(root: str | Path, num_classes: Optional[int] = None) -> DatasetIn
         cv_shards=d["shards"]["cv"],
         test_shards=d["shards"]["test"],
         sample_ids=[s["sample_id"] for s in samples],
-        labels=[int(s["label"]) for s in samples],
+        labels=[tuple(map(int, s["label"])) if multilabel else int(s["label"]) for s in samples],
         groups=[s.get("group", "") for s in samples],
         splits=[s["split"] for s in samples],
+        multilabel=multilabel,
     )
+    if task is not None and multilabel != (task == "multilabel"):
+        need = "a multilabel data set (packed with --multilabel)" if task == "multilabel" else "one label per sample"
+        raise DataError(f"data path {root}: task {task} needs {need}; index.json says multilabel={multilabel}")
     for name in index.cv_shards + index.test_shards:
         if not (root / name).is_file():
             raise DataError(f"data path {root}: shard {name} listed in {INDEX_NAME} is missing")
     if num_classes is not None:
-        bad = [(s, y) for s, y in zip(index.sample_ids, index.labels) if not 0 <= y < num_classes]
+        bad = [(s, y) for s, y in zip(index.sample_ids, index.labels)
+               if not all(0 <= c < num_classes for c in (y if multilabel else (y,)))]  # fmt: skip
         if bad:
             raise DataError(
                 f"data path {root}: {len(bad)} labels outside [0, {num_classes}) for "

@@ -1,5 +1,6 @@
 """Writing data sets: samples from a folder, a CSV or scikit-learn's digits, packed into WebDataset
 shards (`<sample_id>.png|.jpg` + `<sample_id>.cls`) with a fixed stratified holdout and `index.json`.
+Multilabel samples carry a tuple of class indices; such a data set's index says `"multilabel": true`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from distrain.console import is_terminal
-from distrain.data.index import INDEX_FORMAT, INDEX_NAME, DatasetIndex, read_index
+from distrain.data.index import INDEX_FORMAT, INDEX_NAME, DatasetIndex, Label, read_index
 from distrain.errors import DataError
+from distrain.study.folds import multilabel_strata
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -33,7 +35,7 @@ class Sample:
     """One image to pack: its bytes in memory (`image_bytes`) or, so that packing streams, a file (`path`)."""
 
     sample_id: str
-    label: int
+    label: Label  # a class index; multilabel: a tuple of class indices (empty for none)
     ext: str  # "png", "jpg", ...
     group: str = ""
     image_bytes: bytes = b""
@@ -69,8 +71,9 @@ def safe_sample_id(text: str) -> str:
     return _ID_UNSAFE.sub("_", text).strip("_") or "sample"
 
 
-def holdout_split(labels: Sequence[int], groups: Sequence[str], test_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of the fixed holdout test samples: stratified by label, grouped when groups exist."""
+def holdout_split(labels: Sequence[Label], groups: Sequence[str], test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the fixed holdout test samples: stratified by label (multilabel: by `multilabel_strata`),
+    grouped when groups exist."""
     n = len(labels)
     is_test = np.zeros(n, dtype=bool)
     if test_fraction <= 0:
@@ -82,6 +85,12 @@ def holdout_split(labels: Sequence[int], groups: Sequence[str], test_fraction: f
         splitter = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
         _, test_idx = next(splitter.split(idx, labels, groups))
     else:
+        if labels and isinstance(labels[0], tuple):
+            n_labels = 1 + max((c for y in labels for c in y), default=0)
+            rows = np.zeros((n, n_labels), dtype=np.int64)
+            for i, y in enumerate(labels):
+                rows[i, list(y)] = 1
+            labels = multilabel_strata(rows, 2)
         _, test_idx = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
     is_test[test_idx] = True
     return is_test
@@ -119,11 +128,12 @@ def write_dataset(
             for split, mask in (("cv", ~is_test), ("test", is_test)):
                 chosen = _shuffled([s for s, m in zip(samples, mask) if m], shuffle_seed)
                 shards[split] = _write_shards(chosen, tmp, split, limits, colour, bar)
+        multilabel = bool(samples) and isinstance(samples[0].label, tuple)
         index = {
             "format": INDEX_FORMAT, "channels": channels or (3 if True in colour else 1), "classes": classes,
-            "shards": shards,
-            "samples": [{"sample_id": s.sample_id, "label": s.label, "group": s.group,
-                         "split": "test" if t else "cv"} for s, t in zip(samples, is_test)],
+            "shards": shards, **({"multilabel": True} if multilabel else {}),
+            "samples": [{"sample_id": s.sample_id, "label": list(s.label) if multilabel else s.label,
+                         "group": s.group, "split": "test" if t else "cv"} for s, t in zip(samples, is_test)],
         }  # fmt: skip
         (tmp / INDEX_NAME).write_text(json.dumps(index))
         try:
@@ -142,8 +152,10 @@ def _check_samples(samples: Sequence[Sample], classes: list[str]) -> None:
     if len(set(ids)) != len(ids):
         dup = next(i for i, c in Counter(ids).items() if c > 1)
         raise DataError(f"duplicate sample id {dup!r}")
+    if len({isinstance(s.label, tuple) for s in samples}) > 1:
+        raise DataError("samples mix single labels and label lists")
     for s in samples:
-        if not 0 <= s.label < len(classes):
+        if not all(0 <= c < len(classes) for c in (s.label if isinstance(s.label, tuple) else (s.label,))):
             raise DataError(f"sample {s.sample_id!r}: label {s.label} outside [0, {len(classes)})")
 
 
@@ -172,7 +184,8 @@ def _write_shards(samples: Sequence[Sample], directory: Path, split: str, limits
                 names.append(f"{split}-{len(names):06d}.tar")
                 sink, count, size = wds.TarWriter(str(directory / names[-1])), 0, 0
             colour.add(_is_colour(data, s))
-            sink.write({"__key__": s.sample_id, s.ext: data, "cls": str(s.label).encode()})
+            cls = " ".join(map(str, s.label)) if isinstance(s.label, tuple) else str(s.label)
+            sink.write({"__key__": s.sample_id, s.ext: data, "cls": cls.encode()})
             count, size = count + 1, size + cost
             bar.update(1)
     finally:
@@ -208,36 +221,47 @@ DIGITS_POSITIVE = 8
 images (9.7%), and the digit most confused with others (3, 5, 9, 1)."""
 
 
-def digits_samples(binary: bool = False) -> tuple[list[Sample], list[str]]:
-    """scikit-learn's bundled 8x8 digits (1797 images, no download) as grayscale PNG samples; with `binary`,
-    labelled 1 for an 8 (DIGITS_POSITIVE) and 0 for any other digit."""
+DIGIT_PROPERTIES = {"even": (0, 2, 4, 6, 8), "large": (5, 6, 7, 8, 9), "loop": (0, 6, 8, 9), "prime": (2, 3, 5, 7)}
+"""The labels of the multilabel digits task (`data.source: digits_multilabel`): each image has the properties
+of its digit (a 1 has none, an 8 three)."""
+
+DIGITS_TASKS = ("multiclass", "binary", "multilabel")
+
+
+def _digits_label(digit: int, task: str) -> Label:
+    if task == "binary":
+        return int(digit == DIGITS_POSITIVE)
+    if task == "multilabel":
+        return tuple(j for j, members in enumerate(DIGIT_PROPERTIES.values()) if digit in members)
+    return int(digit)
+
+
+def digits_samples(task: str = "multiclass") -> tuple[list[Sample], list[str]]:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download) as grayscale PNG samples, labelled by `task`:
+    the digit; binary: 1 for an 8 (DIGITS_POSITIVE), 0 for any other; multilabel: its DIGIT_PROPERTIES."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
     samples = [
-        Sample(
-            sample_id=f"digits-{i:05d}",
-            label=int(y == DIGITS_POSITIVE if binary else y),
-            ext="png",
-            image_bytes=_png_bytes(img),
-        )  # fmt: skip
+        Sample(sample_id=f"digits-{i:05d}", label=_digits_label(int(y), task), ext="png", image_bytes=_png_bytes(img))
         for i, (img, y) in enumerate(zip(images, digits.target))
     ]
-    return samples, ["other", str(DIGITS_POSITIVE)] if binary else [str(c) for c in range(10)]
+    classes = {"binary": ["other", str(DIGITS_POSITIVE)], "multilabel": list(DIGIT_PROPERTIES)}
+    return samples, classes.get(task, [str(c) for c in range(10)])
 
 
 def write_digits(
-    out_dir: str | Path, test_fraction: float = 0.2, shard_size: int = 64, binary: bool = False
+    out_dir: str | Path, test_fraction: float = 0.2, shard_size: int = 64, task: str = "multiclass"
 ) -> DatasetIndex:
     """`distrain data digits`: the digits data set as shards with a fixed stratified holdout. scikit-learn's
     order already cycles through the classes; it is kept, so results stay comparable across versions."""
-    samples, classes = digits_samples(binary)
+    samples, classes = digits_samples(task)
     return write_dataset(samples, out_dir, classes=classes, channels=1, test_fraction=test_fraction,
                          limits=ShardLimits(max_samples=shard_size, min_shards=1), shuffle_seed=None)  # fmt: skip
 
 
-def ensure_digits(out_dir: str | Path, binary: bool = False) -> None:
+def ensure_digits(out_dir: str | Path, task: str = "multiclass") -> None:
     """Write the digits shards into `out_dir` unless a complete copy is there. Safe when several
     processes start together on one disk (`distrain schedule` workers, nodes sharing a file system): one
     that finds the directory written by another while it was building its own copy keeps the other's."""
@@ -245,7 +269,7 @@ def ensure_digits(out_dir: str | Path, binary: bool = False) -> None:
     if index_file.exists():
         return
     try:
-        write_digits(out_dir, binary=binary)
+        write_digits(out_dir, task=task)
     except DataError:
         if not index_file.exists():  # not a lost race: a directory without an index is in the way
             raise
@@ -268,8 +292,9 @@ def samples_from_folder(folder: str | Path) -> tuple[list[Sample], list[str]]:
     return samples, classes
 
 
-def samples_from_csv(csv_path: str | Path) -> tuple[list[Sample], list[str]]:
-    """A CSV with columns path,label[,group] (paths relative to the CSV). Labels: ints or class names."""
+def samples_from_csv(csv_path: str | Path, multilabel: bool = False) -> tuple[list[Sample], list[str]]:
+    """A CSV with columns path,label[,group] (paths relative to the CSV). Labels: ints or class names; with
+    `multilabel`, each a list of them separated by spaces, `|` or `;` (empty: no label)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"CSV not found: {csv_path}")
@@ -277,15 +302,11 @@ def samples_from_csv(csv_path: str | Path) -> tuple[list[Sample], list[str]]:
         rows = list(csv.DictReader(f))
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise DataError(f"{csv_path}: expected a header with columns path,label[,group]")
-    raw_labels = [r["label"].strip() for r in rows]
-    if all(re.fullmatch(r"-?\d+", l) for l in raw_labels):
-        labels = [int(l) for l in raw_labels]
-        if min(labels) < 0:
-            raise DataError(f"{csv_path}: negative label {min(labels)}")
-        classes = [str(c) for c in range(max(labels) + 1)]
-    else:
-        classes = sorted(set(raw_labels))
-        labels = [classes.index(l) for l in raw_labels]
+    raw = [[t for t in re.split(r"[\s|;]+", r["label"] or "") if t] if multilabel else [(r["label"] or "").strip()]
+           for r in rows]  # fmt: skip
+    labels, classes = _label_indices(csv_path, raw)
+    if not multilabel:
+        labels = [y[0] for y in labels]
     samples = []
     for row, label in zip(rows, labels):
         path = (csv_path.parent / row["path"]).resolve()
@@ -299,6 +320,21 @@ def samples_from_csv(csv_path: str | Path) -> tuple[list[Sample], list[str]]:
     return samples, classes
 
 
-def _file_sample(path: Path, sample_id: str, label: int, group: str) -> Sample:
+def _label_indices(csv_path: Path, raw: list[list[str]]) -> tuple[list[tuple[int, ...]], list[str]]:
+    """Each row's labels as class indices, and the class names: ints are indices themselves, names are sorted."""
+    tokens = [t for row in raw for t in row]
+    if any(t == "" for t in tokens):
+        raise DataError(f"{csv_path}: row {next(i for i, r in enumerate(raw) if '' in r) + 2} has an empty label")
+    if tokens and all(re.fullmatch(r"-?\d+", t) for t in tokens):
+        if min(map(int, tokens)) < 0:
+            raise DataError(f"{csv_path}: negative label {min(map(int, tokens))}")
+        classes = [str(c) for c in range(max(map(int, tokens)) + 1)]
+        return [tuple(sorted({int(t) for t in row})) for row in raw], classes
+    classes = sorted(set(tokens))
+    position = {c: i for i, c in enumerate(classes)}
+    return [tuple(sorted({position[t] for t in row})) for row in raw], classes
+
+
+def _file_sample(path: Path, sample_id: str, label: Label, group: str) -> Sample:
     ext = path.suffix.lower().lstrip(".")
     return Sample(sample_id=sample_id, label=label, ext="jpg" if ext == "jpeg" else ext, group=group, path=path)

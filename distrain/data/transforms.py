@@ -84,12 +84,14 @@ class TestTimeAugment:
             out.append(torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False))
         return out
 
-    def probs(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities [B, C] of `model`, averaged over the views (fp32)."""
+    def probs(self, model: torch.nn.Module, x: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
+        """Softmax probabilities [B, C] of `model` (multilabel: a sigmoid per label), averaged over the views
+        (fp32)."""
+        activate = torch.sigmoid if multilabel else (lambda logits: torch.softmax(logits, dim=1))
         views = self.views(x)
-        total = torch.softmax(model(views[0]).float(), dim=1)
+        total = activate(model(views[0]).float())
         for view in views[1:]:
-            total += torch.softmax(model(view).float(), dim=1)
+            total += activate(model(view).float())
         return total / len(views)
 
     def to_dict(self) -> dict:

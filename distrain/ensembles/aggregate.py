@@ -16,7 +16,7 @@ import numpy as np
 
 from distrain.config import Config
 from distrain.ensembles.combine import EnsembleOutcome, run_ensembles
-from distrain.ensembles.report import build_report, model_entry, write_report
+from distrain.ensembles.report import build_report, format_threshold, model_entry, write_report
 from distrain.ensembles.store import JobPredictions, OOFStore, build_store, long_table
 from distrain.fsutil import atomic_write, atomic_write_text
 from distrain.study.plan import column_key, expand_plan
@@ -153,17 +153,21 @@ def _write_review(report: dict, store: OOFStore, outcome: EnsembleOutcome, out_d
 
     named = [n for n in report["ensembles"] if n in outcome.oof_predictions]
     best_name = named[best_index(metric, [report["ensembles"][n]["cv"] for n in named])]
-    soft = store.oof.mean(0)
+    labels, predicted, soft = store.labels, outcome.oof_predictions[best_name], store.oof.mean(0)
+    n_classes, pooled = store.num_classes, ""
+    if labels.ndim == 2:  # multilabel: every (sample, label) decision as one binary one
+        labels, predicted, soft, n_classes = labels.ravel(), predicted.ravel(), soft.reshape(-1, 1), 2
+        soft, pooled = np.concatenate([1.0 - soft, soft], axis=1), ", all labels pooled"
     files = [
         plot_scores(report["jobs"], report["ensembles"], metric, out_dir / "scores.png"),
         plot_confusion(
-            store.labels,
-            outcome.oof_predictions[best_name],
-            store.num_classes,
-            f"{best_name} (OOF, {metric} {report['ensembles'][best_name]['cv']:.4f})",
+            labels,
+            predicted,
+            n_classes,
+            f"{best_name} (OOF, {metric} {report['ensembles'][best_name]['cv']:.4f}{pooled})",
             out_dir / "confusion.png",
         ),
-        plot_calibration(store.labels, soft, "soft vote, OOF probabilities", out_dir / "calibration.png"),
+        plot_calibration(labels, soft, f"soft vote, OOF probabilities{pooled}", out_dir / "calibration.png"),
     ]
     atomic_write_text(out_dir / "summary.md", summary_markdown(report))
     return files + [out_dir / "summary.md"]
@@ -184,7 +188,7 @@ def summary_markdown(report: dict) -> str:
     ]
     for name, t in report.get("thresholds", {}).items():
         test = f"; test {t['test_at_0.5']:.4f} -> {t['test_tuned']:.4f}" if t["test_tuned"] is not None else ""
-        lines.append(f"{name}: threshold {t['threshold']:.2f}: CV {m} {t['cv_at_0.5']:.4f} at 0.5 -> "
+        lines.append(f"{name}: threshold {format_threshold(t['threshold'])}: CV {m} {t['cv_at_0.5']:.4f} at 0.5 -> "
                      f"{t['cv_tuned']:.4f} tuned{test}.")  # fmt: skip
     if details["left_out"]:
         lines += ["", "Left out (--allow-partial):"] + [f"- {x['column']}: {x['reason']}" for x in details["left_out"]]
@@ -229,10 +233,11 @@ def write_model_artifacts(
                 "image_size": cfg.data.image_size,
                 "channels": channels,
                 "num_classes": store.num_classes,
+                "task": cfg.task,
                 "method": method,
                 "boosters": boosters,
                 "weights": [outcome.weights[c] for c in store.columns],
-                # binary: the decision threshold on p(positive), tuned on the method's OOF predictions
+                # binary: the decision threshold on p(positive), multilabel: one per label; tuned on the method's OOF
                 "threshold": outcome.thresholds[method]["threshold"] if method in outcome.thresholds else None,
                 "classes": classes or [str(c) for c in range(store.num_classes)],
             }

@@ -18,7 +18,7 @@ from distrain.ensembles.stacking import StackingResult, stack
 from distrain.ensembles.store import OOFStore
 from distrain.ensembles.thresholds import tuned_threshold_scores
 from distrain.ensembles.voting import detections_to_labels, fit_vote_weights, hard_vote, k_of_n_vote, soft_vote
-from distrain.study.metrics import score, score_labels
+from distrain.study.metrics import decisions, score, score_labels
 from distrain.study.plan import parse_column
 from distrain.tasks import METRICS, best_index
 
@@ -28,13 +28,13 @@ class EnsembleOutcome:
     scores: dict[str, dict[str, Optional[float]]]  # name -> {"cv": float, "test": float | None}
     base: dict  # per-job, per-column, per-model summaries
     weights: dict[str, float]  # weighted-vote weights per column (test-time)
-    oof_predictions: dict[str, np.ndarray]  # name -> [n] predicted labels on OOF (for plots)
+    oof_predictions: dict[str, np.ndarray]  # name -> [n] predicted labels on OOF (multilabel: [n, L]; for plots)
     stacking: Optional[StackingResult]
     vote_k: int
     vote_n_oof: int
     vote_n_test: int
     skipped: dict[str, str] = field(default_factory=dict)  # ensemble name -> why it was not built
-    thresholds: dict[str, dict] = field(default_factory=dict)  # binary: ensemble -> tuned_threshold_scores
+    thresholds: dict[str, dict] = field(default_factory=dict)  # binary, multilabel: ensemble -> tuned scores
 
 
 @dataclass
@@ -47,6 +47,14 @@ class _Scorer:
     @property
     def has_test(self) -> bool:
         return self.store.test is not None and self.store.test_labels is not None
+
+    @property
+    def multilabel(self) -> bool:
+        return self.store.labels.ndim == 2
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Decisions at the default thresholds: the argmax, or multilabel p >= 0.5 per label."""
+        return decisions(probs, multilabel=self.multilabel)
 
     def cv(self, probs: np.ndarray) -> float:
         return score(self.metric, self.store.labels, probs)
@@ -78,7 +86,7 @@ def run_ensembles(
     task: str = "multiclass",
 ) -> EnsembleOutcome:
     """Base summaries, the voting variants and stacking, each with a leakage-free CV score and a test score;
-    for a binary task also each probability ensemble's scores at decision thresholds tuned on OOF.
+    for a binary or multilabel task also each probability ensemble's scores at decision thresholds tuned on OOF.
 
     test_by_job [J, n_test, C]: each fold model's own test probabilities (for the single-model summaries).
     """
@@ -106,10 +114,10 @@ def run_ensembles(
             max_meta_rows=max_meta_rows,
         )
         scores["stacking"] = {"cv": s.cv(stacked.oof_probs), "test": s.test(stacked.test_probs)}
-        preds["stacking"] = stacked.oof_probs.argmax(1)
+        preds["stacking"] = s.decide(stacked.oof_probs)
         probs["stacking"] = (stacked.oof_probs, stacked.test_probs)
     thresholds = {}
-    if task == "binary" and not METRICS[metric].on_probabilities and len(set(store.folds.tolist())) > 1:
+    if task != "multiclass" and not METRICS[metric].on_probabilities and len(set(store.folds.tolist())) > 1:
         test_labels = store.test_labels if s.has_test else None
         thresholds = {name: tuned_threshold_scores(metric, store.labels, oof, store.folds, test_labels, test)
                       for name, (oof, test) in probs.items()}  # fmt: skip
@@ -144,7 +152,7 @@ def _singles(s: _Scorer, test_by_job: Optional[np.ndarray], scores: dict, preds:
     best_k = best_index(s.metric, col_cv)
     scores["best_single"] = {"cv": col_cv[best_k], "test": col_test[best_k], "column": store.columns[best_k]}
     scores["mean_single"] = {"cv": float(np.mean(col_cv)), "test": float(np.mean(col_test)) if s.has_test else None}
-    preds["best_single"] = store.oof[best_k].argmax(1)
+    preds["best_single"] = s.decide(store.oof[best_k])
     probs["best_single"] = (store.oof[best_k], store.test[best_k] if s.has_test else None)
     fold_avg_test = test_by_job.mean(0) if test_by_job is not None else (store.test.mean(0) if s.has_test else None)
     scores["fold_average"] = {"cv": float(np.mean([j["val_score"] for j in store.jobs])), "test": s.test(fold_avg_test)}
@@ -161,12 +169,13 @@ def _plain_votes(s: _Scorer, scores: dict, preds: dict, probs: dict) -> None:
     store = s.store
     soft_oof, soft_test = soft_vote(store.oof), soft_vote(store.test) if s.has_test else None
     scores["soft_vote"] = {"cv": s.cv(soft_oof), "test": s.test(soft_test)}
-    preds["soft_vote"] = soft_oof.argmax(1)
+    preds["soft_vote"] = s.decide(soft_oof)
     probs["soft_vote"] = (soft_oof, soft_test)
     if METRICS[s.metric].on_probabilities:
         return
-    hard_oof = hard_vote(store.oof)
-    scores["hard_vote"] = {"cv": s.cv_labels(hard_oof), "test": s.test_labels(lambda: hard_vote(store.test))}
+    hard_oof = hard_vote(store.oof, s.multilabel)
+    hard_test = lambda: hard_vote(store.test, s.multilabel)  # noqa: E731 (scored only when there is a test split)
+    scores["hard_vote"] = {"cv": s.cv_labels(hard_oof), "test": s.test_labels(hard_test)}
     preds["hard_vote"] = hard_oof
 
 
@@ -189,7 +198,7 @@ def _weighted_vote(
     weights = fit_vote_weights(store.oof, y)
     weighted_test = soft_vote(store.test, weights) if s.has_test else None
     scores["weighted_vote"] = {"cv": s.cv(weighted_oof), "test": s.test(weighted_test)}
-    preds["weighted_vote"] = weighted_oof.argmax(1)
+    preds["weighted_vote"] = s.decide(weighted_oof)
     probs["weighted_vote"] = (weighted_oof, weighted_test)
     return weights, {}
 
@@ -202,10 +211,12 @@ def _k_of_n(s: _Scorer, vote_fraction: float, threshold: float, scores: dict, pr
     store = s.store
     n = len(store.columns)
     k = max(1, math.ceil(vote_fraction * n))
-    kofn_oof = detections_to_labels(k_of_n_vote(store.oof, k, threshold), soft_vote(store.oof))
-    scores["k_of_n_vote"] = {
-        "cv": s.cv_labels(kofn_oof),
-        "test": s.test_labels(lambda: detections_to_labels(k_of_n_vote(store.test, k, threshold), store.test.mean(0))),
-    }
+
+    def vote(probs: np.ndarray) -> np.ndarray:  # multilabel: the detections are the decisions
+        detected = k_of_n_vote(probs, k, threshold)
+        return detected.astype(np.int64) if s.multilabel else detections_to_labels(detected, soft_vote(probs))
+
+    kofn_oof = vote(store.oof)
+    scores["k_of_n_vote"] = {"cv": s.cv_labels(kofn_oof), "test": s.test_labels(lambda: vote(store.test))}
     preds["k_of_n_vote"] = kofn_oof
     return k, n

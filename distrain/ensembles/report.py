@@ -103,9 +103,19 @@ def format_table(report: dict) -> str:
         for name, why in report.get("ensemble_details", {}).get("skipped", {}).items():
             lines.append(f"{name:<32} {'skipped: ' + why}")
     if report.get("thresholds"):
-        lines += ["", f"{'threshold tuned on OOF':<32} {'CV at 0.5 / tuned':>22} {'test at 0.5 / tuned':>22}"]
-        for name, t in report["thresholds"].items():
+        named = {f"{name} ({format_threshold(t['threshold'])})": t for name, t in report["thresholds"].items()}
+        width = max(32, *map(len, named))
+        lines += ["", f"{'threshold tuned on OOF':<{width}} {'CV at 0.5 / tuned':>22} {'test at 0.5 / tuned':>22}"]
+        for label, t in named.items():
             test = f"{t['test_at_0.5']:.4f} / {t['test_tuned']:.4f}" if t["test_tuned"] is not None else "-"
-            label = f"{name} ({t['threshold']:.2f})"
-            lines.append(f"{label:<32} {t['cv_at_0.5']:>10.4f} / {t['cv_tuned']:.4f} {test:>22}")
+            lines.append(f"{label:<{width}} {t['cv_at_0.5']:>10.4f} / {t['cv_tuned']:.4f} {test:>22}")
     return "\n".join(lines)
+
+
+def format_threshold(threshold: float | list[float]) -> str:
+    """A binary threshold as `0.42`; a multilabel task's as `0.42/0.50/0.31` (up to 4 labels, else the range)."""
+    if not isinstance(threshold, list):
+        return f"{threshold:.2f}"
+    if len(threshold) <= 4:
+        return "/".join(f"{t:.2f}" for t in threshold)
+    return f"{len(threshold)} labels, {min(threshold):.2f}-{max(threshold):.2f}"

@@ -5,10 +5,11 @@ pyfunc flavour (`distrain.tracking.mlflow_model`) so `mlflow.pyfunc.load_model(.
 
 Artifacts directory layout (written by `aggregate.write_model_artifacts`):
     meta.json          columns, jobs (id, column, checkpoint file, transform, tta), image_size, channels, num_classes,
-                       method ("stacking" | "weighted_vote"), weights, classes (names), threshold (binary:
-                       the decision threshold on p(positive) tuned on OOF; null: the argmax)
+                       task, method ("stacking" | "weighted_vote"), weights, classes (names), threshold
+                       (binary: the decision threshold on p(positive) tuned on OOF; multilabel: one per label;
+                       null: the argmax, or 0.5 per label)
     checkpoints/*.pt   best.pt of each job
-    booster_<k>.txt    the K fold LightGBM meta-models, averaged (stacking only)
+    booster_<k>.txt    the K fold LightGBM meta-models, averaged (stacking only; multilabel: K per label)
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class EnsemblePredictor:
             self.boosters = [lgb.Booster(model_str=(root / name).read_text()) for name in self.meta["boosters"]]
 
     @property
+    def multilabel(self) -> bool:
+        return self.meta.get("task") == "multilabel"
+
+    @property
     def classes(self) -> list[str]:
         return self.meta.get("classes") or [str(c) for c in range(self.meta["num_classes"])]
 
@@ -83,7 +88,7 @@ class EnsemblePredictor:
                 batches[transform] = transform.normalise(self.to_batch(images, transform))
             x = batches[transform]
             tta = TestTimeAugment.from_dict(job.get("tta"))  # as the job's OOF and test predictions were made
-            probs = torch.cat([tta.probs(model, x[i : i + 256]) for i in range(0, len(x), 256)])
+            probs = torch.cat([tta.probs(model, x[i : i + 256], self.multilabel) for i in range(0, len(x), 256)])
             sums[columns.index(column)] += probs.numpy()
             counts[columns.index(column)] += 1
         return (sums / counts[:, None, None]).astype(np.float32)
@@ -94,12 +99,13 @@ class EnsemblePredictor:
             return np.tensordot(np.asarray(self.meta["weights"]), cols, axes=1)
         from distrain.ensembles.stacking import predict_stacked, stacking_features
 
-        return predict_stacked(self.boosters, stacking_features(cols), self.meta["num_classes"])
+        return predict_stacked(self.boosters, stacking_features(cols), self.meta["num_classes"], self.multilabel)
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """Class indices of `predict_proba`'s output: p(positive) >= the tuned threshold for a binary task
-        whose threshold was tuned on OOF, else the argmax."""
-        return decisions(probs, self.meta.get("threshold"))
+        whose threshold was tuned on OOF, else the argmax. Multilabel: 0/1 rows [N, L], each label where p >= its
+        tuned threshold (0.5 when none was tuned)."""
+        return decisions(probs, self.meta.get("threshold"), self.multilabel)
 
 
 def predict_folder(predictor: EnsemblePredictor, folder: Path, batch_size: int = 64) -> tuple[list[str], np.ndarray]:
@@ -124,7 +130,8 @@ def predict_folder(predictor: EnsemblePredictor, folder: Path, batch_size: int =
 
 def write_predictions_csv(path: Path, names: list[str], probs: np.ndarray, classes: list[str],
                           predicted: np.ndarray) -> None:  # fmt: skip
-    """image, prediction (class name of `predicted`), then p_<class> per class; written atomically."""
+    """image, prediction (class name of `predicted`; for 0/1 rows the names of the labels set, space-separated),
+    then p_<class> per class; written atomically."""
     import csv
     import io
 
@@ -134,7 +141,8 @@ def write_predictions_csv(path: Path, names: list[str], probs: np.ndarray, class
     writer = csv.writer(buf)
     writer.writerow(["image", "prediction", *(f"p_{c}" for c in classes)])
     for name, row, label in zip(names, probs, predicted):
-        writer.writerow([name, classes[int(label)], *(f"{p:.6f}" for p in row)])
+        decided = " ".join(classes[j] for j in np.flatnonzero(label)) if np.ndim(label) else classes[int(label)]
+        writer.writerow([name, decided, *(f"{p:.6f}" for p in row)])
     atomic_write_text(path, buf.getvalue())
 
 

@@ -1,4 +1,5 @@
-"""LightGBM stacking over the columns' OOF probabilities, cross-validated on the base models' fold ids.
+"""LightGBM stacking over the columns' OOF probabilities, cross-validated on the base models' fold ids
+(multilabel: a binary meta-model per label).
 
 Leakage: the meta-model that predicts fold k never saw a row of fold k, neither to fit nor to stop.
 """
@@ -18,7 +19,7 @@ class StackingResult:
     oof_probs: np.ndarray  # [n, C] meta-predictions, each from a meta-model that never saw its fold
     test_probs: Optional[np.ndarray]  # [n_test, C]: mean of the K fold meta-models' predictions
     best_iterations: list[int]
-    booster_texts: list[str]  # the K fold meta-models (for the pyfunc model)
+    booster_texts: list[str]  # the K fold meta-models (multilabel: K per label, label-major; for the pyfunc)
 
 
 def stacking_features(probs: np.ndarray) -> np.ndarray:
@@ -57,8 +58,12 @@ def predict_proba(booster, x: np.ndarray, num_classes: int) -> np.ndarray:
     return np.stack([1 - p, p], axis=1) if num_classes == 2 else p
 
 
-def predict_stacked(boosters: list, x: np.ndarray, num_classes: int) -> np.ndarray:
-    """Mean probability of several meta-models (the K fold models at test time)."""
+def predict_stacked(boosters: list, x: np.ndarray, num_classes: int, multilabel: bool = False) -> np.ndarray:
+    """Mean probability of several meta-models (the K fold models at test time). Multilabel: `boosters` holds
+    each label's K fold models in turn (label-major), and the result is [n, L]."""
+    if multilabel:
+        per_label = np.array_split(np.arange(len(boosters)), num_classes)
+        return np.stack([np.mean([boosters[i].predict(x) for i in idx], axis=0) for idx in per_label], axis=1)
     return np.mean([predict_proba(b, x, num_classes) for b in boosters], axis=0)
 
 
@@ -67,6 +72,26 @@ def _capped(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
     if cap <= 0 or len(rows) <= cap:
         return rows
     return np.sort(rng.choice(rows, size=cap, replace=False))
+
+
+def meta_splits(
+    folds: np.ndarray, max_meta_rows: int, rng: np.random.Generator
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(held-out fold k, rows to fit on, rows to early-stop on) per fold: fit on the other folds except
+    (k+1) mod K and stop on (k+1) mod K (with K = 2: on a random fifth of the other fold), each capped at
+    `max_meta_rows` (stopping at half that, at least 100): no row of fold k is ever used."""
+    fold_ids = sorted(set(folds.tolist()))
+    splits = []
+    for k in fold_ids:
+        if len(fold_ids) >= 3:
+            stop_fold = fold_ids[(fold_ids.index(k) + 1) % len(fold_ids)]
+            fit_rows = np.flatnonzero((folds != k) & (folds != stop_fold))
+            stop_rows = np.flatnonzero(folds == stop_fold)
+        else:  # 2 folds: no third fold to stop on; hold out a fifth of the other fold's rows instead
+            other = rng.permutation(np.flatnonzero(folds != k))
+            stop_rows, fit_rows = np.sort(other[: len(other) // 5]), np.sort(other[len(other) // 5 :])
+        splits.append((k, _capped(fit_rows, max_meta_rows, rng), _capped(stop_rows, max(100, max_meta_rows // 2), rng)))
+    return splits
 
 
 def stack(
@@ -79,46 +104,36 @@ def stack(
     early_stopping: int = 10,
     max_meta_rows: int = 15000,
 ) -> StackingResult:
-    """LightGBM over all columns' OOF probabilities, cross-validated on the base models' fold ids.
-
-    For held-out fold k the meta-model fits on rows of the other folds except fold (k+1) mod K, early-stops
-    on fold (k+1) mod K (with K = 2: on a random fifth of the other fold), and predicts fold k; no row of
-    fold k is ever used to fit or stop it. Each fit uses at most `max_meta_rows` rows (a fixed random
-    subset), which bounds the time on large data sets.
+    """LightGBM over all columns' OOF probabilities, cross-validated on the base models' fold ids
+    (`meta_splits`: no row of the held-out fold is used to fit or stop its meta-model). Multilabel: one
+    binary meta-model per label, each on every column's probabilities of every label.
     Test probabilities are the mean of the K fold meta-models on the fold-averaged base test probabilities.
     """
     import lightgbm as lgb
 
-    x, y, folds = stacking_features(store.oof), store.labels, store.folds
-    c = store.num_classes
-    params = lgbm_params(c, seed, learning_rate, num_leaves)
-    full = lgb.Dataset(x, y, params=params, free_raw_data=False).construct()  # bin once, subset per fold
-    rng = np.random.default_rng(seed)
-    fold_ids = sorted(set(folds.tolist()))
-    meta_oof = np.zeros((len(y), c))
+    x, folds, c = stacking_features(store.oof), store.folds, store.num_classes
+    multilabel = store.labels.ndim == 2
+    targets = [store.labels[:, j] for j in range(c)] if multilabel else [store.labels]
+    params = lgbm_params(2 if multilabel else c, seed, learning_rate, num_leaves)
+    splits = meta_splits(folds, max_meta_rows, np.random.default_rng(seed))
+    meta_oof = np.zeros((len(folds), c))
     boosters, best = [], []
-    for k in fold_ids:
-        if len(fold_ids) >= 3:
-            stop_fold = fold_ids[(fold_ids.index(k) + 1) % len(fold_ids)]
-            fit_rows = np.flatnonzero((folds != k) & (folds != stop_fold))
-            stop_rows = np.flatnonzero(folds == stop_fold)
-        else:  # 2 folds: no third fold to stop on; hold out a fifth of the other fold's rows instead
-            other = rng.permutation(np.flatnonzero(folds != k))
-            stop_rows, fit_rows = np.sort(other[: len(other) // 5]), np.sort(other[len(other) // 5 :])
-        fit_rows = _capped(fit_rows, max_meta_rows, rng)
-        stop_rows = _capped(stop_rows, max(100, max_meta_rows // 2), rng)
-        held = folds == k
-        booster = lgb.train(
-            params,
-            full.subset(fit_rows),
-            num_boost_round=max_rounds,
-            valid_sets=[full.subset(stop_rows)],
-            callbacks=[lgb.early_stopping(early_stopping, verbose=False)],
-        )
-        best.append(booster.best_iteration or max_rounds)
-        meta_oof[held] = predict_proba(booster, x[held], c)
-        boosters.append(booster)
-    test = predict_stacked(boosters, stacking_features(store.test), c) if store.test is not None else None
+    for j, y in enumerate(targets):
+        full = lgb.Dataset(x, y, params=params, free_raw_data=False).construct()  # bin once, subset per fold
+        for k, fit_rows, stop_rows in splits:
+            booster = lgb.train(params, full.subset(fit_rows), num_boost_round=max_rounds,
+                                valid_sets=[full.subset(stop_rows)],
+                                callbacks=[lgb.early_stopping(early_stopping, verbose=False)])  # fmt: skip
+            best.append(booster.best_iteration or max_rounds)
+            held = folds == k
+            if multilabel:
+                meta_oof[held, j] = booster.predict(x[held])
+            else:
+                meta_oof[held] = predict_proba(booster, x[held], c)
+            boosters.append(booster)
+    test = None
+    if store.test is not None:
+        test = predict_stacked(boosters, stacking_features(store.test), c, multilabel)
     return StackingResult(
         oof_probs=meta_oof,
         test_probs=test,

@@ -21,7 +21,7 @@ class OOFStore:
     """All jobs' predictions, aligned: OOF [columns, cv samples, classes], test [columns, test samples, classes]."""
 
     sample_ids: list[str]  # CV samples, sorted
-    labels: np.ndarray  # [n]
+    labels: np.ndarray  # [n] class indices; multilabel: [n, L] 0/1
     folds: np.ndarray  # [n] fold id of each CV sample (the fold manifest)
     columns: list[str]  # "<model>-s<seed>"
     oof: np.ndarray  # [M, n, C]
@@ -152,14 +152,15 @@ def _align(
 
 
 def long_table(store: OOFStore):
-    """The store as one long table keyed by (sample_id, model, seed, fold): split, label, p0..p{C-1}."""
+    """The store as one long table keyed by (sample_id, model, seed, fold): split, label, p0..p{C-1}
+    (multilabel: y0..y{L-1}, the 0/1 labels, instead of label)."""
     import pandas as pd
 
     frames = []
     for k, col in enumerate(store.columns):
         model, seed = parse_column(col)
         df = pd.DataFrame(store.oof[k], columns=[f"p{i}" for i in range(store.num_classes)])
-        df.insert(0, "label", store.labels)
+        _insert_labels(df, store.labels)
         df.insert(0, "fold", store.folds)
         df.insert(0, "seed", int(seed))
         df.insert(0, "model", model)
@@ -168,7 +169,7 @@ def long_table(store: OOFStore):
         frames.append(df)
         if store.test is not None:
             t = pd.DataFrame(store.test[k], columns=[f"p{i}" for i in range(store.num_classes)])
-            t.insert(0, "label", store.test_labels)
+            _insert_labels(t, store.test_labels)
             t.insert(0, "fold", -1)  # fold-averaged
             t.insert(0, "seed", int(seed))
             t.insert(0, "model", model)
@@ -176,3 +177,11 @@ def long_table(store: OOFStore):
             t.insert(1, "split", "test")
             frames.append(t)
     return pd.concat(frames, ignore_index=True)
+
+
+def _insert_labels(frame, labels: Optional[np.ndarray]) -> None:
+    if labels is not None and labels.ndim == 2:
+        for j in reversed(range(labels.shape[1])):
+            frame.insert(0, f"y{j}", labels[:, j])
+    else:
+        frame.insert(0, "label", labels)

@@ -1,4 +1,5 @@
-"""Voting over (model, seed) columns: soft, hard, weighted (log-loss optimal weights) and k-of-n."""
+"""Voting over (model, seed) columns: soft, hard, weighted (log-loss optimal weights) and k-of-n. Multilabel
+probabilities [M, n, L] are voted per label."""
 
 from __future__ import annotations
 
@@ -15,9 +16,14 @@ def soft_vote(probs: np.ndarray, weights: Optional[np.ndarray] = None) -> np.nda
     return np.tensordot(weights, probs, axes=1)
 
 
-def hard_vote(probs: np.ndarray) -> np.ndarray:
-    """Majority vote of each member's argmax; ties broken by the summed probability. Returns labels [n]."""
+def hard_vote(probs: np.ndarray, multilabel: bool = False) -> np.ndarray:
+    """Majority vote of each member's argmax; ties broken by the summed probability. Returns labels [n].
+    Multilabel: per label, the majority of the members' decisions (p >= 0.5), a tie decided by the mean
+    probability; returns 0/1 rows [n, L]."""
     m, n, c = probs.shape
+    if multilabel:
+        votes = 2 * (probs >= 0.5).sum(axis=0)
+        return np.where(votes == m, probs.mean(axis=0) >= 0.5, votes > m).astype(np.int64)
     votes = np.zeros((n, c))
     np.add.at(votes, (np.tile(np.arange(n), m), probs.argmax(axis=2).ravel()), 1)
     summed = probs.sum(axis=0)
@@ -26,9 +32,13 @@ def hard_vote(probs: np.ndarray) -> np.ndarray:
 
 
 def fit_vote_weights(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Non-negative weights summing to 1 that minimise the log loss of the weighted mean (SLSQP)."""
+    """Non-negative weights summing to 1 that minimise the log loss of the weighted mean (SLSQP); multilabel
+    (0/1 label rows [n, L]): the mean binary log loss over every (sample, label)."""
     m = probs.shape[0]
-    p_true = probs[:, np.arange(len(labels)), labels].astype(np.float64)  # [M, n]
+    if labels.ndim == 2:  # the likelihood of each 0/1 label; linear in w too, as the weights sum to 1
+        p_true = np.where(labels[None] == 1, probs, 1.0 - probs).reshape(m, -1).astype(np.float64)  # [M, n*L]
+    else:
+        p_true = probs[:, np.arange(len(labels)), labels].astype(np.float64)  # [M, n]
 
     def loss_and_grad(w):
         mix = np.clip(w @ p_true, 1e-12, None)

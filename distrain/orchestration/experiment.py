@@ -150,9 +150,8 @@ def _start_tracking_on_rank0(cfg: Config, manifest: FoldManifest, worker: str, a
 def prepare_data(cfg: Config, accelerator: Accelerator) -> tuple[DatasetIndex, FoldManifest]:
     """The data set's index (the digits written first if missing) and the study's fold manifest."""
     if cfg.data.source.startswith("digits"):  # each node's local primary writes them (nodes may not share a disk)
-        binary = cfg.data.source == "digits_binary"
-        runtime.on_primary(accelerator, lambda: ensure_digits(cfg.data.root, binary), per_node=True)
-    index = read_index(cfg.data.root, num_classes=cfg.data.num_classes)  # every rank: same check, same error
+        runtime.on_primary(accelerator, lambda: ensure_digits(cfg.data.root, cfg.task), per_node=True)
+    index = read_index(cfg.data.root, cfg.data.num_classes, cfg.task)  # every rank: same check, same error
     check_shard_count(index.cv_shards, accelerator.num_processes, cfg.data.num_workers, f"{cfg.data.root} cv split")
     cv_ids = index.split_ids("cv")
     cv_labels = index.labels_of("cv")

@@ -2,23 +2,32 @@
 ensembles). Which metrics exist, which tasks they fit and which way they point: `distrain.tasks`.
 
 Decision metrics (accuracy, F1, kappa, ...) score the decisions: the argmax, or for a binary task
-`p(positive) >= threshold` when a threshold is given. Probability metrics (ROC AUC, average precision, log
-loss) score the probabilities and ignore thresholds.
+`p(positive) >= threshold` when a threshold is given, or for a multilabel task `p >= threshold` per label.
+Probability metrics (ROC AUC, average precision, mAP, log loss) score the probabilities and ignore thresholds.
+
+A multilabel task is recognised by its labels: [n, L] 0/1 rows instead of class indices [n].
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Sequence
+from typing import Union
 
 import numpy as np
 from sklearn import metrics as skm
 
 from distrain.tasks import METRICS
 
+Threshold = Union[float, Sequence[float], np.ndarray, None]
+"""A binary task's threshold on p(positive), or a multilabel task's per-label thresholds (or one for all)."""
 
-def decisions(probs: np.ndarray, threshold: Optional[float] = None) -> np.ndarray:
+
+def decisions(probs: np.ndarray, threshold: Threshold = None, multilabel: bool = False) -> np.ndarray:
     """Predicted labels [n]: the argmax of [n, C] probabilities, or with `threshold` (binary, C = 2)
-    label 1 where p(positive) >= threshold."""
+    label 1 where p(positive) >= threshold. Multilabel: [n, L] 0/1, each label where p >= its threshold (0.5
+    when None)."""
+    if multilabel:
+        return (probs >= np.asarray(0.5 if threshold is None else threshold, dtype=np.float64)).astype(np.int64)
     if threshold is None:
         return probs.argmax(axis=1)
     return (probs[:, 1] >= threshold).astype(np.int64)
@@ -41,13 +50,16 @@ def score_labels(metric: str, labels: np.ndarray, pred: np.ndarray) -> float:
     return float(skm.f1_score(labels, pred, average=average, zero_division=0))
 
 
-def score(metric: str, labels: np.ndarray, probs: np.ndarray, threshold: Optional[float] = None) -> float:
-    """The metric of [n, C] probabilities against integer labels [n]."""
+def score(metric: str, labels: np.ndarray, probs: np.ndarray, threshold: Threshold = None) -> float:
+    """The metric of [n, C] probabilities against integer labels [n] (multilabel: 0/1 labels [n, L])."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}")
+    multilabel = labels.ndim == 2
     if not METRICS[metric].on_probabilities:
-        return score_labels(metric, labels, decisions(probs, threshold))
+        return score_labels(metric, labels, decisions(probs, threshold, multilabel))
     probs = probs.astype(np.float64)
+    if multilabel:
+        return _multilabel_probability_score(metric, labels, probs)
     classes = np.arange(probs.shape[1])
     if metric == "log_loss":
         return float(skm.log_loss(labels, probs / probs.sum(axis=1, keepdims=True), labels=classes))
@@ -68,6 +80,22 @@ def _roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean([skm.roc_auc_score(labels == c, probs[:, c]) for c in present]))
 
 
+def _multilabel_probability_score(metric: str, labels: np.ndarray, probs: np.ndarray) -> float:
+    """log_loss: the mean binary cross-entropy over every (sample, label). map / roc_auc: the unweighted mean
+    over the labels that can be scored here (a positive for AP; both values for AUC), as `_roc_auc` does for
+    classes (scikit-learn's macro average when every label can be); NaN when none can."""
+    if metric == "log_loss":
+        return float(skm.log_loss(labels.ravel(), probs.ravel(), labels=[0, 1]))
+    scores = []
+    for j in range(labels.shape[1]):
+        y = labels[:, j]
+        if metric == "map" and y.any():
+            scores.append(skm.average_precision_score(y, probs[:, j]))
+        elif metric == "roc_auc" and 0 < y.sum() < len(y):
+            scores.append(skm.roc_auc_score(y, probs[:, j]))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
 def tune_threshold(metric: str, labels: np.ndarray, probs: np.ndarray) -> float:
     """The decision threshold on p(positive) that scores `metric` best on these rows (a grid of 0.01 steps;
     the one nearest 0.5 among equals). 0.5 for a probability metric, which thresholds do not change."""
@@ -78,3 +106,25 @@ def tune_threshold(metric: str, labels: np.ndarray, probs: np.ndarray) -> float:
     scores = [score_labels(metric, labels, (probs[:, 1] >= t).astype(np.int64)) for t in grid]
     sign = 1.0 if METRICS[metric].higher_is_better else -1.0
     return float(grid[int(np.argmax(sign * np.asarray(scores)))])
+
+
+def tune_label_thresholds(metric: str, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Multilabel: one threshold per label [L], each maximising that label's own F1 (for f1_macro, where this is
+    the optimum, and f1_micro) or its own accuracy (for exact-match accuracy), on a grid of 0.01 steps (the one
+    nearest 0.5 among equals). All 0.5 for a probability metric."""
+    n_labels = labels.shape[1]
+    if METRICS[metric].on_probabilities:
+        return np.full(n_labels, 0.5)
+    grid = np.round(np.arange(0.01, 1.0, 0.01), 2)
+    grid = grid[np.argsort(np.abs(grid - 0.5), kind="stable")]
+    best = np.empty(n_labels)
+    for j in range(n_labels):
+        pred = probs[:, j, None] >= grid[None, :]  # [n, grid]: every threshold's decisions at once
+        truth = labels[:, j, None].astype(bool)
+        tp, fp, fn = (pred & truth).sum(0), (pred & ~truth).sum(0), (~pred & truth).sum(0)
+        if metric == "accuracy":
+            per_threshold = 1.0 - (fp + fn) / len(truth)
+        else:
+            per_threshold = 2 * tp / np.maximum(2 * tp + fp + fn, 1)  # F1, 0 when there is nothing to find
+        best[j] = grid[int(np.argmax(per_threshold))]
+    return best

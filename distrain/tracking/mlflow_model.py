@@ -1,6 +1,7 @@
 """The registered ensemble as an MLflow pyfunc model: `mlflow.pyfunc.load_model(uri).predict(images)`
 returns class probabilities, and `predict(images, params={"output": "labels"})` the decided class indices
-(argmax, or p(positive) >= the OOF-tuned threshold of a binary task), through
+(argmax, or p(positive) >= the OOF-tuned threshold of a binary task; multilabel: 0/1 rows, each label at
+its OOF-tuned threshold), through
 `distrain.ensembles.serving.EnsemblePredictor`."""
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ with _without_type_hint_notice():
 
     class DistrainPyfunc(mlflow.pyfunc.PythonModel):
         """MLflow pyfunc: `predict(images)` returns class probabilities [N, num_classes]; with
-        `params={"output": "labels"}` the decided class indices [N]."""
+        `params={"output": "labels"}` the decided class indices [N] (multilabel: 0/1 rows [N, L])."""
 
         def load_context(self, context):
             self.predictor = EnsemblePredictor(context.artifacts["ensemble"])

@@ -24,16 +24,17 @@ def predict(
     loader: Iterable,
     transform: ImageTransform,
     tta: TestTimeAugment = TestTimeAugment(),
+    multilabel: bool = False,
 ) -> Predictions:
-    """Softmax probabilities (averaged over the `tta` views) for the samples of `loader` (an `eval_loader`: this
-    rank's share of the shards), gathered on every rank and sorted by sample id. A loader built once can be
-    reused every epoch: its persistent workers stay up."""
+    """Softmax probabilities (multilabel: sigmoids; averaged over the `tta` views) for the samples of `loader`
+    (an `eval_loader`: this rank's share of the shards), gathered on every rank and sorted by sample id. A loader
+    built once can be reused every epoch: its persistent workers stay up."""
     was_training = model.training
     model.eval()
     rows = []
     for images, labels, ids in loader:
         with accelerator.autocast():
-            probs = tta.probs(model, transform.normalise(images.to(accelerator.device))).cpu().numpy()
+            probs = tta.probs(model, transform.normalise(images.to(accelerator.device)), multilabel).cpu().numpy()
         rows.extend(zip(ids, probs, labels.tolist()))
     model.train(was_training)
     rows = gather_rows(accelerator, rows)

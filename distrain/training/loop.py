@@ -33,7 +33,7 @@ from distrain.distributed import runtime
 from distrain.distributed.wrap import wrap
 from distrain.errors import ConfigError, Interrupted, NonFiniteLoss
 from distrain.study.plan import Job
-from distrain.study.results import JobResult
+from distrain.study.results import JobResult, Predictions
 from distrain.tasks import improves, overfit_gap
 from distrain.training.checkpoint import (
     list_states,
@@ -158,6 +158,21 @@ def train_probe_ids(train_ids: set[str], n: int, job: Job) -> list[str]:
     return random.Random(job.seed * 100 + job.fold).sample(sorted(train_ids), min(len(train_ids), n))
 
 
+def _batch_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Samples of a batch decided right: the argmax, or for multilabel 0/1 rows every label (logit > 0)."""
+    if labels.ndim == 2:
+        return ((logits > 0) == labels.bool()).all(dim=1).sum()
+    return (logits.argmax(1) == labels).sum()
+
+
+def _log_loss(pred: Predictions) -> float:
+    """The validation loss of predicted probabilities: cross-entropy (multilabel: mean binary cross-entropy)."""
+    probs, labels = torch.from_numpy(pred.probs), torch.from_numpy(pred.labels)
+    if labels.ndim == 2:
+        return float(F.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), labels.float()))
+    return float(F.nll_loss(torch.log(probs.clamp_min(1e-12)), labels))
+
+
 class _NonFiniteCounter:
     """Consecutive non-finite losses, kept on the device and read every few steps (no per-step host sync)."""
 
@@ -246,7 +261,8 @@ class JobTrainer:
         probe = train_probe_ids(train_ids, len(self.val_ids), job)
         self.train_probe = self._eval_loader("cv", {s: cv_labels[s] for s in probe})
         self.batch_augment = BatchAugment(self.transform, cfg.augment, num_classes=dc.num_classes,
-                                          label_smoothing=tc.label_smoothing, device=accelerator.device)  # fmt: skip
+                                          label_smoothing=tc.label_smoothing, device=accelerator.device,
+                                          multilabel=cfg.task == "multilabel")  # fmt: skip
         self.criterion = create_loss(tc, cfg.task)  # takes Mixup / CutMix soft targets too
         self.nonfinite = _NonFiniteCounter(accelerator.device, tc.max_nonfinite_losses)
         self.state = TrainState()
@@ -388,7 +404,7 @@ class JobTrainer:
                 self.nonfinite.check(self.job, epoch, step)
             loss = torch.where(finite, loss.detach(), torch.zeros_like(loss))  # keep the epoch's mean readable
             loss_sum += loss.detach() * len(labels)
-            correct += (logits.detach().argmax(1) == labels).sum()
+            correct += _batch_correct(logits.detach(), labels)
             seen += len(labels)
             if (step + 1) % tc.grad_accum_steps == 0 and step + 1 < n_steps:
                 self.step_boundary(epoch, step + 1, current_sums)
@@ -447,20 +463,22 @@ class JobTrainer:
         return eval_loader(self.index.urls(split), labels, batch_size=self.cfg.train.batch_size * 2,
                            transform=self.transform, cache=self.cache, **self.loader_kw)  # fmt: skip
 
+    def _predict(self, model: torch.nn.Module, loader) -> Predictions:
+        return predict(model, self.accelerator, loader, self.transform, self.tta, self.cfg.task == "multilabel")
+
     def evaluate(self, epoch: int, train: dict[str, float]) -> dict[str, float]:
         """Score the fold's validation samples, log the epoch's row and keep the best epoch's weights and OOF."""
         tc, state = self.cfg.train, self.state
         evaluated = self.trainable.eval_model()  # ZeRO: the fp32 weights gathered into a plain model
-        val = predict(evaluated, self.accelerator, self.val_loader, self.transform, self.tta)
+        val = self._predict(evaluated, self.val_loader)
         check_coverage(val, self.val_ids, f"{self.job.id} validation")
         val_score = val.score(tc.metric)
-        train_metric = predict(evaluated, self.accelerator, self.train_probe, self.transform, self.tta).score(tc.metric)
-        val_loss = F.nll_loss(torch.log(torch.from_numpy(val.probs).clamp_min(1e-12)), torch.from_numpy(val.labels))
+        train_metric = self._predict(evaluated, self.train_probe).score(tc.metric)
         row = {
             "train_loss": train["loss_sum"] / train["seen"],
             "train_accuracy": train["correct"] / train["seen"],  # on augmented batches, as the weights moved
             f"train_eval_{tc.metric}": train_metric,
-            "val_loss": float(val_loss.item()),
+            "val_loss": _log_loss(val),
             f"val_{tc.metric}": val_score,
             "train_val_gap": overfit_gap(tc.metric, train_metric, val_score),
             "lr": self.scheduler.get_last_lr()[0],
@@ -471,7 +489,7 @@ class JobTrainer:
         }
         candidates = [("raw", evaluated, val, val_score)]
         if self.ema is not None:  # the averaged weights compete with the raw ones for the best epoch
-            ema_val = predict(self.ema.module, self.accelerator, self.val_loader, self.transform, self.tta)
+            ema_val = self._predict(self.ema.module, self.val_loader)
             row[f"val_ema_{tc.metric}"] = ema_val.score(tc.metric)
             candidates.append(("ema", self.ema.module, ema_val, row[f"val_ema_{tc.metric}"]))
         state.history.append({"epoch": epoch, **row})
@@ -498,7 +516,7 @@ class JobTrainer:
         test = None
         if self.index.test_shards:
             loader = self._eval_loader("test", self.index.labels_of("test"))
-            test = predict(final, self.accelerator, loader, self.transform, self.tta)
+            test = self._predict(final, loader)
             check_coverage(test, set(self.index.labels_of("test")), f"{self.job.id} test")
         runtime.release(self.accelerator)
         return JobResult(

@@ -1,7 +1,9 @@
 """Training losses, chosen by `train.loss` and checked against the task by the config.
 
 Every loss takes the model's logits [n, C] and either integer labels [n] or soft targets [n, C] (Mixup /
-CutMix, whose targets already carry the label smoothing), and returns the batch mean.
+CutMix, whose targets already carry the label smoothing), and returns the batch mean. The multilabel losses
+take 0/1 integer rows [n, L] (smoothed here) or float soft targets [n, L] (Mixup's, already smoothed), and
+average over every (sample, label).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import sigmoid_focal_loss
 
 from distrain.config import TrainConfig
 
@@ -69,8 +72,33 @@ class BinaryCrossEntropy(nn.Module):
         return F.binary_cross_entropy_with_logits(logits[:, 1] - logits[:, 0], y, pos_weight=pos_weight)
 
 
+class MultiLabelLoss(nn.Module):
+    """Per-label sigmoid losses of a multilabel head: binary cross-entropy with logits (`pos_weight` on the
+    positives' term), or with `focal_gamma` the sigmoid focal loss (torchvision's, `alpha` weighting the
+    positives, 0 for none)."""
+
+    def __init__(self, label_smoothing: float = 0.0, pos_weight: float = 1.0, focal_gamma: float | None = None,
+                 alpha: float = 0.0):  # fmt: skip
+        super().__init__()
+        self.label_smoothing, self.pos_weight = label_smoothing, pos_weight
+        self.focal_gamma, self.alpha = focal_gamma, alpha
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        y = target.float()
+        if not target.is_floating_point():  # hard 0/1 rows: smoothed towards 0.5 (Mixup's come smoothed)
+            y = y * (1.0 - self.label_smoothing) + self.label_smoothing / 2
+        if self.focal_gamma is not None:
+            return sigmoid_focal_loss(logits, y, alpha=self.alpha or -1.0, gamma=self.focal_gamma, reduction="mean")
+        pos_weight = torch.tensor(self.pos_weight, device=logits.device)
+        return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+
+
 def create_loss(tc: TrainConfig, task: str) -> nn.Module:
     """The loss `train.loss` names, set up from the train section (the config checked it fits the task)."""
+    if task == "multilabel":
+        gamma = tc.focal_gamma if tc.loss == "focal" else None
+        return MultiLabelLoss(tc.label_smoothing, tc.pos_weight, gamma, tc.focal_alpha)
     if tc.loss == "bce":
         return BinaryCrossEntropy(tc.pos_weight, tc.label_smoothing)
     if tc.loss == "focal":

@@ -233,3 +233,32 @@ def test_data_config_overrides_and_bad_values(tmp_path):
         load_config(None, ["data.mean=[0.1,0.2]"])
     with pytest.raises(errors.ConfigError, match="data.interpolation: invalid value 'cubic'"):
         load_config(None, ["data.interpolation=cubic"])
+
+
+def test_pack_a_multilabel_csv_and_read_label_rows_back(tmp_path):
+    (tmp_path / "img").mkdir()
+    cells = ["cat dog", "dog|bird", "", "bird; cat", "cat"] * 8  # spaces, | and ; separate; empty: no label
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        for i, cell in enumerate(cells):
+            (tmp_path / "img" / f"{i}.png").write_bytes(_png((i * 5, 0, 0)))
+            w.writerow([f"img/{i}.png", cell])
+    samples, classes = pack.samples_from_csv(tmp_path / "labels.csv", multilabel=True)
+    assert classes == ["bird", "cat", "dog"]
+    assert [s.label for s in samples[:5]] == [(1, 2), (0, 2), (), (0, 1), (1,)]
+    index = pack.write_dataset(samples, tmp_path / "packed", classes=classes, test_fraction=0.25,
+                               limits=pack.ShardLimits(max_samples=8))  # fmt: skip
+    assert index.multilabel and len(index.split_ids("test")) == 10
+    rows = {**index.labels_of("cv"), **index.labels_of("test")}
+    assert rows["img_0"] == (0, 1, 1) and rows["img_2"] == (0, 0, 0) and rows["img_3"] == (1, 1, 0)
+    loader = loaders.eval_loader(index.urls("cv"), index.labels_of("cv"), batch_size=7,
+                                 transform=transforms.ImageTransform(8, 3), num_workers=0)  # fmt: skip
+    for _images, labels, ids in loader:  # the loaders hand the rows on as [B, L] tensors
+        assert labels.shape == (len(ids), 3) and [tuple(r) for r in labels.tolist()] == [rows[s] for s in ids]
+    with pytest.raises(errors.DataError, match="task multiclass needs one label per sample"):
+        index_mod.read_index(index.root, task="multiclass")
+    with pytest.raises(errors.DataError, match=r"task multilabel needs a multilabel data set \(packed with"):
+        index_mod.read_index(pack.write_digits(tmp_path / "digits").root, task="multilabel")
+    digits = pack.write_digits(tmp_path / "props", task="multilabel")
+    assert digits.classes == list(pack.DIGIT_PROPERTIES) and index_mod.read_index(digits.root, 4, "multilabel")

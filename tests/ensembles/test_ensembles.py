@@ -212,3 +212,53 @@ def test_probability_metric_skips_label_only_votes_and_lower_is_better_picks_bes
     assert {"hard_vote", "k_of_n_vote"} <= set(out.skipped) and "hard_vote" not in out.scores
     assert out.scores["best_single"]["column"] == store.columns[2]
     assert out.scores["best_single"]["cv"] == pytest.approx(score("log_loss", store.labels, store.oof[2]))
+
+
+def multilabel_store(n=900, labels=3, columns=4, folds=3, signal=1.5, seed=0, n_test=300):
+    """Sigmoid OOF/test probabilities [M, n, L] of 0/1 label rows; with signal > 0 each column leans towards
+    the truth, and column 0 (the sharpest) twice as much. Label 2 is rare (10%)."""
+    rng = np.random.default_rng(seed)
+    prevalence = np.array([0.5, 0.3, 0.1])[:labels]
+    y, y_test = (rng.random((n, labels)) < prevalence).astype(np.int64), (rng.random((n_test, labels)) < prevalence)
+
+    def probs(y):
+        lean = signal * np.array([2.0] + [1.0] * (columns - 1))[:, None, None]
+        return (1 / (1 + np.exp(-(rng.normal(size=(columns, *y.shape)) + lean * (2 * y - 1) - 1.0)))).astype(np.float32)
+
+    return OOFStore(sample_ids=[f"s{i:05d}" for i in range(n)], labels=y, folds=np.arange(n) % folds,
+                    columns=[f"m{k}-s{k}" for k in range(columns)], oof=probs(y),
+                    test_ids=[f"t{i}" for i in range(n_test)], test_labels=y_test.astype(np.int64),
+                    test=probs(y_test), jobs=[{"id": f"m{k}-s{k}-f{f}", "val_score": 0.0}
+                                              for k in range(columns) for f in range(folds)])  # fmt: skip
+
+
+def test_multilabel_ensembles_vote_and_stack_per_label_with_thresholds_from_other_folds():
+    store = multilabel_store()
+    out = run_ensembles(store, "f1_macro", stacking=True, task="multilabel")
+    assert {"soft_vote", "hard_vote", "weighted_vote", "k_of_n_vote", "stacking"} <= set(out.scores)
+    assert out.stacking.oof_probs.shape == (900, 3) and len(out.stacking.booster_texts) == 3 * 3
+    assert out.scores["weighted_vote"]["cv"] > out.scores["mean_single"]["cv"]
+    assert out.weights["m0-s0"] == max(out.weights.values())  # the sharpest column weighs most
+    t = out.thresholds["soft_vote"]
+    assert len(t["threshold"]) == 3 and t["threshold"][2] < 0.5  # the -1 bias: every label needs a lower one
+    assert t["cv_tuned"] > t["cv_at_0.5"] and t["test_tuned"] > t["test_at_0.5"]
+    flipped = multilabel_store()
+    flipped.labels[flipped.folds == 2] = 1 - flipped.labels[flipped.folds == 2]
+    again = run_ensembles(flipped, "f1_macro", stacking=False, task="multilabel").thresholds["soft_vote"]
+    assert again["fold_thresholds"]["2"] == t["fold_thresholds"]["2"]  # fold 2's never saw fold 2's labels
+    assert again["fold_thresholds"]["0"] != t["fold_thresholds"]["0"]
+
+
+def test_multilabel_stacking_with_permuted_labels_stays_at_chance():
+    store = multilabel_store(signal=0.0)
+    store.labels = np.random.default_rng(7).permutation(store.labels)
+    cv = run_ensembles(store, "map", stacking=True, task="multilabel").scores["stacking"]["cv"]
+    chance = store.labels.mean(axis=0).mean()  # the AP of an uninformative ranking is the prevalence
+    assert abs(cv - chance) < 0.06, (cv, chance)
+
+
+def test_multilabel_hard_vote_is_a_per_label_majority_with_ties_to_the_mean():
+    probs = np.array([[[0.9, 0.2, 0.6]], [[0.8, 0.6, 0.1]], [[0.1, 0.1, 0.7]], [[0.2, 0.7, 0.3]]])  # [4, 1, 3]
+    # label 0: 2 of 4 (tie, mean 0.5 -> 1); label 1: 2 of 4 (tie, mean 0.4 -> 0); label 2: 2 of 4 (mean 0.425 -> 0)
+    assert hard_vote(probs, multilabel=True).tolist() == [[1, 0, 0]]
+    assert hard_vote(probs[:3], multilabel=True).tolist() == [[1, 0, 1]]

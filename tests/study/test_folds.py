@@ -63,3 +63,21 @@ def test_persisted_manifest_is_checked(tmp_path):
     path.write_text(json.dumps(d))
     with pytest.raises(FoldManifestMismatch, match="stored hash does not match"):
         FoldManifest.from_json(path.read_text())
+
+
+def test_multilabel_folds_spread_every_labels_positives_and_refuse_a_too_rare_label():
+    rng = np.random.default_rng(0)
+    n = 500
+    rows = (rng.random((n, 4)) < [0.5, 0.3, 0.1, 0.0]).astype(int)
+    rows[rng.choice(n, 10, replace=False), 3] = 1  # a rare label: 10 positives, 2 per fold if spread
+    ids = [f"s{i:04d}" for i in range(n)]
+    m = build_fold_manifest(ids, [tuple(r) for r in rows], 5, fold_seed=0)
+    fold = np.array([m.fold_of_sample[s] for s in ids])
+    for j in range(4):
+        per_fold = np.array([rows[fold == k, j].sum() for k in range(5)])
+        assert per_fold.max() - per_fold.min() <= max(2, rows[:, j].sum() // 25), (j, per_fold)
+    assert [rows[fold == k, 3].sum() for k in range(5)] == [2] * 5
+    rows[:, 3] = 0
+    rows[:3, 3] = 1
+    with pytest.raises(ValueError, match="label 3 has 3 positive samples, fewer than cv.folds=5"):
+        build_fold_manifest(ids, [tuple(r) for r in rows], 5, fold_seed=0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from distrain.study.metrics import decisions, score, tune_threshold
+from distrain.study.metrics import decisions, score, tune_label_thresholds, tune_threshold
 from distrain.tasks import METRICS, best_index, improves, overfit_gap
 
 rng = np.random.default_rng(0)
@@ -77,3 +77,43 @@ def test_tuned_threshold_is_the_grid_best_and_decisions_use_it():
     assert tune_threshold("roc_auc", BIN_LABELS, BIN_PROBS) == 0.5  # a probability metric has no threshold
     assert (decisions(BIN_PROBS, 0.2) == (BIN_PROBS[:, 1] >= 0.2)).all()
     assert (decisions(MULTI_PROBS) == MULTI_PROBS.argmax(1)).all()
+
+
+ML_PROBS = rng.random((300, 5))
+ML_LABELS = (rng.random((300, 5)) < 0.2 + 0.6 * ML_PROBS).astype(np.int64)  # probabilities carry signal
+ML_SKLEARN = {
+    "accuracy": lambda y, p: skm.accuracy_score(y, p >= 0.5),  # exact match: every label right
+    "f1_macro": lambda y, p: skm.f1_score(y, p >= 0.5, average="macro"),
+    "f1_micro": lambda y, p: skm.f1_score(y, p >= 0.5, average="micro"),
+    "roc_auc": lambda y, p: skm.roc_auc_score(y, p, average="macro"),
+    "map": lambda y, p: skm.average_precision_score(y, p, average="macro"),
+    "log_loss": lambda y, p: np.mean([skm.log_loss(y[:, j], p[:, j], labels=[0, 1]) for j in range(y.shape[1])]),
+}
+
+
+@pytest.mark.parametrize("metric", [m for m in METRICS if "multilabel" in METRICS[m].tasks])
+def test_multilabel_metrics_equal_scikit_learn(metric):
+    assert score(metric, ML_LABELS, ML_PROBS) == pytest.approx(ML_SKLEARN[metric](ML_LABELS, ML_PROBS), abs=1e-9)
+
+
+def test_multilabel_ranking_metrics_average_the_labels_that_can_be_scored():
+    labels = ML_LABELS.copy()
+    labels[:, 4] = 0  # no positive: no AP, no AUC for label 4
+    expected_map = np.mean([skm.average_precision_score(labels[:, j], ML_PROBS[:, j]) for j in range(4)])
+    assert score("map", labels, ML_PROBS) == pytest.approx(expected_map)
+    assert score("roc_auc", labels, ML_PROBS) == pytest.approx(skm.roc_auc_score(labels[:, :4], ML_PROBS[:, :4]))
+    assert math.isnan(score("map", np.zeros((5, 2), int), ML_PROBS[:5, :2]))
+
+
+def test_label_thresholds_are_each_labels_grid_best_and_decisions_use_them():
+    biased = ML_PROBS * np.array([0.5, 1.0, 1.0, 1.0, 0.3])  # labels 0 and 4 under-confident: tuning must lower them
+    t = tune_label_thresholds("f1_macro", ML_LABELS, biased)
+    grid = np.round(np.arange(0.01, 1.0, 0.01), 2)
+    for j in range(5):
+        best = max(skm.f1_score(ML_LABELS[:, j], biased[:, j] >= g) for g in grid)
+        assert skm.f1_score(ML_LABELS[:, j], biased[:, j] >= t[j]) == pytest.approx(best)
+    assert t[0] < 0.5 and t[4] < 0.5
+    assert score("f1_macro", ML_LABELS, biased, threshold=t) > score("f1_macro", ML_LABELS, biased) + 0.05
+    assert (decisions(biased, t, multilabel=True) == (biased >= t)).all()
+    assert (decisions(biased, multilabel=True) == (biased >= 0.5)).all()
+    assert (tune_label_thresholds("map", ML_LABELS, biased) == 0.5).all()  # a probability metric has none

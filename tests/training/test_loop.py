@@ -450,7 +450,7 @@ def test_progressive_resolution_trains_each_phase_at_its_size_and_batch(tmp_path
     monkeypatch.setattr(
         loop,
         "predict",
-        lambda m, a, loader, t, tta: evaluated.append(t.image_size) or real_predict(m, a, loader, t, tta),
+        lambda m, a, loader, t, *rest: evaluated.append(t.image_size) or real_predict(m, a, loader, t, *rest),
     )
     index = read_index(write_digits(tmp_path / "digits").root)
     cfg = load_config(None, [f"data.root={index.root}", "train.epochs=2", "model.names=[test_resnet]",

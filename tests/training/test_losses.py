@@ -66,3 +66,32 @@ def test_bce_on_the_positive_logit_with_pos_weight_and_smoothing():
 @pytest.mark.parametrize("name, cls", [("ce", CrossEntropy), ("focal", FocalLoss), ("bce", BinaryCrossEntropy)])
 def test_train_loss_picks_the_loss(name, cls):
     assert isinstance(create_loss(TrainConfig(loss=name), "binary"), cls)
+
+
+ML_LOGITS = torch.tensor([[2.0, -1.0, 0.5], [-0.5, 1.5, -2.0]])
+ML_LABELS = torch.tensor([[1, 0, 1], [0, 0, 1]])  # 0/1 rows, as the loaders give them
+
+
+def sigmoid(z):
+    return 1 / (1 + math.exp(-z))
+
+
+def test_multilabel_bce_and_sigmoid_focal_match_the_formulas():
+    w, eps, gamma, alpha = 2.0, 0.1, 2.0, 0.25
+    bce = focal = 0.0
+    for row, labels in zip(ML_LOGITS.tolist(), ML_LABELS.tolist()):
+        for z, label in zip(row, labels):
+            p, y = sigmoid(z), label * (1 - eps) + eps / 2
+            bce += -(w * y * math.log(p) + (1 - y) * math.log(1 - p))
+            p_t = p if label else 1 - p
+            focal += -(alpha if label else 1 - alpha) * (1 - p_t) ** gamma * math.log(p_t)
+    bce_loss = create_loss(TrainConfig(loss="bce", pos_weight=w, label_smoothing=eps), "multilabel")
+    assert bce_loss(ML_LOGITS, ML_LABELS).item() == pytest.approx(bce / 6, rel=1e-6)
+    focal_loss = create_loss(TrainConfig(loss="focal", focal_gamma=gamma, focal_alpha=alpha), "multilabel")
+    assert focal_loss(ML_LOGITS, ML_LABELS).item() == pytest.approx(focal / 6, rel=1e-6)
+    plain_focal = create_loss(TrainConfig(loss="focal", focal_gamma=0.0), "multilabel")
+    plain_bce = create_loss(TrainConfig(loss="bce"), "multilabel")
+    assert plain_focal(ML_LOGITS, ML_LABELS).item() == pytest.approx(plain_bce(ML_LOGITS, ML_LABELS).item())
+    soft = torch.tensor([[0.7, 0.3, 1.0], [0.0, 0.4, 0.6]])  # Mixup's rows come smoothed: not smoothed again
+    expected = F.binary_cross_entropy_with_logits(ML_LOGITS, soft, pos_weight=torch.tensor(w))
+    assert bce_loss(ML_LOGITS, soft).item() == pytest.approx(expected.item())
