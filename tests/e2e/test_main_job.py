@@ -188,7 +188,7 @@ def test_ddp_two_processes_same_manifest_and_full_oof(default_run, tmp_path):
         ("malformed", [], "malformed YAML at line"),
         (None, ["data.source=shards", "data.root=no/such/dir"], "data path no/such/dir: no index.json"),
         (None, ["model.names=[resnet_nope]"], "model.names: unknown timm model 'resnet_nope'"),
-        (None, ["data.num_classes=5"], "labels outside [0, 5) for data.num_classes=5"),
+        (None, ["data.num_classes=5"], "data.num_classes: invalid value 5 (expected 10 for data.source: digits)"),
         (None, ["train.precision=fp16"], "train.precision: 'fp16' needs a CUDA GPU"),
         (None, ["augment.auto_augment=rand-m9-foo"], "augment.auto_augment: timm cannot build policy 'rand-m9-foo'"),
         (None, ["data.mean=[0.5,0.5]"], "data.mean: invalid value [0.5, 0.5]"),
