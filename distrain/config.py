@@ -433,10 +433,16 @@ class EnsembleConfig:
     """Rounds without improvement on the early-stopping fold before the meta-learner stops."""
     max_meta_rows: int = 15000
     """Rows each fold's meta-model fits on at most (a fixed random subset); bounds stacking time."""
+    selection_rounds: int = 25
+    """Greedy ensemble selection (Caruana et al.): rounds of forward selection with replacement over the
+    (model, seed) columns, cross-validated on the fold ids; 0 disables."""
     register_model: bool = True
     """Log the final ensemble as an MLflow pyfunc model and register it in the model registry."""
     model_name: str = ""
     """Registered model name; empty means distrain-<experiment>."""
+    register: str = "best"
+    """Which ensemble the registered model is: `best` (the best CV score among best_single, soft_vote,
+    weighted_vote, selection and stacking; report.json's ensemble_model.ensemble names it) or one of those."""
 
     def __post_init__(self):
         _require(0 < self.vote_fraction <= 1, "ensemble.vote_fraction", self.vote_fraction, "in (0, 1]")
@@ -446,6 +452,12 @@ class EnsembleConfig:
         _require(self.max_rounds >= 1, "ensemble.max_rounds", self.max_rounds, ">= 1")
         _require(self.early_stopping >= 1, "ensemble.early_stopping", self.early_stopping, ">= 1")
         _require(self.max_meta_rows >= 100, "ensemble.max_meta_rows", self.max_meta_rows, ">= 100")
+        _require(self.selection_rounds >= 0, "ensemble.selection_rounds", self.selection_rounds, ">= 0")
+        registrable = ("best", "best_single", "soft_vote", "weighted_vote", "selection", "stacking")
+        _require(self.register in registrable, "ensemble.register", self.register, f"one of {registrable}")
+        if self.register == "stacking" or self.register == "selection":
+            built = self.stacking if self.register == "stacking" else self.selection_rounds > 0
+            _require(built, "ensemble.register", self.register, "an ensemble that is built (it is switched off)")
 
 
 @dataclass(kw_only=True)

@@ -18,6 +18,8 @@ from distrain.config import Config
 from distrain.ensembles.combine import EnsembleOutcome, run_ensembles
 from distrain.ensembles.report import build_report, format_threshold, model_entry, write_report
 from distrain.ensembles.store import JobPredictions, OOFStore, build_store, long_table
+from distrain.ensembles.voting import soft_vote
+from distrain.errors import EnsembleError
 from distrain.fsutil import atomic_write, atomic_write_text
 from distrain.study.plan import column_key, expand_plan
 from distrain.study.results import is_done, load_job_predictions, read_done
@@ -33,6 +35,7 @@ ENSEMBLE_ORDER = (
     "soft_vote",
     "hard_vote",
     "weighted_vote",
+    "selection",
     "k_of_n_vote",
     "stacking",
 )
@@ -111,6 +114,7 @@ def aggregate(
         early_stopping=ec.early_stopping,
         max_meta_rows=ec.max_meta_rows,
         task=cfg.task,
+        selection_rounds=ec.selection_rounds,
     )
     report["ensembles"] = {
         name: {"cv": outcome.scores[name]["cv"], "test": outcome.scores[name]["test"]}
@@ -129,6 +133,7 @@ def aggregate(
             "threshold": ec.vote_threshold,
         },
         "stacking_best_iterations": outcome.stacking.best_iterations if outcome.stacking else None,
+        **({"selection": outcome.selection} if outcome.selection else {}),
         "left_out": store.left_out,
         "skipped": outcome.skipped,
     }
@@ -195,6 +200,30 @@ def summary_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+REGISTRABLE = ("best_single", "soft_vote", "weighted_vote", "selection", "stacking")
+"""The ensembles the registered model can be: those that give probabilities from the columns' probabilities."""
+
+
+def registered_ensemble(cfg: Config, outcome: EnsembleOutcome) -> str:
+    """`ensemble.register` when it names a built ensemble, else the registrable one with the best CV score."""
+    built = [name for name in REGISTRABLE if name in outcome.scores]
+    if cfg.ensemble.register in built:
+        return cfg.ensemble.register
+    if cfg.ensemble.register != "best":
+        raise EnsembleError(f"ensemble.register: {cfg.ensemble.register} was not built ({', '.join(built)} were)")
+    return built[best_index(cfg.train.metric, [outcome.scores[name]["cv"] for name in built])]
+
+
+def column_weights(name: str, columns: list[str], outcome: EnsembleOutcome) -> list[float]:
+    """The weight of each column in a weighted-mean ensemble (stacking's are the weighted vote's, unused)."""
+    if name == "best_single":
+        return [float(c == outcome.scores["best_single"]["column"]) for c in columns]
+    if name == "soft_vote":
+        return [1.0 / len(columns)] * len(columns)
+    weights = outcome.selection["weights"] if name == "selection" else outcome.weights
+    return [weights[c] for c in columns]
+
+
 def write_model_artifacts(
     cfg: Config, run_dir: Path, store: OOFStore, outcome: EnsembleOutcome, dest: Path, channels: int,
     classes: list[str] | None = None,
@@ -219,8 +248,9 @@ def write_model_artifacts(
                 "tta": asdict(cfg.for_model(j["model"]).tta),
             }
         )
-    method = "stacking" if outcome.stacking is not None else "weighted_vote"
-    boosters = []
+    name = registered_ensemble(cfg, outcome)
+    method = "stacking" if name == "stacking" else "weighted_vote"  # every other choice is a weighted mean
+    boosters = []  # kept whichever ensemble is registered: meta.json's method says whether they are used
     if outcome.stacking is not None:
         for k, text in enumerate(outcome.stacking.booster_texts):
             (dest / f"booster_{k}.txt").write_text(text)
@@ -234,11 +264,12 @@ def write_model_artifacts(
                 "channels": channels,
                 "num_classes": store.num_classes,
                 "task": cfg.task,
+                "ensemble": name,
                 "method": method,
                 "boosters": boosters,
-                "weights": [outcome.weights[c] for c in store.columns],
-                # binary: the decision threshold on p(positive), multilabel: one per label; tuned on the method's OOF
-                "threshold": outcome.thresholds[method]["threshold"] if method in outcome.thresholds else None,
+                "weights": column_weights(name, store.columns, outcome),
+                # binary: the decision threshold on p(positive), multilabel: one per label; tuned on the ensemble's OOF
+                "threshold": outcome.thresholds[name]["threshold"] if name in outcome.thresholds else None,
                 "classes": classes or [str(c) for c in range(store.num_classes)],
             }
         )
@@ -307,7 +338,13 @@ def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, review_files, 
                                           index.channels, index.classes)  # fmt: skip
         name = cfg.ensemble.model_name or f"distrain-{cfg.experiment}"
         version = tracker.log_ensemble_model(stacking, artifacts, name)
-        report["ensemble_model"] = model_entry(name, version)
+        chosen = json.loads((artifacts / "meta.json").read_text())["ensemble"]
+        report["ensemble_model"] = {**model_entry(name, version), "ensemble": chosen}
+        if store.test is not None:  # what the registered model must give on the holdout images
+            probs = outcome.stacking.test_probs if chosen == "stacking" else soft_vote(
+                store.test, np.asarray(column_weights(chosen, store.columns, outcome)))  # fmt: skip
+            atomic_write(run_dir / "ensemble" / "model_test.npz",
+                         lambda f: np.savez(f, sample_ids=np.asarray(store.test_ids), probs=probs))  # fmt: skip
         write_report(run_dir, report)
         tracker.log_artifact(parent, run_dir / "report.json")
     tracker.end_run(stacking)

@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 
+from distrain.ensembles.selection import cross_validated_selection
 from distrain.ensembles.stacking import StackingResult, stack
 from distrain.ensembles.store import OOFStore
 from distrain.ensembles.thresholds import tuned_threshold_scores
@@ -35,6 +36,7 @@ class EnsembleOutcome:
     vote_n_test: int
     skipped: dict[str, str] = field(default_factory=dict)  # ensemble name -> why it was not built
     thresholds: dict[str, dict] = field(default_factory=dict)  # binary, multilabel: ensemble -> tuned scores
+    selection: dict = field(default_factory=dict)  # greedy selection: test-time weights, each fold's, rounds
 
 
 @dataclass
@@ -84,6 +86,7 @@ def run_ensembles(
     early_stopping: int = 10,
     max_meta_rows: int = 15000,
     task: str = "multiclass",
+    selection_rounds: int = 25,
 ) -> EnsembleOutcome:
     """Base summaries, the voting variants and stacking, each with a leakage-free CV score and a test score;
     for a binary or multilabel task also each probability ensemble's scores at decision thresholds tuned on OOF.
@@ -96,6 +99,9 @@ def run_ensembles(
     probs: dict[str, tuple[np.ndarray, Optional[np.ndarray]]] = {}  # probability ensembles: (OOF, test)
     base = _singles(s, test_by_job, scores, preds, probs)
     weights, skipped = _weighted_vote(s, scores, preds, probs, stacking)
+    selection = _selection(s, selection_rounds, scores, preds, probs) if "weighted_vote" not in skipped else {}
+    if "weighted_vote" in skipped and selection_rounds:
+        skipped["selection"] = skipped["weighted_vote"]
     if METRICS[metric].on_probabilities:  # hard and k-of-n votes give labels only
         why = f"gives labels; {metric} scores probabilities"
         skipped.update(hard_vote=why, k_of_n_vote=why)
@@ -125,6 +131,7 @@ def run_ensembles(
         scores=scores,
         base=base,
         weights=dict(zip(store.columns, map(float, weights))),
+        selection=selection,
         oof_predictions=preds,
         stacking=stacked,
         vote_k=vote_k,
@@ -201,6 +208,20 @@ def _weighted_vote(
     preds["weighted_vote"] = s.decide(weighted_oof)
     probs["weighted_vote"] = (weighted_oof, weighted_test)
     return weights, {}
+
+
+def _selection(s: _Scorer, rounds: int, scores: dict, preds: dict, probs: dict) -> dict:
+    """Greedy forward selection over the columns, cross-validated on the fold ids (`ensembles.selection`);
+    nothing when rounds is 0."""
+    if not rounds:
+        return {}
+    store = s.store
+    oof, weights, fold_weights = cross_validated_selection(store.oof, store.labels, store.folds, s.metric, rounds)
+    test = soft_vote(store.test, weights) if s.has_test else None
+    scores["selection"] = {"cv": s.cv(oof), "test": s.test(test)}
+    preds["selection"] = s.decide(oof)
+    probs["selection"] = (oof, test)
+    return {"weights": dict(zip(store.columns, map(float, weights))), "fold_weights": fold_weights, "rounds": rounds}
 
 
 def _k_of_n(s: _Scorer, vote_fraction: float, threshold: float, scores: dict, preds: dict) -> tuple[int, int]:

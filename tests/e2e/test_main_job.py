@@ -65,9 +65,23 @@ def test_default_config_meets_the_bar(default_run):
 
 # Files a run directory gained on purpose since the snapshot in default_run_layout.json was taken (from
 # the last version before the redesign, 1ac28d4): the log that library warnings go to.
-ADDED_FILES = {"distrain.log": 1}
-ADDED_REPORT_KEYS = {"task": "str"}  # since the redesign's layout; report.json only gains keys
+ADDED_FILES = {"distrain.log": 1, "ensemble/model_test.npz": 1}  # and the registered ensemble's test probabilities
+ADDED_REPORT_KEYS = {  # since the redesign's layout; report.json only gains keys
+    "task": "str",
+    "ensembles": {"selection": {"cv": "float", "test": "float"}},
+    "ensemble_details": {"selection": {"fold_weights": {str(k): ["float"] for k in range(5)}, "rounds": "int",
+                                       "weights": {"test_resnet-s42": "float", "test_resnet-s43": "float"}}},
+    "ensemble_model": {"ensemble": "str"},
+}  # fmt: skip
 ADDED_JOB_KEYS = {"best_source": "str"}  # raw weights or their EMA
+
+
+def _with_added(tree: dict, added: dict) -> dict:
+    """`tree` with the keys of `added` merged in at every depth."""
+    merged = dict(tree)
+    for key, value in added.items():
+        merged[key] = _with_added(merged[key], value) if isinstance(value, dict) and key in merged else value
+    return dict(sorted(merged.items()))
 
 
 def test_run_directory_and_report_keep_their_layout(default_run):
@@ -78,7 +92,7 @@ def test_run_directory_and_report_keep_their_layout(default_run):
     cwd, *_ = default_run
     before = json.loads((Path(__file__).parent / "default_run_layout.json").read_text())
     now = layout(cwd / "runs" / "digits")
-    expected = {**before["report"], **ADDED_REPORT_KEYS}
+    expected = _with_added(before["report"], ADDED_REPORT_KEYS)
     expected["jobs"] = [{**job, **ADDED_JOB_KEYS} for job in before["report"]["jobs"]]
     assert now["report"] == expected
     assert now["files"] == {**before["files"], **ADDED_FILES}
@@ -218,6 +232,7 @@ def test_report_has_ensembles_next_to_single_models(default_run):
         "soft_vote",
         "hard_vote",
         "weighted_vote",
+        "selection",
         "k_of_n_vote",
         "stacking",
     }
@@ -244,7 +259,7 @@ def _test_images(cwd: Path):
     return [r[0] for r in rows], np.stack([r[1] for r in rows])
 
 
-def test_registered_pyfunc_model_reproduces_stacking_test_predictions(default_run):
+def test_registered_pyfunc_model_is_the_best_ensemble_and_reproduces_its_test_predictions(default_run):
     import mlflow
     import mlflow.pyfunc
 
@@ -253,11 +268,14 @@ def test_registered_pyfunc_model_reproduces_stacking_test_predictions(default_ru
     model = mlflow.pyfunc.load_model(report["ensemble_model"]["uri"])
     ids, images = _test_images(cwd)
     probs = model.predict(images)
-    with np.load(cwd / "runs" / "digits" / "ensemble" / "stacking_test.npz") as z:
+    with np.load(cwd / "runs" / "digits" / "ensemble" / "model_test.npz") as z:
         assert z["sample_ids"].tolist() == ids
         np.testing.assert_allclose(probs, z["probs"], atol=1e-5)
     labels = np.load(next((cwd / "runs" / "digits" / "jobs").glob("*/test.npz")))["labels"]
-    assert (probs.argmax(1) == labels).mean() == pytest.approx(report["ensembles"]["stacking"]["test"])
+    chosen = report["ensemble_model"]["ensemble"]
+    assert (probs.argmax(1) == labels).mean() == pytest.approx(report["ensembles"][chosen]["test"])
+    registrable = ("best_single", "soft_vote", "weighted_vote", "selection", "stacking")
+    assert report["ensembles"][chosen]["cv"] == max(report["ensembles"][n]["cv"] for n in registrable)
 
 
 def test_mlflow_has_ensemble_runs_and_review_artifacts(default_run):
@@ -330,7 +348,7 @@ def test_predict_writes_one_row_per_image_with_the_ensembles_probabilities(defau
     odd_sizes = [rng.integers(0, 255, size=(h, w), dtype=np.uint8) for h, w in ((13, 20), (40, 50), (64, 9))]
     for k, img in enumerate(odd_sizes):
         Image.fromarray(img).save(folder / f"odd-{k}.png")
-    with np.load(cwd / "runs" / "digits" / "ensemble" / "stacking_test.npz") as z:
+    with np.load(cwd / "runs" / "digits" / "ensemble" / "model_test.npz") as z:
         expected = dict(zip(z["sample_ids"].tolist(), z["probs"]))
     for flag, source in (("--images", folder), ("--shards", cwd / "data" / "digits")):
         out = tmp_path / f"preds{flag}.csv"

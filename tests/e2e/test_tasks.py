@@ -32,7 +32,7 @@ def binary_run(tmp_path_factory):
 def test_binary_study_reports_thresholds_tuned_on_oof(binary_run):
     cwd, run_dir, report, proc = binary_run
     assert report["task"] == "binary" and report["metric"] == "f1"
-    assert set(report["thresholds"]) == {"best_single", "soft_vote", "weighted_vote", "stacking"}
+    assert set(report["thresholds"]) == {"best_single", "soft_vote", "weighted_vote", "selection", "stacking"}
     for name, t in report["thresholds"].items():
         assert 0 < t["threshold"] < 1 and sorted(t["fold_thresholds"]) == ["0", "1", "2"]
         assert t["cv_at_0.5"] == pytest.approx(report["ensembles"][name]["cv"], abs=0.01)  # argmax vs 0.5
@@ -48,7 +48,8 @@ def test_registered_binary_model_decides_with_the_tuned_threshold(binary_run):
 
     cwd, run_dir, report, _ = binary_run
     meta = json.loads((run_dir / "ensemble" / "model" / "meta.json").read_text())
-    assert meta["threshold"] == report["thresholds"]["stacking"]["threshold"]
+    chosen = report["ensemble_model"]["ensemble"]
+    assert meta["ensemble"] == chosen and meta["threshold"] == report["thresholds"][chosen]["threshold"]
     assert meta["classes"] == ["other", "8"]
     index = json.loads((cwd / "data" / "digits-binary" / "index.json").read_text())
     urls = [str(cwd / "data" / "digits-binary" / s) for s in index["shards"]["test"]]
@@ -58,14 +59,14 @@ def test_registered_binary_model_decides_with_the_tuned_threshold(binary_run):
     mlflow.set_tracking_uri(report["mlflow"]["tracking_uri"])
     model = mlflow.pyfunc.load_model(report["ensemble_model"]["uri"])
     probs = model.predict(images)
-    with np.load(run_dir / "ensemble" / "stacking_test.npz") as z:  # the jobs' test predictions, made with TTA
+    with np.load(run_dir / "ensemble" / "model_test.npz") as z:  # from the jobs' test predictions, made with TTA
         np.testing.assert_allclose(probs, z["probs"], atol=1e-5)
     assert all(job["tta"]["hflip"] for job in meta["jobs"])
     decided = model.predict(images, params={"output": "labels"})
     assert probs.shape == (len(labels), 2)
     assert (decided == (probs[:, 1] >= meta["threshold"])).all()
     assert score("f1", labels, probs, threshold=meta["threshold"]) == pytest.approx(
-        report["thresholds"]["stacking"]["test_tuned"], abs=1e-6
+        report["thresholds"][chosen]["test_tuned"], abs=1e-6
     )
 
 
@@ -109,18 +110,19 @@ def test_registered_multilabel_model_and_predict_decide_each_label_at_its_thresh
     cwd, run_dir, report, _ = multilabel_run
     meta = json.loads((run_dir / "ensemble" / "model" / "meta.json").read_text())
     assert meta["task"] == "multilabel" and meta["classes"] == ["even", "large", "loop", "prime"]
-    assert meta["threshold"] == report["thresholds"]["stacking"]["threshold"] and len(meta["boosters"]) == 3 * 4
+    chosen = report["ensemble_model"]["ensemble"]
+    assert meta["threshold"] == report["thresholds"][chosen]["threshold"] and len(meta["boosters"]) == 3 * 4
     ids, images, stored = _holdout(cwd, "digits-multilabel")
     labels = np.array([[int(str(j) in cls.split()) for j in range(4)] for cls in stored])
     mlflow.set_tracking_uri(report["mlflow"]["tracking_uri"])
     model = mlflow.pyfunc.load_model(report["ensemble_model"]["uri"])
     probs = model.predict(images)
-    with np.load(run_dir / "ensemble" / "stacking_test.npz") as z:
+    with np.load(run_dir / "ensemble" / "model_test.npz") as z:
         np.testing.assert_allclose(probs, z["probs"], atol=1e-5)
     decided = model.predict(images, params={"output": "labels"})
     assert decided.shape == (len(ids), 4) and (decided == (probs >= np.array(meta["threshold"]))).all()
     assert score("f1_macro", labels, probs, threshold=meta["threshold"]) == pytest.approx(
-        report["thresholds"]["stacking"]["test_tuned"], abs=1e-6
+        report["thresholds"][chosen]["test_tuned"], abs=1e-6
     )
     out = tmp_path / "preds.csv"
     shards = cwd / "data" / "digits-multilabel"

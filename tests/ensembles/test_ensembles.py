@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from distrain.ensembles.combine import run_ensembles
+from distrain.ensembles.selection import greedy_selection
 from distrain.ensembles.stacking import lgbm_params, predict_proba, stack, stacking_features
 from distrain.ensembles.store import JobPredictions, OOFStore, build_store, long_table
 from distrain.ensembles.voting import fit_vote_weights, hard_vote, k_of_n_vote
@@ -70,6 +71,7 @@ def test_ensembles_beat_single_models_when_columns_carry_signal():
         "soft_vote",
         "hard_vote",
         "weighted_vote",
+        "selection",
         "k_of_n_vote",
         "stacking",
     }
@@ -86,7 +88,7 @@ def test_one_trained_fold_skips_what_needs_other_folds_and_warns_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "Mean of empty slice" from fitting weights on no rows
         out = run_ensembles(store, "accuracy", stacking=True)
-    assert set(out.skipped) == {"weighted_vote", "stacking"}
+    assert set(out.skipped) == {"weighted_vote", "selection", "stacking"}
     assert "only fold 0 was trained" in out.skipped["stacking"]
     assert out.stacking is None and "stacking" not in out.scores and "weighted_vote" not in out.scores
     assert out.scores["soft_vote"]["cv"] > out.scores["mean_single"]["cv"] - 0.05  # the rest is still built
@@ -189,7 +191,7 @@ def biased_binary_store(seed=0):
 
 def test_binary_thresholds_are_tuned_on_other_folds_and_beat_one_half():
     store = biased_binary_store()
-    out = run_ensembles(store, "f1", stacking=True, task="binary")
+    out = run_ensembles(store, "f1", stacking=True, task="binary", selection_rounds=0)
     t = out.thresholds["soft_vote"]
     print({k: v for k, v in t.items() if k != "fold_thresholds"})
     assert set(out.thresholds) == {"best_single", "soft_vote", "weighted_vote", "stacking"}
@@ -200,7 +202,7 @@ def test_binary_thresholds_are_tuned_on_other_folds_and_beat_one_half():
     flipped = biased_binary_store()
     held = flipped.folds == 2
     flipped.labels[held] = 1 - flipped.labels[held]
-    again = run_ensembles(flipped, "f1", stacking=False, task="binary").thresholds["soft_vote"]
+    again = run_ensembles(flipped, "f1", stacking=False, task="binary", selection_rounds=0).thresholds["soft_vote"]
     assert again["fold_thresholds"]["2"] == t["fold_thresholds"]["2"]
     assert again["fold_thresholds"]["0"] != t["fold_thresholds"]["0"]
 
@@ -234,7 +236,7 @@ def multilabel_store(n=900, labels=3, columns=4, folds=3, signal=1.5, seed=0, n_
 
 def test_multilabel_ensembles_vote_and_stack_per_label_with_thresholds_from_other_folds():
     store = multilabel_store()
-    out = run_ensembles(store, "f1_macro", stacking=True, task="multilabel")
+    out = run_ensembles(store, "f1_macro", stacking=True, task="multilabel", selection_rounds=3)
     assert {"soft_vote", "hard_vote", "weighted_vote", "k_of_n_vote", "stacking"} <= set(out.scores)
     assert out.stacking.oof_probs.shape == (900, 3) and len(out.stacking.booster_texts) == 3 * 3
     assert out.scores["weighted_vote"]["cv"] > out.scores["mean_single"]["cv"]
@@ -244,7 +246,8 @@ def test_multilabel_ensembles_vote_and_stack_per_label_with_thresholds_from_othe
     assert t["cv_tuned"] > t["cv_at_0.5"] and t["test_tuned"] > t["test_at_0.5"]
     flipped = multilabel_store()
     flipped.labels[flipped.folds == 2] = 1 - flipped.labels[flipped.folds == 2]
-    again = run_ensembles(flipped, "f1_macro", stacking=False, task="multilabel").thresholds["soft_vote"]
+    again = run_ensembles(flipped, "f1_macro", stacking=False, task="multilabel", selection_rounds=0)
+    again = again.thresholds["soft_vote"]
     assert again["fold_thresholds"]["2"] == t["fold_thresholds"]["2"]  # fold 2's never saw fold 2's labels
     assert again["fold_thresholds"]["0"] != t["fold_thresholds"]["0"]
 
@@ -252,7 +255,7 @@ def test_multilabel_ensembles_vote_and_stack_per_label_with_thresholds_from_othe
 def test_multilabel_stacking_with_permuted_labels_stays_at_chance():
     store = multilabel_store(signal=0.0)
     store.labels = np.random.default_rng(7).permutation(store.labels)
-    cv = run_ensembles(store, "map", stacking=True, task="multilabel").scores["stacking"]["cv"]
+    cv = run_ensembles(store, "map", stacking=True, task="multilabel", selection_rounds=0).scores["stacking"]["cv"]
     chance = store.labels.mean(axis=0).mean()  # the AP of an uninformative ranking is the prevalence
     assert abs(cv - chance) < 0.06, (cv, chance)
 
@@ -262,3 +265,54 @@ def test_multilabel_hard_vote_is_a_per_label_majority_with_ties_to_the_mean():
     # label 0: 2 of 4 (tie, mean 0.5 -> 1); label 1: 2 of 4 (tie, mean 0.4 -> 0); label 2: 2 of 4 (mean 0.425 -> 0)
     assert hard_vote(probs, multilabel=True).tolist() == [[1, 0, 0]]
     assert hard_vote(probs[:3], multilabel=True).tolist() == [[1, 0, 1]]
+
+
+def test_fast_selection_scores_equal_scikit_learn():
+    from distrain.ensembles.selection import _score
+
+    store = synthetic_store(n=300, classes=4, columns=1, signal=1.0)
+    for metric in ("accuracy", "log_loss"):
+        assert _score(metric, store.labels, store.oof[0]) == pytest.approx(score(metric, store.labels, store.oof[0]))
+
+
+def test_greedy_selection_weights_the_informative_columns_and_is_cross_validated():
+    store = synthetic_store(n=1000, classes=4, columns=5, signal=0.0)
+    rng = np.random.default_rng(3)
+    for k in (1, 3):  # two informative columns among noise
+        store.oof[k] = 0.6 * np.eye(4)[store.labels] + 0.4 * rng.dirichlet(np.ones(4), 1000)
+        store.test[k] = 0.6 * np.eye(4)[store.test_labels] + 0.4 * rng.dirichlet(np.ones(4), 200)
+    out = run_ensembles(store, "log_loss", stacking=False, selection_rounds=10)
+    weights = out.selection["weights"]
+    assert weights["m1-s1"] + weights["m3-s3"] == pytest.approx(1.0) and out.selection["rounds"] == 10
+    assert sorted(out.selection["fold_weights"]) == ["0", "1", "2", "3", "4"]
+    assert out.scores["selection"]["cv"] < out.scores["soft_vote"]["cv"]  # log loss: lower is better
+    assert out.scores["selection"]["test"] < out.scores["soft_vote"]["test"]
+
+
+def test_selection_with_permuted_labels_stays_at_chance():
+    store = synthetic_store(n=1200, classes=4, signal=0.0)
+    store.labels = np.random.default_rng(7).permutation(store.labels)
+    out = run_ensembles(store, "accuracy", stacking=False, selection_rounds=10)
+    in_sample = greedy_selection(store.oof, store.labels, "accuracy", 10)  # selected and scored on the same rows
+    naive = score("accuracy", store.labels, np.tensordot(in_sample, store.oof, axes=1))
+    print(f"selection cv {out.scores['selection']['cv']:.3f}, in-sample {naive:.3f}")
+    assert abs(out.scores["selection"]["cv"] - 0.25) < 0.04  # chance for 4 balanced classes
+    assert naive > out.scores["selection"]["cv"]  # what scoring on the selection's own rows would claim
+
+
+def test_registered_model_is_the_best_ensemble_by_cv_or_the_one_named():
+    from distrain.config import Config, EnsembleConfig, TrainConfig
+    from distrain.ensembles.aggregate import column_weights, registered_ensemble
+
+    store = synthetic_store(n=600, classes=3, columns=4, signal=1.0)
+    out = run_ensembles(store, "accuracy", stacking=True, selection_rounds=5)
+    cfg = Config(train=TrainConfig(metric="accuracy"))
+    names = ("best_single", "soft_vote", "weighted_vote", "selection", "stacking")
+    candidates = {n: out.scores[n]["cv"] for n in names}
+    assert registered_ensemble(cfg, out) == max(candidates, key=candidates.get)
+    named = Config(ensemble=EnsembleConfig(register="soft_vote"))
+    assert registered_ensemble(named, out) == "soft_vote"
+    assert column_weights("soft_vote", store.columns, out) == [0.25] * 4
+    best = out.scores["best_single"]["column"]
+    assert column_weights("best_single", store.columns, out) == [float(c == best) for c in store.columns]
+    assert column_weights("selection", store.columns, out) == [out.selection["weights"][c] for c in store.columns]
