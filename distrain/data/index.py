@@ -26,6 +26,11 @@ Label = Union[int, tuple[int, ...]]
 `labels_of`)."""
 
 
+def multi_hot(classes: tuple[int, ...], n: int) -> tuple[int, ...]:
+    """A multilabel sample's class indices as a 0/1 row over `n` classes."""
+    return tuple(int(c in classes) for c in range(n))
+
+
 @dataclass(frozen=True)
 class DatasetIndex:
     """What `index.json` says about a shard directory."""
@@ -49,8 +54,7 @@ class DatasetIndex:
         if not self.multilabel:
             return {s: y for s, y, sp in zip(self.sample_ids, self.labels, self.splits) if sp == split}
         n = len(self.classes)
-        return {s: tuple(int(c in y) for c in range(n))
-                for s, y, sp in zip(self.sample_ids, self.labels, self.splits) if sp == split}  # fmt: skip
+        return {s: multi_hot(y, n) for s, y, sp in zip(self.sample_ids, self.labels, self.splits) if sp == split}
 
     def urls(self, split: str) -> list[str]:
         return [str(self.root / name) for name in (self.cv_shards if split == "cv" else self.test_shards)]

@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from distrain.console import is_terminal
-from distrain.data.index import INDEX_FORMAT, INDEX_NAME, DatasetIndex, Label, read_index
+from distrain.data.index import INDEX_FORMAT, INDEX_NAME, DatasetIndex, Label, multi_hot, read_index
 from distrain.errors import DataError
 from distrain.study.folds import multilabel_strata
 
@@ -87,10 +87,7 @@ def holdout_split(labels: Sequence[Label], groups: Sequence[str], test_fraction:
     else:
         if labels and isinstance(labels[0], tuple):
             n_labels = 1 + max((c for y in labels for c in y), default=0)
-            rows = np.zeros((n, n_labels), dtype=np.int64)
-            for i, y in enumerate(labels):
-                rows[i, list(y)] = 1
-            labels = multilabel_strata(rows, 2)
+            labels = multilabel_strata(np.asarray([multi_hot(y, n_labels) for y in labels]), 2)
         _, test_idx = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
     is_test[test_idx] = True
     return is_test

@@ -338,7 +338,7 @@ def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, review_files, 
                                           index.channels, index.classes)  # fmt: skip
         name = cfg.ensemble.model_name or f"distrain-{cfg.experiment}"
         version = tracker.log_ensemble_model(stacking, artifacts, name)
-        chosen = json.loads((artifacts / "meta.json").read_text())["ensemble"]
+        chosen = registered_ensemble(cfg, outcome)
         report["ensemble_model"] = {**model_entry(name, version), "ensemble": chosen}
         if store.test is not None:  # what the registered model must give on the holdout images
             probs = outcome.stacking.test_probs if chosen == "stacking" else soft_vote(

@@ -181,8 +181,10 @@ def _plain_votes(s: _Scorer, scores: dict, preds: dict, probs: dict) -> None:
     if METRICS[s.metric].on_probabilities:
         return
     hard_oof = hard_vote(store.oof, s.multilabel)
-    hard_test = lambda: hard_vote(store.test, s.multilabel)  # noqa: E731 (scored only when there is a test split)
-    scores["hard_vote"] = {"cv": s.cv_labels(hard_oof), "test": s.test_labels(hard_test)}
+    scores["hard_vote"] = {
+        "cv": s.cv_labels(hard_oof),
+        "test": s.test_labels(lambda: hard_vote(store.test, s.multilabel)),
+    }
     preds["hard_vote"] = hard_oof
 
 
