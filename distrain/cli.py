@@ -5,7 +5,8 @@ distrain data pack (--images DIR | --csv FILE [--multilabel]) --out DIR
 distrain train --config FILE [a.b=value ...]   the main job (same as distrain/run.py)
 distrain schedule --config FILE --workers W --procs-per-worker P [a.b=value ...]
                                                W workers on this node, one ledger
-distrain aggregate --run-dir DIR [--allow-partial]  report + voting + stacking, without training
+distrain aggregate --run-dir DIR [--allow-partial] [ensemble.k=v ...]
+                                               report + voting + stacking, without training
                                                (`distrain ensemble` is the same)
 distrain status --run-dir DIR [--json]         pending / running (owner, progress, heartbeat) / done / failed
 distrain sync --run-dir DIR                    send tracking buffered while MLflow was down
@@ -55,7 +56,7 @@ def _data(args) -> int:
 
 def _status_rows(run_dir: Path) -> dict:
     """Every job's ledger state (with its score once done), the aggregation's, and what awaits sync."""
-    from distrain.orchestration.ledger import AGGREGATE
+    from distrain.orchestration.ledger import aggregate_id
     from distrain.orchestration.phases import load_run_dir, open_ledger
     from distrain.study.plan import expand_plan
     from distrain.study.results import is_done, read_done
@@ -63,8 +64,8 @@ def _status_rows(run_dir: Path) -> dict:
 
     cfg = load_run_dir(run_dir)
     ledger = open_ledger(cfg, run_dir)
-    rows = []
-    for job in expand_plan(cfg):
+    rows, plan = [], expand_plan(cfg)
+    for job in plan:
         st = ledger.state(job.id).to_dict()
         if st["status"] != "done" and is_done(run_dir, job):  # finished before the ledger recorded it
             st["status"] = "done"
@@ -75,7 +76,7 @@ def _status_rows(run_dir: Path) -> dict:
         "run_dir": str(run_dir),
         "counts": counts,
         "jobs": rows,
-        "aggregate": ledger.state(AGGREGATE).to_dict(),
+        "aggregate": ledger.state(aggregate_id([j.id for j in plan])).to_dict(),
         "report": (run_dir / "report.json").is_file(),
         "pending_tracking_calls": pending_calls(run_dir),
     }
@@ -116,7 +117,7 @@ def _aggregate(args) -> int:
     from distrain.study.plan import expand_plan
 
     run_dir = Path(args.run_dir)
-    cfg = phases.load_run_dir(run_dir)
+    cfg = phases.reconfigure_ensembles(run_dir, args.overrides)
     route_library_output(run_dir)
     index = read_index(cfg.data.root, cfg.data.num_classes, cfg.task)
     manifest = FoldManifest.from_json((run_dir / "folds.json").read_text())
@@ -245,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="leave out (model, seed) columns with missing OOF rows instead of failing",
         )
+        e.add_argument("overrides", nargs="*", help="ensemble.* overrides, saved in the run directory's config, "
+                                                    "e.g. ensemble.members.exclude=[convnext_tiny-s2]")  # fmt: skip
 
     s = sub.add_parser("status", help="pending / running / done / failed jobs of a run directory")
     s.add_argument("--run-dir", required=True)

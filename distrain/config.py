@@ -416,6 +416,17 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class MembersConfig:
+    """Columns chosen by hand: each entry a column `<model>-s<seed>` or a backbone name (all its seeds)."""
+
+    pin: list[str] = field(default_factory=list)
+    """Columns that ensemble selection starts from (each counted once before its greedy rounds), so they are
+    always members of the selection ensemble."""
+    exclude: list[str] = field(default_factory=list)
+    """Columns left out of every ensemble (and of the registered model), e.g. a backbone that overfits."""
+
+
+@dataclass(kw_only=True)
 class EnsembleConfig:
     stacking: bool = True
     """Fit a LightGBM meta-learner on the OOF probabilities (cross-validated on the base fold ids)."""
@@ -443,6 +454,8 @@ class EnsembleConfig:
     register: str = "best"
     """Which ensemble the registered model is: `best` (the best CV score among best_single, soft_vote,
     weighted_vote, selection and stacking; report.json's ensemble_model.ensemble names it) or one of those."""
+    members: MembersConfig = field(default_factory=MembersConfig)
+    """Columns pinned into the selection or excluded from every ensemble (`ensemble.members.pin` / `.exclude`)."""
 
     def __post_init__(self):
         _require(0 < self.vote_fraction <= 1, "ensemble.vote_fraction", self.vote_fraction, "in (0, 1]")
@@ -476,6 +489,34 @@ class TrackingConfig:
     def __post_init__(self):
         _require(self.timeout_s > 0, "tracking.timeout_s", self.timeout_s, "> 0")
         _require(self.max_retries >= 0, "tracking.max_retries", self.max_retries, ">= 0")
+
+
+@dataclass(kw_only=True)
+class SweepConfig:
+    """How `distrain sweep` runs its trials (the search space itself is a YAML file, `--space`)."""
+
+    folds: list[int] = field(default_factory=lambda: [0])
+    """The CV folds each trial trains (its value is their mean validation score)."""
+    sampler: str = "tpe"
+    """`tpe` (Optuna's Bayesian TPESampler, multivariate, with a constant liar for parallel workers) or `random`."""
+    startup_trials: int = 4
+    """Trials sampled at random before TPE models the results."""
+    pruner: str = "median"
+    """`median` (stop a trial whose validation metric is worse than the median of earlier trials at the same
+    epoch) or `none`."""
+    pruner_startup_trials: int = 2
+    """Finished trials before the pruner stops any."""
+    storage: str = ""
+    """Optuna storage URL (e.g. postgresql://user:pw@host/db for workers on several nodes); empty: SQLite in
+    the sweep's run directory (<run_root>/<experiment>-sweep/optuna.db)."""
+
+    def __post_init__(self):
+        _require(len(self.folds) >= 1 and len(set(self.folds)) == len(self.folds), "sweep.folds", self.folds,
+                 "distinct fold ids")  # fmt: skip
+        _require(self.sampler in ("tpe", "random"), "sweep.sampler", self.sampler, "tpe or random")
+        _require(self.startup_trials >= 1, "sweep.startup_trials", self.startup_trials, ">= 1")
+        _require(self.pruner in ("median", "none"), "sweep.pruner", self.pruner, "median or none")
+        _require(self.pruner_startup_trials >= 1, "sweep.pruner_startup_trials", self.pruner_startup_trials, ">= 1")
 
 
 @dataclass(kw_only=True)
@@ -532,6 +573,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self):
@@ -557,6 +599,10 @@ class Config:
                          "augment, tta, data.image_size/interpolation/crop_pct/mean/std or model.drop_rate/"
                          "drop_path_rate/grad_checkpointing")  # fmt: skip
             _check_task_fit(self.for_model(name), f"model.overrides.{name}: ")  # builds it: bad values refused now
+        _check_members(self)
+        for fold in self.sweep.folds:
+            _require(0 <= fold < self.cv.folds, "sweep.folds", self.sweep.folds,
+                     f"fold ids below cv.folds={self.cv.folds}")  # fmt: skip
         _check_schedule("data.image_size_schedule", self.data.image_size_schedule, self.train.epochs, 8)
         _check_schedule("train.batch_size_schedule", self.train.batch_size_schedule, self.train.epochs, 1)
         sizes = list(self.data.image_size_schedule.values())
@@ -591,6 +637,27 @@ class Config:
             raise ConfigError(f"model.overrides.{name}: {e}") from None
         cfg.model.overrides = self.model.overrides
         return cfg
+
+
+def _check_members(cfg: Config) -> None:
+    """Every `ensemble.members` entry names a backbone or a column of the plan; none is both pinned and
+    excluded; something is left to ensemble."""
+    members = cfg.ensemble.members
+    columns = [f"{m}-s{s}" for m in cfg.model.names for s in cfg.cv.seeds]
+    for where, names in (("pin", members.pin), ("exclude", members.exclude)):
+        for name in names:
+            _require(name in columns or name in cfg.model.names, f"ensemble.members.{where}", name,
+                     f"a backbone of model.names or a column <model>-s<seed> of {columns}")  # fmt: skip
+    excluded = set(member_columns(members.exclude, columns))
+    both = sorted(set(member_columns(members.pin, columns)) & excluded)
+    _require(not both, "ensemble.members", both, "no column both pinned and excluded")
+    left = set(columns) - excluded
+    _require(bool(left), "ensemble.members.exclude", members.exclude, "to leave at least one column")
+
+
+def member_columns(names: list[str], columns: list[str]) -> list[str]:
+    """The columns `ensemble.members` entries name: a column itself, or every column of a backbone."""
+    return [c for c in columns if c in names or c.rsplit("-s", 1)[0] in names]
 
 
 def _override_keys(changes: dict) -> dict[str, Any]:
@@ -640,7 +707,15 @@ def _overridable(key: str) -> bool:
 
 
 # Keys that may change between runs of one run directory without changing what is trained.
-VOLATILE_KEYS = ("tracking.", "data.num_workers", "train.progress", "train.cpu_threads", "ensemble.", "scheduler.")
+VOLATILE_KEYS = (
+    "tracking.",
+    "data.num_workers",
+    "train.progress",
+    "train.cpu_threads",
+    "ensemble.",
+    "scheduler.",
+    "sweep.",
+)
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -788,6 +863,31 @@ def config_differences(old: dict, new: dict) -> list[str]:
         if a.get(key) != b.get(key):
             diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return diffs
+
+
+def growth_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(what grows, what is refused) between a run directory's config and a new one, as 'key: old -> new' lines.
+    A study grows by new seeds (`cv.seeds`), new backbones (`model.names`) and the new backbones' own
+    `model.overrides`, the old ones kept: the finished jobs did not depend on them. Any other difference
+    (ignoring VOLATILE_KEYS) is refused, as is dropping a seed or backbone."""
+    grows, refused = [], []
+    for key in ("cv.seeds", "model.names"):
+        section, name = key.split(".")
+        before, after = old[section][name], new[section][name]
+        if before == after:
+            continue
+        line = f"{key}: {before!r} -> {after!r}"
+        (grows if set(before) < set(after) and len(set(after)) == len(after) else refused).append(line)
+    new_models = set(new["model"]["names"]) - set(old["model"]["names"])
+    for line in config_differences(old, new):
+        key = line.split(": ", 1)[0]
+        if key in ("cv.seeds", "model.names"):
+            continue
+        if any(key.startswith(f"model.overrides.{m}.") or key == f"model.overrides.{m}" for m in new_models):
+            grows.append(line)
+        else:
+            refused.append(line)
+    return grows, refused
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -1,6 +1,13 @@
 import pytest
 
-from distrain.config import ConfigError, apply_overrides, config_differences, load_config, parse_override
+from distrain.config import (
+    ConfigError,
+    apply_overrides,
+    config_differences,
+    growth_differences,
+    load_config,
+    parse_override,
+)
 
 from conftest import REPO
 
@@ -27,6 +34,12 @@ def test_every_shipped_config_parses():
         ("train:\n  batch_size: abc\n", "train.batch_size: expected int, got 'abc'"),
         ("train:\n  batch_size: 0\n", "train.batch_size: invalid value 0 (expected >= 1)"),
         ("train:\n  batch_size: true\n", "train.batch_size: expected int, got True"),
+        ("ensemble:\n  members:\n    pin: [resnet99]\n", "ensemble.members.pin: invalid value 'resnet99'"),
+        (
+            "ensemble:\n  members:\n    pin: [resnet10t]\n    exclude: [resnet10t-s42]\n",
+            "ensemble.members: invalid value ['resnet10t-s42'] (expected no column both pinned and excluded)",
+        ),
+        ("ensemble:\n  members:\n    exclude: [resnet10t]\n", "ensemble.members.exclude: invalid value"),
         ("cv:\n  folds: 1\n", "cv.folds: invalid value 1 (expected >= 2)"),
         ("cv:\n  seeds: []\n", "cv.seeds: invalid value [] (expected at least one seed)"),
         ("cv:\n  seeds: 42\n", "cv.seeds: expected a list of int, got 42"),
@@ -116,6 +129,27 @@ def test_config_differences_ignore_volatile_keys():
     a = load_config(None).to_dict()
     b = load_config(None, ["tracking.uri=http://x", "data.num_workers=2", "train.epochs=3"]).to_dict()
     assert config_differences(a, b) == ["train.epochs: 12 -> 3"]
+
+
+def test_growth_is_new_seeds_backbones_and_their_overrides_only():
+    old = load_config(None, ["model.names=[test_resnet]", "cv.seeds=[1]"]).to_dict()
+
+    def diff(*overrides):
+        return growth_differences(
+            old, load_config(None, ["model.names=[test_resnet]", "cv.seeds=[1]", *overrides]).to_dict()
+        )
+
+    assert diff() == ([], [])
+    assert diff("cv.seeds=[1,2]") == (["cv.seeds: [1] -> [1, 2]"], [])
+    grows, refused = diff("model.names=[test_resnet,test_convnext]", "model.overrides={test_convnext: {optim.lr: 0.1}}")
+    assert grows == ["model.names: ['test_resnet'] -> ['test_resnet', 'test_convnext']",
+                     "model.overrides.test_convnext.optim.lr: None -> 0.1"] and refused == []  # fmt: skip
+    assert diff("cv.seeds=[2]") == ([], ["cv.seeds: [1] -> [2]"])  # a finished seed dropped: not growth
+    assert diff("cv.seeds=[1,2]", "cv.fold_seed=7")[1] == ["cv.fold_seed: 0 -> 7"]  # the fold manifest changes
+    assert diff("model.overrides={test_resnet: {optim.lr: 0.1}}")[1] == [
+        "model.overrides.test_resnet.optim.lr: None -> 0.1"
+    ]
+    assert diff("cv.seeds=[1,2]", "ensemble.selection_rounds=3") == (["cv.seeds: [1] -> [1, 2]"], [])  # volatile
 
 
 def test_yaml_12_scalars_precision_no_stays_a_string(tmp_path):

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from distrain.config import Config
+from distrain.config import Config, member_columns
 from distrain.ensembles.combine import EnsembleOutcome, run_ensembles
 from distrain.ensembles.report import build_report, format_threshold, model_entry, write_report
 from distrain.ensembles.store import JobPredictions, OOFStore, build_store, long_table
 from distrain.ensembles.voting import soft_vote
 from distrain.errors import EnsembleError
 from distrain.fsutil import atomic_write, atomic_write_text
-from distrain.study.plan import column_key, expand_plan
+from distrain.study.plan import column_key, expand_plan, plan_id
 from distrain.study.results import is_done, load_job_predictions, read_done
 from distrain.tasks import best_index
 
@@ -46,7 +46,10 @@ def load_store(
 ) -> tuple[OOFStore, np.ndarray | None]:
     """The OOF store of the run's finished jobs, plus each job's own test probabilities [J, n_test, C]."""
     preds, missing = [], []
+    excluded = set(excluded_columns(cfg))
     for job in expand_plan(cfg):
+        if column_key(job.model, job.seed) in excluded:
+            continue  # left out of every ensemble by hand (ensemble.members.exclude)
         if not is_done(run_dir, job):
             missing.append({"id": job.id, "model": job.model, "seed": job.seed})
             continue
@@ -76,6 +79,15 @@ def load_store(
         by_id = {p.id: p for p in preds}
         test_by_job = np.stack([by_id[j["id"]].test_probs for j in store.jobs])  # aligned with store.jobs
     return store, test_by_job
+
+
+def plan_columns(cfg: Config) -> list[str]:
+    """The plan's (model, seed) columns, in plan order."""
+    return [column_key(m, s) for m in cfg.model.names for s in cfg.cv.seeds]
+
+
+def excluded_columns(cfg: Config) -> list[str]:
+    return member_columns(cfg.ensemble.members.exclude, plan_columns(cfg))
 
 
 def aggregate(
@@ -115,6 +127,7 @@ def aggregate(
         max_meta_rows=ec.max_meta_rows,
         task=cfg.task,
         selection_rounds=ec.selection_rounds,
+        pinned=tuple(member_columns(ec.members.pin, plan_columns(cfg))),
     )
     report["ensembles"] = {
         name: {"cv": outcome.scores[name]["cv"], "test": outcome.scores[name]["test"]}
@@ -135,6 +148,7 @@ def aggregate(
         "stacking_best_iterations": outcome.stacking.best_iterations if outcome.stacking else None,
         **({"selection": outcome.selection} if outcome.selection else {}),
         "left_out": store.left_out,
+        "excluded": excluded_columns(cfg),
         "skipped": outcome.skipped,
     }
     if outcome.thresholds:
@@ -287,11 +301,12 @@ def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, review_files, 
         summary[f"{name}_cv"] = s["cv"]
         if s["test"] is not None:
             summary[f"{name}_test"] = s["test"]
-    tracker.log_metrics(parent, summary, step=0)
+    tracker.log_metrics(parent, summary, step=len(report["jobs"]))  # a grown study: one more point per metric
     for f in review_files:
         tracker.log_artifact(parent, f, "review")
     tracker.log_artifact(parent, report_path)
 
+    plan = {"distrain.plan": plan_id([j.id for j in expand_plan(cfg)])}  # a grown study: new ensemble runs
     voting = tracker.child_run(
         "voting",
         {
@@ -299,6 +314,7 @@ def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, review_files, 
             "ensemble.vote_threshold": cfg.ensemble.vote_threshold,
             **{f"weight.{c}": round(w, 6) for c, w in outcome.weights.items()},
         },
+        plan,
     )
     tracker.log_metrics(
         voting,
@@ -320,6 +336,7 @@ def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, review_files, 
             f"ensemble.{k}": getattr(cfg.ensemble, k)
             for k in ("learning_rate", "num_leaves", "max_rounds", "early_stopping", "max_meta_rows")
         },
+        plan,
     )
     tracker.log_metrics(
         stacking,

@@ -87,11 +87,13 @@ def run_ensembles(
     max_meta_rows: int = 15000,
     task: str = "multiclass",
     selection_rounds: int = 25,
+    pinned: tuple[str, ...] = (),
 ) -> EnsembleOutcome:
     """Base summaries, the voting variants and stacking, each with a leakage-free CV score and a test score;
     for a binary or multilabel task also each probability ensemble's scores at decision thresholds tuned on OOF.
 
     test_by_job [J, n_test, C]: each fold model's own test probabilities (for the single-model summaries).
+    pinned: columns the greedy selection starts from (`ensemble.members.pin`).
     """
     s = _Scorer(store, metric)
     scores: dict[str, dict[str, Optional[float]]] = {}
@@ -99,7 +101,7 @@ def run_ensembles(
     probs: dict[str, tuple[np.ndarray, Optional[np.ndarray]]] = {}  # probability ensembles: (OOF, test)
     base = _singles(s, test_by_job, scores, preds, probs)
     weights, skipped = _weighted_vote(s, scores, preds, probs, stacking)
-    selection = _selection(s, selection_rounds, scores, preds, probs) if "weighted_vote" not in skipped else {}
+    selection = _selection(s, selection_rounds, pinned, scores, preds, probs) if "weighted_vote" not in skipped else {}
     if "weighted_vote" in skipped and selection_rounds:
         skipped["selection"] = skipped["weighted_vote"]
     if METRICS[metric].on_probabilities:  # hard and k-of-n votes give labels only
@@ -212,18 +214,24 @@ def _weighted_vote(
     return weights, {}
 
 
-def _selection(s: _Scorer, rounds: int, scores: dict, preds: dict, probs: dict) -> dict:
-    """Greedy forward selection over the columns, cross-validated on the fold ids (`ensembles.selection`);
-    nothing when rounds is 0."""
+def _selection(s: _Scorer, rounds: int, pinned: tuple[str, ...], scores: dict, preds: dict, probs: dict) -> dict:
+    """Greedy forward selection over the columns from the pinned ones, cross-validated on the fold ids
+    (`ensembles.selection`); nothing when rounds is 0."""
     if not rounds:
         return {}
     store = s.store
-    oof, weights, fold_weights = cross_validated_selection(store.oof, store.labels, store.folds, s.metric, rounds)
+    at = tuple(store.columns.index(c) for c in pinned if c in store.columns)  # a failed column cannot be pinned
+    oof, weights, fold_weights = cross_validated_selection(store.oof, store.labels, store.folds, s.metric, rounds, at)
     test = soft_vote(store.test, weights) if s.has_test else None
     scores["selection"] = {"cv": s.cv(oof), "test": s.test(test)}
     preds["selection"] = s.decide(oof)
     probs["selection"] = (oof, test)
-    return {"weights": dict(zip(store.columns, map(float, weights))), "fold_weights": fold_weights, "rounds": rounds}
+    return {
+        "weights": dict(zip(store.columns, map(float, weights))),
+        "fold_weights": fold_weights,
+        "rounds": rounds,
+        "pinned": [store.columns[k] for k in at],
+    }
 
 
 def _k_of_n(s: _Scorer, vote_fraction: float, threshold: float, scores: dict, preds: dict) -> tuple[int, int]:

@@ -28,7 +28,7 @@ from distrain.distributed import runtime
 from distrain.errors import DataError, Interrupted, LeaseLost, Preempted
 from distrain.fsutil import atomic_write_json
 from distrain.orchestration import phases
-from distrain.orchestration.ledger import AGGREGATE, Claim, Heartbeat, JobState, Ledger, default_worker_id
+from distrain.orchestration.ledger import Claim, Heartbeat, JobState, Ledger, aggregate_id, default_worker_id
 from distrain.orchestration.worker import WorkerOutcome, run_worker
 from distrain.study.folds import FoldManifest, build_fold_manifest
 from distrain.study.plan import Job, expand_plan
@@ -272,7 +272,7 @@ def _say_nothing_was_trained(study: Study) -> None:
     """A rerun of a finished run directory: show its report again and say why nothing was trained."""
     from distrain.ensembles.report import format_table, read_report
 
-    if study.ledger.state(AGGREGATE).status != "done":
+    if study.ledger.state(aggregate_id([j.id for j in study.plan])).status != "done":
         return  # other workers still train, or something failed (said above)
     report = read_report(study.run_dir)
     if report is not None:

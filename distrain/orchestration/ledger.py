@@ -34,10 +34,16 @@ from pathlib import Path
 from typing import Optional
 
 from distrain.fsutil import atomic_write_json, create_exclusive_json
+from distrain.study.plan import plan_id
 
-AGGREGATE = "_aggregate"  # the ledger entry of the aggregation step (claimed like a job, done once)
 TERMINAL = ("done", "failed")
 _ATTEMPT = re.compile(r"^attempt-(\d{6})\.(json|hb|end)$")
+
+
+def aggregate_id(job_ids: list[str]) -> str:
+    """The ledger entry of the aggregation step of a plan (claimed like a job, done once): `_aggregate-<hash of
+    the plan's job ids>`, so a study grown by new jobs is aggregated once more, and once."""
+    return f"_aggregate-{plan_id(job_ids)}"
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from distrain.config import Config, config_differences, config_from_dict, dump_yaml, flatten, yaml_load
-from distrain.errors import DataError
+from distrain.config import Config, apply_overrides, config_from_dict, dump_yaml, flatten, growth_differences, yaml_load
+from distrain.errors import ConfigError, DataError
 from distrain.fsutil import atomic_write_text
 from distrain.orchestration.ledger import Ledger
 from distrain.study.plan import Job
@@ -32,28 +32,46 @@ def load_run_dir(run_dir: Path) -> Config:
     return config_from_dict(yaml_load(saved.read_text()), check_models=False)  # checked when the run began
 
 
+def reconfigure_ensembles(run_dir: Path, overrides: list[str]) -> Config:
+    """The run directory's config with `ensemble.*` overrides (members, selection, stacking settings) applied
+    and saved, for aggregating a finished study again; any other key is refused (the jobs depended on it)."""
+    cfg = load_run_dir(run_dir)
+    if not overrides:
+        return cfg
+    for text in overrides:
+        if not text.startswith("ensemble."):
+            raise ConfigError(f"override {text!r}: aggregation changes ensemble.* keys only (the jobs are trained)")
+    cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides), check_models=False)
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    return cfg
+
+
 def prepare_run_dir(cfg: Config, manifest: FoldManifest, new_run_dir: bool) -> Config:
     """Make (or reuse) the run directory of `cfg` and write its `folds.json` and `config.yaml`. A directory
     that holds another config is refused, or with `new_run_dir` the next free `<experiment>-N` is used;
-    returns the config with the experiment name chosen. Rank 0 only."""
+    one whose config `cfg` only grows (new seeds or backbones, `growth_differences`) takes the new config,
+    so the new jobs train and the study is aggregated again. Returns the config with the experiment name
+    chosen. Rank 0 only."""
     from distrain.study.folds import persist_or_check
 
-    experiment = cfg.experiment
+    experiment, grows = cfg.experiment, []
     for n in range(2, 1000):
         run_dir = Path(cfg.run_root) / experiment
         saved = run_dir / "config.yaml"
-        diffs = config_differences(yaml_load(saved.read_text()), cfg.to_dict()) if saved.exists() else []
-        if not diffs:
+        grows, refused = growth_differences(yaml_load(saved.read_text()), cfg.to_dict()) if saved.exists() else ([], [])
+        if not refused:
             break
         if not new_run_dir:
             raise DataError(
-                f"{run_dir} was run with another config ({'; '.join(diffs)}); use another "
-                f"experiment name, --new-run-dir, or delete the run directory"
+                f"{run_dir} was run with another config ({'; '.join(refused)}); a run directory grows only by "
+                f"new cv.seeds or model.names; use another experiment name, --new-run-dir, or delete it"
             )
         experiment = f"{cfg.experiment}-{n}"
     persist_or_check(manifest, run_dir / "folds.json")
     cfg = dataclasses.replace(cfg, experiment=experiment)
-    if not saved.exists():
+    if grows:
+        print(f"distrain: {run_dir} grows: {'; '.join(grows)}", flush=True)
+    if grows or not saved.exists():
         atomic_write_text(saved, dump_yaml(cfg))
     return cfg
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Optional, TypeVar
 
 from distrain.errors import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, BadInput, LeaseLost, Preempted
-from distrain.orchestration.ledger import AGGREGATE, TERMINAL, Claim, Heartbeat, JobState, Ledger
+from distrain.orchestration.ledger import TERMINAL, Claim, Heartbeat, JobState, Ledger, aggregate_id
 
 T = TypeVar("T")
 
@@ -93,7 +93,7 @@ def run_worker(
     process); every ledger read or write goes through it, so all ranks agree on the job. `run_job`
     runs on every rank; it raises Preempted / LeaseLost to stop, anything else fails the attempt.
     """
-    loop = _ClaimLoop(ledger, worker, heartbeat_s, is_primary, coordinate, log)
+    loop = _ClaimLoop(ledger, worker, heartbeat_s, is_primary, coordinate, log, aggregate_id(job_ids))
     mine = select_shard(job_ids, shard)
     out = WorkerOutcome()
     while True:
@@ -116,7 +116,7 @@ def run_worker(
                 break
             if status is not None:
                 continue  # look at the ledger again: the aggregation may need another try
-            if loop.ledger_op(lambda: ledger.state(AGGREGATE)).status in TERMINAL or not wait_for_others:
+            if loop.ledger_op(lambda: ledger.state(loop.aggregate_id)).status in TERMINAL or not wait_for_others:
                 break
         elif shard is not None:
             # Static: leave once this shard's jobs are settled; the last worker to finish aggregates.
@@ -142,8 +142,10 @@ class _ClaimLoop:
         is_primary: bool,
         coordinate: Callable[[Callable[[], T]], T],
         log: Callable[[str], None],
+        aggregate_id: str,
     ):
         self.ledger, self.worker, self.heartbeat_s, self.is_primary = ledger, worker, heartbeat_s, is_primary
+        self.aggregate_id = aggregate_id  # the plan's aggregation entry in the ledger
         self.coordinate, self.log = coordinate, log
         self.preempted = False
 
@@ -177,7 +179,7 @@ class _ClaimLoop:
 
     def try_aggregate(self, aggregate: Callable[[], None]) -> Optional[str]:
         """Claim and run the aggregation if it is this worker's to do; its end status, or None if not."""
-        claim = self.ledger_op(lambda: self.ledger.try_claim(AGGREGATE, self.worker))
+        claim = self.ledger_op(lambda: self.ledger.try_claim(self.aggregate_id, self.worker))
         if claim is None:
             return None
         self.log(f"distrain: {self.worker} aggregates (attempt {claim.attempt})")
@@ -186,7 +188,7 @@ class _ClaimLoop:
     def report_failed(self, mine: list[str]) -> list[str]:
         """The jobs (and aggregation) failed for good; says why, so a non-zero exit is explained even on a
         rerun that did nothing."""
-        final = self.ledger_op(lambda: self.ledger.states(mine + [AGGREGATE]))
+        final = self.ledger_op(lambda: self.ledger.states(mine + [self.aggregate_id]))
         failed = [s for s in final if s.status == "failed"]
         if failed and self.is_primary:
             self.log(
@@ -196,7 +198,7 @@ class _ClaimLoop:
                 )
                 + (
                     f"; fix the cause, then `distrain aggregate --run-dir {self.ledger.root.parent}`"
-                    if any(s.job_id == AGGREGATE for s in failed)
+                    if any(s.job_id == self.aggregate_id for s in failed)
                     else ""
                 )
             )

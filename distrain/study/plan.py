@@ -5,6 +5,7 @@ Plain data, no torch: `distrain status`, the ledger and aggregation read a run d
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from distrain.config import Config
@@ -37,6 +38,11 @@ def parse_column(column: str) -> tuple[str, int]:
     """`column_key`'s inverse: (model, seed). Model names may contain `-s`; the seed is after the last."""
     model, seed = column.rsplit("-s", 1)
     return model, int(seed)
+
+
+def plan_id(job_ids: list[str]) -> str:
+    """A short name of a plan's job set (order-free): what a grown study's ledger and MLflow runs tell apart."""
+    return hashlib.sha256("\n".join(sorted(job_ids)).encode()).hexdigest()[:12]
 
 
 def expand_plan(cfg: Config) -> list[Job]:

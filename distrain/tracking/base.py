@@ -43,8 +43,9 @@ class Tracker(ABC):
         """A nested run of the study for one job; returns its run id."""
 
     @abstractmethod
-    def child_run(self, name: str, params: dict) -> str:
-        """A nested run of the study named `name` (an ensemble stage), reused when aggregation runs again."""
+    def child_run(self, name: str, params: dict, tags: Optional[dict[str, str]] = None) -> str:
+        """A nested run of the study named `name` (an ensemble stage) with these tags, reused when aggregation
+        runs again with the same name and tags."""
 
     @abstractmethod
     def log_params(self, run_id: str, params: dict[str, Any]) -> None: ...
@@ -69,7 +70,7 @@ class NullTracker(Tracker):
     def start_job(self, job_id: str, params: dict, tags: dict) -> str:
         return ""
 
-    def child_run(self, name: str, params: dict) -> str:
+    def child_run(self, name: str, params: dict, tags: Optional[dict[str, str]] = None) -> str:
         return ""
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:

@@ -101,9 +101,11 @@ class MlflowTracker(Tracker):
         if kind == "create_run":
             parent = ids.get(op["parent"], op["parent"])
             if op["kind"] == "ensemble":
+                same_tags = "".join(f" and tags.`{k}` = '{v}'" for k, v in op["tags"].items())
                 found = self.client.search_runs(
                     [self.experiment_id],
-                    filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.mlflow.runName = '{op['name']}'",
+                    filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.mlflow.runName = '{op['name']}'"
+                    + same_tags,
                     max_results=1,
                 )
                 if found:
@@ -220,15 +222,16 @@ class MlflowTracker(Tracker):
             }
         )
 
-    def child_run(self, name: str, params: dict) -> str:
-        """A nested run of the study named `name` (an ensemble stage), reused when aggregation runs again."""
+    def child_run(self, name: str, params: dict, tags: Optional[dict[str, str]] = None) -> str:
+        """A nested run of the study named `name` (an ensemble stage) with these tags, reused when aggregation
+        runs again with the same name and tags."""
         return self._submit(
             {
                 "op": "create_run",
                 "kind": "ensemble",
                 "name": name,
                 "parent": self.parent_run_id,
-                "tags": {"distrain.kind": "ensemble"},
+                "tags": {"distrain.kind": "ensemble", **(tags or {})},
                 "params": {k: str(v)[:6000] for k, v in params.items()},
             }
         )

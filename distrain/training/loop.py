@@ -70,6 +70,9 @@ class JobControl:
     stop_requested: Callable[[], bool] = lambda: False
     """This rank's wish to stop; any rank's wish stops all ranks at the same step, after a save."""
     progress: dict = field(default_factory=dict)
+    after_epoch: Callable[[int, float], None] = lambda epoch, val_score: None
+    """Called on every rank after each epoch's validation with the epoch and its (gathered) score; may raise to
+    end the job there (a sweep's pruner does)."""
 
 
 def steps_per_epoch(n_train: int, world_size: int, batch_size: int, accum: int) -> int:
@@ -122,6 +125,7 @@ def fit_job(
                 f"(best {best.score:.4f}), train_loss {row['train_loss']:.4f}, "
                 f"{row['samples_per_s']:.0f} samples/s"
             )
+        trainer.control.after_epoch(epoch, val)
         if trainer.should_stop_early(epoch, row):
             break  # every rank sees the same gathered metric, so every rank stops together
         if epoch + 1 < cfg.train.epochs:

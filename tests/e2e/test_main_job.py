@@ -69,8 +69,10 @@ ADDED_FILES = {"distrain.log": 1, "ensemble/model_test.npz": 1}  # and the regis
 ADDED_REPORT_KEYS = {  # since the redesign's layout; report.json only gains keys
     "task": "str",
     "ensembles": {"selection": {"cv": "float", "test": "float"}},
-    "ensemble_details": {"selection": {"fold_weights": {str(k): ["float"] for k in range(5)}, "rounds": "int",
-                                       "weights": {"test_resnet-s42": "float", "test_resnet-s43": "float"}}},
+    "ensemble_details": {"excluded": [],
+                         "selection": {"fold_weights": {str(k): ["float"] for k in range(5)}, "rounds": "int",
+                                       "weights": {"test_resnet-s42": "float", "test_resnet-s43": "float"},
+                                       "pinned": []}},
     "ensemble_model": {"ensemble": "str"},
 }  # fmt: skip
 ADDED_JOB_KEYS = {"best_source": "str"}  # raw weights or their EMA

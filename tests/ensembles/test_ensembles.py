@@ -267,12 +267,19 @@ def test_multilabel_hard_vote_is_a_per_label_majority_with_ties_to_the_mean():
     assert hard_vote(probs[:3], multilabel=True).tolist() == [[1, 0, 1]]
 
 
-def test_fast_selection_scores_equal_scikit_learn():
-    from distrain.ensembles.selection import _score
+def test_fast_selection_scores_equal_scikit_learn_ties_included():
+    from distrain.ensembles.selection import _Objective
 
-    store = synthetic_store(n=300, classes=4, columns=1, signal=1.0)
-    for metric in ("accuracy", "log_loss"):
-        assert _score(metric, store.labels, store.oof[0]) == pytest.approx(score(metric, store.labels, store.oof[0]))
+    store = synthetic_store(n=300, classes=4, columns=3, signal=1.0)
+    store.oof[1] = 0.25  # a constant column: every row a four-way tie, which argmax gives to class 0
+    store.oof[2, :100] = np.eye(4)[store.labels[:100]] * 0.5 + np.eye(4)[(store.labels[:100] + 1) % 4] * 0.5
+    for metric in ("accuracy", "log_loss", "f1_macro"):
+        objective = _Objective(metric, store.labels, store.oof)
+        total = np.asarray(objective.columns[0], dtype=np.float64)  # column 0 chosen once already
+        for k in range(3):
+            expected = score(metric, store.labels, (store.oof[0] + store.oof[k]) / 2)
+            assert objective.score(total, k, 2) == pytest.approx(expected), (metric, k)
+        assert objective.score(total * 0, 1, 1) == pytest.approx(score(metric, store.labels, store.oof[1]))
 
 
 def test_greedy_selection_weights_the_informative_columns_and_is_cross_validated():
@@ -287,6 +294,16 @@ def test_greedy_selection_weights_the_informative_columns_and_is_cross_validated
     assert sorted(out.selection["fold_weights"]) == ["0", "1", "2", "3", "4"]
     assert out.scores["selection"]["cv"] < out.scores["soft_vote"]["cv"]  # log loss: lower is better
     assert out.scores["selection"]["test"] < out.scores["soft_vote"]["test"]
+
+
+def test_pinned_columns_stay_in_every_fold_selection():
+    store = synthetic_store(n=600, classes=4, columns=4, signal=1.0)
+    store.oof[2] = np.random.default_rng(5).dirichlet(np.ones(4), 600)  # pure noise: never chosen on merit
+    free = run_ensembles(store, "accuracy", stacking=False, selection_rounds=4).selection
+    pinned = run_ensembles(store, "accuracy", stacking=False, selection_rounds=4, pinned=("m2-s2",)).selection
+    assert free["weights"]["m2-s2"] == 0 and free["pinned"] == []
+    assert pinned["pinned"] == ["m2-s2"] and pinned["weights"]["m2-s2"] >= 1 / 5
+    assert all(w[2] >= 1 / 5 for w in pinned["fold_weights"].values())
 
 
 def test_selection_with_permuted_labels_stays_at_chance():

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from distrain.orchestration.ledger import AGGREGATE, Ledger
+from distrain.orchestration.ledger import Ledger, aggregate_id
 
 from conftest import RUN_PY, ledger_history, run_cmd
 
@@ -34,9 +34,9 @@ def test_schedule_two_workers_of_two_processes_share_the_ledger(tmp_path):
     run_dir = tmp_path / "runs" / "digits"
     ledger = Ledger(run_dir)
     ids = [f"test_resnet-s{s}-f{f}" for s in (1, 2) for f in (0, 1)]
-    history = ledger_history(ledger, ids + [AGGREGATE])
-    assert sorted(r["job"] for r in history if r["status"] == "done") == sorted(ids + [AGGREGATE])
-    owners = {r["worker"].rsplit(":", 1)[0] for r in history if r["job"] != AGGREGATE}
+    history = ledger_history(ledger, ids + [aggregate_id(ids)])
+    assert sorted(r["job"] for r in history if r["status"] == "done") == sorted(ids + [aggregate_id(ids)])
+    owners = {r["worker"].rsplit(":", 1)[0] for r in history if r["job"] != aggregate_id(ids)}
     assert len(owners) == 2, owners  # both workers trained jobs
     records = [json.loads(p.read_text()) for p in (run_dir / "ledger" / "workers").glob("*.json")]
     assert len(records) == 2 and sum(r["aggregated"] for r in records) == 1

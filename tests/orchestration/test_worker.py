@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from distrain.errors import EXIT_FAILED
-from distrain.orchestration.ledger import AGGREGATE, Ledger
+from distrain.orchestration.ledger import Ledger, aggregate_id
 from distrain.orchestration.worker import parse_shard, run_worker, select_shard
 
 from conftest import ledger_history
@@ -94,7 +94,7 @@ def test_worker_marks_failing_job_failed_others_finish_and_aggregates_once(tmp_p
     assert aggregated == [["done", "failed", "done"]]
     assert out.failed == ["b"] and out.exit_code == EXIT_FAILED
     assert "CUDA out of memory" in ledger.state("b").last_error
-    assert ledger.state(AGGREGATE).status == "done"
+    assert ledger.state(aggregate_id(["a", "b", "c"])).status == "done"
 
 
 def test_parse_shard_and_static_selection():
@@ -166,8 +166,8 @@ def test_stress_three_workers_sigkilled_and_restarted(tmp_path):
 
     ledger = Ledger(tmp_path, lease_timeout_s=lease)
     ids = [f"job{i:03d}" for i in range(n_jobs)]
-    history = ledger_history(ledger, ids + [AGGREGATE])
-    for job in ids + [AGGREGATE]:
+    history = ledger_history(ledger, ids + [aggregate_id(ids)])
+    for job in ids + [aggregate_id(ids)]:
         done = [r for r in history if r["job"] == job and r["status"] == "done"]
         assert len(done) == 1, (job, [r for r in history if r["job"] == job])
     assert_no_overlapping_owners(history)
