@@ -8,6 +8,8 @@ distrain schedule --config FILE --workers W --procs-per-worker P [a.b=value ...]
 distrain aggregate --run-dir DIR [--allow-partial] [ensemble.k=v ...]
                                                report + voting + stacking, without training
                                                (`distrain ensemble` is the same)
+distrain sweep --config FILE --space FILE --trials N [--write-best FILE] [a.b=value ...]
+                                               one Optuna sweep worker (start several: they share the trials)
 distrain status --run-dir DIR [--json]         pending / running (owner, progress, heartbeat) / done / failed
 distrain sync --run-dir DIR                    send tracking buffered while MLflow was down
 distrain predict --run-dir DIR (--images DIR | --shards DIR) --out FILE.csv [--model-uri URI]
@@ -132,6 +134,27 @@ def _aggregate(args) -> int:
         allow_partial=args.allow_partial,
     )
     return 0
+
+
+def _sweep(args) -> int:
+    from distrain.config import load_config
+    from distrain.orchestration.sweep import run_sweep, sweep_run_dir
+    from distrain.study.space import load_space
+
+    cfg = load_config(args.config, args.overrides)
+    space = load_space(args.space, cfg)  # every range checked before any trial starts
+    if args.trials < 1:
+        raise BadInput(f"--trials: expected at least 1, got {args.trials}")
+    code = run_sweep(cfg, space, args.trials)
+    if args.write_best:
+        best = sweep_run_dir(cfg) / "best.yaml"
+        if not best.is_file():
+            raise BadInput(f"{best}: no best config yet (no trial finished, or other workers still run trials)")
+        from distrain.fsutil import atomic_write_text
+
+        atomic_write_text(args.write_best, best.read_text())
+        print(f"distrain: best config written to {args.write_best}")
+    return code
 
 
 def _sync(args) -> int:
@@ -264,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model-uri", default="", help="a registered model, e.g. models:/distrain-digits/2 (default: "
                                                     "the run directory's own ensemble files)")  # fmt: skip
 
+    sw = sub.add_parser("sweep", help="an Optuna sweep worker: trials claimed from the sweep's ledger")
+    sw.add_argument("--config", default=None)
+    sw.add_argument("--space", required=True, help="search space YAML: config key -> {low, high, log} or {choices}")
+    sw.add_argument("--trials", type=int, required=True, help="trials in the sweep (give every worker the same)")
+    sw.add_argument("--write-best", default="", help="when the sweep is done, write its best config here")
+    sw.add_argument("overrides", nargs="*", help="a.b=value overrides of the base config")
+
     w = sub.add_parser("schedule", help="start W accelerate-launch workers on this node, sharing one ledger")
     w.add_argument("--config", default=None)
     w.add_argument("--workers", type=int, default=1, help="process groups on this node")
@@ -287,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "aggregate": _aggregate,
         "sync": _sync,
         "schedule": _schedule,
+        "sweep": _sweep,
         "predict": _predict,
     }
     try:

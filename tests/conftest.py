@@ -120,6 +120,52 @@ def mlflow_server(store_uri: str, cwd: Path, port: int | None = None):
             proc.kill()
 
 
+@contextlib.contextmanager
+def postgres_server():
+    """A real PostgreSQL server (Debian's packages) on loopback with trust auth, in a scratch data directory;
+    stopped and removed afterwards. Yields its URL. Skips the test where PostgreSQL is not installed."""
+    import glob
+    import shutil
+    import tempfile
+    import time
+
+    found = shutil.which("initdb") or max(glob.glob("/usr/lib/postgresql/*/bin/initdb"), default=None)
+    if found is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/run does)")
+    bindir = Path(os.path.realpath(found)).parent
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # postgres refuses root
+    data = Path(tempfile.mkdtemp(prefix="distrain-pg-"))
+    if as_postgres:
+        shutil.chown(data, "postgres", "postgres")
+    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                    "-E", "UTF8"], check=True, capture_output=True)  # fmt: skip
+    port = free_port()
+    proc = subprocess.Popen([*as_postgres, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(data),
+                             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    try:
+        import psycopg
+
+        deadline = time.time() + 60
+        while True:
+            try:
+                psycopg.connect(url).close()
+                break
+            except psycopg.OperationalError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("postgres did not start")
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(data, ignore_errors=True)
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """Accelerator state is a per-process singleton; reset it around each in-process test."""

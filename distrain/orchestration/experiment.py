@@ -15,6 +15,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -75,26 +76,39 @@ def run_experiment(cfg: Config, shard: Optional[tuple[int, int]] = None, new_run
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
         study = start_study(cfg, new_run_dir, shard)
-        sc = study.cfg.scheduler
-        outcome = run_worker(
-            study.ledger,
-            [j.id for j in study.plan],
-            worker=study.worker,
-            run_job=JobRunner(study, stop).run,
-            aggregate=lambda states: aggregate(study, states),
-            heartbeat_s=sc.heartbeat_s,
-            poll_s=sc.poll_s,
-            shard=shard,
-            wait_for_others=sc.wait_for_others,
-            is_primary=study.is_primary,
-            coordinate=study.on_primary,
-            stop_requested=stop.is_set,
-            log=study.log,
-        )
+        job_ids = [j.id for j in study.plan]
+        outcome = claim_and_run(study, job_ids, JobRunner(study, stop).run, lambda s: aggregate(study, s), stop, shard)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     finish(study, outcome)
     return outcome.exit_code
+
+
+def claim_and_run(
+    study: Study,
+    job_ids: list[str],
+    run_job: Callable[[Claim, Heartbeat], None],
+    aggregate: Callable[[list[JobState]], None],
+    stop: threading.Event,
+    shard: Optional[tuple[int, int]] = None,
+) -> WorkerOutcome:
+    """`worker.run_worker` over `job_ids` with the study's ledger, scheduler settings and ranks."""
+    sc = study.cfg.scheduler
+    return run_worker(
+        study.ledger,
+        job_ids,
+        worker=study.worker,
+        run_job=run_job,
+        aggregate=aggregate,
+        heartbeat_s=sc.heartbeat_s,
+        poll_s=sc.poll_s,
+        shard=shard,
+        wait_for_others=sc.wait_for_others,
+        is_primary=study.is_primary,
+        coordinate=study.on_primary,
+        stop_requested=stop.is_set,
+        log=study.log,
+    )
 
 
 def start_study(cfg: Config, new_run_dir: bool, shard: Optional[tuple[int, int]]) -> Study:

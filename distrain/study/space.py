@@ -92,7 +92,7 @@ def apply_values(base: Config, values: dict[str, Any]) -> Config:
             section = section[part]
         section[name] = value
     try:
-        return config_from_dict(raw, check_models=False)
+        return config_from_dict(raw)  # as the main job checks it: the optimizer, augment policy, ...
     except ConfigError as e:
         shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
         raise ConfigError(f"space: {shown}: {e}") from None
