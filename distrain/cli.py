@@ -138,13 +138,15 @@ def _aggregate(args) -> int:
 
 def _sweep(args) -> int:
     from distrain.config import load_config
-    from distrain.orchestration.sweep import run_sweep, sweep_run_dir
+    from distrain.orchestration.sweep import check_storage, run_sweep, sweep_run_dir
     from distrain.study.space import load_space
 
     cfg = load_config(args.config, args.overrides)
     space = load_space(args.space, cfg)  # every range checked before any trial starts
     if args.trials < 1:
         raise BadInput(f"--trials: expected at least 1, got {args.trials}")
+    if cfg.sweep.storage:
+        check_storage(cfg.sweep.storage)
     code = run_sweep(cfg, space, args.trials)
     if args.write_best:
         best = sweep_run_dir(cfg) / "best.yaml"

@@ -28,11 +28,17 @@ def e2e_timeout(base_s: float) -> int:
     return int(base_s * float(os.environ.get("DISTRAIN_TEST_TIME_SCALE", "1")))
 
 
-def run_cmd(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a command with the test interpreter's environment; output captured as text."""
-    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # tests use their own stores
+def child_env(env: dict | None = None) -> dict:
+    """The test interpreter's environment for a command, without MLFLOW_TRACKING_URI (tests use their own stores;
+    `mlflow.set_tracking_uri` in an earlier test sets it in this process)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     full_env.update({"PYTHONWARNINGS": "ignore", **(env or {})})
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return full_env
+
+
+def run_cmd(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command with the test interpreter's environment (`child_env`); output captured as text."""
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=child_env(env))
 
 
 def accelerate_launch(processes: int, script: Path) -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import signal
 import threading
 import time
@@ -104,6 +105,18 @@ def open_optuna_study(cfg: Config, run_dir: Path) -> optuna.Study:
                 raise
             time.sleep(1.0 + attempt)
     raise AssertionError("unreachable")
+
+
+def check_storage(url: str) -> None:
+    """Open an Optuna storage URL once (creating its tables), or ConfigError with one line, the password hidden:
+    a wrong URL, a missing driver or a server that refuses is found before anything is written."""
+    import optuna
+
+    try:
+        optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except Exception as e:
+        message = f"sweep.storage: cannot open {url}: {type(e).__name__}: {e}".split("\n")[0]
+        raise ConfigError(re.sub(r"//[^@/\s]*@", "//***@", message)) from None
 
 
 class TrialRunner:

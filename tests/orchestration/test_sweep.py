@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from distrain.config import load_config
 from distrain.orchestration.ledger import Ledger
 
-from conftest import e2e_timeout, last_line, postgres_server, run_cmd
+from conftest import child_env, e2e_timeout, last_line, postgres_server, run_cmd
 
 TRIALS = 8
 BASE = [
@@ -40,7 +40,7 @@ def sweep_cmd(*extra):
 def start_worker(cwd, log, *overrides):
     out = open(log, "w")
     env_cmd = sweep_cmd(*BASE, *overrides)
-    return subprocess.Popen(env_cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(env_cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True, env=child_env())
 
 
 def wait_for(pattern, log, proc, timeout):
@@ -124,3 +124,12 @@ def test_bad_space_exits_2_with_one_line_before_anything_is_written(tmp_path, sp
     proc = run_cmd(sweep_cmd(*BASE), tmp_path)
     assert proc.returncode == 2 and message in last_line(proc.stderr), proc.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_unreachable_storage_is_one_line_without_the_password(tmp_path):
+    (tmp_path / "space.yaml").write_text(SPACE)
+    proc = run_cmd(sweep_cmd(*BASE, "sweep.storage=postgresql://me:secret@127.0.0.1:1/none"), tmp_path)
+    line = last_line(proc.stderr)
+    assert proc.returncode == 2 and "sweep.storage: cannot open postgresql://***@127.0.0.1:1/none" in line, line
+    assert "secret" not in proc.stderr + proc.stdout and not (tmp_path / "runs").exists()

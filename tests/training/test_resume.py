@@ -16,7 +16,7 @@ import torch
 from distrain.orchestration.ledger import Ledger
 from distrain.training.checkpoint import load_latest_state, rng_state, save_state, set_rng_state
 
-from conftest import RUN_PY, run_cmd
+from conftest import RUN_PY, child_env, run_cmd
 
 JOB = "test_resnet-s7-f0"
 TINY = [
@@ -79,12 +79,10 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
 
 
 def _start_worker(cwd: Path, *overrides: str) -> subprocess.Popen:
-    env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PYTHONWARNINGS"] = "ignore"
     return subprocess.Popen(
         [sys.executable, str(RUN_PY), *TINY, *overrides],
         cwd=cwd,
-        env=env,
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
