@@ -798,16 +798,25 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     out = copy.deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)
-        node = out
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a section")
-            node = child
-        node[path[-1]] = value
+        try:
+            set_path(out, path, value)
+        except ConfigError as e:
+            raise ConfigError(f"override {text!r}: {e}") from None
     return out
+
+
+def set_path(tree: dict, path: list[str], value: Any) -> None:
+    """Set `tree[a][b]... = value` for path [a, b, ...], making missing sections (unknown keys are caught by
+    validation); ConfigError if a part names a value, not a section."""
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{part!r} is not a section")
+        node = child
+    node[path[-1]] = value
 
 
 def config_from_dict(raw: dict, *, check_models: bool = True) -> Config:

@@ -81,7 +81,6 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a
 def mlflow_server(store_uri: str, cwd: Path, port: int | None = None):
     """A real `mlflow server` on loopback (serving artifacts under cwd/mlartifacts); stopped afterwards.
     Yields its URL."""
-    import time
     import urllib.request
 
     port = port or free_port()
@@ -107,23 +106,8 @@ def mlflow_server(store_uri: str, cwd: Path, port: int | None = None):
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail("mlflow server did not start")
-                time.sleep(0.5)
+    with _serving(proc, lambda: urllib.request.urlopen(url + "/health", timeout=2), OSError, "mlflow server", 120):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @contextlib.contextmanager
@@ -133,7 +117,6 @@ def postgres_server():
     import glob
     import shutil
     import tempfile
-    import time
 
     found = shutil.which("initdb") or max(glob.glob("/usr/lib/postgresql/*/bin/initdb"), default=None)
     if found is None:
@@ -150,26 +133,38 @@ def postgres_server():
                              "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    try:
-        import psycopg
+    import psycopg
 
-        deadline = time.time() + 60
+    try:
+        with _serving(proc, lambda: psycopg.connect(url).close(), psycopg.OperationalError, "postgres", 60):
+            yield url
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _serving(proc: subprocess.Popen, probe, not_up: type[Exception], what: str, timeout_s: float):
+    """Wait until `probe()` stops raising `not_up` (fail if `proc` exits or `timeout_s` passes), run the body,
+    then stop `proc` (SIGTERM, SIGKILL after 30 s)."""
+    import time
+
+    try:
+        deadline = time.time() + timeout_s
         while True:
             try:
-                psycopg.connect(url).close()
+                probe()
                 break
-            except psycopg.OperationalError:
+            except not_up:
                 if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail("postgres did not start")
+                    pytest.fail(f"{what} did not start")
                 time.sleep(0.3)
-        yield url
+        yield
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distrain.config import Config, ConfigError, config_from_dict, flatten, yaml_load
+from distrain.config import Config, ConfigError, config_from_dict, flatten, set_path, yaml_load
 
 # What a trial may not change: the data, the folds, the plan, and where and how things run.
 FIXED_KEYS = ("experiment", "run_root", "task", "data.root", "data.source", "data.num_classes", "cv.", "model.names",
@@ -86,11 +86,7 @@ def apply_values(base: Config, values: dict[str, Any]) -> Config:
     """`base` with the dotted keys set to `values`, validated as a config is (ConfigError naming the value)."""
     raw = base.to_dict()
     for key, value in values.items():
-        *path, name = key.split(".")
-        section = raw
-        for part in path:
-            section = section[part]
-        section[name] = value
+        set_path(raw, key.split("."), value)
     try:
         return config_from_dict(raw)  # as the main job checks it: the optimizer, augment policy, ...
     except ConfigError as e:

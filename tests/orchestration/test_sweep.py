@@ -2,6 +2,7 @@
 directory, or a real PostgreSQL server), one worker is SIGKILLed mid-trial, the pruner stops trials early,
 each trial is a nested MLflow run, and the best config is written out."""
 
+import contextlib
 import json
 import re
 import signal
@@ -39,8 +40,9 @@ def sweep_cmd(*extra):
 
 def start_worker(cwd, log, *overrides):
     out = open(log, "w")
-    env_cmd = sweep_cmd(*BASE, *overrides)
-    return subprocess.Popen(env_cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True, env=child_env())
+    return subprocess.Popen(
+        sweep_cmd(*BASE, *overrides), cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True, env=child_env()
+    )
 
 
 def wait_for(pattern, log, proc, timeout):
@@ -57,7 +59,7 @@ def wait_for(pattern, log, proc, timeout):
 @pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
 def test_two_workers_share_the_trials_a_killed_workers_trial_is_failed_and_the_pruner_stops_some(tmp_path, storage):
     (tmp_path / "space.yaml").write_text(SPACE)
-    with postgres_server() if storage == "postgresql" else _no_server() as url:
+    with postgres_server() if storage == "postgresql" else contextlib.nullcontext("") as url:
         extra = [f"sweep.storage={url}"] if url else []
         victim = start_worker(tmp_path, tmp_path / "a.log", *extra)
         wait_for(r"trial-\d{4}: trial \d+: optim", tmp_path / "a.log", victim, e2e_timeout(180))
@@ -101,14 +103,6 @@ def test_two_workers_share_the_trials_a_killed_workers_trial_is_failed_and_the_p
     assert len(finished) == TRIALS and all("optim.lr" in r.data.params for r in finished)
     complete = next(r for r in finished if "trial_accuracy" in r.data.metrics)
     assert len(client.get_metric_history(complete.info.run_id, "val_accuracy")) == 3  # per epoch
-
-
-class _no_server:
-    def __enter__(self):
-        return ""
-
-    def __exit__(self, *exc):
-        return None
 
 
 @pytest.mark.slow
