@@ -5,9 +5,9 @@ distrain data pack (--images DIR | --csv FILE [--multilabel]) --out DIR
 distrain train --config FILE [a.b=value ...]   the main job (same as distrain/run.py)
 distrain schedule --config FILE --workers W --procs-per-worker P [a.b=value ...]
                                                W workers on this node, one ledger
-distrain aggregate --run-dir DIR [--allow-partial] [ensemble.k=v ...]
-                                               report + voting + stacking, without training
-                                               (`distrain ensemble` is the same)
+distrain aggregate --run-dir DIR [--run-dir DIR2 ... [--out DIR]] [--allow-partial] [ensemble.k=v ...]
+                                               report + voting + stacking, without training, of one run
+                                               directory or across several (`distrain ensemble` is the same)
 distrain sweep --config FILE --space FILE --trials N [--write-best FILE] [a.b=value ...]
                                                one Optuna sweep worker (start several: they share the trials)
 distrain status --run-dir DIR [--json]         pending / running (owner, progress, heartbeat) / done / failed
@@ -58,12 +58,14 @@ def _data(args) -> int:
 
 def _status_rows(run_dir: Path) -> dict:
     """Every job's ledger state (with its score once done), the aggregation's, and what awaits sync."""
+    from distrain.orchestration.combined import refuse_combined
     from distrain.orchestration.ledger import aggregate_id
     from distrain.orchestration.phases import load_run_dir, open_ledger
     from distrain.study.plan import expand_plan
     from distrain.study.results import is_done, read_done
     from distrain.tracking.buffer import pending_calls
 
+    refuse_combined(run_dir, "status")
     cfg = load_run_dir(run_dir)
     ledger = open_ledger(cfg, run_dir)
     rows, plan = [], expand_plan(cfg)
@@ -115,10 +117,17 @@ def _status(args) -> int:
 def _aggregate(args) -> int:
     from distrain.data.index import read_index
     from distrain.orchestration import phases
+    from distrain.orchestration.combined import refuse_combined
     from distrain.study.folds import FoldManifest
     from distrain.study.plan import expand_plan
 
-    run_dir = Path(args.run_dir)
+    run_dirs = [Path(d) for d in args.run_dir]
+    if len(run_dirs) > 1:
+        return _aggregate_combined(args, run_dirs)
+    if args.out:
+        raise BadInput("--out: for an ensemble across run directories (give --run-dir two or more times)")
+    run_dir = run_dirs[0]
+    refuse_combined(run_dir, "aggregate")
     cfg = phases.reconfigure_ensembles(run_dir, args.overrides)
     route_library_output(run_dir)
     index = read_index(cfg.data.root, cfg.data.num_classes, cfg.task)
@@ -132,6 +141,35 @@ def _aggregate(args) -> int:
         {**index.labels_of("cv"), **index.labels_of("test")},
         failed,
         allow_partial=args.allow_partial,
+    )
+    return 0
+
+
+def _aggregate_combined(args, run_dirs: list[Path]) -> int:
+    """One ensemble over the jobs of several run directories that share a fold manifest."""
+    from distrain.data.index import read_index
+    from distrain.orchestration import phases
+    from distrain.orchestration.combined import combine_run_dirs
+    from distrain.study.plan import expand_plan
+
+    combined = combine_run_dirs(run_dirs, Path(args.out) if args.out else None, args.overrides)
+    cfg = combined.cfg
+    route_library_output(combined.out)
+    index = read_index(cfg.data.root, cfg.data.num_classes, cfg.task)
+    failed = [
+        {**f, "id": src.prefix + f["id"]}
+        for src in combined.sources
+        for f in phases.failed_jobs(phases.open_ledger(src.cfg, src.run_dir), expand_plan(src.cfg))
+    ]
+    phases.aggregate_and_report(
+        cfg,
+        combined.out,
+        phases.open_tracker(cfg, combined.out),
+        combined.manifest.fold_of_sample,
+        {**index.labels_of("cv"), **index.labels_of("test")},
+        failed,
+        allow_partial=args.allow_partial,
+        sources=combined.sources,
     )
     return 0
 
@@ -265,7 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("ensemble", "the same as aggregate (older name)"),
     ):
         e = sub.add_parser(name, help=helptext)
-        e.add_argument("--run-dir", required=True)
+        e.add_argument("--run-dir", required=True, action="append",
+                       help="a run directory; give it again for one ensemble across run directories that share "
+                            "a fold manifest")  # fmt: skip
+        e.add_argument("--out", default="", help="several --run-dir: where the ensemble is written "
+                                                 "(default <run root>/<a>+<b>)")  # fmt: skip
         e.add_argument(
             "--allow-partial",
             action="store_true",

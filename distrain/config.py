@@ -640,19 +640,29 @@ class Config:
 
 
 def _check_members(cfg: Config) -> None:
-    """Every `ensemble.members` entry names a backbone or a column of the plan; none is both pinned and
-    excluded; something is left to ensemble."""
-    members = cfg.ensemble.members
-    columns = [f"{m}-s{s}" for m in cfg.model.names for s in cfg.cv.seeds]
+    check_members(cfg.ensemble.members, [f"{m}-s{s}" for m in cfg.model.names for s in cfg.cv.seeds])
+
+
+def check_members(members: MembersConfig, columns: list[str]) -> None:
+    """Every `ensemble.members` entry names a backbone or one of `columns`; none is both pinned and
+    excluded; something is left to ensemble. Raises ConfigError."""
+    backbones = {c.rsplit("-s", 1)[0] for c in columns}
     for where, names in (("pin", members.pin), ("exclude", members.exclude)):
         for name in names:
-            _require(name in columns or name in cfg.model.names, f"ensemble.members.{where}", name,
-                     f"a backbone of model.names or a column <model>-s<seed> of {columns}")  # fmt: skip
+            _require(name in columns or name in backbones, f"ensemble.members.{where}", name,
+                     f"a backbone or a column <model>-s<seed> of {columns}")  # fmt: skip
     excluded = set(member_columns(members.exclude, columns))
     both = sorted(set(member_columns(members.pin, columns)) & excluded)
     _require(not both, "ensemble.members", both, "no column both pinned and excluded")
     left = set(columns) - excluded
     _require(bool(left), "ensemble.members.exclude", members.exclude, "to leave at least one column")
+
+
+def members_from_dict(raw: dict, columns: list[str]) -> MembersConfig:
+    """`ensemble.members` read from a mapping and checked against `columns` (of several run directories)."""
+    members = _build(MembersConfig, raw, "ensemble.members.")
+    check_members(members, columns)
+    return members
 
 
 def member_columns(names: list[str], columns: list[str]) -> list[str]:

@@ -69,6 +69,24 @@ def ledger_history(ledger, job_ids: list[str]) -> list[dict]:
     return sorted(rows, key=lambda r: r["start"])
 
 
+def holdout_images(cwd: Path):
+    """The holdout images of `<cwd>/data/digits`, raw from the shards, in sample-id order: (ids, uint8 array)."""
+    import io
+    import json
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    index = json.loads((cwd / "data" / "digits" / "index.json").read_text())
+    urls = [str(cwd / "data" / "digits" / s) for s in index["shards"]["test"]]
+    rows = sorted(
+        (s["__key__"], np.asarray(Image.open(io.BytesIO(s["png"]))))
+        for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    )
+    return [r[0] for r in rows], np.stack([r[1] for r in rows])
+
+
 def last_line(text: str) -> str:
     lines = [l for l in text.strip().splitlines() if l.strip()]
     return lines[-1] if lines else ""

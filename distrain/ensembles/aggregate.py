@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,36 +41,43 @@ ENSEMBLE_ORDER = (
 )
 
 
+@dataclass(frozen=True)
+class Source:
+    """A run directory whose finished jobs feed the ensembles. When run directories are combined and share a
+    (model, seed) column, `prefix` (`<run dir name>/`) goes before its column, backbone and job names."""
+
+    run_dir: Path
+    cfg: Config
+    prefix: str = ""
+
+    def columns(self) -> list[str]:
+        """Its plan's (model, seed) columns, prefixed, in plan order."""
+        return [self.prefix + column_key(m, s) for m in self.cfg.model.names for s in self.cfg.cv.seeds]
+
+
+def all_columns(sources: list[Source]) -> list[str]:
+    return [c for src in sources for c in src.columns()]
+
+
 def load_store(
-    cfg: Config, run_dir: Path, fold_of_sample: dict[str, int], labels_of_sample: dict[str, int], allow_partial: bool
+    cfg: Config,
+    sources: list[Source],
+    fold_of_sample: dict[str, int],
+    labels_of_sample: dict[str, int],
+    allow_partial: bool,
 ) -> tuple[OOFStore, np.ndarray | None]:
-    """The OOF store of the run's finished jobs, plus each job's own test probabilities [J, n_test, C]."""
+    """The OOF store of the sources' finished jobs, plus each job's own test probabilities [J, n_test, C]."""
     preds, missing = [], []
-    excluded = set(excluded_columns(cfg))
-    for job in expand_plan(cfg):
-        if column_key(job.model, job.seed) in excluded:
-            continue  # left out of every ensemble by hand (ensemble.members.exclude)
-        if not is_done(run_dir, job):
-            missing.append({"id": job.id, "model": job.model, "seed": job.seed})
-            continue
-        oof, test = load_job_predictions(run_dir, job)
-        done = read_done(run_dir, job)
-        preds.append(
-            JobPredictions(
-                id=job.id,
-                model=job.model,
-                seed=job.seed,
-                fold=job.fold,
-                val_score=float(done["val_score"]),
-                best_epoch=int(done["best_epoch"]),
-                best_source=done.get("best_source", "raw"),
-                oof_ids=oof.sample_ids,
-                oof_probs=oof.probs,
-                test_ids=test.sample_ids if test else [],
-                test_probs=test.probs if test else None,
-                test_labels=test.labels if test else None,
-            )
-        )
+    excluded = set(member_columns(cfg.ensemble.members.exclude, all_columns(sources)))
+    for k, src in enumerate(sources):
+        for job in expand_plan(src.cfg):
+            model, job_id = src.prefix + job.model, src.prefix + job.id
+            if column_key(model, job.seed) in excluded:
+                continue  # left out of every ensemble by hand (ensemble.members.exclude)
+            if not is_done(src.run_dir, job):
+                missing.append({"id": job_id, "model": model, "seed": job.seed})
+                continue
+            preds.append(_job_predictions(src.run_dir, job, model, job_id, k))
     if cfg.cv.only_folds:  # a deliberately partial plan: ensemble over the trained folds only
         fold_of_sample = {s: f for s, f in fold_of_sample.items() if f in set(cfg.cv.only_folds)}
     store = build_store(preds, missing, fold_of_sample, labels_of_sample, allow_partial=allow_partial)
@@ -81,13 +88,25 @@ def load_store(
     return store, test_by_job
 
 
-def plan_columns(cfg: Config) -> list[str]:
-    """The plan's (model, seed) columns, in plan order."""
-    return [column_key(m, s) for m in cfg.model.names for s in cfg.cv.seeds]
-
-
-def excluded_columns(cfg: Config) -> list[str]:
-    return member_columns(cfg.ensemble.members.exclude, plan_columns(cfg))
+def _job_predictions(run_dir: Path, job, model: str, job_id: str, source: int) -> JobPredictions:
+    """A finished job's predictions under the (possibly prefixed) names it has in the store."""
+    oof, test = load_job_predictions(run_dir, job)
+    done = read_done(run_dir, job)
+    return JobPredictions(
+        id=job_id,
+        model=model,
+        seed=job.seed,
+        fold=job.fold,
+        val_score=float(done["val_score"]),
+        best_epoch=int(done["best_epoch"]),
+        best_source=done.get("best_source", "raw"),
+        oof_ids=oof.sample_ids,
+        oof_probs=oof.probs,
+        test_ids=test.sample_ids if test else [],
+        test_probs=test.probs if test else None,
+        test_labels=test.labels if test else None,
+        source=source,
+    )
 
 
 def aggregate(
@@ -98,12 +117,15 @@ def aggregate(
     labels_of_sample: dict[str, int],
     allow_partial: bool = False,
     failed_jobs: list[dict] | None = None,
+    sources: list[Source] | None = None,
 ) -> dict:
-    """Build and write report.json with ensembles; log the review to MLflow. Returns the report.
+    """Build and write report.json with ensembles into `run_dir`; log the review to MLflow. Returns the report.
     `failed_jobs` ([{id, error}], from the ledger) are named in the report; their (model, seed)
-    columns are left out of the ensembles (which needs allow_partial)."""
+    columns are left out of the ensembles (which needs allow_partial). `sources`: the run directories whose
+    jobs are ensembled (default: `run_dir` itself, with `cfg`)."""
     metric = cfg.train.metric
-    store, test_by_job = load_store(cfg, run_dir, fold_of_sample, labels_of_sample, allow_partial)
+    sources = sources or [Source(run_dir, cfg)]
+    store, test_by_job = load_store(cfg, sources, fold_of_sample, labels_of_sample, allow_partial)
     mlflow_info = {
         "tracking_uri": tracker.tracking_uri,
         "experiment_id": tracker.experiment_id,
@@ -111,6 +133,8 @@ def aggregate(
     }
     report = build_report(cfg, store, test_by_job, mlflow_info)
     report["failed_jobs"] = list(failed_jobs or [])
+    if len(sources) > 1:
+        report["sources"] = [{"run_dir": str(src.run_dir), "prefix": src.prefix} for src in sources]
     ec = cfg.ensemble
     outcome = run_ensembles(
         store,
@@ -127,7 +151,7 @@ def aggregate(
         max_meta_rows=ec.max_meta_rows,
         task=cfg.task,
         selection_rounds=ec.selection_rounds,
-        pinned=tuple(member_columns(ec.members.pin, plan_columns(cfg))),
+        pinned=tuple(member_columns(ec.members.pin, all_columns(sources))),
     )
     report["ensembles"] = {
         name: {"cv": outcome.scores[name]["cv"], "test": outcome.scores[name]["test"]}
@@ -148,7 +172,7 @@ def aggregate(
         "stacking_best_iterations": outcome.stacking.best_iterations if outcome.stacking else None,
         **({"selection": outcome.selection} if outcome.selection else {}),
         "left_out": store.left_out,
-        "excluded": excluded_columns(cfg),
+        "excluded": member_columns(ec.members.exclude, all_columns(sources)),
         "skipped": outcome.skipped,
     }
     if outcome.thresholds:
@@ -163,7 +187,7 @@ def aggregate(
         )
     review = _write_review(report, store, outcome, out_dir, metric)
     path = write_report(run_dir, report)
-    _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, review, path)
+    _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, sources, review, path)
     return report
 
 
@@ -239,10 +263,11 @@ def column_weights(name: str, columns: list[str], outcome: EnsembleOutcome) -> l
 
 
 def write_model_artifacts(
-    cfg: Config, run_dir: Path, store: OOFStore, outcome: EnsembleOutcome, dest: Path, channels: int,
+    cfg: Config, sources: list[Source], store: OOFStore, outcome: EnsembleOutcome, dest: Path, channels: int,
     classes: list[str] | None = None,
 ) -> Path:  # fmt: skip
-    """The files EnsemblePredictor loads: checkpoints, meta-learner, meta.json."""
+    """The files EnsemblePredictor loads: checkpoints, meta-learner, meta.json. Each job's checkpoint and
+    preprocessing come from its own run directory and config (`store.jobs[i]["source"]`)."""
     from distrain.data.transforms import resolve_transform  # late: torch, and only when a model is written
 
     if dest.exists():
@@ -250,16 +275,20 @@ def write_model_artifacts(
     (dest / "checkpoints").mkdir(parents=True)
     jobs = []
     for j in store.jobs:
-        src = run_dir / "jobs" / j["id"] / "best.pt"
-        shutil.copyfile(src, dest / "checkpoints" / f"{j['id']}.pt")
+        src = sources[j["source"]]
+        model, job_id = j["model"][len(src.prefix) :], j["id"][len(src.prefix) :]  # the names it was trained under
+        checkpoint = f"{j['id']}.pt"  # a prefixed job: checkpoints/<run dir name>/<job>.pt
+        (dest / "checkpoints" / checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src.run_dir / "jobs" / job_id / "best.pt", dest / "checkpoints" / checkpoint)
+        trained = src.cfg.for_model(model)
         jobs.append(
             {
                 "id": j["id"],
-                "model": j["model"],
+                "model": model,
                 "column": column_key(j["model"], j["seed"]),
-                "checkpoint": f"{j['id']}.pt",
-                "transform": resolve_transform(j["model"], cfg.for_model(j["model"]).data, channels).to_dict(),
-                "tta": asdict(cfg.for_model(j["model"]).tta),
+                "checkpoint": checkpoint,
+                "transform": resolve_transform(model, trained.data, channels).to_dict(),
+                "tta": asdict(trained.tta),
             }
         )
     name = registered_ensemble(cfg, outcome)
@@ -291,7 +320,7 @@ def write_model_artifacts(
     return dest
 
 
-def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, review_files, report_path) -> None:
+def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, sources, review_files, report_path) -> None:
     parent = tracker.parent_run_id
     metric = cfg.train.metric
     summary = {f"cv_{metric}_mean": report["cv"]["mean"], f"cv_{metric}_std": report["cv"]["std"]}
@@ -306,7 +335,8 @@ def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, review_files, 
         tracker.log_artifact(parent, f, "review")
     tracker.log_artifact(parent, report_path)
 
-    plan = {"distrain.plan": plan_id([j.id for j in expand_plan(cfg)])}  # a grown study: new ensemble runs
+    job_ids = [src.prefix + j.id for src in sources for j in expand_plan(src.cfg)]
+    plan = {"distrain.plan": plan_id(job_ids)}  # a grown study: new ensemble runs
     voting = tracker.child_run(
         "voting",
         {
@@ -351,7 +381,7 @@ def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, review_files, 
         from distrain.data.index import read_index
 
         index = read_index(cfg.data.root)
-        artifacts = write_model_artifacts(cfg, run_dir, store, outcome, run_dir / "ensemble" / "model",
+        artifacts = write_model_artifacts(cfg, sources, store, outcome, run_dir / "ensemble" / "model",
                                           index.channels, index.classes)  # fmt: skip
         name = cfg.ensemble.model_name or f"distrain-{cfg.experiment}"
         version = tracker.log_ensemble_model(stacking, artifacts, name)

@@ -52,6 +52,7 @@ class JobPredictions:
     test_labels: Optional[np.ndarray]
     best_epoch: int = -1
     best_source: str = "raw"
+    source: int = 0  # which of the combined run directories it comes from (`aggregate.Source`)
 
 
 def build_store(
@@ -139,7 +140,7 @@ def _align(
         for j in sorted(js, key=lambda j: j.fold):
             oof[k, [pos[s] for s in j.oof_ids]] = j.oof_probs
             included.append({"id": j.id, "model": j.model, "seed": j.seed, "fold": j.fold, "val_score": j.val_score,
-                             "best_epoch": j.best_epoch, "best_source": j.best_source})  # fmt: skip
+                             "best_epoch": j.best_epoch, "best_source": j.best_source, "source": j.source})  # fmt: skip
             if test is not None:
                 if j.test_ids != test_ids or j.test_probs is None:
                     raise EnsembleError(f"job {j.id}: test predictions cover other samples than the other jobs")

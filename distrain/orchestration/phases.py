@@ -21,6 +21,7 @@ from distrain.study.plan import Job
 from distrain.tracking.base import Tracker, resolve_tracking_uri
 
 if TYPE_CHECKING:
+    from distrain.ensembles.aggregate import Source
     from distrain.study.folds import FoldManifest
 
 
@@ -129,9 +130,11 @@ def aggregate_and_report(
     labels_of_sample: dict[str, int],
     failed: list[dict],
     allow_partial: bool = False,
+    sources: list[Source] | None = None,
 ) -> dict:
     """Write report.json with the ensembles, end the study run, print the table and what failed, and send
-    tracking buffered while MLflow was down if it is back. Returns the report."""
+    tracking buffered while MLflow was down if it is back. Returns the report. `sources`: the run directories
+    ensembled, when they are others than `run_dir` (`combined.combine_run_dirs`)."""
     from distrain.ensembles.aggregate import aggregate
     from distrain.ensembles.report import format_table
 
@@ -143,6 +146,7 @@ def aggregate_and_report(
         labels_of_sample,
         allow_partial=allow_partial or bool(failed),
         failed_jobs=failed,
+        sources=sources,
     )
     tracker.end_run(tracker.parent_run_id)
     print(format_table(report))

@@ -1,7 +1,10 @@
 """End to end: a finished study grows by a seed (only the new jobs train, the study is aggregated once more,
-MLflow keeps one study run), and a grown config that touches what the finished jobs depended on is refused."""
+MLflow keeps one study run), and a grown config that touches what the finished jobs depended on is refused;
+two run directories that share a fold manifest are ensembled together, and two that do not are refused."""
 
+import hashlib
 import json
+import shutil
 import sys
 
 import pytest
@@ -10,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from distrain.config import yaml_load
 from distrain.orchestration.ledger import Ledger, aggregate_id
 
-from conftest import distrain_run, e2e_timeout, last_line, run_cmd
+from conftest import distrain_run, e2e_timeout, holdout_images, last_line, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -113,3 +116,88 @@ def test_aggregate_again_with_a_column_excluded_by_hand(grown):
     assert details["columns"] == ["test_resnet-s2"] and details["excluded"] == ["test_resnet-s1"]
     assert sorted(j["id"] for j in report["jobs"]) == job_ids([2])
     assert yaml_load((run_dir / "config.yaml").read_text())["ensemble"]["members"]["exclude"] == ["test_resnet-s1"]
+
+
+def files_of(folder):
+    """{relative path: sha256} of every file under `folder`."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*")
+            if p.is_file()}  # fmt: skip
+
+
+def aggregate_cmd(*args):
+    return [sys.executable, "-m", "distrain.cli", "aggregate", *args]
+
+
+@pytest.fixture(scope="module")
+def combined(grown):
+    """The grown study (runs/digits: test_resnet seeds 1 and 2) and another (runs/other: test_resnet seed 1 at
+    another learning rate, so its checkpoints differ) ensembled by `distrain aggregate --run-dir --run-dir`:
+    (cwd, the aggregate process, the two run directories' files before it)."""
+    cwd, *_ = grown
+    other = distrain_run(cwd, *TINY, "cv.seeds=[1]", "experiment=other", "optim.lr=0.004", timeout=e2e_timeout(600))
+    assert other.returncode == 0, other.stderr[-3000:]
+    runs = cwd / "runs"
+    before = {name: files_of(runs / name) for name in ("digits", "other")}
+    proc = run_cmd(aggregate_cmd("--run-dir", "runs/digits", "--run-dir", "runs/other"), cwd, e2e_timeout(300))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd, proc, before
+
+
+def test_run_directories_sharing_a_fold_manifest_ensemble_together(combined):
+    cwd, proc, before = combined
+    runs = cwd / "runs"
+    report = json.loads((runs / "digits+other" / "report.json").read_text())
+    columns = ["digits/test_resnet-s1", "digits/test_resnet-s2", "other/test_resnet-s1"]  # same column: prefixed
+    assert sorted(report["ensemble_details"]["columns"]) == columns
+    assert sorted(j["id"] for j in report["jobs"]) == sorted(f"{c}-f{f}" for c in columns for f in (0, 1))
+    assert [s["prefix"] for s in report["sources"]] == ["digits/", "other/"]
+    assert set(report["ensemble_details"]["selection"]["weights"]) <= set(columns)
+    assert "stacking" in report["ensembles"] and "digits/test_resnet-s1" in proc.stdout + json.dumps(report)
+    for name in ("digits", "other"):  # the run directories are only read
+        assert files_of(runs / name) == before[name]
+
+
+def test_model_across_run_directories_serves_each_ones_checkpoints(combined):
+    import mlflow
+    import mlflow.pyfunc
+    import numpy as np
+
+    cwd, *_ = combined
+    out = cwd / "runs" / "digits+other"
+    report = json.loads((out / "report.json").read_text())
+    assert report["ensemble_model"]["name"] == "distrain-digits+other"
+    meta = json.loads((out / "ensemble" / "model" / "meta.json").read_text())
+    assert {j["model"] for j in meta["jobs"]} == {"test_resnet"}  # the backbone each was trained as
+    for job in meta["jobs"]:  # each checkpoint is its own run directory's best.pt
+        run, job_id = job["id"].split("/")
+        src = cwd / "runs" / run / "jobs" / job_id / "best.pt"
+        assert (out / "ensemble" / "model" / "checkpoints" / job["checkpoint"]).read_bytes() == src.read_bytes()
+    digits, other = (cwd / "runs" / r / "jobs" / "test_resnet-s1-f0" / "best.pt" for r in ("digits", "other"))
+    assert digits.read_bytes() != other.read_bytes()  # so a mix-up of the two would show
+    mlflow.set_tracking_uri(report["mlflow"]["tracking_uri"])
+    ids, images = holdout_images(cwd)
+    probs = mlflow.pyfunc.load_model(report["ensemble_model"]["uri"]).predict(images)
+    with np.load(out / "ensemble" / "model_test.npz") as z:
+        assert z["sample_ids"].tolist() == ids
+        np.testing.assert_allclose(probs, z["probs"], atol=1e-5)
+
+
+def test_run_directories_with_different_fold_manifests_are_refused(combined):
+    from distrain.study.folds import FoldManifest, build_fold_manifest
+
+    cwd, *_ = combined
+    runs = cwd / "runs"
+    shutil.copytree(runs / "other", runs / "other7")  # the same run, with the folds of cv.fold_seed=7
+    ours = FoldManifest.from_json((runs / "other" / "folds.json").read_text())
+    ids = sorted(ours.fold_of_sample)
+    theirs = build_fold_manifest(ids, [k % 2 for k in range(len(ids))], 2, 7)  # the same samples, other folds
+    assert theirs.hash != ours.hash
+    (runs / "other7" / "folds.json").write_text(theirs.to_json())
+    proc = run_cmd(aggregate_cmd("--run-dir", "runs/digits", "--run-dir", "runs/other7"), cwd, e2e_timeout(120))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = last_line(proc.stderr)
+    assert "different fold manifests" in line and ours.hash[:12] in line and theirs.hash[:12] in line
+    assert not (runs / "digits+other7").exists()  # nothing written
+    proc = run_cmd(aggregate_cmd("--run-dir", "runs/digits", "--run-dir", "runs/other", "--out", "runs/other7"),
+                   cwd, e2e_timeout(120))  # fmt: skip
+    assert proc.returncode == 2 and "a training run directory" in last_line(proc.stderr)

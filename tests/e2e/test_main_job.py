@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from distrain.config import yaml_load
 
-from conftest import REPO, distrain_run, e2e_timeout, last_line, run_cmd
+from conftest import REPO, distrain_run, e2e_timeout, holdout_images, last_line, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -245,22 +245,6 @@ def test_report_has_ensembles_next_to_single_models(default_run):
     assert "stacking" in proc.stdout and "soft_vote" in proc.stdout
 
 
-def _test_images(cwd: Path):
-    """The holdout images, raw from the shards, in sample-id order."""
-    import io
-
-    import webdataset as wds
-    from PIL import Image
-
-    index = json.loads((cwd / "data" / "digits" / "index.json").read_text())
-    urls = [str(cwd / "data" / "digits" / s) for s in index["shards"]["test"]]
-    rows = sorted(
-        (s["__key__"], np.asarray(Image.open(io.BytesIO(s["png"]))))
-        for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-    )
-    return [r[0] for r in rows], np.stack([r[1] for r in rows])
-
-
 def test_registered_pyfunc_model_is_the_best_ensemble_and_reproduces_its_test_predictions(default_run):
     import mlflow
     import mlflow.pyfunc
@@ -268,7 +252,7 @@ def test_registered_pyfunc_model_is_the_best_ensemble_and_reproduces_its_test_pr
     cwd, report, *_ = default_run
     mlflow.set_tracking_uri(report["mlflow"]["tracking_uri"])
     model = mlflow.pyfunc.load_model(report["ensemble_model"]["uri"])
-    ids, images = _test_images(cwd)
+    ids, images = holdout_images(cwd)
     probs = model.predict(images)
     with np.load(cwd / "runs" / "digits" / "ensemble" / "model_test.npz") as z:
         assert z["sample_ids"].tolist() == ids
@@ -341,7 +325,7 @@ def test_predict_writes_one_row_per_image_with_the_ensembles_probabilities(defau
     from PIL import Image
 
     cwd, report, *_ = default_run
-    ids, images = _test_images(cwd)
+    ids, images = holdout_images(cwd)
     folder = tmp_path / "unlabelled"
     (folder / "holdout").mkdir(parents=True)
     for sid, img in zip(ids, images):
