@@ -3,8 +3,9 @@
 distrain data digits [--out DIR] [--task T]    scikit-learn's digits as WebDataset shards
 distrain data pack (--images DIR | --csv FILE [--multilabel]) --out DIR
 distrain train --config FILE [a.b=value ...]   the main job (same as distrain/run.py)
-distrain schedule --config FILE --workers W --procs-per-worker P [a.b=value ...]
-                                               W workers on this node, one ledger
+distrain schedule --config FILE --workers W (--procs-per-worker P | --gpus-per-worker G) [a.b=value ...]
+                                               W workers on this node, one ledger (--num-machines M
+                                               --main-process-ip H: one worker over M nodes)
 distrain aggregate --run-dir DIR [--run-dir DIR2 ... [--out DIR]] [--allow-partial] [ensemble.k=v ...]
                                                report + voting + stacking, without training, of one run
                                                directory or across several (`distrain ensemble` is the same)
@@ -12,6 +13,8 @@ distrain sweep --config FILE --space FILE --trials N [--write-best FILE] [a.b=va
                                                one Optuna sweep worker (start several: they share the trials)
 distrain status --run-dir DIR [--json]         pending / running (owner, progress, heartbeat) / done / failed
 distrain sync --run-dir DIR                    send tracking buffered while MLflow was down
+distrain k8s render --config FILE --workers N [--gpus-per-worker G] [--mode indexed|queue|multinode] --out DIR
+                                               Kubernetes manifests (kustomize) from the config
 distrain predict --run-dir DIR (--images DIR | --shards DIR) --out FILE.csv [--model-uri URI]
                                                the ensemble on unlabelled images of any size
 """
@@ -254,15 +257,70 @@ def _predict(args) -> int:
     return 0
 
 
+def _k8s(args) -> int:
+    from distrain.config import load_config
+    from distrain.deploy.k8s import MIN_KUBERNETES, RenderOptions, dns_name, render
+
+    cfg = load_config(args.config, args.overrides)
+    opts = RenderOptions(
+        workers=args.workers, gpus_per_worker=args.gpus_per_worker, mode=args.mode,
+        nodes_per_worker=args.nodes_per_worker, image=args.image or RenderOptions.image,
+        mlflow_image=args.mlflow_image or RenderOptions.mlflow_image, namespace=args.namespace,
+        storage_class=args.storage_class, runs_storage=args.runs_storage, cpu=args.cpu, memory=args.memory,
+        node_selector=dict(_pair(s, "=", "--node-selector") for s in args.node_selector),
+        tolerations=[_toleration(t) for t in args.toleration], priority_class=args.priority_class,
+        queue=args.queue, deadline_s=int(args.deadline_hours * 3600), ttl_s=int(args.ttl_hours * 3600),
+        data_root=args.data_root, external_db=args.external_db, mlflow_artifacts=args.mlflow_artifacts,
+    )  # fmt: skip
+    out = Path(args.out)
+    files = render(cfg, opts, out)
+    overlay = next(p.parent for p in files if p.name == "workers.yaml")
+    print(f"distrain: wrote {len(files)} files under {out} (Kubernetes >= {MIN_KUBERNETES})")
+    if not opts.storage_class:
+        print("distrain: no --storage-class: the cluster's default class must offer ReadWriteMany for distrain-runs")
+    print(f"  kubectl create secret generic distrain-mlflow-db --from-literal=password=$(openssl rand -hex 16)"
+          f"\n  kubectl apply -k {overlay}\n  kubectl get {'jobset' if opts.mode == 'multinode' else 'job'} "
+          f"distrain-{dns_name(cfg.experiment)}")  # fmt: skip
+    return 0
+
+
+def _pair(text: str, sep: str, flag: str) -> tuple[str, str]:
+    key, found, value = text.partition(sep)
+    if not found or not key:
+        raise BadInput(f"{flag} {text!r}: expected key{sep}value")
+    return key, value
+
+
+def _toleration(text: str) -> dict:
+    """`key[=value]:Effect` as a toleration (Exists without a value)."""
+    key_value, effect = _pair(text, ":", "--toleration")
+    if effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+        raise BadInput(f"--toleration {text!r}: the effect is NoSchedule, PreferNoSchedule or NoExecute")
+    key, _, value = key_value.partition("=")
+    if value:
+        return {"key": key, "operator": "Equal", "value": value, "effect": effect}
+    return {"key": key, "operator": "Exists", "effect": effect}
+
+
 def _schedule(args) -> int:
-    from distrain.orchestration.local import run_local_workers
+    import os
+
+    from distrain.orchestration.local import Nodes, check_gpus, run_local_workers
 
     run_args = (
         (["--config", args.config] if args.config else [])
         + (["--shard", args.shard] if args.shard else [])
         + list(args.overrides)
     )
-    return run_local_workers(args.workers, args.procs_per_worker, run_args)
+    rank = args.machine_rank if args.machine_rank is not None else int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+    nodes = Nodes(args.num_machines, rank, args.main_process_ip, args.main_process_port)
+    procs = args.procs_per_worker
+    if args.gpus_per_worker:
+        if procs not in (1, args.gpus_per_worker):
+            raise BadInput("--gpus-per-worker sets the processes per worker: leave --procs-per-worker out")
+        check_gpus(args.workers, args.gpus_per_worker)
+        procs = args.gpus_per_worker
+    return run_local_workers(args.workers, procs, run_args, nodes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,13 +396,52 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--write-best", default="", help="when the sweep is done, write its best config here")
     sw.add_argument("overrides", nargs="*", help="a.b=value overrides of the base config")
 
+    _k8s_parser(sub)
+
     w = sub.add_parser("schedule", help="start W accelerate-launch workers on this node, sharing one ledger")
     w.add_argument("--config", default=None)
     w.add_argument("--workers", type=int, default=1, help="process groups on this node")
     w.add_argument("--procs-per-worker", type=int, default=1, help="processes (GPUs) per worker")
+    w.add_argument("--gpus-per-worker", type=int, default=0,
+                   help="one process per GPU, and exit 4 (not train on CPU) when fewer GPUs are visible")  # fmt: skip
     w.add_argument("--shard", default=None, help="static mode for all of them: i/n")
+    w.add_argument("--num-machines", type=int, default=1, help="one worker's DDP group spans this many nodes")
+    w.add_argument("--machine-rank", type=int, default=None, help="this node's rank (default: $JOB_COMPLETION_INDEX)")
+    w.add_argument("--main-process-ip", default="", help="host name of the node with rank 0 (several machines)")
+    w.add_argument("--main-process-port", type=int, default=29500)
     w.add_argument("overrides", nargs="*", help="a.b=value overrides passed to every worker")
     return p
+
+
+def _k8s_parser(sub) -> None:
+    k = sub.add_parser("k8s", help="Kubernetes manifests from a config").add_subparsers(dest="k8s_command",
+                                                                                      required=True)  # fmt: skip
+    r = k.add_parser("render", help="a kustomize base + an overlay for the experiment")
+    r.add_argument("--config", default=None)
+    r.add_argument("--workers", type=int, required=True, help="worker pods (indexed: completions), at most the jobs")
+    r.add_argument("--gpus-per-worker", type=int, default=0, help="0: CPU pods")
+    r.add_argument("--mode", default="indexed", help="indexed | queue | multinode (a JobSet)")
+    r.add_argument("--nodes-per-worker", type=int, default=2, help="multinode: pods in one DDP group")
+    r.add_argument("--image", default="", help="the worker image, repo:tag or repo@sha256:... (set once, kustomize)")
+    r.add_argument("--mlflow-image", default="", help="the MLflow server image (docker/mlflow.Dockerfile)")
+    r.add_argument("--namespace", default="")
+    r.add_argument("--storage-class", default="", help="a ReadWriteMany class for the run volume")
+    r.add_argument("--runs-storage", default="200Gi")
+    r.add_argument("--cpu", default="4", help="CPU request per worker pod")
+    r.add_argument("--memory", default="16Gi", help="memory request and limit per worker pod")
+    r.add_argument("--node-selector", action="append", default=[], help="key=value (repeatable)")
+    r.add_argument("--toleration", action="append", default=[],
+                   help="key[=value]:Effect (repeatable; default with GPUs: nvidia.com/gpu:NoSchedule)")  # fmt: skip
+    r.add_argument("--priority-class", default="")
+    r.add_argument("--queue", default="", help="a Kueue LocalQueue name (label kueue.x-k8s.io/queue-name)")
+    r.add_argument("--deadline-hours", type=float, default=168, help="activeDeadlineSeconds of the worker Job")
+    r.add_argument("--ttl-hours", type=float, default=72, help="ttlSecondsAfterFinished")
+    r.add_argument("--data-root", default="", help="data.root in the pods (default /runs/data/<name>)")
+    r.add_argument("--external-db", action="store_true",
+                   help="no PostgreSQL: MLflow's store URL from Secret distrain-mlflow-db, key uri")  # fmt: skip
+    r.add_argument("--mlflow-artifacts", default="", help="e.g. s3://bucket/mlflow (default: a volume)")
+    r.add_argument("--out", required=True)
+    r.add_argument("overrides", nargs="*", help="a.b=value overrides of the config")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         "schedule": _schedule,
         "sweep": _sweep,
         "predict": _predict,
+        "k8s": _k8s,
     }
     try:
         return commands[args.command](args)

@@ -5,7 +5,8 @@
     │   ├── ConfigError           a config key or value, a launcher file that disagrees with it
     │   ├── DataError             shards, index, images, a run directory that holds something else
     │   │   └── FoldManifestMismatch   a run directory split with other folds
-    │   └── EnsembleError         predictions that cannot be ensembled
+    │   ├── EnsembleError         predictions that cannot be ensembled
+    │   └── NoGPU                 fewer GPUs visible than asked for; exit 4
     ├── JobFailure                one job attempt failed (counts toward scheduler.max_retries)
     │   └── NonFiniteLoss         the loss stayed NaN/inf (train.max_nonfinite_losses)
     └── Interrupted               a job stopped at a step boundary, its state saved
@@ -19,8 +20,10 @@ ValueError, which callers of the library functions (and older code) catch.
 from __future__ import annotations
 
 EXIT_OK = 0
-EXIT_FAILED = 1  # a job or the aggregation failed for good (retries used up)
+EXIT_FAILED = 1  # an unexpected error (a crash, a traceback): a new attempt may succeed
 EXIT_BAD_INPUT = 2  # refused before any work: config, data, command line
+EXIT_FAILED_FOR_GOOD = 3  # a job or the aggregation failed for good (scheduler.max_retries used up)
+EXIT_NO_GPU = 4  # asked for GPUs (--gpus-per-worker) and saw fewer: the node or the image's CUDA is wrong
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again later": stopped by SIGTERM with the state saved
 
 
@@ -50,6 +53,12 @@ class FoldManifestMismatch(DataError):
 
 class EnsembleError(BadInput):
     """Predictions that cannot be ensembled; the message names the job or column."""
+
+
+class NoGPU(BadInput):
+    """Fewer CUDA GPUs visible than the worker was asked for; training on CPU instead would hold the GPUs idle."""
+
+    exit_code = EXIT_NO_GPU
 
 
 class JobFailure(DistrainError):
@@ -83,6 +92,6 @@ def refuse(error: BadInput) -> int:
     from pathlib import Path
 
     print(f"distrain: error: {error}", file=sys.stderr)
-    if os.environ.get("DISTRAIN_WORKER_RESULT") and os.environ.get("RANK", "0") == "0":
+    if os.environ.get("DISTRAIN_WORKER_RESULT") and os.environ.get("LOCAL_RANK", "0") == "0":  # one per node
         Path(os.environ["DISTRAIN_WORKER_RESULT"]).write_text(f'{{"exit_code": {error.exit_code}}}')
     return error.exit_code

@@ -268,15 +268,14 @@ def finish(study: Study, outcome: WorkerOutcome) -> None:
             "time": time.time(),
         }
         atomic_write_json(study.ledger.root / "workers" / f"{study.worker.replace(':', '-')}.json", row)
-        if os.environ.get("DISTRAIN_WORKER_RESULT"):  # for `distrain schedule`: accelerate launch turns
-            atomic_write_json(
-                Path(os.environ["DISTRAIN_WORKER_RESULT"]),  # every failure into exit 1
-                {"worker": study.worker, "exit_code": outcome.exit_code},
-            )
         if not (outcome.trained or outcome.aggregated or outcome.preempted or outcome.failed):
             _say_nothing_was_trained(study)
 
     study.on_primary(record)
+    if os.environ.get("DISTRAIN_WORKER_RESULT") and os.environ.get("LOCAL_RANK", "0") == "0":
+        # for `distrain schedule` on each node: accelerate launch turns every failure into exit 1
+        atomic_write_json(Path(os.environ["DISTRAIN_WORKER_RESULT"]), {"worker": study.worker,
+                                                                       "exit_code": outcome.exit_code})  # fmt: skip
     if outcome.preempted:
         study.log(f"distrain: {study.worker}: stopped by SIGTERM; state saved, lease released (exit 75)")
     runtime.end_process_group(study.accelerator)

@@ -17,10 +17,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from distrain.distributed.cpus import available_cpus
-from distrain.errors import EXIT_PREEMPTED, BadInput
+from distrain.errors import EXIT_PREEMPTED, BadInput, NoGPU
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
 
@@ -32,8 +33,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Nodes:
+    """One worker's process group spread over `count` nodes (pods): this node's rank and the rendezvous
+    address of rank 0's node (a JobSet's headless Service name)."""
+
+    count: int = 1
+    rank: int = 0
+    main_ip: str = ""
+    main_port: int = 29500
+
+    def check(self, workers: int) -> None:
+        if self.count < 1 or not 0 <= self.rank < self.count:
+            raise BadInput(f"--num-machines {self.count} / --machine-rank {self.rank}: need 0 <= rank < machines")
+        if self.count > 1 and (workers != 1 or not self.main_ip):
+            raise BadInput("--num-machines > 1: one worker (--workers 1) and --main-process-ip of machine 0's host")
+
+
 def worker_commands(
-    workers: int, procs_per_worker: int, run_args: list[str], *, gpus: list[str], cpu_count: int
+    workers: int, procs_per_worker: int, run_args: list[str], *, gpus: list[str], cpu_count: int, nodes: Nodes = Nodes()
 ) -> list[tuple[list[str], dict[str, str]]]:
     """(command, extra environment) of each worker. Raises BadInput when GPUs do not divide."""
     if workers < 1 or procs_per_worker < 1:
@@ -43,26 +61,20 @@ def worker_commands(
             f"--workers {workers} x --procs-per-worker {procs_per_worker} needs "
             f"{workers * procs_per_worker} GPUs; {len(gpus)} visible"
         )
+    nodes.check(workers)
     out = []
     host = socket.gethostname()
     for i in range(workers):
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_machines",
-            "1",
-            "--num_processes",
-            str(procs_per_worker),
-            "--dynamo_backend",
-            "no",
-            "--mixed_precision",
-            "no",
-        ]
-        if procs_per_worker > 1:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", str(nodes.count),
+               "--num_processes", str(procs_per_worker * nodes.count), "--dynamo_backend", "no",
+               "--mixed_precision", "no"]  # fmt: skip
+        if nodes.count > 1:  # one DDP group over the nodes: the same worker id on each, rank 0's node leads
+            cmd += ["--multi_gpu", "--machine_rank", str(nodes.rank), "--main_process_ip", nodes.main_ip,
+                    "--main_process_port", str(nodes.main_port)]  # fmt: skip
+        elif procs_per_worker > 1:
             cmd += ["--multi_gpu", "--main_process_port", str(free_port())]
         args = list(run_args)
-        env = {"DISTRAIN_WORKER_ID": f"{host}-w{i}"}
+        env = {"DISTRAIN_WORKER_ID": f"{nodes.main_ip}-w{i}" if nodes.count > 1 else f"{host}-w{i}"}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[i * procs_per_worker : (i + 1) * procs_per_worker])
         elif not any(a.startswith("train.cpu_threads=") for a in args):
@@ -80,9 +92,24 @@ def visible_gpus() -> list[str]:
     return [g for g in visible.split(",") if g] if visible else [str(i) for i in range(torch.cuda.device_count())]
 
 
-def run_local_workers(workers: int, procs_per_worker: int, run_args: list[str]) -> int:
+def check_gpus(workers: int, gpus_per_worker: int, nodes_count: int = 1) -> None:
+    """NoGPU (exit 4) when fewer CUDA GPUs are visible than `--gpus-per-worker` asks for on this node."""
+    import torch
+
+    visible = visible_gpus()
+    if len(visible) < workers * gpus_per_worker:
+        cuda = f"torch {torch.__version__} built for CUDA {torch.version.cuda}"
+        raise NoGPU(
+            f"--gpus-per-worker {gpus_per_worker} x --workers {workers}: {len(visible)} CUDA GPU(s) visible "
+            f"({cuda}, torch.cuda.is_available() {torch.cuda.is_available()}); the node, its driver or the image "
+            f"is wrong, and training on CPU would hold the GPUs idle"
+        )
+
+
+def run_local_workers(workers: int, procs_per_worker: int, run_args: list[str], nodes: Nodes = Nodes()) -> int:
     """Start the workers, forward SIGTERM / SIGINT to them, wait for all; returns the exit code."""
-    commands = worker_commands(workers, procs_per_worker, run_args, gpus=visible_gpus(), cpu_count=available_cpus())
+    commands = worker_commands(workers, procs_per_worker, run_args, gpus=visible_gpus(), cpu_count=available_cpus(),
+                               nodes=nodes)  # fmt: skip
     result_dir = Path(tempfile.mkdtemp(prefix="distrain-workers-"))
     procs = []
     for i, (cmd, env) in enumerate(commands):

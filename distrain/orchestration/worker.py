@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional, TypeVar
 
-from distrain.errors import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, BadInput, LeaseLost, Preempted
+from distrain.errors import EXIT_FAILED_FOR_GOOD, EXIT_OK, EXIT_PREEMPTED, BadInput, LeaseLost, Preempted
 from distrain.orchestration.ledger import TERMINAL, Claim, Heartbeat, JobState, Ledger, aggregate_id
 
 T = TypeVar("T")
@@ -127,7 +127,7 @@ def run_worker(
         _sleep(poll_s, stop_requested)
     out.preempted = out.preempted or loop.preempted
     out.failed = loop.report_failed(mine)
-    out.exit_code = EXIT_PREEMPTED if out.preempted else EXIT_FAILED if out.failed else EXIT_OK
+    out.exit_code = EXIT_PREEMPTED if out.preempted else EXIT_FAILED_FOR_GOOD if out.failed else EXIT_OK
     return out
 
 

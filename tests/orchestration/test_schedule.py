@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from distrain.errors import EXIT_FAILED_FOR_GOOD
 from distrain.orchestration.ledger import Ledger, aggregate_id
 
 from conftest import RUN_PY, ledger_history, run_cmd
@@ -58,7 +59,7 @@ def test_failing_job_is_marked_failed_others_finish_report_names_it(tmp_path):
         "scheduler.max_retries=2",
     ]
     proc = run_cmd([sys.executable, str(RUN_PY), *overrides], tmp_path, timeout=600)
-    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == EXIT_FAILED_FOR_GOOD, proc.stdout[-2000:] + proc.stderr[-2000:]
     run_dir = tmp_path / "runs" / "digits"
     report = json.loads((run_dir / "report.json").read_text())
     assert sorted(f["id"] for f in report["failed_jobs"]) == ["inception_v3-s1-f0", "inception_v3-s1-f1"]
@@ -75,7 +76,7 @@ def test_failing_job_is_marked_failed_others_finish_report_names_it(tmp_path):
     assert "failed" in table.stdout and "done 2 failed 2" in table.stdout
 
     rerun = run_cmd([sys.executable, str(RUN_PY), *overrides], tmp_path, timeout=600)
-    assert rerun.returncode == 1 and "claimed" not in rerun.stdout  # nothing retried beyond max_retries
+    assert rerun.returncode == EXIT_FAILED_FOR_GOOD and "claimed" not in rerun.stdout  # no retry past max_retries
     assert "failed for good (retries used up): inception_v3-s1-f0 after 2 attempt(s): " in rerun.stdout, rerun.stdout[
         -2000:
     ]  # the rerun says why it exits 1

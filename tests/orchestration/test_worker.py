@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from distrain.errors import EXIT_FAILED
+from distrain.errors import EXIT_FAILED_FOR_GOOD
 from distrain.orchestration.ledger import Ledger, aggregate_id
 from distrain.orchestration.worker import parse_shard, run_worker, select_shard
 
@@ -92,7 +92,7 @@ def test_worker_marks_failing_job_failed_others_finish_and_aggregates_once(tmp_p
     )
     assert ran.count("b") == 2 and ran.count("a") == 1 and ran.count("c") == 1
     assert aggregated == [["done", "failed", "done"]]
-    assert out.failed == ["b"] and out.exit_code == EXIT_FAILED
+    assert out.failed == ["b"] and out.exit_code == EXIT_FAILED_FOR_GOOD
     assert "CUDA out of memory" in ledger.state("b").last_error
     assert ledger.state(aggregate_id(["a", "b", "c"])).status == "done"
 

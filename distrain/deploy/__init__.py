@@ -1,0 +1,1 @@
+"""Deploying a study: Kubernetes manifests rendered from its config (`distrain k8s render`)."""
