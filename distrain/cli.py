@@ -305,14 +305,18 @@ def _toleration(text: str) -> dict:
 def _schedule(args) -> int:
     import os
 
+    from distrain.config import load_config
     from distrain.orchestration.local import Nodes, check_gpus, run_local_workers
 
+    load_config(args.config, args.overrides)  # a bad config is one line here, not once per worker + a traceback
     run_args = (
         (["--config", args.config] if args.config else [])
         + (["--shard", args.shard] if args.shard else [])
         + list(args.overrides)
     )
-    rank = args.machine_rank if args.machine_rank is not None else int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+    rank = args.machine_rank
+    if rank is None:  # a multi-node worker's pods are an Indexed Job: the index is the node's rank
+        rank = int(os.environ.get("JOB_COMPLETION_INDEX", "0")) if args.num_machines > 1 else 0
     nodes = Nodes(args.num_machines, rank, args.main_process_ip, args.main_process_port)
     procs = args.procs_per_worker
     if args.gpus_per_worker:

@@ -129,7 +129,7 @@ def mlflow_server(store_uri: str, cwd: Path, port: int | None = None):
 
 
 @contextlib.contextmanager
-def postgres_server():
+def postgres_server(host: str = "127.0.0.1", port: int | None = None):
     """A real PostgreSQL server (Debian's packages) on loopback with trust auth, in a scratch data directory;
     stopped and removed afterwards. Yields its URL. Skips the test where PostgreSQL is not installed."""
     import glob
@@ -146,11 +146,11 @@ def postgres_server():
         shutil.chown(data, "postgres", "postgres")
     subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
                     "-E", "UTF8"], check=True, capture_output=True)  # fmt: skip
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen([*as_postgres, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(data),
-                             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+                             "-c", f"listen_addresses={host}", "-c", "fsync=off"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    url = f"postgresql://postgres@{host}:{port}/postgres"
     import psycopg
 
     try:
