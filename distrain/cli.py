@@ -402,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _k8s_parser(sub)
 
+    _schedule_parser(sub)
+    return p
+
+
+def _schedule_parser(sub) -> None:
     w = sub.add_parser("schedule", help="start W accelerate-launch workers on this node, sharing one ledger")
     w.add_argument("--config", default=None)
     w.add_argument("--workers", type=int, default=1, help="process groups on this node")
@@ -414,7 +419,6 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--main-process-ip", default="", help="host name of the node with rank 0 (several machines)")
     w.add_argument("--main-process-port", type=int, default=29500)
     w.add_argument("overrides", nargs="*", help="a.b=value overrides passed to every worker")
-    return p
 
 
 def _k8s_parser(sub) -> None:

@@ -75,6 +75,8 @@ def worker_commands(
             cmd += ["--multi_gpu", "--main_process_port", str(free_port())]
         args = list(run_args)
         env = {"DISTRAIN_WORKER_ID": f"{nodes.main_ip}-w{i}" if nodes.count > 1 else f"{host}-w{i}"}
+        if nodes.count > 1:
+            env["JOB_COMPLETION_INDEX"] = ""  # a JobSet pod's index is its machine rank, not a static shard
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[i * procs_per_worker : (i + 1) * procs_per_worker])
         elif not any(a.startswith("train.cpu_threads=") for a in args):

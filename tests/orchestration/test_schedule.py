@@ -84,3 +84,29 @@ def test_failing_job_is_marked_failed_others_finish_report_names_it(tmp_path):
     again = run_cmd([sys.executable, "-m", "distrain.cli", "aggregate", "--run-dir", str(run_dir)], tmp_path)
     assert again.returncode == 0, again.stderr
     assert json.loads((run_dir / "report.json").read_text())["failed_jobs"] == report["failed_jobs"]
+
+
+def test_one_worker_over_two_machines_trains_as_one_ddp_group_and_keeps_exit_codes(tmp_path):
+    """What a JobSet's pods run (`--num-machines 2`, the rank from JOB_COMPLETION_INDEX), as two local
+    processes meeting on loopback: one DDP group of 2 ranks trains the study, and each "node" reports the
+    worker's own exit code (its local rank 0 writes it: accelerate would turn a failure into 1)."""
+    import subprocess
+
+    from conftest import child_env, free_port
+
+    port = str(free_port())
+
+    def node(rank: int, *overrides: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "distrain.cli", "schedule", "--num-machines", "2", "--main-process-ip",
+               "127.0.0.1", "--main-process-port", port, *TINY, *overrides]  # fmt: skip
+        return subprocess.Popen(cmd, cwd=tmp_path, env=child_env({"JOB_COMPLETION_INDEX": str(rank)}),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    nodes = [node(0), node(1)]
+    outputs = [p.communicate(timeout=900)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "2 process(es)" in outputs[0]  # one group of two ranks, not two workers
+    run_dir = tmp_path / "runs" / "digits"
+    history = ledger_history(Ledger(run_dir), [f"test_resnet-s{s}-f{f}" for s in (1, 2) for f in (0, 1)])
+    assert len(history) == 4 and len({r["worker"] for r in history}) == 1  # one worker trained every job
+    assert all("worker exit codes [0]" in out for out in outputs)
