@@ -218,6 +218,7 @@ def test_worker_image_installs_its_locked_dependencies_before_the_sources():
     assert {".venv", ".git", "runs", "data"} <= set(ignored)
 
 
+@pytest.mark.slow  # a CLI subprocess importing torch: kept out of the quick loop
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_a_worker_asked_for_gpus_on_a_machine_without_any_exits_4(tmp_path):
     proc = run_cmd([sys.executable, "-m", "distrain.cli", "schedule", "--gpus-per-worker", "1", "--config",
