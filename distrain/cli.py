@@ -118,24 +118,32 @@ def _status(args) -> int:
 
 
 def _aggregate(args) -> int:
+    """One run directory's ensembles again, or one ensemble over several that share a fold manifest."""
     from distrain.data.index import read_index
+    from distrain.ensembles.aggregate import Source
     from distrain.orchestration import phases
-    from distrain.orchestration.combined import refuse_combined
+    from distrain.orchestration.combined import combine_run_dirs, refuse_combined
     from distrain.study.folds import FoldManifest
     from distrain.study.plan import expand_plan
 
     run_dirs = [Path(d) for d in args.run_dir]
     if len(run_dirs) > 1:
-        return _aggregate_combined(args, run_dirs)
-    if args.out:
-        raise BadInput("--out: for an ensemble across run directories (give --run-dir two or more times)")
-    run_dir = run_dirs[0]
-    refuse_combined(run_dir, "aggregate")
-    cfg = phases.reconfigure_ensembles(run_dir, args.overrides)
+        combined = combine_run_dirs(run_dirs, Path(args.out) if args.out else None, args.overrides)
+        cfg, run_dir, sources, manifest = combined.cfg, combined.out, combined.sources, combined.manifest
+    else:
+        if args.out:
+            raise BadInput("--out: for an ensemble across run directories (give --run-dir two or more times)")
+        run_dir = run_dirs[0]
+        refuse_combined(run_dir, "aggregate")
+        cfg = phases.reconfigure_ensembles(run_dir, args.overrides)
+        sources, manifest = [Source(run_dir, cfg)], FoldManifest.from_json((run_dir / "folds.json").read_text())
     route_library_output(run_dir)
     index = read_index(cfg.data.root, cfg.data.num_classes, cfg.task)
-    manifest = FoldManifest.from_json((run_dir / "folds.json").read_text())
-    failed = phases.failed_jobs(phases.open_ledger(cfg, run_dir), expand_plan(cfg))
+    failed = [
+        {**f, "id": src.prefix + f["id"]}
+        for src in sources
+        for f in phases.failed_jobs(phases.open_ledger(src.cfg, src.run_dir), expand_plan(src.cfg))
+    ]
     phases.aggregate_and_report(
         cfg,
         run_dir,
@@ -144,35 +152,7 @@ def _aggregate(args) -> int:
         {**index.labels_of("cv"), **index.labels_of("test")},
         failed,
         allow_partial=args.allow_partial,
-    )
-    return 0
-
-
-def _aggregate_combined(args, run_dirs: list[Path]) -> int:
-    """One ensemble over the jobs of several run directories that share a fold manifest."""
-    from distrain.data.index import read_index
-    from distrain.orchestration import phases
-    from distrain.orchestration.combined import combine_run_dirs
-    from distrain.study.plan import expand_plan
-
-    combined = combine_run_dirs(run_dirs, Path(args.out) if args.out else None, args.overrides)
-    cfg = combined.cfg
-    route_library_output(combined.out)
-    index = read_index(cfg.data.root, cfg.data.num_classes, cfg.task)
-    failed = [
-        {**f, "id": src.prefix + f["id"]}
-        for src in combined.sources
-        for f in phases.failed_jobs(phases.open_ledger(src.cfg, src.run_dir), expand_plan(src.cfg))
-    ]
-    phases.aggregate_and_report(
-        cfg,
-        combined.out,
-        phases.open_tracker(cfg, combined.out),
-        combined.manifest.fold_of_sample,
-        {**index.labels_of("cv"), **index.labels_of("test")},
-        failed,
-        allow_partial=args.allow_partial,
-        sources=combined.sources,
+        sources=sources,
     )
     return 0
 

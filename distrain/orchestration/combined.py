@@ -15,10 +15,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from distrain.config import Config, apply_overrides, config_from_dict, dump_yaml, members_from_dict
-from distrain.errors import ConfigError, DataError, FoldManifestMismatch
+from distrain.config import Config, MembersConfig, apply_overrides, config_from_dict, dump_yaml, members_from_dict
+from distrain.errors import DataError, FoldManifestMismatch
 from distrain.fsutil import atomic_write_text
-from distrain.orchestration.phases import load_run_dir
+from distrain.orchestration.phases import check_ensemble_overrides, load_run_dir
 
 if TYPE_CHECKING:
     from distrain.ensembles.aggregate import Source
@@ -131,9 +131,7 @@ def _combined_config(first: Config, out: Path, overrides: list[str], sources: li
     is checked against the combined (possibly prefixed) columns."""
     from distrain.ensembles.aggregate import all_columns
 
-    for text in overrides:
-        if not text.startswith("ensemble."):
-            raise ConfigError(f"override {text!r}: aggregation changes ensemble.* keys only (the jobs are trained)")
+    check_ensemble_overrides(overrides)
     raw = first.to_dict()
     raw["ensemble"]["members"] = {}  # the first's own members name its unprefixed columns: not carried over
     raw = apply_overrides(raw, overrides)
@@ -146,6 +144,4 @@ def _combined_config(first: Config, out: Path, overrides: list[str], sources: li
 
 
 def _without_members(cfg: Config) -> Config:
-    from distrain.config import MembersConfig
-
     return dataclasses.replace(cfg, ensemble=dataclasses.replace(cfg.ensemble, members=MembersConfig()))

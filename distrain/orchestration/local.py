@@ -94,7 +94,7 @@ def visible_gpus() -> list[str]:
     return [g for g in visible.split(",") if g] if visible else [str(i) for i in range(torch.cuda.device_count())]
 
 
-def check_gpus(workers: int, gpus_per_worker: int, nodes_count: int = 1) -> None:
+def check_gpus(workers: int, gpus_per_worker: int) -> None:
     """NoGPU (exit 4) when fewer CUDA GPUs are visible than `--gpus-per-worker` asks for on this node."""
     import torch
 

@@ -39,12 +39,17 @@ def reconfigure_ensembles(run_dir: Path, overrides: list[str]) -> Config:
     cfg = load_run_dir(run_dir)
     if not overrides:
         return cfg
-    for text in overrides:
-        if not text.startswith("ensemble."):
-            raise ConfigError(f"override {text!r}: aggregation changes ensemble.* keys only (the jobs are trained)")
+    check_ensemble_overrides(overrides)
     cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides), check_models=False)
     atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     return cfg
+
+
+def check_ensemble_overrides(overrides: list[str]) -> None:
+    """ConfigError for an override outside `ensemble.*`: re-aggregating cannot change what the jobs trained with."""
+    for text in overrides:
+        if not text.startswith("ensemble."):
+            raise ConfigError(f"override {text!r}: aggregation changes ensemble.* keys only (the jobs are trained)")
 
 
 def prepare_run_dir(cfg: Config, manifest: FoldManifest, new_run_dir: bool) -> Config:
