@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,11 +119,13 @@ def aggregate(
     allow_partial: bool = False,
     failed_jobs: list[dict] | None = None,
     sources: list[Source] | None = None,
+    fence: Callable[[], None] = lambda: None,
 ) -> dict:
     """Build and write report.json with ensembles into `run_dir`; log the review to MLflow. Returns the report.
     `failed_jobs` ([{id, error}], from the ledger) are named in the report; their (model, seed)
     columns are left out of the ensembles (which needs allow_partial). `sources`: the run directories whose
-    jobs are ensembled (default: `run_dir` itself, with `cfg`)."""
+    jobs are ensembled (default: `run_dir` itself, with `cfg`). `fence` is called before every write and
+    raises when this aggregation lost its claim (a stale aggregator must publish nothing)."""
     metric = cfg.train.metric
     sources = sources or [Source(run_dir, cfg)]
     store, test_by_job = load_store(cfg, sources, fold_of_sample, labels_of_sample, allow_partial)
@@ -178,6 +181,18 @@ def aggregate(
     if outcome.thresholds:
         report["thresholds"] = outcome.thresholds
     out_dir = run_dir / "ensemble"
+    fence()
+    review = _write_ensemble_files(report, store, outcome, out_dir, metric)
+    fence()
+    path = write_report(run_dir, report)
+    _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, sources, review, path, fence)
+    return report
+
+
+def _write_ensemble_files(
+    report: dict, store: OOFStore, outcome: EnsembleOutcome, out_dir: Path, metric: str
+) -> list[Path]:
+    """ensemble/: the OOF store, the stacking test probabilities and the review plots (returned)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "oof_store.parquet", lambda f: long_table(store).to_parquet(f, index=False))
     if outcome.stacking is not None and outcome.stacking.test_probs is not None:
@@ -185,10 +200,7 @@ def aggregate(
             out_dir / "stacking_test.npz",
             lambda f: np.savez(f, sample_ids=np.asarray(store.test_ids), probs=outcome.stacking.test_probs),
         )
-    review = _write_review(report, store, outcome, out_dir, metric)
-    path = write_report(run_dir, report)
-    _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, sources, review, path)
-    return report
+    return _write_review(report, store, outcome, out_dir, metric)
 
 
 def _write_review(report: dict, store: OOFStore, outcome: EnsembleOutcome, out_dir: Path, metric: str) -> list[Path]:
@@ -320,7 +332,8 @@ def write_model_artifacts(
     return dest
 
 
-def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, sources, review_files, report_path) -> None:
+def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, sources, review_files, report_path, fence) -> None:
+    fence()
     parent = tracker.parent_run_id
     metric = cfg.train.metric
     summary = {f"cv_{metric}_mean": report["cv"]["mean"], f"cv_{metric}_std": report["cv"]["std"]}
@@ -384,6 +397,7 @@ def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, sources, revie
         artifacts = write_model_artifacts(cfg, sources, store, outcome, run_dir / "ensemble" / "model",
                                           index.channels, index.classes)  # fmt: skip
         name = cfg.ensemble.model_name or f"distrain-{cfg.experiment}"
+        fence()
         version = tracker.log_ensemble_model(stacking, artifacts, name)
         chosen = registered_ensemble(cfg, outcome)
         report["ensemble_model"] = {**model_entry(name, version), "ensemble": chosen}
@@ -392,6 +406,7 @@ def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, sources, revie
                 store.test, np.asarray(column_weights(chosen, store.columns, outcome)))  # fmt: skip
             atomic_write(run_dir / "ensemble" / "model_test.npz",
                          lambda f: np.savez(f, sample_ids=np.asarray(store.test_ids), probs=probs))  # fmt: skip
+        fence()
         write_report(run_dir, report)
         tracker.log_artifact(parent, run_dir / "report.json")
     tracker.end_run(stacking)

@@ -77,7 +77,8 @@ def run_experiment(cfg: Config, shard: Optional[tuple[int, int]] = None, new_run
     try:
         study = start_study(cfg, new_run_dir, shard)
         job_ids = [j.id for j in study.plan]
-        outcome = claim_and_run(study, job_ids, JobRunner(study, stop).run, lambda s: aggregate(study, s), stop, shard)
+        run_job, aggregate_plan = JobRunner(study, stop).run, lambda states, claim: aggregate(study, states, claim)
+        outcome = claim_and_run(study, job_ids, run_job, aggregate_plan, stop, shard)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     finish(study, outcome)
@@ -88,7 +89,7 @@ def claim_and_run(
     study: Study,
     job_ids: list[str],
     run_job: Callable[[Claim, Heartbeat], None],
-    aggregate: Callable[[list[JobState]], None],
+    aggregate: Callable[[list[JobState], Claim], None],
     stop: threading.Event,
     shard: Optional[tuple[int, int]] = None,
 ) -> WorkerOutcome:
@@ -204,15 +205,19 @@ class JobRunner:
             keep_checkpoints=sc.keep_checkpoints,
             progress=beat.progress,
             stop_requested=lambda: self.stop.is_set() or beat.lost.is_set(),
+            fence=lambda: study.ledger.fence(claim),
         )
         try:
             result = fit_job(
                 job, cfg, study.index, study.manifest.fold_of_sample, study.accelerator, study.tracker, run_id, control
             )
+        except LeaseLost:
+            raise  # the job and its MLflow run belong to the new owner now: leave both alone
         except Interrupted:
-            lost = study.on_primary(lambda: beat.lost.is_set())  # all ranks agree why
+            if study.on_primary(lambda: beat.lost.is_set()):  # all ranks agree why
+                raise LeaseLost(str(claim)) from None
             study.tracker.end_run(run_id, "KILLED")
-            raise (LeaseLost if lost else Preempted)(str(claim)) from None
+            raise Preempted(str(claim)) from None
         except BaseException as e:
             study.tracker.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
@@ -241,15 +246,17 @@ class JobRunner:
         return True
 
 
-def aggregate(study: Study, states: list[JobState]) -> None:
-    """The aggregation step (claimed like a job, run once): report.json, ensembles, the printed table."""
+def aggregate(study: Study, states: list[JobState], claim: Claim) -> None:
+    """The aggregation step (claimed like a job, run once): report.json, ensembles, the printed table; each
+    write fenced by the claim, so an aggregator frozen past its lease publishes nothing when it wakes."""
     failed = [{"id": s.job_id, "error": s.last_error} for s in states if s.status == "failed"]
     labels = {**study.index.labels_of("cv"), **study.index.labels_of("test")}
 
     def run() -> None:
         phases.aggregate_and_report(
-            study.cfg, study.run_dir, study.tracker, study.manifest.fold_of_sample, labels, failed
-        )
+            study.cfg, study.run_dir, study.tracker, study.manifest.fold_of_sample, labels, failed,
+            fence=lambda: study.ledger.fence(claim),
+        )  # fmt: skip
 
     study.on_primary(run)
 

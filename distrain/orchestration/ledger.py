@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from distrain.errors import LeaseLost
 from distrain.fsutil import atomic_write_json, create_exclusive_json
 from distrain.study.plan import plan_id
 
@@ -185,7 +186,7 @@ class Ledger:
             return None
         last = st.attempts[-1] if st.attempts else None
         if last is not None and last.end is None:  # overdue owner: record it before taking over
-            create_exclusive_json(
+            expired = create_exclusive_json(
                 self._dir(job_id) / f"attempt-{last.number:06d}.end",
                 {
                     "status": "expired",
@@ -194,6 +195,8 @@ class Ledger:
                     "error": f"no heartbeat for > {self.lease_timeout_s:g} s",
                 },
             )
+            if not expired:
+                return None  # the owner ended it meanwhile (done, say) or another worker expired it: look again
         number = (last.number if last else 0) + 1
         claim = {"worker": worker, "host": socket.gethostname(), "pid": os.getpid(), "claimed_at": time.time()}
         if not create_exclusive_json(self._dir(job_id) / f"attempt-{number:06d}.json", claim):
@@ -207,6 +210,12 @@ class Ledger:
             if claim is not None:
                 return claim
         return None
+
+    def fence(self, claim: Claim) -> None:
+        """Raise LeaseLost unless `claim` still owns its job: called before a write that a stale owner (one
+        frozen past its lease, then woken) must not make."""
+        if not self.owns(claim):
+            raise LeaseLost(f"{claim.job_id}: attempt {claim.attempt} of {claim.worker} no longer owns it")
 
     def owns(self, claim: Claim) -> bool:
         """True while `claim` is the job's newest attempt and has not ended."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -136,10 +137,12 @@ def aggregate_and_report(
     failed: list[dict],
     allow_partial: bool = False,
     sources: list[Source] | None = None,
+    fence: Callable[[], None] = lambda: None,
 ) -> dict:
     """Write report.json with the ensembles, end the study run, print the table and what failed, and send
     tracking buffered while MLflow was down if it is back. Returns the report. `sources`: the run directories
-    ensembled, when they are others than `run_dir` (`combined.combine_run_dirs`)."""
+    ensembled, when they are others than `run_dir` (`combined.combine_run_dirs`). `fence` raises when the
+    aggregation lost its claim; it is called before every write."""
     from distrain.ensembles.aggregate import aggregate
     from distrain.ensembles.report import format_table
 
@@ -152,7 +155,11 @@ def aggregate_and_report(
         allow_partial=allow_partial or bool(failed),
         failed_jobs=failed,
         sources=sources,
+        fence=fence,
     )
+    fence()
+    ended = {j["id"]: "FINISHED" for j in report["jobs"]} | {f["id"]: "FAILED" for f in failed}
+    tracker.close_job_runs(ended)
     tracker.end_run(tracker.parent_run_id)
     print(format_table(report))
     print(f"distrain: report: {run_dir / 'report.json'}")
@@ -173,7 +180,7 @@ def sync_if_back(tracker: Tracker, run_dir: Path) -> Optional[int]:
         return None
     try:
         tracker.go_online()
-        synced = sync_buffers(tracker)["synced"]
+        result = sync_buffers(tracker, wait=False)
     except Exception as e:  # still unreachable: keep the buffer for `distrain sync`
         print(
             f"distrain: tracking still unreachable ({type(e).__name__}); run "
@@ -181,5 +188,8 @@ def sync_if_back(tracker: Tracker, run_dir: Path) -> Optional[int]:
             file=sys.stderr,
         )
         return None
-    print(f"distrain: synced {synced} buffered tracking calls")
-    return synced
+    if result is None:
+        print(f"distrain: another sync of {run_dir} is running; it sends the buffered tracking calls")
+        return None
+    print(f"distrain: synced {result['synced']} buffered tracking calls")
+    return result["synced"]

@@ -68,7 +68,7 @@ def run_sweep(cfg: Config, space: list[Param], trials: int) -> int:
         opened: list[optuna.Study] = []
         study.on_primary(lambda: opened.append(open_optuna_study(study.cfg, study.run_dir)))
         runner = TrialRunner(study, opened[0] if opened else None, space, stop)
-        finish = lambda states: study.on_primary(lambda: finish_sweep(study, runner.optuna_study, cfg, states))
+        finish = lambda states, claim: study.on_primary(lambda: finish_sweep(study, runner.optuna_study, cfg, states))
         outcome = claim_and_run(study, slot_ids(trials), runner.run, finish, stop)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)

@@ -77,7 +77,7 @@ def run_worker(
     *,
     worker: str,
     run_job: Callable[[Claim, Heartbeat], None],
-    aggregate: Callable[[list[JobState]], None],
+    aggregate: Callable[[list[JobState], Claim], None],
     heartbeat_s: float = 10.0,
     poll_s: float = 5.0,
     shard: Optional[tuple[int, int]] = None,
@@ -110,7 +110,7 @@ def run_worker(
             continue
         states = loop.ledger_op(lambda: ledger.states(job_ids))
         if all(s.status in TERMINAL for s in states):
-            status = loop.try_aggregate(lambda states=states: aggregate(states))
+            status = loop.try_aggregate(lambda claim, states=states: aggregate(states, claim))
             out.aggregated = out.aggregated or status == "done"
             if status == "preempted":
                 break
@@ -163,6 +163,8 @@ class _ClaimLoop:
             status, error = "preempted", ""
         except LeaseLost:
             status, error = "lost", ""
+            self.log(f"distrain: {claim.job_id}: taken over by another worker (lease lost); attempt "
+                     f"{claim.attempt} stops without writing")  # fmt: skip
         except BadInput as e:  # bad data or config fails every attempt alike: stop with its one line (exit 2)
             if self.is_primary:  # the ledger directly: the other ranks may be inside a collective
                 self.ledger.finish(claim, "failed", f"{type(e).__name__}: {e}")
@@ -172,18 +174,18 @@ class _ClaimLoop:
             self.log(f"distrain: {claim.job_id} failed (attempt {claim.attempt}): {error}")
             if self.is_primary:
                 self.log(traceback.format_exc())
-        if status != "lost":
-            self.ledger_op(lambda: self.ledger.finish(claim, status, error))
+        if status != "lost" and not self.ledger_op(lambda: self.ledger.finish(claim, status, error)):
+            status = "lost"  # it had ended meanwhile: another worker took it over, its record stands
         self.preempted = self.preempted or status == "preempted"
         return status
 
-    def try_aggregate(self, aggregate: Callable[[], None]) -> Optional[str]:
+    def try_aggregate(self, aggregate: Callable[[Claim], None]) -> Optional[str]:
         """Claim and run the aggregation if it is this worker's to do; its end status, or None if not."""
         claim = self.ledger_op(lambda: self.ledger.try_claim(self.aggregate_id, self.worker))
         if claim is None:
             return None
         self.log(f"distrain: {self.worker} aggregates (attempt {claim.attempt})")
-        return self.run_claimed(claim, lambda beat: aggregate())
+        return self.run_claimed(claim, lambda beat: aggregate(claim))
 
     def report_failed(self, mine: list[str]) -> list[str]:
         """The jobs (and aggregation) failed for good; says why, so a non-zero exit is explained even on a

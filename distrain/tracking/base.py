@@ -1,7 +1,8 @@
 """The tracking interface every tracker implements, the one non-primary ranks get, and small shared pieces.
 
-The tree in MLflow is: experiment (one per experiment name) > study run (one per run directory, its id
-kept in `<run_dir>/mlflow.json` so re-runs add to it) > one nested run per job and per ensemble stage.
+The tree in MLflow is: experiment (one per experiment name) > study run (one per run directory) > one nested
+run per job (whatever its attempts) and per ensemble stage. Which run is whose is recorded in the run
+directory (`distrain.tracking.records`), so re-runs, resumed jobs and other workers add to the same runs.
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ class Tracker(ABC):
 
     @abstractmethod
     def start_job(self, job_id: str, params: dict, tags: dict) -> str:
-        """A nested run of the study for one job; returns its run id."""
+        """The job's nested run of the study, one per job whatever its attempts: created on the first start,
+        reopened (status RUNNING, this attempt's tags) by later ones; returns its run id."""
+
+    @abstractmethod
+    def close_job_runs(self, job_status: dict[str, str]) -> None:
+        """End with the given status ({job id: FINISHED | FAILED}) the job runs left RUNNING by dead attempts."""
 
     @abstractmethod
     def child_run(self, name: str, params: dict, tags: Optional[dict[str, str]] = None) -> str:
@@ -69,6 +75,9 @@ class NullTracker(Tracker):
 
     def start_job(self, job_id: str, params: dict, tags: dict) -> str:
         return ""
+
+    def close_job_runs(self, job_status: dict[str, str]) -> None:
+        pass
 
     def child_run(self, name: str, params: dict, tags: Optional[dict[str, str]] = None) -> str:
         return ""

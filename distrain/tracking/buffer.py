@@ -7,12 +7,15 @@ runs, and progress is saved after every call, so an interrupted sync continues w
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from distrain.ensembles.report import model_entry
-from distrain.fsutil import atomic_write_json
+from distrain.fsutil import atomic_write_json, atomic_write_text
+from distrain.tracking.records import STUDY
 
 if TYPE_CHECKING:
     from distrain.tracking.mlflow_tracker import MlflowTracker
@@ -21,51 +24,119 @@ PLACEHOLDER = "local-"  # run ids handed out while offline; replaced by real one
 BUFFER_DIR = "tracking-buffer"
 
 
-def sync_buffers(tracker: MlflowTracker) -> dict:
-    """Replay every buffered call of the run directory into MLflow, in order, mapping placeholder run
-    ids to the runs they create. Progress is saved after every call, so an interrupted sync continues
-    where it stopped. Returns {"synced": n_calls, "files": n_files}. Raises on the first failure."""
-    run_dir = tracker.run_dir
-    buffer_dir = run_dir / BUFFER_DIR
-    state_path = buffer_dir / "sync-state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"ids": {}, "done": {}}
-    ids, done = state["ids"], state["done"]
-    if not tracker.experiment_id:
-        tracker.experiment_id = tracker.ensure_experiment()
-    marker = run_dir / "mlflow.json"
-    saved = read_marker(marker) or {}
-    study = saved.get("parent_run_id", "")
-    if study.startswith(PLACEHOLDER):
-        if study not in ids:
-            ids[study] = tracker.client.create_run(
-                tracker.experiment_id,
-                run_name=f"{saved.get('experiment_name', tracker.experiment_name)}-study",
-                tags={"distrain.kind": "study", "distrain.run_dir": str(run_dir.resolve())},
-            ).info.run_id
-            atomic_write_json(state_path, state)
-        atomic_write_json(marker, {**saved, "experiment_id": tracker.experiment_id, "parent_run_id": ids[study]})
-    synced = files = 0
-    for path in sorted(buffer_dir.glob("*.jsonl")) if buffer_dir.is_dir() else []:
-        files += 1
-        lines = path.read_text().splitlines()
-        for n in range(done.get(path.name, 0), len(lines)):
-            if not lines[n].strip():
-                continue
-            op = json.loads(lines[n])
-            if op["op"] == "create_run" and op["kind"] == "study":
-                pass  # created above from the marker
-            else:
-                result = tracker.execute(op, ids)
-                if op["op"] == "create_run":
-                    ids[op["ref"]] = result
-                elif op["op"] == "log_ensemble_model":
-                    _record_model_version(run_dir, op["registered_name"], str(result))
-            done[path.name] = n + 1
-            atomic_write_json(state_path, state)
-            synced += 1
-    if study.startswith(PLACEHOLDER):
-        tracker.parent_run_id = ids[study]
-    return {"synced": synced, "files": files}
+def sync_buffers(tracker: MlflowTracker, wait: bool = True) -> Optional[dict]:
+    """Replay every buffered call of the run directory into MLflow, mapping placeholder run ids to the runs
+    they create: first every run creation (a worker's buffer may log to a run another worker's buffer
+    created), then every other call in order. One sync at a time per run directory (a lock: `wait` False
+    returns None when another sync holds it). Progress is saved after every call, so an interrupted sync
+    continues where it stopped; each call is tried a few times (a flaky connection). Afterwards the run
+    records and report.json name the real runs. Returns {"synced": n_calls, "files": n_files}."""
+    buffer_dir = tracker.run_dir / BUFFER_DIR
+    buffer_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(buffer_dir / "sync.lock", wait) as held:
+        if not held:
+            return None
+        state_path = buffer_dir / "sync-state.json"
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        state = {"ids": {}, "created": {}, "done": {}, **state}
+        if not tracker.experiment_id:
+            tracker.experiment_id = tracker.ensure_experiment()
+        study = _map_study_placeholder(tracker, state["ids"])
+        atomic_write_json(state_path, state)
+        files = sorted(buffer_dir.glob("*.jsonl"))
+        for path in files:
+            _replay(tracker, path, state, state_path, creations=True)
+        _record_real_runs(tracker, state["ids"])
+        _replace_in_report(tracker.run_dir / "report.json", state["ids"])
+        synced = sum(_replay(tracker, path, state, state_path, creations=False) for path in files)
+        if study.startswith(PLACEHOLDER):
+            tracker.parent_run_id = state["ids"][study]
+        return {"synced": synced, "files": len(files)}
+
+
+def _replay(tracker: MlflowTracker, path: Path, state: dict, state_path: Path, creations: bool) -> int:
+    """One pass over one buffer file from where the last sync stopped: its run creations, or its other calls."""
+    progress = state["created" if creations else "done"]
+    lines = path.read_text().splitlines()
+    calls = 0
+    for n in range(progress.get(path.name, 0), len(lines)):
+        op = json.loads(lines[n]) if lines[n].strip() else None
+        is_creation = op is not None and op["op"] == "create_run"
+        if op is not None and is_creation == creations and op.get("ref") not in state["ids"]:
+            result = _with_retries(lambda op=op: tracker.execute(op, state["ids"]))
+            if is_creation:
+                state["ids"][op["ref"]] = result
+            elif op["op"] == "log_ensemble_model":
+                _record_model_version(tracker.run_dir, op["registered_name"], str(result))
+            calls += 1
+        progress[path.name] = n + 1
+        atomic_write_json(state_path, state)
+    return calls
+
+
+def _with_retries(call, attempts: int = 4, first_wait_s: float = 0.5):
+    """A call through a connection that drops now and then: tried again after 0.5, 1, 2 s."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(first_wait_s * 2**attempt)
+
+
+def _map_study_placeholder(tracker: MlflowTracker, ids: dict[str, str]) -> str:
+    """The study run id the records name; a placeholder (the study run was created offline) gets a real run."""
+    saved = tracker.records.latest(STUDY)[1] or {}
+    study = saved.get("run_id", "")
+    if study.startswith(PLACEHOLDER) and study not in ids:
+        real, _ = tracker.find_or_create_study()
+        if real.startswith(PLACEHOLDER):
+            raise ConnectionError(f"MLflow at {tracker.tracking_uri} did not answer")
+        ids[study] = real
+    return study
+
+
+def _record_real_runs(tracker: MlflowTracker, ids: dict[str, str]) -> None:
+    """New versions of the run records that name placeholders, naming the real runs, so later attempts and
+    workers log to them directly."""
+    records = tracker.records
+    for name, content in records.all_latest().items():
+        if content["run_id"] in ids:
+            records.create(name, records.latest(name)[0], {**content, "run_id": ids[content["run_id"]]})
+
+
+def _replace_in_report(path: Path, ids: dict[str, str]) -> None:
+    """report.json written offline names placeholder run ids (the study run's); name the real runs."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    replaced = text
+    for placeholder, real in ids.items():
+        replaced = replaced.replace(f'"{placeholder}"', f'"{real}"')
+    if replaced != text:
+        atomic_write_text(path, replaced)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, wait: bool):
+    """An advisory lock held while the block runs (released if the process dies); yields whether it is held.
+    flock is POSIX-lock backed on NFS, so it also excludes a sync on another node of a shared volume."""
+    import fcntl
+
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            print(f"distrain: another sync of {path.parent.parent} is running; waiting for it", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _record_model_version(run_dir: Path, name: str, version: str) -> None:
@@ -86,15 +157,8 @@ def pending_calls(run_dir: Path) -> int:
     if not buffer_dir.is_dir():
         return 0
     state_path = buffer_dir / "sync-state.json"
-    done = json.loads(state_path.read_text())["done"] if state_path.exists() else {}
+    done = json.loads(state_path.read_text()).get("done", {}) if state_path.exists() else {}
     return sum(
         max(0, len([ln for ln in p.read_text().splitlines() if ln.strip()]) - done.get(p.name, 0))
         for p in buffer_dir.glob("*.jsonl")
     )
-
-
-def read_marker(marker: Path) -> Optional[dict]:
-    try:
-        return json.loads(marker.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None

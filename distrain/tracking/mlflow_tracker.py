@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from distrain.console import library_prints_to_log, loggers_to_log
-from distrain.fsutil import atomic_write_json, create_exclusive_json
 from distrain.tracking.base import Tracker
-from distrain.tracking.buffer import BUFFER_DIR, PLACEHOLDER, read_marker
+from distrain.tracking.buffer import BUFFER_DIR, PLACEHOLDER
+from distrain.tracking.records import STUDY, RunRecords, job_record_name
 
 PARENT_TAG = "mlflow.parentRunId"  # how MLflow marks a nested run
 
@@ -62,7 +62,10 @@ class MlflowTracker(Tracker):
                 self.experiment_id = self.ensure_experiment()
             except Exception as e:
                 self._go_offline(e)
-        self.parent_run_id = self._study_run(run_dir, experiment_name)
+        self.records = RunRecords(run_dir, tracking_uri)
+        self._logged_steps: dict[str, dict[str, int]] = {}  # per reopened run: metric -> last step in the store
+        self._study_marked_running = False
+        self.parent_run_id = self._study_run()
 
     can_register_models = True
 
@@ -128,6 +131,10 @@ class MlflowTracker(Tracker):
             self.client.log_artifact(run, op["path"], op["artifact_path"])
         elif kind == "end_run":
             self.client.set_terminated(run, status=op["status"])
+        elif kind == "reopen_run":
+            self.client.update_run(run, status="RUNNING")
+            for key, value in op["tags"].items():
+                self.client.set_tag(run, key, value)
         elif kind == "log_ensemble_model":
             return self._log_ensemble_model_now(run, Path(op["artifacts_dir"]), op["registered_name"])
         else:
@@ -152,75 +159,145 @@ class MlflowTracker(Tracker):
                 raise
             return exp.experiment_id
 
-    def _study_run(self, run_dir: Path, name: str) -> str:
-        """The run directory's study run: reused from `mlflow.json`, else created; when several workers
-        start together exactly one creates it (the marker is created exclusively)."""
-        marker = run_dir / "mlflow.json"
-        saved = read_marker(marker)
-        if saved and saved.get("tracking_uri") == self.tracking_uri:
-            run_id = saved["parent_run_id"]
-            if run_id.startswith(PLACEHOLDER):  # created offline by a worker and not synced yet
-                if not self.offline:
-                    self.offline = True
-                    print(
-                        f"distrain: MLflow study run not synced yet: tracking is buffered until "
-                        f"`distrain sync --run-dir {run_dir}`",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                return run_id
-            if self.offline:
-                return run_id
-            try:
-                self.client.get_run(run_id)
-                self.client.update_run(run_id, status="RUNNING")
-                return run_id
-            except Exception as e:
-                if not _is_missing_run(e):
-                    self._go_offline(e)
-                    return run_id
-                saved = None  # deleted from the store: start a new study run
-        op = {
-            "op": "create_run",
-            "kind": "study",
-            "name": f"{name}-study",
-            "parent": "",
-            "params": {},
-            "tags": {"distrain.kind": "study", "distrain.run_dir": str(run_dir.resolve())},
-        }
-        if not self.offline:
-            try:
-                run_id = self.client.create_run(self.experiment_id, run_name=op["name"], tags=op["tags"]).info.run_id
-            except Exception as e:
-                self._go_offline(e)
-        if self.offline:
-            run_id = f"{PLACEHOLDER}{uuid.uuid4().hex}"
+    def _study_run(self) -> str:
+        """The run directory's study run in this store: the recorded one while it exists, else one found by
+        its `distrain.run_dir` tag (a lost record), else a new one. The record is created exclusively, so of
+        several workers starting together one run wins and the others adopt it (never a recursion)."""
+        version, saved = self.records.latest(STUDY)
+        if saved is not None and self._study_usable(saved["run_id"]):
+            return saved["run_id"]
+        run_id, created = self.find_or_create_study()
         content = {
+            "run_id": run_id,
             "tracking_uri": self.tracking_uri,
             "experiment_id": self.experiment_id,
-            "experiment_name": name,
-            "parent_run_id": run_id,
+            "experiment_name": self.experiment_name,
         }
-        if saved is None and marker.exists():
-            atomic_write_json(marker, content)  # replace a marker that points at a deleted run
-        elif not create_exclusive_json(marker, content):  # another worker created the study run first
-            if not run_id.startswith(PLACEHOLDER):
-                self.client.delete_run(run_id)
-            return self._study_run(run_dir, name)
-        return run_id
+        if self.records.create(STUDY, version, content):
+            return run_id
+        winner = self.records.latest(STUDY)[1] or content  # another worker recorded its study run first
+        if created and not run_id.startswith(PLACEHOLDER) and winner["run_id"] != run_id:
+            self.client.delete_run(run_id)
+        if winner["run_id"].startswith(PLACEHOLDER):
+            self._study_unsynced()
+        return winner["run_id"]
+
+    def _study_usable(self, run_id: str) -> bool:
+        """Whether the recorded study run can be logged to (a placeholder means: buffer until synced)."""
+        if run_id.startswith(PLACEHOLDER):
+            self._study_unsynced()
+            return True
+        if self.offline:
+            return True
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage != "deleted"
+        except Exception as e:
+            if _is_missing_run(e):
+                return False
+            self._go_offline(e)
+            return True
+
+    def _study_unsynced(self) -> None:
+        if not self.offline:
+            self.offline = True
+            print(
+                f"distrain: MLflow study run not synced yet: tracking is buffered until "
+                f"`distrain sync --run-dir {self.run_dir}`",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def find_or_create_study(self) -> tuple[str, bool]:
+        """(run id, created by this call): the store's study run of this run directory, or a new one."""
+        tags = {"distrain.kind": "study", "distrain.run_dir": str(self.run_dir.resolve())}
+        if not self.offline:
+            try:
+                found = self.client.search_runs(
+                    [self.experiment_id],
+                    filter_string=" and ".join(f"tags.`{k}` = '{_quoted(v)}'" for k, v in tags.items()),
+                    order_by=["attributes.start_time ASC"],
+                    max_results=1,
+                )
+                if found:
+                    return found[0].info.run_id, False
+                name = f"{self.experiment_name}-study"
+                return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id, True
+            except Exception as e:
+                self._go_offline(e)
+        return f"{PLACEHOLDER}{uuid.uuid4().hex}", True
 
     # ---- the tracker interface -----------------------------------------------------------------
     def start_job(self, job_id: str, params: dict, tags: dict) -> str:
-        return self._submit(
+        """The job's one run: created and recorded on its first start, reopened by every later attempt (which
+        then logs only the metric steps the run does not hold yet)."""
+        self._mark_study_running()
+        tags = {k: str(v) for k, v in tags.items()}
+        name = job_record_name(job_id)
+        version, saved = self.records.latest(name)
+        if saved is not None and self._reopen(saved["run_id"], tags):
+            return saved["run_id"]
+        run_id = self._submit(
             {
                 "op": "create_run",
                 "kind": "job",
                 "name": job_id,
                 "parent": self.parent_run_id,
-                "tags": {"distrain.kind": "job", "distrain.job_id": job_id, **{k: str(v) for k, v in tags.items()}},
+                "tags": {"distrain.kind": "job", "distrain.job_id": job_id, **tags},
                 "params": {k: str(v)[:6000] for k, v in params.items()},
             }
         )
+        if self.records.create(name, version, {"run_id": run_id, "job_id": job_id, "tracking_uri": self.tracking_uri}):
+            return run_id
+        self.end_run(run_id, "KILLED")  # a stale attempt recorded a run first; that one stays the job's run
+        winner = self.records.latest(name)[1]
+        return winner["run_id"] if winner and self._reopen(winner["run_id"], tags) else run_id
+
+    def _reopen(self, run_id: str, tags: dict[str, str]) -> bool:
+        """Mark the job's recorded run RUNNING again with this attempt's tags; False if the store lost it."""
+        op = {"op": "reopen_run", "run": run_id, "tags": tags}
+        if self.offline or run_id.startswith(PLACEHOLDER):
+            self._submit(op)
+            return True
+        try:
+            run = self.client.get_run(run_id)
+            if run.info.lifecycle_stage == "deleted":
+                return False
+            self.execute(op, {})
+            self._logged_steps[run_id] = {
+                key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in run.data.metrics
+            }
+            return True
+        except Exception as e:
+            if _is_missing_run(e):
+                return False
+            self._go_offline(e)
+            self._submit(op)
+            return True
+
+    def _mark_study_running(self) -> None:
+        """The study run is RUNNING while jobs train (the aggregation ends it); opening a tracker alone, as a
+        rerun with nothing to do does, leaves its status alone."""
+        if not self._study_marked_running:
+            self._study_marked_running = True
+            self._submit({"op": "reopen_run", "run": self.parent_run_id, "tags": {}})
+
+    def close_job_runs(self, job_status: dict[str, str]) -> None:
+        """End the runs still RUNNING of jobs that are over ({job id: FINISHED | FAILED}): an attempt that
+        died without closing its run leaves it RUNNING."""
+        if self.offline:
+            return  # the buffered calls of the dead attempts are replayed as they were
+        try:
+            running = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' and attributes.status = 'RUNNING'",
+                max_results=5000,
+            )
+            for run in running:
+                status = job_status.get(run.data.tags.get("distrain.job_id", ""))
+                if status and run.data.tags.get("distrain.kind") == "job":
+                    self.client.set_terminated(run.info.run_id, status=status)
+        except Exception as e:
+            self._go_offline(e)
 
     def child_run(self, name: str, params: dict, tags: Optional[dict[str, str]] = None) -> str:
         """A nested run of the study named `name` (an ensemble stage) with these tags, reused when aggregation
@@ -255,6 +332,9 @@ class MlflowTracker(Tracker):
 
         from distrain.tracking.mlflow_model import DistrainPyfunc, signature  # mlflow.pyfunc without its notice
 
+        for version in self.client.search_model_versions(f"run_id = '{run_id}'"):
+            if version.name == registered_name:
+                return str(version.version)  # registered by an aggregation attempt that died before finishing
         mlflow.set_tracking_uri(self.tracking_uri)
         with library_prints_to_log(self.run_dir), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
@@ -278,6 +358,10 @@ class MlflowTracker(Tracker):
             self.client.log_batch(run_id, params=items[start : start + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        logged = self._logged_steps.get(run_id, {})
+        metrics = {k: v for k, v in metrics.items() if step > logged.get(k, -1)}  # a resumed attempt's repeats
+        if not metrics:
+            return
         self._submit(
             {
                 "op": "log_metrics",
@@ -325,6 +409,10 @@ def _sqlite_schema_lock(tracking_uri: str):
 
 def _refers_to_placeholder(op: dict) -> bool:
     return any(str(op.get(k, "")).startswith(PLACEHOLDER) for k in ("run", "parent"))
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _is_missing_run(error: Exception) -> bool:

@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -62,14 +63,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_state(directory: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write `state` as checkpoint number `step` (atomically, with its checksum); keep the newest `keep`."""
+def save_state(
+    directory: Path, step: int, state: dict[str, Any], keep: int = 2, fence: Callable[[], None] = lambda: None
+) -> Path:
+    """Write `state` as checkpoint number `step` (atomically, with its checksum); keep the newest `keep`.
+    `fence` raises when the caller no longer owns the job: called before writing and before pruning, so an
+    owner frozen past its lease neither adds its checkpoint to the new owner's nor deletes theirs."""
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = buf.getvalue()
     path = directory / f"state-{step:09d}.pt"
+    fence()
     atomic_write(path, lambda f: f.write(payload))
     atomic_write_json(path.with_suffix(".json"), {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)})
+    fence()
     for old in list_states(directory)[keep:]:
         old.with_suffix(".json").unlink(missing_ok=True)
         old.unlink(missing_ok=True)

@@ -70,6 +70,9 @@ class JobControl:
     stop_requested: Callable[[], bool] = lambda: False
     """This rank's wish to stop; any rank's wish stops all ranks at the same step, after a save."""
     progress: dict = field(default_factory=dict)
+    fence: Callable[[], None] = lambda: None
+    """Raises (LeaseLost) when this worker no longer owns the job; called on rank 0 before each checkpoint
+    write and prune."""
     after_epoch: Callable[[int, float], None] = lambda epoch, val_score: None
     """Called on every rank after each epoch's validation with the epoch and its (gathered) score; may raise to
     end the job there (a sweep's pruner does)."""
@@ -337,7 +340,7 @@ class JobTrainer:
                 "rng": rngs,
             }
             state_dir = self.control.state_dir
-            save_state(state_dir, self.state.batches, checkpoint, keep=self.control.keep_checkpoints)
+            save_state(state_dir, self.state.batches, checkpoint, self.control.keep_checkpoints, self.control.fence)
             prune_engine_checkpoints(state_dir / "deepspeed", {p.stem for p in list_states(state_dir)})
 
         runtime.on_primary(self.accelerator, write)

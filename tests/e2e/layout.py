@@ -16,6 +16,8 @@ def run_dir_files(run_dir: Path) -> dict[str, int]:
         rel = re.sub(r"^(ledger/)?jobs/[^/]+/", r"\1jobs/JOB/", rel)
         rel = re.sub(r"^ledger/workers/[^/]+\.json$", "ledger/workers/WORKER.json", rel)
         rel = re.sub(r"checkpoints/[^/]+\.pt$", "checkpoints/JOB.pt", rel)
+        rel = re.sub(r"^mlflow/[0-9a-f]+/job-[^/]+-(\d+)\.json$", r"mlflow/STORE/job-JOB-\1.json", rel)
+        rel = re.sub(r"^mlflow/[0-9a-f]+/study-(\d+)\.json$", r"mlflow/STORE/study-\1.json", rel)
         counts[rel] = counts.get(rel, 0) + 1
     return counts
 

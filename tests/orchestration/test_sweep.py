@@ -95,10 +95,11 @@ def test_two_workers_share_the_trials_a_killed_workers_trial_is_failed_and_the_p
     assert cfg.optim.lr == pytest.approx(summary["best"]["params"]["optim.lr"]) and cfg.experiment == "digits"
     assert summary["best"]["value"] == max(t.value for t in trials if t.state.name == "COMPLETE")
 
-    marker = json.loads((run_dir / "mlflow.json").read_text())
+    (marker,) = (m for m in (run_dir / "mlflow").glob("*/study-000001.json"))
+    marker = json.loads(marker.read_text())
     client = MlflowClient(marker["tracking_uri"])
     runs = client.search_runs([marker["experiment_id"]], filter_string="tags.`distrain.kind` = 'trial'")
-    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {marker["parent_run_id"]}  # nested in the sweep run
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {marker["run_id"]}  # nested in the sweep run
     finished = [r for r in runs if r.info.status == "FINISHED"]
     assert len(finished) == TRIALS and all("optim.lr" in r.data.params for r in finished)
     complete = next(r for r in finished if "trial_accuracy" in r.data.metrics)

@@ -48,7 +48,7 @@ def main() -> int:
             beat.progress = {"remaining_s": round(end - time.monotonic(), 2)}
             time.sleep(min(0.02, max(0.0, end - time.monotonic())))
 
-    def aggregate(states):
+    def aggregate(states, claim):
         time.sleep(0.2)
         (run_dir / "aggregated").mkdir(exist_ok=True)
         (run_dir / "aggregated" / worker.replace(":", "-")).write_text(

@@ -89,13 +89,15 @@ def test_dead_server_does_not_stall_and_sync_completes_the_tree(tmp_path):
         # report.json said "pending-sync" while offline; sync puts the registered version in it, locally
         # and in the copy uploaded to the study run
         (registered,) = client.search_model_versions("name='distrain-down'")
-        local = json.loads((tmp_path / "runs" / "down" / "report.json").read_text())["ensemble_model"]
+        local_report = json.loads((tmp_path / "runs" / "down" / "report.json").read_text())
+        local = local_report["ensemble_model"]
         assert local == {
             "name": "distrain-down",
             "version": registered.version,
             "uri": f"models:/distrain-down/{registered.version}",
         }
-        study = json.loads((tmp_path / "runs" / "down" / "mlflow.json").read_text())["parent_run_id"]
+        study = local_report["mlflow"]["parent_run_id"]  # sync put the real study run in place of the placeholder
+        assert client.get_run(study).data.tags["distrain.kind"] == "study"
         uploaded = json.loads(Path(client.download_artifacts(study, "report.json", str(tmp_path))).read_text())
         assert uploaded["ensemble_model"] == local
     print(f"server down: {down_s:.1f} s, server up: {up_s:.1f} s, ratio {down_s / up_s:.2f}; {sync.stdout.strip()}")
