@@ -65,7 +65,7 @@ def _status_rows(run_dir: Path) -> dict:
     from distrain.orchestration.ledger import aggregate_id
     from distrain.orchestration.phases import load_run_dir, open_ledger
     from distrain.study.plan import expand_plan
-    from distrain.study.results import is_done, read_done
+    from distrain.study.results import job_files_problem, read_done
     from distrain.tracking.buffer import pending_calls
 
     refuse_combined(run_dir, "status")
@@ -74,11 +74,15 @@ def _status_rows(run_dir: Path) -> dict:
     rows, plan = [], expand_plan(cfg)
     for job in plan:
         st = ledger.state(job.id).to_dict()
-        if st["status"] != "done" and is_done(run_dir, job):  # finished before the ledger recorded it
+        problem = job_files_problem(run_dir, job)
+        if st["status"] != "done" and problem is None:  # finished before the ledger recorded it
             st["status"] = "done"
+        elif st["status"] == "done" and problem is not None:  # the next run of the main command retrains it
+            st["status"], st["last_error"] = "damaged", problem
         st["val_score"] = read_done(run_dir, job)["val_score"] if st["status"] == "done" else None
         rows.append(st)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("pending", "running", "done", "failed")}
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("pending", "running", "done", "failed", "damaged")}
+    counts = {s: n for s, n in counts.items() if n or s != "damaged"}
     return {
         "run_dir": str(run_dir),
         "counts": counts,

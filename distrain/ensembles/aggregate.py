@@ -23,7 +23,7 @@ from distrain.ensembles.voting import soft_vote
 from distrain.errors import EnsembleError
 from distrain.fsutil import atomic_write, atomic_write_text
 from distrain.study.plan import column_key, expand_plan, plan_id
-from distrain.study.results import is_done, load_job_predictions, read_done
+from distrain.study.results import is_done, job_files_problem, load_job_predictions, read_done
 from distrain.tasks import best_index
 
 if TYPE_CHECKING:
@@ -78,6 +78,9 @@ def load_store(
             if not is_done(src.run_dir, job):
                 missing.append({"id": job_id, "model": model, "seed": job.seed})
                 continue
+            problem = job_files_problem(src.run_dir, job, hashed=("oof.npz", "test.npz"))
+            if problem is not None:
+                raise EnsembleError(f"job {job_id}: {problem}; run the main command on {src.run_dir} to train it again")
             preds.append(_job_predictions(src.run_dir, job, model, job_id, k))
     if cfg.cv.only_folds:  # a deliberately partial plan: ensemble over the trained folds only
         fold_of_sample = {s: f for s, f in fold_of_sample.items() if f in set(cfg.cv.only_folds)}

@@ -33,7 +33,7 @@ from distrain.orchestration.ledger import Claim, Heartbeat, JobState, Ledger, ag
 from distrain.orchestration.worker import WorkerOutcome, run_worker
 from distrain.study.folds import FoldManifest, build_fold_manifest
 from distrain.study.plan import Job, expand_plan
-from distrain.study.results import is_done, job_dir
+from distrain.study.results import job_dir, job_files_problem
 from distrain.tracking.base import NullTracker, Tracker
 
 if TYPE_CHECKING:
@@ -142,16 +142,9 @@ def start_study(cfg: Config, new_run_dir: bool, shard: Optional[tuple[int, int]]
             flush=True,
         )
     tracker = _start_tracking_on_rank0(cfg, manifest, worker, accelerator)
-    return Study(
-        cfg=cfg,
-        accelerator=accelerator,
-        index=index,
-        manifest=manifest,
-        worker=worker,
-        tracker=tracker,
-        ledger=phases.open_ledger(cfg, cfg.run_dir),
-        plan=expand_plan(cfg),
-    )
+    ledger, plan = phases.open_ledger(cfg, cfg.run_dir), expand_plan(cfg)
+    runtime.on_primary(accelerator, lambda: phases.requeue_damaged_jobs(cfg.run_dir, ledger, plan, print))
+    return Study(cfg, accelerator, index, manifest, worker, tracker, ledger, plan)
 
 
 def _start_tracking_on_rank0(cfg: Config, manifest: FoldManifest, worker: str, accelerator) -> Tracker:
@@ -191,7 +184,7 @@ class JobRunner:
 
         study = self.study
         cfg, job = study.cfg, next(j for j in study.plan if j.id == claim.job_id)
-        if study.on_primary(lambda: is_done(study.run_dir, job)):
+        if study.on_primary(lambda: job_files_problem(study.run_dir, job) is None):
             return  # outputs written by an attempt that died before recording it in the ledger
         run_id = study.tracker.start_job(
             job.id,

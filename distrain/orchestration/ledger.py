@@ -15,7 +15,8 @@ within `lease_timeout_s`; after that the next claim (attempt N+1) first marks at
 
 Attempt end states: `done`, `failed` (an error; counts toward `max_retries`), `preempted` (SIGTERM;
 the job is pending again and does not count), `expired` (the owner stopped heartbeating: SIGKILL,
-node loss; counts toward `max_lost_leases`).
+node loss; counts toward `max_lost_leases`), `damaged` (not a worker's attempt: the job's files were found
+damaged or lost after it was done, and `requeue` made it pending again; the attempts before it no longer count).
 
 Times are wall-clock seconds (time.time()); nodes sharing a ledger need clocks in sync to well
 under `lease_timeout_s` (NTP does that).
@@ -148,7 +149,9 @@ class Ledger:
         now = time.time() if now is None else now
         attempts = self.attempts(job_id)
         st = JobState(job_id=job_id, status="pending", attempts=attempts)
-        for a in attempts:
+        requeued = [i for i, a in enumerate(attempts) if (a.end or {}).get("status") == "damaged"]
+        current = attempts[requeued[-1] + 1 :] if requeued else attempts  # a re-queued job starts afresh
+        for a in current:
             status = (a.end or {}).get("status")
             if status == "failed":
                 st.errors += 1
@@ -156,7 +159,7 @@ class Ledger:
             elif status == "expired":
                 st.lost += 1
         last = attempts[-1] if attempts else None
-        if any((a.end or {}).get("status") == "done" for a in attempts):
+        if any((a.end or {}).get("status") == "done" for a in current):
             st.status = "done"
         elif last is not None and last.end is None:
             age = now - last.last_seen
@@ -202,6 +205,19 @@ class Ledger:
         if not create_exclusive_json(self._dir(job_id) / f"attempt-{number:06d}.json", claim):
             return None
         return Claim(job_id=job_id, attempt=number, worker=worker)
+
+    def requeue(self, job_id: str, reason: str) -> bool:
+        """Make a done job pending again because its files were found damaged or lost (recorded as an attempt
+        that ended `damaged`, with the reason). False if another worker re-queued or claimed it first."""
+        st = self.state(job_id)
+        if st.status != "done":
+            return False  # re-queued by another worker meanwhile (and perhaps claimed already)
+        number = (st.attempts[-1].number if st.attempts else 0) + 1
+        claim = {"worker": "requeue", "host": socket.gethostname(), "pid": os.getpid(), "claimed_at": time.time()}
+        if not create_exclusive_json(self._dir(job_id) / f"attempt-{number:06d}.json", claim):
+            return False
+        end = {"status": "damaged", "time": time.time(), "error": reason[:2000], "last_heartbeat": None}
+        return create_exclusive_json(self._dir(job_id) / f"attempt-{number:06d}.end", end)
 
     def claim_next(self, job_ids: list[str], worker: str) -> Optional[Claim]:
         """The first claimable job of `job_ids` (in order), claimed; None if there is none."""

@@ -121,6 +121,27 @@ def job_params(cfg: Config, job: Job) -> dict:
     return {**flatten(effective), "job.model": job.model, "job.seed": job.seed, "job.fold": job.fold}
 
 
+def requeue_damaged_jobs(run_dir: Path, ledger: Ledger, plan: list[Job], log: Callable[[str], None]) -> list[str]:
+    """Done jobs whose files are lost or damaged (`results.job_files_problem`): their files are set aside in
+    `jobs/<id>/damaged-<time>/` and the ledger makes them pending again (with the plan's aggregation), so
+    they are trained again instead of trusted. Returns their ids."""
+    from distrain.orchestration.ledger import aggregate_id
+    from distrain.study.results import job_files_problem, set_aside_job_files
+
+    requeued = []
+    for job in plan:
+        if ledger.state(job.id).status != "done" or (problem := job_files_problem(run_dir, job)) is None:
+            continue
+        aside = set_aside_job_files(run_dir, job)
+        if ledger.requeue(job.id, problem):
+            log(f"distrain: {job.id}: {problem}; its files are set aside in {aside} and it is trained again")
+            requeued.append(job.id)
+    aggregation = aggregate_id([j.id for j in plan])
+    if requeued and ledger.state(aggregation).status == "done":
+        ledger.requeue(aggregation, f"jobs trained again: {', '.join(requeued)}")
+    return requeued
+
+
 def failed_jobs(ledger: Ledger, plan: list[Job]) -> list[dict]:
     """[{id, error}] of the jobs the ledger marked failed for good."""
     return [

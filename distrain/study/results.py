@@ -5,16 +5,21 @@
     oof.npz        sample_ids, probs [n, C], labels for the fold's validation samples
     test.npz       the same for the holdout test split (absent if the data set has none)
     metrics.json   per-epoch history
-    done.json      written last: the job is finished only if this exists
+    done.json      written last: the job is finished only if this exists; it holds the sha256 and size of
+                   best.pt, oof.npz and test.npz
 
 Every file is written atomically, so a crash leaves either no `done.json` (the job reruns) or a
-complete job.
+complete job. Files damaged or lost afterwards (a bad disk, a hand edit) are caught by `job_files_problem`:
+sizes on every check, sha256 where the predictions are read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -60,7 +65,58 @@ def job_dir(run_dir: Path, job: Job) -> Path:
 
 
 def is_done(run_dir: Path, job: Job) -> bool:
+    """done.json exists (the job finished; whether its files are intact is `job_files_problem`'s question)."""
     return (job_dir(run_dir, job) / DONE).is_file()
+
+
+def file_digest(path: Path) -> dict:
+    """{"sha256", "bytes"} of a file, read in 1 MiB blocks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    return {"sha256": h.hexdigest(), "bytes": size}
+
+
+def job_files_problem(run_dir: Path, job: Job, hashed: tuple[str, ...] = ()) -> Optional[str]:
+    """None when the finished job's files are whole; else what is wrong, as a phrase naming the file. Sizes
+    are always compared with done.json's record; the files in `hashed` also by sha256."""
+    d = job_dir(run_dir, job)
+    try:
+        done = json.loads((d / DONE).read_text())
+    except FileNotFoundError:
+        return f"{d / DONE} is missing"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{d / DONE} is not valid JSON"
+    if not isinstance(done, dict) or done.get("id") != job.id or not isinstance(done.get("val_score"), (int, float)):
+        return f"{d / DONE} does not describe job {job.id}"
+    recorded = done.get("files") or {"oof.npz": None}  # done.json of an older version: no digests
+    for name, digest in recorded.items():
+        path = d / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if digest is None:
+            continue
+        size = path.stat().st_size
+        if size != digest["bytes"]:
+            return f"{path} is {size} bytes, done.json says {digest['bytes']} (truncated or replaced)"
+        if name in hashed and file_digest(path)["sha256"] != digest["sha256"]:
+            return f"{path} does not match its sha256 in done.json (corrupted)"
+    return None
+
+
+def set_aside_job_files(run_dir: Path, job: Job) -> Path:
+    """Move a finished job's outputs (those still there) into `jobs/<id>/damaged-<ns>/`; returns that folder."""
+    d = job_dir(run_dir, job)
+    aside = d / f"damaged-{time.time_ns()}"
+    aside.mkdir(parents=True)
+    for name in (DONE, "best.pt", "oof.npz", "test.npz", "metrics.json"):
+        try:
+            os.rename(d / name, aside / name)
+        except FileNotFoundError:
+            pass  # lost, or set aside by another worker that found the same damage
+    return aside
 
 
 def save_predictions(path: Path, pred: Predictions) -> None:
@@ -98,6 +154,7 @@ def write_job_files(run_dir: Path, result: JobResult, mlflow_run_id: str = "") -
             "best_epoch": result.best_epoch,
             "best_source": result.best_source,
             "mlflow_run_id": mlflow_run_id,
+            "files": {n: file_digest(d / n) for n in ("best.pt", "oof.npz", "test.npz") if (d / n).exists()},
         },
     )
     return d

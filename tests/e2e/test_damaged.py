@@ -1,0 +1,93 @@
+"""A finished job whose files are later lost or damaged is refused by `aggregate` with one line naming the file,
+shown as damaged by `status`, and trained again (only it) by the next run of the main command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from distrain.orchestration.ledger import Ledger, aggregate_id
+
+from conftest import RUN_PY, last_line, run_cmd
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model.names=[test_resnet]", "data.image_size=16", "cv.folds=3", "cv.seeds=[1]", "train.epochs=1",
+        "train.progress=false", "ensemble.max_rounds=20", "experiment=dmg"]  # fmt: skip
+JOBS = [f"test_resnet-s1-f{f}" for f in range(3)]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("damaged")
+    proc = run_cmd([sys.executable, str(RUN_PY), *TINY], cwd)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return cwd
+
+
+def copy_of(finished, tmp_path):
+    for name in ("runs", "data"):
+        shutil.copytree(finished / name, tmp_path / name)
+    return tmp_path / "runs" / "dmg"
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "done.json deleted": ("done.json", lambda p: p.unlink(), "done.json is missing"),
+    "done.json not JSON": ("done.json", lambda p: p.write_text("{"), "done.json is not valid JSON"),
+    "done.json of another job": ("done.json", lambda p: p.write_text('{"id": "x"}'), "does not describe"),
+    "oof.npz truncated": ("oof.npz", _truncate, "(truncated or replaced)"),
+    "oof.npz corrupted": ("oof.npz", _flip, "does not match its sha256"),
+    "test.npz deleted": ("test.npz", lambda p: p.unlink(), "test.npz is missing"),
+    "best.pt truncated": ("best.pt", _truncate, "(truncated or replaced)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_file_is_named_by_status_and_refused_by_aggregate(finished, tmp_path, case):
+    run_dir = copy_of(finished, tmp_path)
+    name, damage, phrase = DAMAGE[case]
+    damage(run_dir / "jobs" / JOBS[1] / name)
+    status = run_cmd([sys.executable, "-m", "distrain.cli", "status", "--run-dir", "runs/dmg", "--json"], tmp_path)
+    assert status.returncode == 0, status.stderr
+    row = next(r for r in json.loads(status.stdout)["jobs"] if r["job_id"] == JOBS[1])
+    if case != "oof.npz corrupted":  # status compares sizes only; the sha256 is checked where the file is read
+        assert row["status"] == "damaged" and phrase in row["last_error"], row
+    agg = run_cmd([sys.executable, "-m", "distrain.cli", "aggregate", "--run-dir", "runs/dmg"], tmp_path)
+    assert agg.returncode == 2, agg.stdout + agg.stderr
+    line = last_line(agg.stderr)
+    assert JOBS[1] in line and (phrase in line or "not finished (no OOF)" in line), line  # no done.json: unfinished
+    assert "Traceback" not in agg.stderr
+
+
+def test_main_command_trains_only_the_damaged_jobs_again(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    (run_dir / "jobs" / JOBS[0] / "done.json").unlink()
+    _flip(run_dir / "jobs" / JOBS[2] / "best.pt")
+    _truncate(run_dir / "jobs" / JOBS[2] / "oof.npz")
+    proc = run_cmd([sys.executable, str(RUN_PY), *TINY], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"{JOBS[0]}: " in proc.stdout and "is trained again" in proc.stdout
+    ledger = Ledger(run_dir)
+    statuses = {j: [(a.end or {}).get("status") for a in ledger.attempts(j)] for j in JOBS + [aggregate_id(JOBS)]}
+    assert statuses == {
+        JOBS[0]: ["done", "damaged", "done"],
+        JOBS[1]: ["done"],
+        JOBS[2]: ["done", "damaged", "done"],
+        aggregate_id(JOBS): ["done", "damaged", "done"],
+    }
+    assert list((run_dir / "jobs" / JOBS[2]).glob("damaged-*/oof.npz"))  # set aside, not deleted
+    again = run_cmd([sys.executable, "-m", "distrain.cli", "aggregate", "--run-dir", "runs/dmg"], tmp_path)
+    assert again.returncode == 0, again.stderr
