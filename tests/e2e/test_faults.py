@@ -61,12 +61,12 @@ def server(tmp_path_factory):
 
 
 def test_sigkill_storm_leaves_one_mlflow_run_per_job_with_full_histories(server, tmp_path):
-    """3 workers over 6 jobs, SIGKILLed at random moments (and restarted) 12 times."""
-    seeds, rng, kills = [1, 2, 3], random.Random(7), 0
-    overrides = tiny("storm", server, "[1,2,3]")
+    """3 workers over 4 jobs, SIGKILLed at random moments while holding a job (and restarted) 10 times."""
+    seeds, rng, kills = [1, 2], random.Random(7), 0
+    overrides = tiny("storm", server, "[1,2]")
     workers = [Worker(tmp_path, overrides, f"w{i}") for i in range(3)]
     deadline = time.monotonic() + 400
-    while kills < 12 and time.monotonic() < deadline:
+    while kills < 10 and time.monotonic() < deadline:
         time.sleep(rng.uniform(0.5, 2.5))
         running = [w for w in workers if w.proc.poll() is None]
         if not running:
@@ -86,7 +86,7 @@ def test_sigkill_storm_leaves_one_mlflow_run_per_job_with_full_histories(server,
     assert all(ends(ledger, j).count("done") == 1 for j in ids), {j: ends(ledger, j) for j in ids}
     assert ends(ledger, aggregate_id(ids)).count("done") == 1
     expired = sum(ends(ledger, j).count("expired") for j in ids + [aggregate_id(ids)])
-    assert expired >= 5  # most kills hit a worker holding a job, whose lease another worker took over
+    assert expired >= 4  # most kills hit a worker holding a job, whose lease another worker took over
     assert_one_run_per_job(MlflowClient(server), "storm", ids, EPOCHS)
     print(f"storm: {kills} kills, {expired} leases taken over, {len(ids)} jobs, one MLflow run each")
 
