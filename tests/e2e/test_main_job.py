@@ -298,6 +298,8 @@ def test_ensemble_command_reruns_without_training(default_run):
 def test_missing_oof_rows_are_named_or_left_out(default_run, tmp_path):
     import shutil
 
+    from distrain.study.results import file_digest
+
     cwd, *_ = default_run
     shutil.copytree(cwd / "runs", tmp_path / "runs")
     shutil.copytree(cwd / "data", tmp_path / "data")
@@ -306,6 +308,10 @@ def test_missing_oof_rows_are_named_or_left_out(default_run, tmp_path):
     with np.load(oof) as z:
         data = {k: z[k] for k in z.files}
     np.savez(oof, **{k: v[:-3] for k, v in data.items()})
+    done_path = oof.parent / "done.json"  # a job that wrote fewer rows, not a damaged file: its digest matches
+    done = json.loads(done_path.read_text())
+    done["files"]["oof.npz"] = file_digest(oof)
+    done_path.write_text(json.dumps(done))
     proc = run_cmd([sys.executable, "-m", "distrain.cli", "ensemble", "--run-dir", "runs/digits"], tmp_path)
     assert proc.returncode == 2
     assert "job test_resnet-s43-f2: OOF has" in last_line(proc.stderr) and "missing e.g." in last_line(proc.stderr)
