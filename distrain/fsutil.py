@@ -8,13 +8,14 @@ file), which is how the ledger and the MLflow study marker settle races between 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 def _current_umask() -> int:
@@ -80,3 +81,36 @@ def create_exclusive_json(path: Path, obj: dict) -> bool:
         return True
     finally:
         os.unlink(tmp)
+
+
+def read_json_if_complete(path: Path) -> Optional[Any]:
+    """The JSON in `path`, or None when it does not exist or is not complete yet (an O_EXCL-created file read
+    before its content was written, on a volume without hard links)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, wait: bool = True, waiting: str = "") -> Iterator[bool]:
+    """An advisory lock on `path` held while the block runs (released if the process dies); yields whether it
+    is held: with `wait` False, False at once when another process holds it; else it waits, first printing
+    `waiting` if given. flock is POSIX-lock backed on NFS, so it also excludes a process on another node."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            if waiting:
+                print(waiting, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -24,7 +24,6 @@ under `lease_timeout_s` (NTP does that).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -36,6 +35,7 @@ from typing import Optional
 
 from distrain.errors import LeaseLost
 from distrain.fsutil import atomic_write_json, create_exclusive_json
+from distrain.fsutil import read_json_if_complete as _read_json
 from distrain.study.plan import plan_id
 
 TERMINAL = ("done", "failed")
@@ -288,12 +288,3 @@ class Heartbeat:
                     return
             except OSError:
                 pass  # a transient shared-volume error: the next beat retries; the lease has slack
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError:  # an O_EXCL-created file caught before its content: treat as absent
-        return None

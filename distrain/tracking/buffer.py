@@ -7,14 +7,13 @@ runs, and progress is saved after every call, so an interrupted sync continues w
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from distrain.ensembles.report import model_entry
-from distrain.fsutil import atomic_write_json, atomic_write_text
+from distrain.fsutil import atomic_write_json, atomic_write_text, exclusive_lock
 from distrain.tracking.records import STUDY
 
 if TYPE_CHECKING:
@@ -33,7 +32,8 @@ def sync_buffers(tracker: MlflowTracker, wait: bool = True) -> Optional[dict]:
     records and report.json name the real runs. Returns {"synced": n_calls, "files": n_files}."""
     buffer_dir = tracker.run_dir / BUFFER_DIR
     buffer_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(buffer_dir / "sync.lock", wait) as held:
+    waiting = f"distrain: another sync of {tracker.run_dir} is running; waiting for it"
+    with exclusive_lock(buffer_dir / "sync.lock", wait, waiting) as held:
         if not held:
             return None
         state_path = buffer_dir / "sync-state.json"
@@ -116,27 +116,6 @@ def _replace_in_report(path: Path, ids: dict[str, str]) -> None:
         replaced = replaced.replace(f'"{placeholder}"', f'"{real}"')
     if replaced != text:
         atomic_write_text(path, replaced)
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path, wait: bool):
-    """An advisory lock held while the block runs (released if the process dies); yields whether it is held.
-    flock is POSIX-lock backed on NFS, so it also excludes a sync on another node of a shared volume."""
-    import fcntl
-
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                yield False
-                return
-            print(f"distrain: another sync of {path.parent.parent} is running; waiting for it", flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _record_model_version(run_dir: Path, name: str, version: str) -> None:

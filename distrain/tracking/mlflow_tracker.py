@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from distrain.console import library_prints_to_log, loggers_to_log
+from distrain.fsutil import exclusive_lock
 from distrain.tracking.base import Tracker
 from distrain.tracking.buffer import BUFFER_DIR, PLACEHOLDER
 from distrain.tracking.records import STUDY, RunRecords, job_record_name
@@ -388,23 +389,12 @@ def bound_http_requests(timeout_s: float, max_retries: int) -> None:
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(round(timeout_s))))
 
 
-@contextlib.contextmanager
-def _sqlite_schema_lock(tracking_uri: str):
+def _sqlite_schema_lock(tracking_uri: str) -> contextlib.AbstractContextManager:
     """Workers starting together on one SQLite store would each create MLflow's tables ("table experiments
     already exists"); a file lock beside the database lets the first create them and the rest reuse them."""
     if not tracking_uri.startswith("sqlite:///"):
-        yield
-        return
-    import fcntl
-
-    lock_path = Path(tracking_uri[len("sqlite:///") :] + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        return contextlib.nullcontext()
+    return exclusive_lock(Path(tracking_uri[len("sqlite:///") :] + ".lock"))
 
 
 def _refers_to_placeholder(op: dict) -> bool:

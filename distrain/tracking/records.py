@@ -13,12 +13,11 @@ by `distrain sync`, gets the next version. The store key is a hash of the tracki
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Optional
 
-from distrain.fsutil import create_exclusive_json
+from distrain.fsutil import create_exclusive_json, read_json_if_complete
 
 RECORDS_DIR = "mlflow"
 STUDY = "study"
@@ -43,7 +42,7 @@ class RunRecords:
         """(version, content) of the newest record `name`; (0, None) when there is none."""
         versions = sorted(self._versions(name), reverse=True)
         for version in versions:
-            content = _read(self.directory / f"{name}-{version:06d}.json")
+            content = read_json_if_complete(self.directory / f"{name}-{version:06d}.json")
             if content is not None:
                 return version, content
         return (versions[0] if versions else 0), None
@@ -72,10 +71,3 @@ class RunRecords:
 def study_record(run_dir: Path, tracking_uri: str) -> Optional[dict]:
     """The run directory's study-run record for this tracking store, if any."""
     return RunRecords(run_dir, tracking_uri).latest(STUDY)[1]
-
-
-def _read(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
