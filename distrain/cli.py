@@ -12,6 +12,7 @@ distrain aggregate --run-dir DIR [--run-dir DIR2 ... [--out DIR]] [--allow-parti
 distrain sweep --config FILE --space FILE --trials N [--write-best FILE] [a.b=value ...]
                                                one Optuna sweep worker (start several: they share the trials)
 distrain status --run-dir DIR [--json]         pending / running (owner, progress, heartbeat) / done / failed
+distrain retry --run-dir DIR [--job ID ...]    jobs failed for good pending again (after fixing their cause)
 distrain sync --run-dir DIR                    send tracking buffered while MLflow was down
 distrain k8s render --config FILE --workers N [--gpus-per-worker G] [--mode indexed|queue|multinode] --out DIR
                                                Kubernetes manifests (kustomize) from the config
@@ -27,7 +28,7 @@ import sys
 from pathlib import Path
 
 from distrain.console import route_library_output
-from distrain.errors import BadInput, refuse
+from distrain.errors import BadInput, Preempted, exit_with_line, refuse, storage_error
 
 
 def _data(args) -> int:
@@ -121,6 +122,32 @@ def _status(args) -> int:
     return 0
 
 
+def _retry(args) -> int:
+    """Jobs failed for good made pending again (their earlier attempts no longer count), and the aggregation with
+    them, so that the next run of the main command trains them once the cause is fixed."""
+    from distrain.orchestration.ledger import aggregate_id
+    from distrain.orchestration.phases import load_run_dir, open_ledger
+    from distrain.study.plan import expand_plan
+
+    run_dir = Path(args.run_dir)
+    cfg = load_run_dir(run_dir)
+    ledger, job_ids = open_ledger(cfg, run_dir), [j.id for j in expand_plan(cfg)]
+    unknown = sorted(set(args.job) - set(job_ids))
+    if unknown:
+        raise BadInput(f"retry: {unknown[0]!r} is not a job of {run_dir} (its jobs: {', '.join(job_ids)})")
+    failed = [s.job_id for s in ledger.states(args.job or job_ids) if s.status == "failed"]
+    aggregation = ledger.state(aggregate_id(job_ids))
+    if not failed and aggregation.status != "failed":
+        print(f"distrain: {run_dir}: nothing to retry (no job failed for good)")
+        return 0
+    retried = [j for j in failed if ledger.requeue(j, "distrain retry", mark="retried")]
+    if aggregation.status in ("done", "failed"):  # it ran without them (or failed): once more, with them
+        ledger.requeue(aggregation.job_id, "distrain retry", mark="retried")
+    print(f"distrain: {len(retried)} job(s) pending again{': ' + ', '.join(retried) if retried else ''}; run the main "
+          f"command (or `distrain schedule`) with the same config to train them and aggregate")  # fmt: skip
+    return 0
+
+
 def _aggregate(args) -> int:
     """One run directory's ensembles again, or one ensemble over several that share a fold manifest."""
     from distrain.data.index import read_index
@@ -185,6 +212,7 @@ def _sweep(args) -> int:
 
 
 def _sync(args) -> int:
+    from distrain import interrupts
     from distrain.orchestration import phases
     from distrain.tracking.buffer import pending_calls, sync_buffers
 
@@ -199,7 +227,10 @@ def _sync(args) -> int:
         raise BadInput(f"tracking server {tracker.tracking_uri} is still unreachable; nothing was synced")
     tracker.go_online()
     try:
-        result = sync_buffers(tracker)
+        with interrupts.deferred():  # SIGTERM: stop between two calls, progress saved (exit 75)
+            result = sync_buffers(tracker)
+    except Preempted:
+        raise
     except Exception as e:
         raise BadInput(
             f"sync stopped ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -362,12 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("overrides", nargs="*", help="ensemble.* overrides, saved in the run directory's config, "
                                                     "e.g. ensemble.members.exclude=[convnext_tiny-s2]")  # fmt: skip
 
-    s = sub.add_parser("status", help="pending / running / done / failed jobs of a run directory")
-    s.add_argument("--run-dir", required=True)
-    s.add_argument("--json", action="store_true")
-
-    y = sub.add_parser("sync", help="send tracking calls buffered while MLflow was unreachable")
-    y.add_argument("--run-dir", required=True)
+    _run_dir_parsers(sub)
 
     r = sub.add_parser("predict", help="predict images of any size with a run's ensemble; writes a CSV")
     r.add_argument("--run-dir", required=True)
@@ -388,6 +414,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     _schedule_parser(sub)
     return p
+
+
+def _run_dir_parsers(sub) -> None:
+    """The commands that look after one run directory: status, retry, sync."""
+    s = sub.add_parser("status", help="pending / running / done / failed jobs of a run directory")
+    s.add_argument("--run-dir", required=True)
+    s.add_argument("--json", action="store_true")
+
+    rt = sub.add_parser("retry", help="make jobs failed for good pending again (once their cause is fixed)")
+    rt.add_argument("--run-dir", required=True)
+    rt.add_argument("--job", action="append", default=[], help="only this job (repeatable; default: every failed one)")
+
+    y = sub.add_parser("sync", help="send tracking calls buffered while MLflow was unreachable")
+    y.add_argument("--run-dir", required=True)
 
 
 def _schedule_parser(sub) -> None:
@@ -437,6 +477,9 @@ def _k8s_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distrain import interrupts
+
+    interrupts.install()  # before any heavy import: SIGTERM from here on is one line and exit 75
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         from distrain.run import main as run_main
@@ -446,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "data": _data,
         "status": _status,
+        "retry": _retry,
         "ensemble": _aggregate,
         "aggregate": _aggregate,
         "sync": _sync,
@@ -458,6 +502,14 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except BadInput as e:
         return refuse(e)
+    except OSError as e:  # disk full or read-only where a library wrote
+        if storage_error(e) is None:
+            raise
+        return refuse(storage_error(e))
+    except Preempted as e:  # a deferred stop (sync): its message says where it stopped
+        return exit_with_line(f"distrain: {e}", e.exit_code)
+    except interrupts.Terminated:
+        return interrupts.exit_stopped(f"during `distrain {args.command}`; its files are written whole or not at all")
 
 
 if __name__ == "__main__":

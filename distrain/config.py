@@ -473,6 +473,23 @@ class EnsembleConfig:
             _require(built, "ensemble.register", self.register, "an ensemble that is built (it is switched off)")
 
 
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
+
+
+def check_tracking_uri(uri: str, where: str) -> None:
+    """Refuse, before any work, a tracking URI MLflow cannot store runs in (`where` names the key or variable)."""
+    scheme = uri.partition("://")[0].split("+")[0].lower() if "://" in uri else ""
+    if scheme in TRACKING_SCHEMES:
+        return
+    if scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
+        return
+    if scheme in ("", "file"):
+        raise ConfigError(f"{where}={uri!r}: MLflow 3 refuses its file store for new runs; use sqlite:///<path>/mlflow.db"
+                          f" (or set MLFLOW_ALLOW_FILE_STORE=true)")  # fmt: skip
+    raise ConfigError(f"{where}={uri!r}: MLflow has no store for scheme {scheme!r} (use one of "
+                      f"{', '.join(TRACKING_SCHEMES)})")  # fmt: skip
+
+
 @dataclass(kw_only=True)
 class TrackingConfig:
     uri: str = ""
@@ -487,6 +504,8 @@ class TrackingConfig:
     in <run_dir>/tracking-buffer/ until `distrain sync`."""
 
     def __post_init__(self):
+        if self.uri:
+            check_tracking_uri(self.uri, "tracking.uri")
         _require(self.timeout_s > 0, "tracking.timeout_s", self.timeout_s, "> 0")
         _require(self.max_retries >= 0, "tracking.max_retries", self.max_retries, ">= 0")
 

@@ -6,6 +6,7 @@
     │   ├── DataError             shards, index, images, a run directory that holds something else
     │   │   └── FoldManifestMismatch   a run directory split with other folds
     │   ├── EnsembleError         predictions that cannot be ensembled
+    │   ├── StorageError          a path distrain must write is full, read-only or not permitted
     │   └── NoGPU                 fewer GPUs visible than asked for; exit 4
     ├── JobFailure                one job attempt failed (counts toward scheduler.max_retries)
     │   └── NonFiniteLoss         the loss stayed NaN/inf (train.max_nonfinite_losses)
@@ -55,6 +56,25 @@ class EnsembleError(BadInput):
     """Predictions that cannot be ensembled; the message names the job or column."""
 
 
+class StorageError(BadInput):
+    """A path distrain must write to is full, read-only or not permitted; the message names the path."""
+
+
+STORAGE_ERRNOS = frozenset({28, 122, 30, 13, 1})  # ENOSPC, EDQUOT, EROFS, EACCES, EPERM (Linux numbering)
+
+
+def storage_error(error: BaseException) -> StorageError | None:
+    """The one-line StorageError for an OSError that another attempt would meet alike (disk full, read-only,
+    no permission), naming the path; None for any other error."""
+    import os
+
+    if not isinstance(error, OSError) or error.errno not in STORAGE_ERRNOS:
+        return None
+    path = error.filename or "a file"
+    return StorageError(f"cannot write {path}: {error.strerror or os.strerror(error.errno)}; free space, fix the "
+                        f"permissions or choose another run_root / --out, then run the command again")  # fmt: skip
+
+
 class NoGPU(BadInput):
     """Fewer CUDA GPUs visible than the worker was asked for; training on CPU instead would hold the GPUs idle."""
 
@@ -84,14 +104,18 @@ class LeaseLost(Interrupted):
 
 
 def refuse(error: BadInput) -> int:
-    """Say why input was refused, as the one line a user sees last, and return the exit code. Under
-    `distrain schedule` the worker's result file carries the code too (accelerate launch turns every
-    child failure into exit 1)."""
+    """Say why input was refused, as the one line a user sees last, and return the exit code."""
+    return exit_with_line(f"distrain: error: {error}", error.exit_code)
+
+
+def exit_with_line(message: str, exit_code: int) -> int:
+    """Print `message` as the last line on stderr and return `exit_code`. Under `distrain schedule` the worker's
+    result file carries the code too (accelerate launch turns every child failure into exit 1)."""
     import os
     import sys
     from pathlib import Path
 
-    print(f"distrain: error: {error}", file=sys.stderr)
+    print(message, file=sys.stderr, flush=True)
     if os.environ.get("DISTRAIN_WORKER_RESULT") and os.environ.get("LOCAL_RANK", "0") == "0":  # one per node
-        Path(os.environ["DISTRAIN_WORKER_RESULT"]).write_text(f'{{"exit_code": {error.exit_code}}}')
-    return error.exit_code
+        Path(os.environ["DISTRAIN_WORKER_RESULT"]).write_text(f'{{"exit_code": {exit_code}}}')
+    return exit_code

@@ -44,11 +44,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code: 0 all done, 1 a job or the aggregation failed,
     2 bad input, 75 stopped by SIGTERM with its state saved (see distrain.errors)."""
-    args = parse_args(argv)
-    from distrain.config import load_config
-    from distrain.errors import BadInput, refuse
-    from distrain.orchestration.worker import parse_shard
+    from distrain import interrupts
 
+    interrupts.install()  # before the heavy imports: SIGTERM from here on is one line and exit 75
+    args = parse_args(argv)
+    try:
+        from distrain.config import load_config
+        from distrain.errors import BadInput, refuse, storage_error
+        from distrain.orchestration.worker import parse_shard
+    except interrupts.Terminated:
+        return interrupts.exit_stopped()
     try:
         cfg = load_config(args.config, args.overrides)
         shard = parse_shard(args.shard)
@@ -58,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         return exit_without_teardown(run_experiment(cfg, shard=shard, new_run_dir=args.new_run_dir))
     except BadInput as e:
         return refuse(e)
+    except OSError as e:  # disk full or read-only where a library wrote (distrain's own writes say so themselves)
+        if storage_error(e) is None:
+            raise
+        return refuse(storage_error(e))
+    except interrupts.Terminated:
+        return interrupts.exit_stopped()
 
 
 if __name__ == "__main__":

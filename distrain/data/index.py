@@ -73,10 +73,21 @@ def read_index(root: str | Path, num_classes: Optional[int] = None, task: Option
         d = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise DataError(f"{path}: not valid JSON") from None
-    if d.get("format") != INDEX_FORMAT:
-        raise DataError(f"{path}: unknown format {d.get('format')!r} (expected {INDEX_FORMAT!r})")
+    if not isinstance(d, dict) or d.get("format") != INDEX_FORMAT:
+        found = d.get("format") if isinstance(d, dict) else type(d).__name__
+        raise DataError(f"{path}: unknown format {found!r} (expected {INDEX_FORMAT!r})")
+    try:
+        index = _index_from_json(root, d)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a hand-edited or truncated-by-hand index
+        what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise DataError(f"{path}: not a distrain index ({what}); write it with `distrain data pack`") from None
+    _check_index(index, num_classes, task)
+    return index
+
+
+def _index_from_json(root: Path, d: dict) -> DatasetIndex:
     samples, multilabel = d["samples"], bool(d.get("multilabel", False))
-    index = DatasetIndex(
+    return DatasetIndex(
         root=root,
         channels=int(d["channels"]),
         classes=list(d["classes"]),
@@ -88,6 +99,12 @@ def read_index(root: str | Path, num_classes: Optional[int] = None, task: Option
         splits=[s["split"] for s in samples],
         multilabel=multilabel,
     )
+
+
+def _check_index(index: DatasetIndex, num_classes: Optional[int], task: Optional[str]) -> None:
+    root, multilabel = index.root, index.multilabel
+    if not index.sample_ids:
+        raise DataError(f"data path {root}: {INDEX_NAME} lists no samples")
     if task is not None and multilabel != (task == "multilabel"):
         need = "a multilabel data set (packed with --multilabel)" if task == "multilabel" else "one label per sample"
         raise DataError(f"data path {root}: task {task} needs {need}; index.json says multilabel={multilabel}")
@@ -102,4 +119,3 @@ def read_index(root: str | Path, num_classes: Optional[int] = None, task: Option
                 f"data path {root}: {len(bad)} labels outside [0, {num_classes}) for "
                 f"data.num_classes={num_classes}, e.g. sample {bad[0][0]!r} has label {bad[0][1]}"
             )
-    return index

@@ -154,6 +154,11 @@ def _check_samples(samples: Sequence[Sample], classes: list[str]) -> None:
     for s in samples:
         if not all(0 <= c < len(classes) for c in (s.label if isinstance(s.label, tuple) else (s.label,))):
             raise DataError(f"sample {s.sample_id!r}: label {s.label} outside [0, {len(classes)})")
+    distinct = {s.label for s in samples}
+    if len(distinct) < 2:  # a model would learn a constant and score 1.0
+        only = next(iter(distinct), None)
+        named = [classes[c] for c in only] if isinstance(only, tuple) else classes[only] if only is not None else None
+        raise DataError(f"all {len(samples)} samples have the label {named!r}: a classifier needs at least two")
 
 
 def _shuffled(samples: list[Sample], seed: Optional[int]) -> list[Sample]:

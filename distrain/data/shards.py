@@ -66,15 +66,20 @@ def _tar_files(url: str) -> Iterator[tuple[str, int, int]]:
     data: about 20x faster than `tarfile`, which decodes every field of every (PAX) header in Python. Handles
     ustar prefixes, PAX `path` records and GNU long names; raises OSError for anything that is not a tar."""
     with open(url, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
         long_name = None
         while True:
             header = f.read(_BLOCK)
-            if len(header) < _BLOCK or header == _EMPTY:
+            if header == _EMPTY or not header:
                 return
+            if len(header) < _BLOCK:
+                raise OSError(f"truncated: a partial tar header at byte {f.tell() - len(header)}")
             if header[257:262] != b"ustar" or _checksum(header) != _octal(header[148:156]):
                 raise OSError("bad tar header")
             size, kind = _octal(header[124:136]), header[156:157]
             offset = f.tell()
+            if offset + size > file_size:
+                raise OSError(f"truncated: a member of {size} bytes at byte {offset} ends past the file's {file_size}")
             if kind in (b"x", b"L"):  # PAX extended header or GNU long name: it names the next member
                 data = f.read(size)
                 long_name = data.rstrip(b"\0").decode() if kind == b"L" else _pax_path(data) or long_name

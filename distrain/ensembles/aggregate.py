@@ -123,12 +123,15 @@ def aggregate(
     failed_jobs: list[dict] | None = None,
     sources: list[Source] | None = None,
     fence: Callable[[], None] = lambda: None,
+    stop_point: Callable[[], None] = lambda: None,
 ) -> dict:
     """Build and write report.json with ensembles into `run_dir`; log the review to MLflow. Returns the report.
     `failed_jobs` ([{id, error}], from the ledger) are named in the report; their (model, seed)
     columns are left out of the ensembles (which needs allow_partial). `sources`: the run directories whose
     jobs are ensembled (default: `run_dir` itself, with `cfg`). `fence` is called before every write and
-    raises when this aggregation lost its claim (a stale aggregator must publish nothing)."""
+    raises when this aggregation lost its claim (a stale aggregator must publish nothing). `stop_point` is called
+    once the ensembles are computed, before anything is published: it raises to stop there (SIGTERM); after it,
+    publishing (files, then MLflow) runs to its end."""
     metric = cfg.train.metric
     sources = sources or [Source(run_dir, cfg)]
     store, test_by_job = load_store(cfg, sources, fold_of_sample, labels_of_sample, allow_partial)
@@ -164,7 +167,23 @@ def aggregate(
         for name in ENSEMBLE_ORDER
         if name in outcome.scores
     }
-    report["ensemble_details"] = {
+    report["ensemble_details"] = _ensemble_details(cfg, store, outcome, sources)
+    if outcome.thresholds:
+        report["thresholds"] = outcome.thresholds
+    out_dir = run_dir / "ensemble"
+    stop_point()
+    fence()
+    review = _write_ensemble_files(report, store, outcome, out_dir, metric)
+    fence()
+    path = write_report(run_dir, report)
+    _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, sources, review, path, fence)
+    return report
+
+
+def _ensemble_details(cfg: Config, store: OOFStore, outcome: EnsembleOutcome, sources: list[Source]) -> dict:
+    """What report.json says about how the ensembles were built: columns, weights, votes, stacking, selection."""
+    ec = cfg.ensemble
+    return {
         "best_single_column": outcome.scores["best_single"]["column"],
         "columns": store.columns,
         "base": outcome.base,
@@ -181,15 +200,6 @@ def aggregate(
         "excluded": member_columns(ec.members.exclude, all_columns(sources)),
         "skipped": outcome.skipped,
     }
-    if outcome.thresholds:
-        report["thresholds"] = outcome.thresholds
-    out_dir = run_dir / "ensemble"
-    fence()
-    review = _write_ensemble_files(report, store, outcome, out_dir, metric)
-    fence()
-    path = write_report(run_dir, report)
-    _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, sources, review, path, fence)
-    return report
 
 
 def _write_ensemble_files(

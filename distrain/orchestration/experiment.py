@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from distrain import interrupts
 from distrain.config import Config
 from distrain.console import route_library_output
 from distrain.data.index import DatasetIndex, read_index
@@ -35,6 +35,7 @@ from distrain.study.folds import FoldManifest, build_fold_manifest
 from distrain.study.plan import Job, expand_plan
 from distrain.study.results import job_dir, job_files_problem
 from distrain.tracking.base import NullTracker, Tracker
+from distrain.training.models import check_inputs
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -72,16 +73,14 @@ class Study:
 def run_experiment(cfg: Config, shard: Optional[tuple[int, int]] = None, new_run_dir: bool = False) -> int:
     """Prepare data, folds and tracking; claim and train jobs from the run directory's ledger until none
     is left; the worker that finishes last aggregates. Returns the exit code (`distrain.errors`)."""
-    stop = threading.Event()  # SIGTERM (preemption, spot reclaim): finish the step, save, release, exit 75
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    try:
-        study = start_study(cfg, new_run_dir, shard)
+    interrupts.install()  # SIGTERM during start-up: `Terminated` (the caller exits 75); nothing is claimed yet
+    study = start_study(cfg, new_run_dir, shard)
+    with interrupts.deferred():  # from the first claim on, SIGTERM is honoured at step boundaries (exit 75)
         job_ids = [j.id for j in study.plan]
+        stop = interrupts.STOP
         run_job, aggregate_plan = JobRunner(study, stop).run, lambda states, claim: aggregate(study, states, claim)
         outcome = claim_and_run(study, job_ids, run_job, aggregate_plan, stop, shard)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-    finish(study, outcome)
+        finish(study, outcome)
     return outcome.exit_code
 
 
@@ -121,6 +120,7 @@ def start_study(cfg: Config, new_run_dir: bool, shard: Optional[tuple[int, int]]
         for name in cfg.model.names:
             check_grad_checkpointing(name)
     index, manifest = prepare_data(cfg, accelerator)
+    check_inputs(cfg, index.channels, accelerator.device)  # every rank: the same check, the same one-line error
     if cfg.model.pretrained or cfg.model.pretrained_file:  # each node fills its hub cache once, or refuses
         from distrain.training.models import check_pretrained
 
@@ -245,10 +245,15 @@ def aggregate(study: Study, states: list[JobState], claim: Claim) -> None:
     failed = [{"id": s.job_id, "error": s.last_error} for s in states if s.status == "failed"]
     labels = {**study.index.labels_of("cv"), **study.index.labels_of("test")}
 
+    def stop_point() -> None:  # SIGTERM while the ensembles were computed: publish nothing, hand the step back
+        if interrupts.stop_requested():
+            raise Preempted(f"{claim.job_id}: stopped by SIGTERM before publishing")
+
     def run() -> None:
+        stop_point()
         phases.aggregate_and_report(
             study.cfg, study.run_dir, study.tracker, study.manifest.fold_of_sample, labels, failed,
-            fence=lambda: study.ledger.fence(claim),
+            fence=lambda: study.ledger.fence(claim), stop_point=stop_point,
         )  # fmt: skip
 
     study.on_primary(run)

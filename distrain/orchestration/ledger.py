@@ -15,8 +15,9 @@ within `lease_timeout_s`; after that the next claim (attempt N+1) first marks at
 
 Attempt end states: `done`, `failed` (an error; counts toward `max_retries`), `preempted` (SIGTERM;
 the job is pending again and does not count), `expired` (the owner stopped heartbeating: SIGKILL,
-node loss; counts toward `max_lost_leases`), `damaged` (not a worker's attempt: the job's files were found
-damaged or lost after it was done, and `requeue` made it pending again; the attempts before it no longer count).
+node loss; counts toward `max_lost_leases`), `damaged` / `retried` (not a worker's attempt: `requeue` made the job
+pending again because its files were found damaged or lost after it was done, or because `distrain retry` was
+asked to try a job failed for good once more; the attempts before it no longer count).
 
 Times are wall-clock seconds (time.time()); nodes sharing a ledger need clocks in sync to well
 under `lease_timeout_s` (NTP does that).
@@ -39,6 +40,7 @@ from distrain.fsutil import read_json_if_complete as _read_json
 from distrain.study.plan import plan_id
 
 TERMINAL = ("done", "failed")
+REQUEUED = ("damaged", "retried")  # not a worker's attempt: the job was made pending again, and starts afresh
 _ATTEMPT = re.compile(r"^attempt-(\d{6})\.(json|hb|end)$")
 
 
@@ -149,7 +151,7 @@ class Ledger:
         now = time.time() if now is None else now
         attempts = self.attempts(job_id)
         st = JobState(job_id=job_id, status="pending", attempts=attempts)
-        requeued = [i for i, a in enumerate(attempts) if (a.end or {}).get("status") == "damaged"]
+        requeued = [i for i, a in enumerate(attempts) if (a.end or {}).get("status") in REQUEUED]
         current = attempts[requeued[-1] + 1 :] if requeued else attempts  # a re-queued job starts afresh
         for a in current:
             status = (a.end or {}).get("status")
@@ -206,17 +208,20 @@ class Ledger:
             return None
         return Claim(job_id=job_id, attempt=number, worker=worker)
 
-    def requeue(self, job_id: str, reason: str) -> bool:
-        """Make a done job pending again because its files were found damaged or lost (recorded as an attempt
-        that ended `damaged`, with the reason). False if another worker re-queued or claimed it first."""
+    def requeue(self, job_id: str, reason: str, mark: str = "damaged") -> bool:
+        """Make a job pending again, recorded as an attempt that ended `mark` with the reason: `damaged` for a done
+        job whose files were found damaged or lost, `retried` for a job failed for good whose cause was fixed
+        (`distrain retry`; also an aggregation that must run again). The attempts before it no longer count. False
+        if the job is not done (damaged) or settled (retried), e.g. another worker re-queued or claimed it first."""
+        assert mark in REQUEUED, mark
         st = self.state(job_id)
-        if st.status != "done":
+        if st.status not in (("done",) if mark == "damaged" else TERMINAL):
             return False  # re-queued by another worker meanwhile (and perhaps claimed already)
         number = (st.attempts[-1].number if st.attempts else 0) + 1
         claim = {"worker": "requeue", "host": socket.gethostname(), "pid": os.getpid(), "claimed_at": time.time()}
         if not create_exclusive_json(self._dir(job_id) / f"attempt-{number:06d}.json", claim):
             return False
-        end = {"status": "damaged", "time": time.time(), "error": reason[:2000], "last_heartbeat": None}
+        end = {"status": mark, "time": time.time(), "error": reason[:2000], "last_heartbeat": None}
         return create_exclusive_json(self._dir(job_id) / f"attempt-{number:06d}.end", end)
 
     def claim_next(self, job_ids: list[str], worker: str) -> Optional[Claim]:

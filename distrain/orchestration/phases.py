@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from distrain.config import Config, apply_overrides, config_from_dict, dump_yaml, flatten, growth_differences, yaml_load
-from distrain.errors import ConfigError, DataError
+from distrain.errors import ConfigError, DataError, Preempted
 from distrain.fsutil import atomic_write_text
 from distrain.orchestration.ledger import Ledger
 from distrain.study.plan import Job
@@ -159,11 +159,13 @@ def aggregate_and_report(
     allow_partial: bool = False,
     sources: list[Source] | None = None,
     fence: Callable[[], None] = lambda: None,
+    stop_point: Callable[[], None] = lambda: None,
 ) -> dict:
     """Write report.json with the ensembles, end the study run, print the table and what failed, and send
     tracking buffered while MLflow was down if it is back. Returns the report. `sources`: the run directories
     ensembled, when they are others than `run_dir` (`combined.combine_run_dirs`). `fence` raises when the
-    aggregation lost its claim; it is called before every write."""
+    aggregation lost its claim; it is called before every write. `stop_point` raises to stop (SIGTERM) before
+    anything is published."""
     from distrain.ensembles.aggregate import aggregate
     from distrain.ensembles.report import format_table
 
@@ -177,6 +179,7 @@ def aggregate_and_report(
         failed_jobs=failed,
         sources=sources,
         fence=fence,
+        stop_point=stop_point,
     )
     fence()
     ended = {j["id"]: "FINISHED" for j in report["jobs"]} | {f["id"]: "FAILED" for f in failed}
@@ -202,6 +205,9 @@ def sync_if_back(tracker: Tracker, run_dir: Path) -> Optional[int]:
     try:
         tracker.go_online()
         result = sync_buffers(tracker, wait=False)
+    except Preempted as e:  # SIGTERM after the aggregation: what is synced stays synced
+        print(f"distrain: {e}", file=sys.stderr)
+        return None
     except Exception as e:  # still unreachable: keep the buffer for `distrain sync`
         print(
             f"distrain: tracking still unreachable ({type(e).__name__}); run "

@@ -18,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import signal
 import threading
 import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from distrain import interrupts
 from distrain.config import Config, ConfigError, dump_yaml
 from distrain.distributed import runtime
 from distrain.errors import Interrupted, LeaseLost, Preempted
@@ -59,20 +59,17 @@ def run_sweep(cfg: Config, space: list[Param], trials: int) -> int:
     that settles the last slot writes sweep.json and best.yaml. Returns the exit code (`distrain.errors`)."""
     if len(cfg.model.names) != 1:
         raise ConfigError(f"model.names: a sweep tunes one backbone, got {cfg.model.names}; set model.names=[<one>]")
-    stop = threading.Event()
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    try:
-        tracking = dataclasses.replace(cfg.tracking, experiment_name=cfg.tracking.experiment_name or cfg.experiment)
-        sweep_cfg = dataclasses.replace(cfg, experiment=cfg.experiment + SUFFIX, tracking=tracking)
-        study = start_study(sweep_cfg, False, None)  # the sweep run sits beside the study's in MLflow
+    interrupts.install()  # SIGTERM during start-up: `Terminated` (the caller exits 75); nothing is claimed yet
+    tracking = dataclasses.replace(cfg.tracking, experiment_name=cfg.tracking.experiment_name or cfg.experiment)
+    sweep_cfg = dataclasses.replace(cfg, experiment=cfg.experiment + SUFFIX, tracking=tracking)
+    study = start_study(sweep_cfg, False, None)  # the sweep run sits beside the study's in MLflow
+    with interrupts.deferred():  # from the first claim on, SIGTERM is honoured at step boundaries (exit 75)
         opened: list[optuna.Study] = []
         study.on_primary(lambda: opened.append(open_optuna_study(study.cfg, study.run_dir)))
-        runner = TrialRunner(study, opened[0] if opened else None, space, stop)
+        runner = TrialRunner(study, opened[0] if opened else None, space, interrupts.STOP)
         finish = lambda states, claim: study.on_primary(lambda: finish_sweep(study, runner.optuna_study, cfg, states))
-        outcome = claim_and_run(study, slot_ids(trials), runner.run, finish, stop)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-    _finish_worker(study, outcome)
+        outcome = claim_and_run(study, slot_ids(trials), runner.run, finish, interrupts.STOP)
+        _finish_worker(study, outcome)
     return outcome.exit_code
 
 

@@ -25,9 +25,17 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional, TypeVar
+from typing import NoReturn, Optional, TypeVar
 
-from distrain.errors import EXIT_FAILED_FOR_GOOD, EXIT_OK, EXIT_PREEMPTED, BadInput, LeaseLost, Preempted
+from distrain.errors import (
+    EXIT_FAILED_FOR_GOOD,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    BadInput,
+    LeaseLost,
+    Preempted,
+    storage_error,
+)
 from distrain.orchestration.ledger import TERMINAL, Claim, Heartbeat, JobState, Ledger, aggregate_id
 
 T = TypeVar("T")
@@ -97,8 +105,8 @@ def run_worker(
     mine = select_shard(job_ids, shard)
     out = WorkerOutcome()
     while True:
-        if stop_requested():
-            out.preempted = True
+        if stop_requested():  # SIGTERM between jobs: 75, unless nothing was left to do (then 0)
+            out.preempted = not loop.all_settled(job_ids)
             break
         claim = loop.ledger_op(lambda: ledger.claim_next(mine, worker))
         if claim is not None:
@@ -166,10 +174,10 @@ class _ClaimLoop:
             self.log(f"distrain: {claim.job_id}: taken over by another worker (lease lost); attempt "
                      f"{claim.attempt} stops without writing")  # fmt: skip
         except BadInput as e:  # bad data or config fails every attempt alike: stop with its one line (exit 2)
-            if self.is_primary:  # the ledger directly: the other ranks may be inside a collective
-                self.ledger.finish(claim, "failed", f"{type(e).__name__}: {e}")
-            raise
+            self._stop_for_good(claim, e)
         except Exception as e:  # the attempt fails; the other jobs go on
+            if storage_error(e) is not None:  # disk full / read-only: the next job would fail alike
+                self._stop_for_good(claim, storage_error(e))
             status, error = "failed", f"{type(e).__name__}: {e}"
             self.log(f"distrain: {claim.job_id} failed (attempt {claim.attempt}): {error}")
             if self.is_primary:
@@ -178,6 +186,17 @@ class _ClaimLoop:
             status = "lost"  # it had ended meanwhile: another worker took it over, its record stands
         self.preempted = self.preempted or status == "preempted"
         return status
+
+    def _stop_for_good(self, claim: Claim, error: BadInput) -> NoReturn:
+        """End the attempt as failed and stop the worker with `error`'s one line: no retry would go otherwise."""
+        if self.is_primary:  # the ledger directly: the other ranks may be inside a collective
+            self.ledger.finish(claim, "failed", f"{type(error).__name__}: {error}")
+        raise error from None
+
+    def all_settled(self, job_ids: list[str]) -> bool:
+        """True when every job and the aggregation have ended for good (done or failed): nothing left to do."""
+        states = self.ledger_op(lambda: self.ledger.states(job_ids + [self.aggregate_id]))
+        return all(s.status in TERMINAL for s in states)
 
     def try_aggregate(self, aggregate: Callable[[Claim], None]) -> Optional[str]:
         """Claim and run the aggregation if it is this worker's to do; its end status, or None if not."""
@@ -198,11 +217,8 @@ class _ClaimLoop:
                 + "; ".join(
                     f"{s.job_id} after {len(s.attempts)} attempt(s): {' '.join(s.last_error.split())}" for s in failed
                 )
-                + (
-                    f"; fix the cause, then `distrain aggregate --run-dir {self.ledger.root.parent}`"
-                    if any(s.job_id == self.aggregate_id for s in failed)
-                    else ""
-                )
+                + f"; fix the cause, then `distrain retry --run-dir {self.ledger.root.parent}` and run this command "
+                f"again (or `distrain aggregate --run-dir {self.ledger.root.parent}` for the report without them)"
             )
         return [s.job_id for s in failed]
 

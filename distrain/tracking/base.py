@@ -12,12 +12,15 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Optional
 
+from distrain.config import check_tracking_uri
+
 
 def resolve_tracking_uri(configured: str, run_root: str | Path) -> str:
     """config value > $MLFLOW_TRACKING_URI > embedded SQLite store under run_root."""
     if configured:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
+        check_tracking_uri(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")
         return os.environ["MLFLOW_TRACKING_URI"]
     return "sqlite:///" + str((Path(run_root) / "mlflow.db").resolve())
 

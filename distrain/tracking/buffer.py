@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from distrain import interrupts
 from distrain.ensembles.report import model_entry
+from distrain.errors import Preempted
 from distrain.fsutil import atomic_write_json, atomic_write_text, exclusive_lock
 from distrain.tracking.records import STUDY
 
@@ -60,6 +62,9 @@ def _replay(tracker: MlflowTracker, path: Path, state: dict, state_path: Path, c
     lines = path.read_text().splitlines()
     calls = 0
     for n in range(progress.get(path.name, 0), len(lines)):
+        if interrupts.stop_requested():  # SIGTERM: every call so far is recorded as sent
+            raise Preempted(f"sync of {tracker.run_dir} stopped by SIGTERM with its progress saved; run "
+                            f"`distrain sync --run-dir {tracker.run_dir}` again to continue")  # fmt: skip
         op = json.loads(lines[n]) if lines[n].strip() else None
         is_creation = op is not None and op["op"] == "create_run"
         if op is not None and is_creation == creations and op.get("ref") not in state["ids"]:

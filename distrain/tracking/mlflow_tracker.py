@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from distrain.console import library_prints_to_log, loggers_to_log
+from distrain.errors import StorageError
 from distrain.fsutil import exclusive_lock
 from distrain.tracking.base import Tracker
 from distrain.tracking.buffer import BUFFER_DIR, PLACEHOLDER
@@ -58,7 +59,14 @@ class MlflowTracker(Tracker):
         self.offline = False
         self.experiment_id = ""
         with _sqlite_schema_lock(tracking_uri):
-            self.client = MlflowClient(tracking_uri=tracking_uri)  # a SQLite store is created / migrated here
+            try:
+                self.client = MlflowClient(tracking_uri=tracking_uri)  # a SQLite store is created / migrated here
+            except Exception as e:  # a local store that cannot be written: no server to wait for
+                if not tracking_uri.startswith("sqlite:"):
+                    raise
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                raise StorageError(f"cannot write the MLflow store {tracking_uri} ({first}); free space or set "
+                                   f"tracking.uri") from None  # fmt: skip
             try:
                 self.experiment_id = self.ensure_experiment()
             except Exception as e:

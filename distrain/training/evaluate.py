@@ -10,7 +10,7 @@ import torch
 
 from distrain.data.transforms import ImageTransform, TestTimeAugment
 from distrain.distributed.runtime import gather_rows
-from distrain.errors import JobFailure
+from distrain.errors import DataError, JobFailure
 from distrain.study.results import Predictions
 
 if TYPE_CHECKING:
@@ -49,9 +49,19 @@ def predict(
 
 
 def check_coverage(pred: Predictions, expected: set[str], what: str) -> None:
-    """Every expected sample predicted exactly once: no padding duplicates, nothing dropped."""
-    if len(pred.sample_ids) != len(set(pred.sample_ids)) or set(pred.sample_ids) != expected:
+    """Every expected sample predicted exactly once: no padding duplicates, nothing dropped. Samples the index
+    lists but no shard holds (or the reverse) are a data problem that every attempt would meet: DataError."""
+    found = set(pred.sample_ids)
+    if found != expected:
+        missing, extra = sorted(expected - found), sorted(found - expected)
+        example = f"{missing[0]!r} is in index.json but in no shard" if missing else f"{extra[0]!r} is in no index"
+        raise DataError(
+            f"{what}: the shards hold {len(found & expected)} of the {len(expected)} samples index.json lists "
+            f"({len(missing)} missing, {len(extra)} unknown; {example}): a shard was truncated, replaced or "
+            f"re-packed without its index; pack the data again"
+        )
+    if len(pred.sample_ids) != len(found):
         raise JobFailure(
             f"{what}: predicted {len(pred.sample_ids)} rows for {len(expected)} samples "
-            f"({len(set(pred.sample_ids))} distinct); shards and index disagree"
+            f"({len(found)} distinct): rows predicted twice"
         )

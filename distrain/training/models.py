@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import timm
 import torch
 
-from distrain.config import ModelConfig
+from distrain.config import Config, ModelConfig
 from distrain.errors import ConfigError
 
 
@@ -104,3 +106,47 @@ def create_ema(model: torch.nn.Module, decay: float, warmup: bool):
     from timm.utils import ModelEmaV3
 
     return ModelEmaV3(model, decay=decay, use_warmup=warmup, warmup_power=0.75, dtype=torch.float32)
+
+
+def check_inputs(cfg: Config, in_chans: int, device: torch.device) -> None:
+    """Refuse, before any job starts, a model that cannot take the input size (a forward pass on the meta
+    device: no memory, no time) and a batch of inputs that alone would fill the device's memory."""
+    memory = device_memory_bytes(device)
+    for name in cfg.model.names:
+        mcfg = cfg.for_model(name)
+        sizes = {mcfg.data.image_size, *mcfg.data.image_size_schedule.values()}
+        batches = {mcfg.train.batch_size, *mcfg.train.batch_size_schedule.values()}
+        for size in sorted(sizes):
+            batch_bytes = max(batches) * in_chans * size * size * 4  # float32 inputs, before any activation
+            if batch_bytes > memory / 4:  # every backbone's activations are many times its input
+                raise ConfigError(
+                    f"data.image_size={size}: one batch of {max(batches)} x {in_chans} x {size} x {size} float32 "
+                    f"inputs is {batch_bytes / 1e9:.3g} GB, more than a quarter of the {memory / 1e9:.3g} GB of "
+                    f"{device.type} memory; lower data.image_size or train.batch_size"
+                )
+            _check_forward(name, size, in_chans, mcfg.data.num_classes)
+
+
+def _check_forward(name: str, size: int, in_chans: int, num_classes: int) -> None:
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, num_classes=num_classes, in_chans=in_chans)(torch.empty(2, in_chans, size, size))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        default = (
+            timm.get_pretrained_cfg_value(name, "input_size") if hasattr(timm, "get_pretrained_cfg_value") else None
+        )
+        hint = f"; its default input is {default[-1]} px" if default else ""
+        raise ConfigError(f"model {name!r} cannot take {size} px inputs ({type(e).__name__}: {first}){hint}") from None
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """The memory one process can use on `device`: the GPU's, else the machine's RAM (its cgroup limit if lower)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = int(Path("/sys/fs/cgroup/memory.max").read_text().strip())
+    except (OSError, ValueError):  # no cgroup v2 limit ("max") or not Linux
+        return ram
+    return min(ram, limit)
