@@ -134,7 +134,13 @@ def aggregate(
     publishing (files, then MLflow) runs to its end."""
     metric = cfg.train.metric
     sources = sources or [Source(run_dir, cfg)]
-    store, test_by_job = load_store(cfg, sources, fold_of_sample, labels_of_sample, allow_partial)
+    try:
+        store, test_by_job = load_store(cfg, sources, fold_of_sample, labels_of_sample, allow_partial)
+    except EnsembleError as e:
+        if not failed_jobs:
+            raise
+        raise EnsembleError(f"{e}: {len(failed_jobs)} job(s) failed for good ({failed_jobs[0]['id']}, ...); fix the "
+                            f"cause, then `distrain retry --run-dir {run_dir}` and run again") from None  # fmt: skip
     mlflow_info = {
         "tracking_uri": tracker.tracking_uri,
         "experiment_id": tracker.experiment_id,

@@ -35,6 +35,7 @@ from distrain.study.folds import FoldManifest, build_fold_manifest
 from distrain.study.plan import Job, expand_plan
 from distrain.study.results import job_dir, job_files_problem
 from distrain.tracking.base import NullTracker, Tracker
+from distrain.training.loop import check_batches_fit
 from distrain.training.models import check_inputs
 
 if TYPE_CHECKING:
@@ -121,6 +122,7 @@ def start_study(cfg: Config, new_run_dir: bool, shard: Optional[tuple[int, int]]
             check_grad_checkpointing(name)
     index, manifest = prepare_data(cfg, accelerator)
     check_inputs(cfg, index.channels, accelerator.device)  # every rank: the same check, the same one-line error
+    check_batches_fit(cfg, manifest.fold_of_sample, accelerator.num_processes)
     if cfg.model.pretrained or cfg.model.pretrained_file:  # each node fills its hub cache once, or refuses
         from distrain.training.models import check_pretrained
 

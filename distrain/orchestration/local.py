@@ -152,6 +152,8 @@ def run_local_workers(workers: int, procs_per_worker: int, run_args: list[str], 
             codes.append(proc.returncode if proc.returncode and proc.returncode > 0 else 1)
     print(f"distrain schedule: worker exit codes {codes}", flush=True)
     if EXIT_PREEMPTED in codes or stopping["signal"] is not None:
+        print(f"distrain schedule: stopped by {signal.Signals(stopping['signal'] or signal.SIGTERM).name}; the workers "
+              f"saved their state and released their jobs (exit {EXIT_PREEMPTED})", flush=True)  # fmt: skip
         return EXIT_PREEMPTED
     return max(codes)
 

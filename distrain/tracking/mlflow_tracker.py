@@ -106,6 +106,11 @@ class MlflowTracker(Tracker):
             os.fsync(f.fileno())
         return op.get("ref", "pending-sync" if op["op"] == "log_ensemble_model" else None)
 
+    def _terminate(self, run_id: str, status: str) -> None:
+        """End a run; MLflow prints two "View run / experiment at" lines per run it ends: to the run's log."""
+        with library_prints_to_log(self.run_dir):
+            self.client.set_terminated(run_id, status=status)
+
     def execute(self, op: dict, ids: dict[str, str]) -> Any:
         """Perform one (possibly replayed) call; `ids` maps placeholder ids to real ones."""
         run = ids.get(op.get("run", ""), op.get("run", ""))
@@ -139,7 +144,7 @@ class MlflowTracker(Tracker):
         elif kind == "log_artifact":
             self.client.log_artifact(run, op["path"], op["artifact_path"])
         elif kind == "end_run":
-            self.client.set_terminated(run, status=op["status"])
+            self._terminate(run, op["status"])
         elif kind == "reopen_run":
             self.client.update_run(run, status="RUNNING")
             for key, value in op["tags"].items():
@@ -304,7 +309,7 @@ class MlflowTracker(Tracker):
             for run in running:
                 status = job_status.get(run.data.tags.get("distrain.job_id", ""))
                 if status and run.data.tags.get("distrain.kind") == "job":
-                    self.client.set_terminated(run.info.run_id, status=status)
+                    self._terminate(run.info.run_id, status)
         except Exception as e:
             self._go_offline(e)
 

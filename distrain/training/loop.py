@@ -14,6 +14,7 @@ import dataclasses
 import random
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,17 @@ def steps_per_epoch(n_train: int, world_size: int, batch_size: int, accum: int) 
             f"exceeds the {n_train} training samples of a fold"
         )
     return steps
+
+
+def check_batches_fit(cfg: Config, fold_of_sample: dict[str, int], world_size: int) -> None:
+    """Refuse, before any job starts, a batch size (of any model, at any epoch) that not even the smallest
+    training fold fills once: the same ConfigError every job would raise."""
+    fold_sizes = Counter(fold_of_sample.values())
+    smallest_train = len(fold_of_sample) - max(fold_sizes.values())
+    for name in cfg.model.names:
+        tc = cfg.for_model(name).train
+        for batch_size in {tc.batch_size, *tc.batch_size_schedule.values()}:
+            steps_per_epoch(smallest_train, world_size, batch_size, tc.grad_accum_steps)
 
 
 def fit_job(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from distrain.errors import EXIT_FAILED_FOR_GOOD
+from distrain.errors import EXIT_FAILED_FOR_GOOD, EXIT_OK, EXIT_PREEMPTED
 from distrain.orchestration.ledger import Ledger, aggregate_id
 from distrain.orchestration.worker import parse_shard, run_worker, select_shard
 
@@ -95,6 +95,30 @@ def test_worker_marks_failing_job_failed_others_finish_and_aggregates_once(tmp_p
     assert out.failed == ["b"] and out.exit_code == EXIT_FAILED_FOR_GOOD
     assert "CUDA out of memory" in ledger.state("b").last_error
     assert ledger.state(aggregate_id(["a", "b", "c"])).status == "done"
+
+
+def test_sigterm_between_jobs_stops_before_the_next_claim_and_exits_0_once_nothing_is_left(tmp_path):
+    """SIGTERM while a job runs: that job ends (here it finishes), no next job is claimed, exit 75 and the rest
+    stays pending. The same signal when the last job and the aggregation are done: exit 0 (nothing was left)."""
+    ledger, stop, ran = Ledger(tmp_path), {"set": False}, []
+
+    def run_job(claim, beat):
+        ran.append(claim.job_id)
+        stop["set"] = True  # the signal lands during the first job
+
+    kwargs = dict(worker="w", aggregate=lambda states, claim: None, heartbeat_s=0.05, poll_s=0.01,
+                  stop_requested=lambda: stop["set"], log=lambda m: None)  # fmt: skip
+    out = run_worker(ledger, ["a", "b"], run_job=run_job, **kwargs)
+    assert ran == ["a"] and out.preempted and out.exit_code == EXIT_PREEMPTED
+    assert [s.status for s in ledger.states(["a", "b"])] == ["done", "pending"]
+
+    stop["set"] = False
+    finished = run_worker(ledger, ["a", "b"], run_job=lambda claim, beat: ran.append(claim.job_id),
+                          **kwargs)  # fmt: skip
+    assert ran == ["a", "b"] and finished.exit_code == EXIT_OK
+    stop["set"] = True  # SIGTERM after everything is done
+    late = run_worker(ledger, ["a", "b"], run_job=run_job, **kwargs)
+    assert ran == ["a", "b"] and not late.preempted and late.exit_code == EXIT_OK
 
 
 def test_parse_shard_and_static_selection():

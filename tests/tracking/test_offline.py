@@ -2,6 +2,8 @@
 MLflow tree as a run that never lost it."""
 
 import json
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -9,7 +11,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import RUN_PY, free_port, mlflow_server, run_cmd
+from distrain.errors import EXIT_PREEMPTED
+
+from conftest import RUN_PY, child_env, free_port, mlflow_server, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +53,24 @@ def _tree(client: MlflowClient, experiment: str) -> dict:
     return tree
 
 
+def _sync_stopped_by_sigterm(cwd: Path, run_dir: Path) -> subprocess.CompletedProcess:
+    """`distrain sync` sent SIGTERM once it has created a run: what it printed and its exit code."""
+    sync = subprocess.Popen([sys.executable, "-m", "distrain.cli", "sync", "--run-dir", str(run_dir)], cwd=cwd,
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    state = run_dir / "tracking-buffer" / "sync-state.json"
+    deadline = time.monotonic() + 120
+    while sync.poll() is None and time.monotonic() < deadline:
+        progress = json.loads(state.read_text()) if state.is_file() else {}
+        if any(progress.get("created", {}).values()):
+            break
+        time.sleep(0.01)
+    sync.send_signal(signal.SIGTERM)
+    out, _ = sync.communicate(timeout=60)
+    return subprocess.CompletedProcess(sync.args, sync.returncode, out, "")
+
+
 def test_dead_server_does_not_stall_and_sync_completes_the_tree(tmp_path):
+    """... and a sync stopped by SIGTERM part-way leaves nothing twice: the next sync completes the same tree."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"  # nothing listens here yet
     start = time.perf_counter()
@@ -68,6 +89,9 @@ def test_dead_server_does_not_stall_and_sync_completes_the_tree(tmp_path):
     assert early.returncode != 0 and "still unreachable" in early.stderr
 
     with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path, port=port):
+        stopped = _sync_stopped_by_sigterm(tmp_path, tmp_path / "runs" / "down")
+        assert stopped.returncode == EXIT_PREEMPTED, stopped.stdout
+        assert "stopped by SIGTERM with its progress saved" in stopped.stdout.strip().splitlines()[-1], stopped.stdout
         start = time.perf_counter()
         up = run_cmd(
             [sys.executable, str(RUN_PY), *TINY, "experiment=up", f"tracking.uri={uri}"], tmp_path, timeout=600
