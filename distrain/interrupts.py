@@ -5,9 +5,11 @@ puts one handler in place as the first thing a command does, before the heavy im
 two regimes:
 
 - **immediate** (start-up, reading data, opening tracking): the handler raises `Terminated` wherever the main
-  thread is. Every file distrain writes is written atomically (temporary file, then rename or hard link), so
-  stopping there leaves nothing half-written. `Terminated` is a BaseException, like KeyboardInterrupt, so no
-  library's `except Exception` swallows it.
+  thread is, except inside an import: an exception unwinding through a half-imported extension module (torch)
+  aborts the interpreter (exit -6, seen in a test), so there the raise waits, re-checked every 50 ms (SIGALRM),
+  until the import is over. Every file distrain writes is written atomically (temporary file, then rename or
+  hard link), so stopping elsewhere leaves nothing half-written. `Terminated` is a BaseException, like
+  KeyboardInterrupt, so no library's `except Exception` swallows it.
 - **deferred** (`with deferred():` a worker's claim loop, a sync): the handler only sets `STOP`. The code
   polls `stop_requested()` where stopping is safe (an optimizer step, between jobs, between tracking calls),
   saves what it must and raises `Preempted` (exit 75).
@@ -17,6 +19,7 @@ This module imports only the standard library and `distrain.errors`.
 
 from __future__ import annotations
 
+import atexit
 import signal
 import threading
 from collections.abc import Iterator
@@ -26,6 +29,7 @@ from distrain.errors import EXIT_PREEMPTED, exit_with_line
 
 STOP = threading.Event()  # set by SIGTERM; never cleared (a stopping process stops)
 _deferred_depth = 0
+_disarm_at_exit: list = []
 
 
 class Terminated(BaseException):
@@ -44,7 +48,28 @@ def _on_sigterm(signum, frame) -> None:
     already = STOP.is_set()
     STOP.set()
     if _deferred_depth == 0 and not already:
-        raise Terminated("stopped by SIGTERM")
+        _raise_when_safe(frame)
+
+
+def _raise_when_safe(frame) -> None:
+    if _deferred_depth > 0:
+        return  # a deferred section began meanwhile: its polls see STOP
+    if _importing(frame):
+        signal.signal(signal.SIGALRM, lambda signum, later: _raise_when_safe(later))
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        if not _disarm_at_exit:  # a timer left armed would kill the exit (-14)
+            _disarm_at_exit.append(atexit.register(signal.setitimer, signal.ITIMER_REAL, 0))
+        return
+    raise Terminated("stopped by SIGTERM")
+
+
+def _importing(frame) -> bool:
+    """Whether the main thread is inside an import (a frame of importlib's machinery on its stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def stop_requested() -> bool:

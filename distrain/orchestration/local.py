@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from distrain import interrupts
 from distrain.distributed.cpus import available_cpus
 from distrain.errors import EXIT_PREEMPTED, BadInput, NoGPU
 
@@ -113,17 +114,7 @@ def run_local_workers(workers: int, procs_per_worker: int, run_args: list[str], 
     commands = worker_commands(workers, procs_per_worker, run_args, gpus=visible_gpus(), cpu_count=available_cpus(),
                                nodes=nodes)  # fmt: skip
     result_dir = Path(tempfile.mkdtemp(prefix="distrain-workers-"))
-    procs = []
-    for i, (cmd, env) in enumerate(commands):
-        result = result_dir / f"w{i}.json"
-        procs.append(
-            (
-                subprocess.Popen(
-                    cmd, env={**os.environ, **env, "DISTRAIN_WORKER_RESULT": str(result)}, start_new_session=True
-                ),
-                result,
-            )
-        )
+    procs: list[tuple[subprocess.Popen, Path]] = []
     stopping = {"signal": None}
 
     def forward(signum, frame):
@@ -134,7 +125,18 @@ def run_local_workers(workers: int, procs_per_worker: int, run_args: list[str], 
             except ProcessLookupError:
                 pass
 
+    # Forwarding is in place before the first worker starts, so a signal can never leave one running alone.
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    if interrupts.stop_requested():  # SIGTERM came before forwarding was in place
+        stopping["signal"] = signal.SIGTERM
+    for i, (cmd, env) in enumerate(commands):
+        if stopping["signal"] is not None:
+            break
+        result = result_dir / f"w{i}.json"
+        worker_env = {**os.environ, **env, "DISTRAIN_WORKER_RESULT": str(result)}
+        procs.append((subprocess.Popen(cmd, env=worker_env, start_new_session=True), result))
+    if stopping["signal"] is not None:  # it came while a worker was being started: that one is told too
+        forward(stopping["signal"], None)
     try:
         for proc, _ in procs:
             proc.wait()
@@ -152,8 +154,9 @@ def run_local_workers(workers: int, procs_per_worker: int, run_args: list[str], 
             codes.append(proc.returncode if proc.returncode and proc.returncode > 0 else 1)
     print(f"distrain schedule: worker exit codes {codes}", flush=True)
     if EXIT_PREEMPTED in codes or stopping["signal"] is not None:
-        print(f"distrain schedule: stopped by {signal.Signals(stopping['signal'] or signal.SIGTERM).name}; the workers "
-              f"saved their state and released their jobs (exit {EXIT_PREEMPTED})", flush=True)  # fmt: skip
+        name = signal.Signals(stopping["signal"] or signal.SIGTERM).name
+        done = "the workers saved their state and released their jobs" if procs else "before any worker started"
+        print(f"distrain schedule: stopped by {name}; {done} (exit {EXIT_PREEMPTED})", flush=True)
         return EXIT_PREEMPTED
     return max(codes)
 
