@@ -41,6 +41,17 @@ def run_cmd(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = N
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=child_env(env))
 
 
+def distrain_cli(capsys, *argv: str) -> subprocess.CompletedProcess:
+    """`distrain <argv>` through the console script's own `main`, in this process: the same code path without an
+    interpreter start (a few seconds of imports per command). Output captured with pytest's `capsys`."""
+    from distrain import cli
+
+    capsys.readouterr()
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["distrain", *argv], code, out, err)
+
+
 def accelerate_launch(processes: int, script: Path) -> list[str]:
     """`accelerate launch --multi_gpu` of `script` with `processes` processes: real DDP over gloo on CPU."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),

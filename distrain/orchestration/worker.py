@@ -191,6 +191,9 @@ class _ClaimLoop:
         """End the attempt as failed and stop the worker with `error`'s one line: no retry would go otherwise."""
         if self.is_primary:  # the ledger directly: the other ranks may be inside a collective
             self.ledger.finish(claim, "failed", f"{type(error).__name__}: {error}")
+            if self.ledger.state(claim.job_id).status == "failed":  # no retries left: say how to revive it
+                raise type(error)(f"{error}; {claim.job_id} failed for good: once the cause is fixed, `distrain "
+                                  f"retry --run-dir {self.ledger.root.parent}` and run again") from None  # fmt: skip
         raise error from None
 
     def all_settled(self, job_ids: list[str]) -> bool:

@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
+from distrain import cli
 from distrain.orchestration.ledger import Ledger, aggregate_id
 
-from conftest import RUN_PY, last_line, run_cmd
+from conftest import RUN_PY, distrain_cli, last_line, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -56,23 +57,27 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("case", list(DAMAGE))
-def test_damaged_file_is_named_by_status_and_refused_by_aggregate(finished, tmp_path, case):
+def test_damaged_file_is_named_by_status_and_refused_by_aggregate(finished, tmp_path, case, capsys, monkeypatch):
+    """Through the console script's own `main`, in this process (an interpreter start per command would cost
+    most of the test's time)."""
     run_dir = copy_of(finished, tmp_path)
+    monkeypatch.chdir(tmp_path)
     name, damage, phrase = DAMAGE[case]
     damage(run_dir / "jobs" / JOBS[1] / name)
-    status = run_cmd([sys.executable, "-m", "distrain.cli", "status", "--run-dir", "runs/dmg", "--json"], tmp_path)
-    assert status.returncode == 0, status.stderr
-    row = next(r for r in json.loads(status.stdout)["jobs"] if r["job_id"] == JOBS[1])
+    capsys.readouterr()
+    assert cli.main(["status", "--run-dir", "runs/dmg", "--json"]) == 0
+    row = next(r for r in json.loads(capsys.readouterr().out)["jobs"] if r["job_id"] == JOBS[1])
     if case != "oof.npz corrupted":  # status compares sizes only; the sha256 is checked where the file is read
         assert row["status"] == "damaged" and phrase in row["last_error"], row
-    agg = run_cmd([sys.executable, "-m", "distrain.cli", "aggregate", "--run-dir", "runs/dmg"], tmp_path)
-    assert agg.returncode == 2, agg.stdout + agg.stderr
-    line = last_line(agg.stderr)
+    code = cli.main(["aggregate", "--run-dir", "runs/dmg"])
+    out, err = capsys.readouterr()
+    assert code == 2, out + err
+    line = last_line(err)
     assert JOBS[1] in line and (phrase in line or "not finished (no OOF)" in line), line  # no done.json: unfinished
-    assert "Traceback" not in agg.stderr
+    assert "Traceback" not in out + err
 
 
-def test_main_command_trains_only_the_damaged_jobs_again(finished, tmp_path):
+def test_main_command_trains_only_the_damaged_jobs_again(finished, tmp_path, capsys, monkeypatch):
     run_dir = copy_of(finished, tmp_path)
     (run_dir / "jobs" / JOBS[0] / "done.json").unlink()
     _flip(run_dir / "jobs" / JOBS[2] / "best.pt")
@@ -89,5 +94,6 @@ def test_main_command_trains_only_the_damaged_jobs_again(finished, tmp_path):
         aggregate_id(JOBS): ["done", "damaged", "done"],
     }
     assert list((run_dir / "jobs" / JOBS[2]).glob("damaged-*/oof.npz"))  # set aside, not deleted
-    again = run_cmd([sys.executable, "-m", "distrain.cli", "aggregate", "--run-dir", "runs/dmg"], tmp_path)
+    monkeypatch.chdir(tmp_path)  # the run's config names its data relative to where it ran
+    again = distrain_cli(capsys, "aggregate", "--run-dir", str(run_dir))
     assert again.returncode == 0, again.stderr

@@ -9,7 +9,7 @@ import pytest
 from distrain.errors import EXIT_FAILED_FOR_GOOD
 from distrain.orchestration.ledger import Ledger, aggregate_id
 
-from conftest import RUN_PY, ledger_history, run_cmd
+from conftest import RUN_PY, distrain_cli, ledger_history, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def test_schedule_two_workers_of_two_processes_share_the_ledger(tmp_path):
     assert "worker exit codes [0, 0]" in proc.stdout
 
 
-def test_failing_job_is_marked_failed_others_finish_report_names_it(tmp_path):
+def test_failing_job_is_marked_failed_others_finish_report_names_it(tmp_path, capsys, monkeypatch):
     # test_efficientnet at a learning rate of 1e12 diverges in every attempt (NaN loss after 2 steps).
     overrides = [
         "model.names=[test_resnet,test_efficientnet]",
@@ -69,12 +69,13 @@ def test_failing_job_is_marked_failed_others_finish_report_names_it(tmp_path):
     assert sorted(j["id"] for j in report["jobs"]) == ["test_resnet-s1-f0", "test_resnet-s1-f1"]
     assert "FAILED" in proc.stdout
 
-    status = run_cmd([sys.executable, "-m", "distrain.cli", "status", "--run-dir", str(run_dir), "--json"], tmp_path)
+    monkeypatch.chdir(tmp_path)  # the run's config names its data relative to where it ran
+    status = distrain_cli(capsys, "status", "--run-dir", str(run_dir), "--json")
     st = json.loads(status.stdout)
     assert st["counts"] == {"pending": 0, "running": 0, "done": 2, "failed": 2}
     vit = next(j for j in st["jobs"] if j["job_id"] == "test_efficientnet-s1-f0")
     assert vit["attempts"] == 2 and vit["errors"] == 2 and vit["last_error"]
-    table = run_cmd([sys.executable, "-m", "distrain.cli", "status", "--run-dir", str(run_dir)], tmp_path)
+    table = distrain_cli(capsys, "status", "--run-dir", str(run_dir))
     assert "failed" in table.stdout and "done 2 failed 2" in table.stdout
 
     rerun = run_cmd([sys.executable, str(RUN_PY), *overrides], tmp_path, timeout=600)
@@ -82,7 +83,7 @@ def test_failing_job_is_marked_failed_others_finish_report_names_it(tmp_path):
     said = "failed for good (retries used up): test_efficientnet-s1-f0 after 2 attempt(s): "
     assert said in rerun.stdout and "distrain retry --run-dir" in rerun.stdout, rerun.stdout[-2000:]  # why exit 3
 
-    again = run_cmd([sys.executable, "-m", "distrain.cli", "aggregate", "--run-dir", str(run_dir)], tmp_path)
+    again = distrain_cli(capsys, "aggregate", "--run-dir", str(run_dir))
     assert again.returncode == 0, again.stderr
     assert json.loads((run_dir / "report.json").read_text())["failed_jobs"] == report["failed_jobs"]
 

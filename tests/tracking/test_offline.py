@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from distrain.errors import EXIT_PREEMPTED
 
-from conftest import RUN_PY, child_env, free_port, mlflow_server, run_cmd
+from conftest import RUN_PY, child_env, distrain_cli, free_port, mlflow_server, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ def _sync_stopped_by_sigterm(cwd: Path, run_dir: Path) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(sync.args, sync.returncode, out, "")
 
 
-def test_dead_server_does_not_stall_and_sync_completes_the_tree(tmp_path):
+def test_dead_server_does_not_stall_and_sync_completes_the_tree(tmp_path, capsys, monkeypatch):
     """... and a sync stopped by SIGTERM part-way leaves nothing twice: the next sync completes the same tree."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"  # nothing listens here yet
@@ -82,7 +82,8 @@ def test_dead_server_does_not_stall_and_sync_completes_the_tree(tmp_path):
     assert down.stderr.count("warning: MLflow at") == 1, down.stderr  # warned once
     assert (tmp_path / "runs" / "down" / "tracking-buffer").is_dir()
 
-    status = run_cmd([sys.executable, "-m", "distrain.cli", "status", "--run-dir", "runs/down"], tmp_path)
+    monkeypatch.chdir(tmp_path)  # the run's config names its data relative to where it ran
+    status = distrain_cli(capsys, "status", "--run-dir", str(tmp_path / "runs" / "down"))
     assert "tracking calls await `distrain sync`" in status.stdout
 
     early = run_cmd([sys.executable, "-m", "distrain.cli", "sync", "--run-dir", "runs/down"], tmp_path)

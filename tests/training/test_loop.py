@@ -473,3 +473,22 @@ def test_progressive_resolution_trains_each_phase_at_its_size_and_batch(tmp_path
         loop.EpochPlan(16, 64, 0), loop.EpochPlan(16, 32, 1), loop.EpochPlan(16, 32, 1), loop.EpochPlan(32, 32, 3),
         loop.EpochPlan(32, 32, 3),
     ]  # fmt: skip
+
+
+def test_shards_holding_other_samples_than_the_index_are_a_data_error_duplicates_a_job_failure():
+    """Samples index.json lists that no shard holds (a shard replaced by another) would fail every attempt alike:
+    DataError (exit 2, not retried), naming one; rows predicted twice are a failure of the attempt."""
+    from distrain.errors import DataError, JobFailure
+    from distrain.study.results import Predictions
+    from distrain.training.evaluate import check_coverage
+
+    def pred(ids):
+        return Predictions(list(ids), np.zeros((len(ids), 2), np.float32), np.zeros(len(ids), np.int64))
+
+    check_coverage(pred(["a", "b"]), {"a", "b"}, "job validation")
+    with pytest.raises(DataError, match="the shards hold 1 of the 2 samples .* 'b' is in index.json but in no shard"):
+        check_coverage(pred(["a"]), {"a", "b"}, "job validation")
+    with pytest.raises(DataError, match="1 unknown; 'z' is in no index"):
+        check_coverage(pred(["a", "b", "z"]), {"a", "b"}, "job validation")
+    with pytest.raises(JobFailure, match="rows predicted twice"):
+        check_coverage(pred(["a", "a", "b"]), {"a", "b"}, "job validation")
