@@ -111,11 +111,13 @@ def refuse(error: BadInput) -> int:
 def exit_with_line(message: str, exit_code: int) -> int:
     """Print `message` as the last line on stderr and return `exit_code`. Under `distrain schedule` the worker's
     result file carries the code too (accelerate launch turns every child failure into exit 1)."""
+    import json
     import os
     import sys
     from pathlib import Path
 
     print(message, file=sys.stderr, flush=True)
     if os.environ.get("DISTRAIN_WORKER_RESULT") and os.environ.get("LOCAL_RANK", "0") == "0":  # one per node
-        Path(os.environ["DISTRAIN_WORKER_RESULT"]).write_text(f'{{"exit_code": {exit_code}}}')
+        result = {"exit_code": exit_code, "message": message}
+        Path(os.environ["DISTRAIN_WORKER_RESULT"]).write_text(json.dumps(result))
     return exit_code

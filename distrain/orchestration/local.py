@@ -146,13 +146,17 @@ def run_local_workers(workers: int, procs_per_worker: int, run_args: list[str], 
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-    codes = []
+    codes, messages = [], []
     for proc, result in procs:
         if result.is_file():
-            codes.append(json.loads(result.read_text())["exit_code"])
+            outcome = json.loads(result.read_text())
+            codes.append(outcome["exit_code"])
+            messages += [outcome["message"]] if outcome.get("message") not in (None, *messages) else []
         else:
             codes.append(proc.returncode if proc.returncode and proc.returncode > 0 else 1)
     print(f"distrain schedule: worker exit codes {codes}", flush=True)
+    for message in messages:  # the workers' one-line errors last, below whatever their launchers printed
+        print(message, file=sys.stderr, flush=True)
     if EXIT_PREEMPTED in codes or stopping["signal"] is not None:
         name = signal.Signals(stopping["signal"] or signal.SIGTERM).name
         done = "the workers saved their state and released their jobs" if procs else "before any worker started"

@@ -112,6 +112,8 @@ def _verify(path: Path) -> Optional[str]:
         expected = json.loads(meta.read_text())
     except json.JSONDecodeError:
         return "unreadable checksum file"
+    if not isinstance(expected, dict):
+        return "checksum file holds no checksum record"
     data = path.read_bytes()
     if len(data) != expected.get("bytes"):
         return f"{len(data)} bytes, expected {expected.get('bytes')} (truncated)"

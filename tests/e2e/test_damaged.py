@@ -3,29 +3,34 @@ shown as damaged by `status`, and trained again (only it) by the next run of the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-import sys
 
 import pytest
 
-from distrain import cli
+from distrain import cli, run
 from distrain.orchestration.ledger import Ledger, aggregate_id
 
-from conftest import RUN_PY, distrain_cli, last_line, run_cmd
+from conftest import distrain_cli, last_line
 
 pytestmark = pytest.mark.slow
 
 TINY = ["model.names=[test_resnet]", "data.image_size=16", "cv.folds=3", "cv.seeds=[1]", "train.epochs=1",
-        "train.progress=false", "ensemble.max_rounds=20", "experiment=dmg"]  # fmt: skip
+        "train.progress=false", "ensemble.max_rounds=20", "experiment=dmg", "data.num_workers=0"]  # fmt: skip
 JOBS = [f"test_resnet-s1-f{f}" for f in range(3)]
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
+    """A finished study of 3 jobs, run through the main command's own `main` in this process."""
+    from accelerate.state import AcceleratorState, GradientState
+
     cwd = tmp_path_factory.mktemp("damaged")
-    proc = run_cmd([sys.executable, str(RUN_PY), *TINY], cwd)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with contextlib.chdir(cwd):
+        assert run.main(TINY) == 0
     return cwd
 
 
@@ -77,14 +82,19 @@ def test_damaged_file_is_named_by_status_and_refused_by_aggregate(finished, tmp_
     assert "Traceback" not in out + err
 
 
+@pytest.mark.usefixtures("fresh_accelerate_state")
 def test_main_command_trains_only_the_damaged_jobs_again(finished, tmp_path, capsys, monkeypatch):
+    """The main command through its own `main`, in this process (no interpreter start)."""
     run_dir = copy_of(finished, tmp_path)
     (run_dir / "jobs" / JOBS[0] / "done.json").unlink()
     _flip(run_dir / "jobs" / JOBS[2] / "best.pt")
     _truncate(run_dir / "jobs" / JOBS[2] / "oof.npz")
-    proc = run_cmd([sys.executable, str(RUN_PY), *TINY], tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"{JOBS[0]}: " in proc.stdout and "is trained again" in proc.stdout
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    code = run.main(TINY)
+    out, err = capsys.readouterr()
+    assert code == 0, out[-2000:] + err[-2000:]
+    assert f"{JOBS[0]}: " in out and "is trained again" in out
     ledger = Ledger(run_dir)
     statuses = {j: [(a.end or {}).get("status") for a in ledger.attempts(j)] for j in JOBS + [aggregate_id(JOBS)]}
     assert statuses == {

@@ -67,7 +67,7 @@ def test_sigkill_storm_leaves_one_mlflow_run_per_job_with_full_histories(server,
     workers = [Worker(tmp_path, overrides, f"w{i}") for i in range(3)]
     deadline = time.monotonic() + 400
     while kills < 10 and time.monotonic() < deadline:
-        time.sleep(rng.uniform(0.5, 2.5))
+        time.sleep(rng.uniform(0.3, 1.5))
         running = [w for w in workers if w.proc.poll() is None]
         if not running:
             break

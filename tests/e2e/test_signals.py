@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from distrain import run
 from distrain.errors import EXIT_OK, EXIT_PREEMPTED
 from distrain.orchestration.ledger import Ledger, aggregate_id
 from distrain.training.checkpoint import load_latest_state
@@ -85,10 +86,11 @@ def test_sigterm_mid_epoch_on_the_default_config_saves_and_exits_75_within_10_s(
 
 
 TINY = ["model.names=[test_resnet]", "data.image_size=16", "cv.folds=2", "cv.seeds=[1]", "train.epochs=1",
-        "train.progress=false", "ensemble.max_rounds=300"]  # fmt: skip
+        "train.progress=false", "ensemble.max_rounds=300", "data.num_workers=0"]  # fmt: skip
 
 
-def test_sigterm_during_the_aggregation_publishes_nothing_and_the_rerun_aggregates_once(tmp_path):
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_sigterm_during_the_aggregation_publishes_nothing_and_the_rerun_aggregates_once(tmp_path, monkeypatch, capsys):
     command = Command([sys.executable, str(RUN_PY), *TINY], tmp_path)
     command.wait_for("aggregates (attempt 1)", timeout=e2e_timeout(180))
     code, took = command.terminate()
@@ -96,10 +98,12 @@ def test_sigterm_during_the_aggregation_publishes_nothing_and_the_rerun_aggregat
     assert "stopped by SIGTERM" in command.last_line, command.last_line
     run_dir = tmp_path / "runs" / "digits"
     assert not (run_dir / "report.json").exists() and not (run_dir / "ensemble").exists()
-    rerun = subprocess.run([sys.executable, str(RUN_PY), *TINY], cwd=tmp_path, env=child_env(), capture_output=True,
-                           text=True, timeout=e2e_timeout(180))  # fmt: skip
-    assert rerun.returncode == EXIT_OK, rerun.stdout[-2000:] + rerun.stderr[-2000:]
-    assert "claimed test_resnet" not in rerun.stdout  # the jobs stayed done; only the aggregation ran again
+    monkeypatch.chdir(tmp_path)  # the rerun through the main command's own `main`, in this process
+    capsys.readouterr()
+    code = run.main(TINY)
+    out, err = capsys.readouterr()
+    assert code == EXIT_OK, out[-2000:] + err[-2000:]
+    assert "claimed test_resnet" not in out  # the jobs stayed done; only the aggregation ran again
     ledger = Ledger(run_dir)
     ends = [a.end["status"] for a in ledger.attempts(aggregate_id(["test_resnet-s1-f0", "test_resnet-s1-f1"]))]
     assert ends == ["preempted", "done"]

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def binary_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("binary")
-    proc = distrain_run(cwd, "cv.folds=3", "cv.seeds=[1]", "train.epochs=3", "train.loss=focal",
+    proc = distrain_run(cwd, "cv.folds=3", "cv.seeds=[1]", "train.epochs=2", "train.loss=focal",
                         "train.focal_alpha=0.25", "tta.hflip=true", config=REPO / "configs" / "digits_binary.yaml",
                         timeout=e2e_timeout(900))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

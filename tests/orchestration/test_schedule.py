@@ -112,3 +112,23 @@ def test_one_worker_over_two_machines_trains_as_one_ddp_group_and_keeps_exit_cod
     history = ledger_history(Ledger(run_dir), [f"test_resnet-s{s}-f{f}" for s in (1, 2) for f in (0, 1)])
     assert len(history) == 4 and len({r["worker"] for r in history}) == 1  # one worker trained every job
     assert all("worker exit codes [0]" in out for out in outputs)
+
+
+def test_schedule_ends_with_the_workers_one_line_error_below_the_launchers_traceback(monkeypatch, capfd):
+    """Workers that refused bad input (exit 2, their line in the result file) under launchers that printed a
+    traceback and exited 1: `distrain schedule` exits 2 and its last line is the workers' error, once."""
+    from distrain.orchestration import local
+
+    worker = (
+        "import json, os, sys\n"
+        "line = 'distrain: error: data/x/cv-000000.tar: not a readable tar shard (OSError: truncated)'\n"
+        "print(line, file=sys.stderr)\n"
+        "json.dump({'exit_code': 2, 'message': line}, open(os.environ['DISTRAIN_WORKER_RESULT'], 'w'))\n"
+        "print('Traceback (most recent call last):\\nsubprocess.CalledProcessError: ...', file=sys.stderr)\n"
+        "sys.exit(1)\n"
+    )
+    monkeypatch.setattr(local, "worker_commands", lambda *a, **k: [([sys.executable, "-c", worker], {})] * 2)
+    assert local.run_local_workers(2, 1, []) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1] == "distrain: error: data/x/cv-000000.tar: not a readable tar shard (OSError: truncated)"
+    assert err[-2].startswith("subprocess.CalledProcessError")  # the workers' launchers above it
