@@ -510,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         return exit_with_line(f"distrain: {e}", e.exit_code)
     except interrupts.Terminated:
         return interrupts.exit_stopped(f"during `distrain {args.command}`; its files are written whole or not at all")
+    finally:
+        interrupts.disarm()
 
 
 if __name__ == "__main__":

@@ -63,16 +63,24 @@ class StorageError(BadInput):
 STORAGE_ERRNOS = frozenset({28, 122, 30, 13, 1})  # ENOSPC, EDQUOT, EROFS, EACCES, EPERM (Linux numbering)
 
 
+def storage_cause(error: BaseException | None) -> OSError | None:
+    """The OSError behind `error` (itself, or in its chain: torch.save raises a RuntimeError from it) that another
+    attempt would meet alike: disk full, read-only, no permission. None for any other error."""
+    while error is not None and not (isinstance(error, OSError) and error.errno in STORAGE_ERRNOS):
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def storage_error(error: BaseException) -> StorageError | None:
-    """The one-line StorageError for an OSError that another attempt would meet alike (disk full, read-only,
-    no permission), naming the path; None for any other error."""
+    """The one-line StorageError for an error `storage_cause` finds, naming the path; None for any other error."""
     import os
 
-    if not isinstance(error, OSError) or error.errno not in STORAGE_ERRNOS:
+    cause = storage_cause(error)
+    if cause is None:
         return None
-    path = error.filename or "a file"
-    return StorageError(f"cannot write {path}: {error.strerror or os.strerror(error.errno)}; free space, fix the "
-                        f"permissions or choose another run_root / --out, then run the command again")  # fmt: skip
+    return StorageError(f"cannot write {cause.filename or 'a file'}: {cause.strerror or os.strerror(cause.errno)}; "
+                        f"free space, fix the permissions or choose another run_root / --out, then run the command "
+                        f"again")  # fmt: skip
 
 
 class NoGPU(BadInput):

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
+from distrain.errors import StorageError, storage_cause
+
 
 def _current_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it; set it straight back
@@ -41,12 +43,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = isinstance(e, Exception) and _disk_full(path.parent)  # before the partial file is freed
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        cause = storage_cause(e)
+        if full or cause is not None:
+            problem = cause.strerror if cause is not None else "no space left on device"
+            raise StorageError(f"cannot write {path}: {problem}; free space, fix the permissions or choose another "
+                               f"run_root / --out") from None  # fmt: skip
         raise
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        return os.statvfs(folder).f_bavail == 0
+    except OSError:
+        return False
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

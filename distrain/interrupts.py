@@ -30,6 +30,7 @@ from distrain.errors import EXIT_PREEMPTED, exit_with_line
 STOP = threading.Event()  # set by SIGTERM; never cleared (a stopping process stops)
 _deferred_depth = 0
 _disarm_at_exit: list = []
+_disarmed = False
 
 
 class Terminated(BaseException):
@@ -40,6 +41,8 @@ class Terminated(BaseException):
 
 def install() -> None:
     """Handle SIGTERM from now on (main thread only; a no-op elsewhere, e.g. in a test's worker thread)."""
+    global _disarmed
+    _disarmed = False  # a new command begins (tests run several in one process)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
 
@@ -52,8 +55,8 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def _raise_when_safe(frame) -> None:
-    if _deferred_depth > 0:
-        return  # a deferred section began meanwhile: its polls see STOP
+    if _deferred_depth > 0 or _disarmed:
+        return  # a deferred section began meanwhile (its polls see STOP), or the command is returning
     if _importing(frame):
         signal.signal(signal.SIGALRM, lambda signum, later: _raise_when_safe(later))
         signal.setitimer(signal.ITIMER_REAL, 0.05)
@@ -70,6 +73,14 @@ def _importing(frame) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def disarm() -> None:
+    """The command is returning its exit code: no raise from here on (a re-check timer firing in the interpreter's
+    shutdown would print a traceback from whatever finalizer it interrupted)."""
+    global _disarmed
+    _disarmed = True
+    signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def stop_requested() -> bool:

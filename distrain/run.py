@@ -47,13 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     from distrain import interrupts
 
     interrupts.install()  # before the heavy imports: SIGTERM from here on is one line and exit 75
-    args = parse_args(argv)
     try:
-        from distrain.config import load_config
-        from distrain.errors import BadInput, refuse, storage_error
-        from distrain.orchestration.worker import parse_shard
+        return _run(parse_args(argv))
     except interrupts.Terminated:
         return interrupts.exit_stopped()
+    finally:
+        interrupts.disarm()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from distrain.config import load_config
+    from distrain.errors import BadInput, refuse, storage_error
+    from distrain.orchestration.worker import parse_shard
+
     try:
         cfg = load_config(args.config, args.overrides)
         shard = parse_shard(args.shard)
@@ -67,8 +73,6 @@ def main(argv: list[str] | None = None) -> int:
         if storage_error(e) is None:
             raise
         return refuse(storage_error(e))
-    except interrupts.Terminated:
-        return interrupts.exit_stopped()
 
 
 if __name__ == "__main__":

@@ -348,7 +348,16 @@ def tmpfs(path: Path, options: str):
 
 STORAGE = {
     "run root read-only": ("ro,size=1m", lambda ws, at: train(ws, "st", f"run_root={at}/runs"), "Read-only file"),
-    "run root full": ("size=256k", lambda ws, at: train(ws, "st", f"run_root={at}/runs"), "cannot write"),
+    "run root full, MLflow store in it": (
+        "size=256k",
+        lambda ws, at: train(ws, "st", f"run_root={at}/runs", f"tracking.uri=sqlite:///{at}/runs/mlflow.db"),
+        "cannot write the MLflow store",
+    ),
+    "run root full, a checkpoint cannot be written": (
+        "size=256k",
+        lambda ws, at: train(ws, "st", f"run_root={at}/runs", f"tracking.uri=sqlite:///{ws}/elsewhere.db"),
+        "No space left on device",
+    ),
     "pack output read-only": (
         "ro,size=1m",
         lambda ws, at: ["data", "pack", "--images", str(ws / "imgs"), "--out", str(at / "packed")],
