@@ -513,7 +513,12 @@ class JobTrainer:
             candidates.append(("ema", self.ema.module, ema_val, row[f"val_ema_{tc.metric}"]))
         state.history.append({"epoch": epoch, **row})
         if self.tracker is not None:
-            self.tracker.log_metrics(self.run_id, row, step=epoch)
+
+            def log() -> None:  # a stale owner (frozen past its lease, then woken) must not add a row to the run
+                self.control.fence()
+                self.tracker.log_metrics(self.run_id, row, step=epoch)
+
+            runtime.on_primary(self.accelerator, log)
         for source, model, pred, score in candidates:
             if improves(tc.metric, score, state.best.score):
                 state.best.score, state.best.epoch, state.best.oof, state.best.source = score, epoch, pred, source
