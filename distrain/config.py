@@ -476,6 +476,18 @@ class EnsembleConfig:
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
 
 
+_URL_PASSWORD = re.compile(r"^[\w+.-]+://[^/@\s:]*:[^/@\s]+@")
+
+
+def check_no_password(url: str, key: str) -> None:
+    """Refuse a URL in the config that carries a password: config.yaml is copied into the run directory, into
+    MLflow's artifacts and every job run's params, where anyone reading the study would see it."""
+    if _URL_PASSWORD.match(url):
+        raise ConfigError(f"{key}: the URL holds a password, which would be saved in config.yaml and MLflow; leave "
+                          f"it out and give it through the environment (PostgreSQL: PGPASSWORD or ~/.pgpass; an "
+                          f"MLflow server: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")  # fmt: skip
+
+
 def check_tracking_uri(uri: str, where: str) -> None:
     """Refuse, before any work, a tracking URI MLflow cannot store runs in (`where` names the key or variable)."""
     scheme = uri.partition("://")[0].split("+")[0].lower() if "://" in uri else ""
@@ -506,6 +518,7 @@ class TrackingConfig:
     def __post_init__(self):
         if self.uri:
             check_tracking_uri(self.uri, "tracking.uri")
+            check_no_password(self.uri, "tracking.uri")
         _require(self.timeout_s > 0, "tracking.timeout_s", self.timeout_s, "> 0")
         _require(self.max_retries >= 0, "tracking.max_retries", self.max_retries, ">= 0")
 
@@ -526,8 +539,9 @@ class SweepConfig:
     pruner_startup_trials: int = 2
     """Finished trials before the pruner stops any."""
     storage: str = ""
-    """Optuna storage URL (e.g. postgresql://user:pw@host/db for workers on several nodes); empty: SQLite in
-    the sweep's run directory (<run_root>/<experiment>-sweep/optuna.db)."""
+    """Optuna storage URL (e.g. postgresql://user@host/db for workers on several nodes, the password in
+    PGPASSWORD or ~/.pgpass, never in the URL); empty: SQLite in the sweep's run directory
+    (<run_root>/<experiment>-sweep/optuna.db)."""
 
     def __post_init__(self):
         _require(len(self.folds) >= 1 and len(set(self.folds)) == len(self.folds), "sweep.folds", self.folds,
@@ -536,6 +550,7 @@ class SweepConfig:
         _require(self.startup_trials >= 1, "sweep.startup_trials", self.startup_trials, ">= 1")
         _require(self.pruner in ("median", "none"), "sweep.pruner", self.pruner, "median or none")
         _require(self.pruner_startup_trials >= 1, "sweep.pruner_startup_trials", self.pruner_startup_trials, ">= 1")
+        check_no_password(self.storage, "sweep.storage")
 
 
 @dataclass(kw_only=True)

@@ -140,9 +140,10 @@ def mlflow_server(store_uri: str, cwd: Path, port: int | None = None):
 
 
 @contextlib.contextmanager
-def postgres_server(host: str = "127.0.0.1", port: int | None = None):
-    """A real PostgreSQL server (Debian's packages) on loopback with trust auth, in a scratch data directory;
-    stopped and removed afterwards. Yields its URL. Skips the test where PostgreSQL is not installed."""
+def postgres_server(host: str = "127.0.0.1", port: int | None = None, password: str | None = None):
+    """A real PostgreSQL server (Debian's packages) on loopback, in a scratch data directory; stopped and removed
+    afterwards. Trust auth, or with `password` the user postgres's password (scram-sha-256), which the yielded
+    URL does not hold (clients pass it as PGPASSWORD). Skips the test where PostgreSQL is not installed."""
     import glob
     import shutil
     import tempfile
@@ -155,17 +156,22 @@ def postgres_server(host: str = "127.0.0.1", port: int | None = None):
     data = Path(tempfile.mkdtemp(prefix="distrain-pg-"))
     if as_postgres:
         shutil.chown(data, "postgres", "postgres")
-    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+    auth = ["--auth=trust"]
+    if password is not None:
+        (data / "pw").write_text(password)
+        auth = ["--auth=scram-sha-256", f"--pwfile={data / 'pw'}"]
+    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data / "db"), "-U", "postgres", *auth,
                     "-E", "UTF8"], check=True, capture_output=True)  # fmt: skip
     port = port or free_port()
-    proc = subprocess.Popen([*as_postgres, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(data),
-                             "-c", f"listen_addresses={host}", "-c", "fsync=off"],
+    proc = subprocess.Popen([*as_postgres, str(bindir / "postgres"), "-D", str(data / "db"), "-p", str(port),
+                             "-k", str(data), "-c", f"listen_addresses={host}", "-c", "fsync=off"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"postgresql://postgres@{host}:{port}/postgres"
     import psycopg
 
     try:
-        with _serving(proc, lambda: psycopg.connect(url).close(), psycopg.OperationalError, "postgres", 60):
+        with _serving(proc, lambda: psycopg.connect(url, password=password).close(), psycopg.OperationalError,
+                      "postgres", 60):  # fmt: skip
             yield url
     finally:
         shutil.rmtree(data, ignore_errors=True)

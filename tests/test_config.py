@@ -83,6 +83,9 @@ def test_every_shipped_config_parses():
             "model:\n  overrides:\n    resnet10t:\n      train.loss: bce\n",
             "model.overrides.resnet10t: train.loss: invalid value 'bce'",
         ),
+        ("sweep:\n  storage: postgresql://me:s3cret@db/optuna\n", "sweep.storage: the URL holds a password"),
+        ("tracking:\n  uri: postgresql+psycopg://me:s3cret@db/mlflow\n", "tracking.uri: the URL holds a password"),
+        ("tracking:\n  uri: https://me:s3cret@mlflow.example.com\n", "MLFLOW_TRACKING_PASSWORD"),
     ],
 )
 def test_validation_messages_name_key_and_value(tmp_path, text, message):
@@ -90,6 +93,15 @@ def test_validation_messages_name_key_and_value(tmp_path, text, message):
         load_config(write(tmp_path, text))
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_urls_without_a_password_are_accepted_and_a_refused_one_is_not_echoed(tmp_path):
+    for text in ("sweep:\n  storage: postgresql://me@db:5432/optuna\n", "tracking:\n  uri: http://mlflow:5000\n",
+                 "tracking:\n  uri: postgresql://db.example.com:5432/mlflow\n"):  # fmt: skip
+        load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "sweep:\n  storage: postgresql://me:s3cret@db/optuna\n"))
+    assert "s3cret" not in str(e.value)
 
 
 def test_malformed_yaml_and_missing_file(tmp_path):

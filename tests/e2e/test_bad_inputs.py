@@ -110,6 +110,10 @@ REFUSED = {
         lambda ws: train(ws, "bad", "tracking.uri=file:./mlruns"),
         "MLflow 3 refuses its file store",
     ),
+    "a password in a stored URL": (
+        lambda ws: train(ws, "bad", "tracking.uri=postgresql://me:s3cret@db/mlflow"),
+        "tracking.uri: the URL holds a password",
+    ),
     "shard argument out of range": (lambda ws: train(ws, "bad", "--shard", "3/2"), "--shard: need 0 <= i < n"),
     "labels beyond data.num_classes": (lambda ws: train(ws, "bad", "data.num_classes=5"), "labels outside [0, 5)"),
     "data root without an index": (lambda ws: train(ws, "bad", f"data.root={ws / 'nothing'}"), "no index.json"),

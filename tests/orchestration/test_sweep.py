@@ -45,6 +45,9 @@ def start_worker(cwd, log, *overrides):
     )
 
 
+PG_PASSWORD = "sweep-db-secret"
+
+
 def wait_for(pattern, log, proc, timeout):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -57,9 +60,14 @@ def wait_for(pattern, log, proc, timeout):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
-def test_two_workers_share_the_trials_a_killed_workers_trial_is_failed_and_the_pruner_stops_some(tmp_path, storage):
+def test_two_workers_share_the_trials_a_killed_workers_trial_is_failed_and_the_pruner_stops_some(
+    tmp_path, storage, monkeypatch
+):
+    """PostgreSQL asks for a password, which every worker takes from PGPASSWORD (the URL holds none)."""
     (tmp_path / "space.yaml").write_text(SPACE)
-    with postgres_server() if storage == "postgresql" else contextlib.nullcontext("") as url:
+    monkeypatch.setenv("PGPASSWORD", PG_PASSWORD)  # the workers' environment is this process's (child_env)
+    server = postgres_server(password=PG_PASSWORD) if storage == "postgresql" else contextlib.nullcontext("")
+    with server as url:
         extra = [f"sweep.storage={url}"] if url else []
         victim = start_worker(tmp_path, tmp_path / "a.log", *extra)
         wait_for(r"trial-\d{4}: trial \d+: optim", tmp_path / "a.log", victim, e2e_timeout(180))
@@ -104,6 +112,8 @@ def test_two_workers_share_the_trials_a_killed_workers_trial_is_failed_and_the_p
     assert len(finished) == TRIALS and all("optim.lr" in r.data.params for r in finished)
     complete = next(r for r in finished if "trial_accuracy" in r.data.metrics)
     assert len(client.get_metric_history(complete.info.run_id, "val_accuracy")) == 3  # per epoch
+    leaked = [p for p in (tmp_path / "runs").rglob("*") if p.is_file() and PG_PASSWORD.encode() in p.read_bytes()]
+    assert not leaked  # neither the run directories nor the MLflow store (runs/mlflow.db) hold the password
 
 
 @pytest.mark.slow
@@ -122,9 +132,15 @@ def test_bad_space_exits_2_with_one_line_before_anything_is_written(tmp_path, sp
 
 
 @pytest.mark.slow
-def test_unreachable_storage_is_one_line_without_the_password(tmp_path):
+def test_unreachable_storage_is_one_line_and_a_password_is_never_in_the_url(tmp_path):
+    """The password comes from the environment (PGPASSWORD), as the refusal of one in the URL asks."""
     (tmp_path / "space.yaml").write_text(SPACE)
-    proc = run_cmd(sweep_cmd(*BASE, "sweep.storage=postgresql://me:secret@127.0.0.1:1/none"), tmp_path)
+    env = {"PGPASSWORD": "secret"}
+    proc = run_cmd(sweep_cmd(*BASE, "sweep.storage=postgresql://me@127.0.0.1:1/none"), tmp_path, env=env)
     line = last_line(proc.stderr)
     assert proc.returncode == 2 and "sweep.storage: cannot open postgresql://***@127.0.0.1:1/none" in line, line
+    assert "secret" not in proc.stderr + proc.stdout and not (tmp_path / "runs").exists()
+    proc = run_cmd(sweep_cmd(*BASE, "sweep.storage=postgresql://me:secret@127.0.0.1:1/none"), tmp_path)
+    line = last_line(proc.stderr)
+    assert proc.returncode == 2 and "sweep.storage: the URL holds a password" in line and "PGPASSWORD" in line
     assert "secret" not in proc.stderr + proc.stdout and not (tmp_path / "runs").exists()
