@@ -191,6 +191,7 @@ def _ensemble_details(cfg: Config, store: OOFStore, outcome: EnsembleOutcome, so
     ec = cfg.ensemble
     return {
         "best_single_column": outcome.scores["best_single"]["column"],
+        "best_single_fold_columns": outcome.scores["best_single"]["fold_columns"],  # whose OOF rows its CV scores
         "columns": store.columns,
         "base": outcome.base,
         "weights": outcome.weights,

@@ -159,10 +159,12 @@ def _singles(s: _Scorer, test_by_job: Optional[np.ndarray], scores: dict, preds:
             "test": s.test(store.test[idx].mean(0)) if s.has_test else None,
         }
     best_k = best_index(s.metric, col_cv)
-    scores["best_single"] = {"cv": col_cv[best_k], "test": col_test[best_k], "column": store.columns[best_k]}
+    best_oof, chosen = _best_column_per_fold(s, best_k)
+    scores["best_single"] = {"cv": s.cv(best_oof), "test": col_test[best_k], "column": store.columns[best_k],
+                             "fold_columns": chosen}  # fmt: skip
     scores["mean_single"] = {"cv": float(np.mean(col_cv)), "test": float(np.mean(col_test)) if s.has_test else None}
-    preds["best_single"] = s.decide(store.oof[best_k])
-    probs["best_single"] = (store.oof[best_k], store.test[best_k] if s.has_test else None)
+    preds["best_single"] = s.decide(best_oof)
+    probs["best_single"] = (best_oof, store.test[best_k] if s.has_test else None)
     fold_avg_test = test_by_job.mean(0) if test_by_job is not None else (store.test.mean(0) if s.has_test else None)
     scores["fold_average"] = {"cv": float(np.mean([j["val_score"] for j in store.jobs])), "test": s.test(fold_avg_test)}
     _plain_votes(s, scores, preds, probs)
@@ -171,6 +173,25 @@ def _singles(s: _Scorer, test_by_job: Optional[np.ndarray], scores: dict, preds:
         "columns": {c: {"cv": col_cv[k], "test": col_test[k]} for k, c in enumerate(store.columns)},
         "seed_averaged_models": per_model,
     }
+
+
+def _best_column_per_fold(s: _Scorer, best_k: int) -> tuple[np.ndarray, dict[str, str]]:
+    """OOF probabilities where each held-out fold is predicted by the column that scores best on the other folds,
+    and that column per fold. The best column's own CV is the best of n noisy scores on the very labels that chose
+    it (optimistic, more so with more columns); this one never uses a sample's label to choose the column that
+    predicts it. With one trained fold there are no other rows: the best column's own (`best_k`)."""
+    store = s.store
+    folds = sorted(set(store.folds.tolist()))
+    out = store.oof[best_k].copy()
+    if len(folds) < 2:
+        return out, {str(f): store.columns[best_k] for f in folds}
+    chosen = {}
+    for f in folds:
+        held = store.folds == f
+        other = [score(s.metric, store.labels[~held], store.oof[k][~held]) for k in range(len(store.columns))]
+        k = best_index(s.metric, other)
+        out[held], chosen[str(f)] = store.oof[k][held], store.columns[k]
+    return out, chosen
 
 
 def _plain_votes(s: _Scorer, scores: dict, preds: dict, probs: dict) -> None:

@@ -72,7 +72,7 @@ REMOVED_FILES = {"mlflow.json"}
 ADDED_REPORT_KEYS = {  # since the redesign's layout; report.json only gains keys
     "task": "str",
     "ensembles": {"selection": {"cv": "float", "test": "float"}},
-    "ensemble_details": {"excluded": [],
+    "ensemble_details": {"excluded": [], "best_single_fold_columns": {str(k): "str" for k in range(5)},
                          "selection": {"fold_weights": {str(k): ["float"] for k in range(5)}, "rounds": "int",
                                        "weights": {"test_resnet-s42": "float", "test_resnet-s43": "float"},
                                        "pinned": []}},

@@ -213,7 +213,23 @@ def test_probability_metric_skips_label_only_votes_and_lower_is_better_picks_bes
     out = run_ensembles(store, "log_loss", stacking=False)
     assert {"hard_vote", "k_of_n_vote"} <= set(out.skipped) and "hard_vote" not in out.scores
     assert out.scores["best_single"]["column"] == store.columns[2]
+    assert out.scores["best_single"]["fold_columns"] == {str(f): store.columns[2] for f in range(5)}
     assert out.scores["best_single"]["cv"] == pytest.approx(score("log_loss", store.labels, store.oof[2]))
+
+
+def test_best_single_cv_is_chosen_on_other_folds_so_noise_columns_stay_at_chance():
+    """20 columns of noise: the best one by its own CV beats chance by luck alone (the labels that chose it score
+    it); chosen per fold on the other folds, the best single stays at chance. Mean excess over 20 data sets."""
+    own, nested = [], []
+    for seed in range(20):
+        store = synthetic_store(n=600, classes=2, columns=20, signal=0.0, seed=seed)
+        out = run_ensembles(store, "accuracy", stacking=False, selection_rounds=0)
+        chance = 0.5  # a noise column's expected accuracy on 2 classes
+        own.append(out.base["columns"][out.scores["best_single"]["column"]]["cv"] - chance)
+        nested.append(out.scores["best_single"]["cv"] - chance)
+    print(f"over chance: best column's own CV {np.mean(own):+.3f}, best single chosen per fold {np.mean(nested):+.3f}")
+    assert np.mean(own) > 0.025  # the optimism of picking the best of 20 by the same labels
+    assert abs(np.mean(nested)) < 0.015
 
 
 def multilabel_store(n=900, labels=3, columns=4, folds=3, signal=1.5, seed=0, n_test=300):
