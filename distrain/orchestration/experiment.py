@@ -253,6 +253,10 @@ def aggregate(study: Study, states: list[JobState], claim: Claim) -> None:
 
     def run() -> None:
         stop_point()
+        grown = phases.grown_since(study.cfg, study.run_dir)
+        if grown is not None:  # a worker started before `distrain train` grew the run directory
+            study.log(f"distrain: {grown}")
+            return
         phases.aggregate_and_report(
             study.cfg, study.run_dir, study.tracker, study.manifest.fold_of_sample, labels, failed,
             fence=lambda: study.ledger.fence(claim), stop_point=stop_point,

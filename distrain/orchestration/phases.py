@@ -53,6 +53,19 @@ def check_ensemble_overrides(overrides: list[str]) -> None:
             raise ConfigError(f"override {text!r}: aggregation changes ensemble.* keys only (the jobs are trained)")
 
 
+def grown_since(cfg: Config, run_dir: Path) -> Optional[str]:
+    """Why this worker's aggregation must publish nothing, when the run directory's config.yaml now plans more
+    jobs than `cfg` (the run grew while this worker trained: the grown plan's aggregation reports these jobs
+    too, and a report of the smaller plan written after it would replace it); None when the plans agree."""
+    from distrain.study.plan import expand_plan
+
+    ours, now = {j.id for j in expand_plan(cfg)}, {j.id for j in expand_plan(load_run_dir(run_dir))}
+    if ours == now:
+        return None
+    return (f"{run_dir} grew to {len(now)} jobs while this worker ran its plan of {len(ours)}; the grown plan's "
+            f"aggregation reports them all, so this one publishes nothing")  # fmt: skip
+
+
 def prepare_run_dir(cfg: Config, manifest: FoldManifest, new_run_dir: bool) -> Config:
     """Make (or reuse) the run directory of `cfg` and write its `folds.json` and `config.yaml`. A directory
     that holds another config is refused, or with `new_run_dir` the next free `<experiment>-N` is used;

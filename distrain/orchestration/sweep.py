@@ -166,6 +166,7 @@ class TrialRunner:
                 progress=beat.progress,
                 stop_requested=lambda: self.stop.is_set() or beat.lost.is_set(),
                 after_epoch=lambda epoch, val, i=i: self._report(i * epochs + epoch, val),
+                first_step=i * epochs,  # the trial's run: fold after fold, one row per step
             )
             job = dataclasses.replace(job_of, fold=fold)
             result = fit_job(job, trial_cfg, study.index, study.manifest.fold_of_sample, study.accelerator,

@@ -138,9 +138,11 @@ class MlflowTracker(Tracker):
         if kind == "log_metrics":
             from mlflow.entities import Metric
 
-            self.client.log_batch(
-                run, metrics=[Metric(k, v, op["timestamp"], op["step"]) for k, v in op["metrics"].items()]
-            )
+            logged = self._logged_steps.get(run, {})  # replayed by sync: a resumed attempt's repeats stay out
+            metrics = [Metric(k, v, op["timestamp"], op["step"]) for k, v in op["metrics"].items()
+                       if op["step"] > logged.get(k, -1)]  # fmt: skip
+            if metrics:
+                self.client.log_batch(run, metrics=metrics)
         elif kind == "log_artifact":
             self.client.log_artifact(run, op["path"], op["artifact_path"])
         elif kind == "end_run":
@@ -149,6 +151,7 @@ class MlflowTracker(Tracker):
             self.client.update_run(run, status="RUNNING")
             for key, value in op["tags"].items():
                 self.client.set_tag(run, key, value)
+            self._logged_steps[run] = self._last_steps(run)
         elif kind == "log_ensemble_model":
             return self._log_ensemble_model_now(run, Path(op["artifacts_dir"]), op["registered_name"])
         else:
@@ -277,9 +280,6 @@ class MlflowTracker(Tracker):
             if run.info.lifecycle_stage == "deleted":
                 return False
             self.execute(op, {})
-            self._logged_steps[run_id] = {
-                key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in run.data.metrics
-            }
             return True
         except Exception as e:
             if _is_missing_run(e):
@@ -287,6 +287,12 @@ class MlflowTracker(Tracker):
             self._go_offline(e)
             self._submit(op)
             return True
+
+    def _last_steps(self, run_id: str) -> dict[str, int]:
+        """metric -> the last step the store holds for it in this run: what a reopening attempt must not log
+        again (now, or when sync replays what it buffered offline)."""
+        run = self.client.get_run(run_id)
+        return {key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in run.data.metrics}
 
     def _mark_study_running(self) -> None:
         """The study run is RUNNING while jobs train (the aggregation ends it); opening a tracker alone, as a

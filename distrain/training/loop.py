@@ -77,6 +77,9 @@ class JobControl:
     after_epoch: Callable[[int, float], None] = lambda epoch, val_score: None
     """Called on every rank after each epoch's validation with the epoch and its (gathered) score; may raise to
     end the job there (a sweep's pruner does)."""
+    first_step: int = 0
+    """The MLflow step of epoch 0: a sweep trial trains several folds into one run, fold i from i x epochs, so
+    each run's metric history has one row per step."""
 
 
 def steps_per_epoch(n_train: int, world_size: int, batch_size: int, accum: int) -> int:
@@ -516,7 +519,7 @@ class JobTrainer:
 
             def log() -> None:  # a stale owner (frozen past its lease, then woken) must not add a row to the run
                 self.control.fence()
-                self.tracker.log_metrics(self.run_id, row, step=epoch)
+                self.tracker.log_metrics(self.run_id, row, step=self.control.first_step + epoch)
 
             runtime.on_primary(self.accelerator, log)
         for source, model, pred, score in candidates:

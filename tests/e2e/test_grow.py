@@ -60,6 +60,19 @@ def test_growing_by_a_seed_trains_only_the_new_jobs_and_aggregates_again(grown):
     assert yaml_load((run_dir / "config.yaml").read_text())["cv"]["seeds"] == [1, 2]  # the run dir's config grew
 
 
+def test_a_worker_of_the_plan_before_growth_would_publish_nothing(grown):
+    """A worker started with cv.seeds=[1] before the run grew finds, when it comes to aggregate, that
+    config.yaml now plans 4 jobs: its report of 2 would replace the grown one, so it publishes nothing."""
+    from distrain.config import load_config
+    from distrain.orchestration.phases import grown_since
+
+    cwd, *_ = grown
+    run_dir = cwd / "runs" / "digits"
+    line = grown_since(load_config(None, [*TINY, "cv.seeds=[1]"]), run_dir)
+    assert line is not None and "grew to 4 jobs" in line and "plan of 2" in line
+    assert grown_since(load_config(None, [*TINY, "cv.seeds=[1,2]"]), run_dir) is None
+
+
 def test_grown_study_keeps_one_study_run_with_all_job_runs_and_new_ensemble_runs(grown):
     cwd, *_ = grown
     report = json.loads((cwd / "runs" / "digits" / "report.json").read_text())

@@ -13,7 +13,7 @@ from distrain.distributed.checkpointing import apply_grad_checkpointing
 from distrain.distributed.wrap import wrap
 from distrain.study.folds import build_fold_manifest
 from distrain.study.plan import Job
-from distrain.training.loop import fit_job, steps_per_epoch
+from distrain.training.loop import JobControl, fit_job, steps_per_epoch
 from distrain.training.models import create_model
 from distrain.training.optim import lr_factor
 
@@ -189,10 +189,11 @@ def test_wrap_applies_checkpointing_then_compile_then_ddp(tmp_path, fresh_accele
 
 class RecordingTracker:
     def __init__(self):
-        self.rows = []
+        self.rows, self.steps = [], []
 
     def log_metrics(self, run_id, row, step=None):
         self.rows.append(dict(row))
+        self.steps.append(step)
 
 
 def _nan_job(tmp_path, monkeypatch, max_nonfinite, tracker=None):
@@ -223,7 +224,7 @@ def _nan_job(tmp_path, monkeypatch, max_nonfinite, tracker=None):
     labels = index.labels_of("cv")
     manifest = build_fold_manifest(cv, [labels[s] for s in cv], 5, 0)
     acc = runtime.create_accelerator(cfg.train)
-    kwargs = {"tracker": tracker} if tracker else {}
+    kwargs = {"tracker": tracker, "control": JobControl(first_step=3)} if tracker else {}
     return fit_job(Job("test_resnet", 1, 0), cfg, index, manifest.fold_of_sample, acc, **kwargs), manifest
 
 
@@ -244,6 +245,7 @@ def test_nonfinite_losses_are_counted_and_logged(tmp_path, fresh_accelerate_stat
     n_train = len(manifest.fold_of_sample) - sum(f == 0 for f in manifest.fold_of_sample.values())
     assert result.history[0]["nonfinite_losses"] == steps_per_epoch(n_train, 1, 64, 1)
     assert tracker.rows[0]["nonfinite_losses"] == result.history[0]["nonfinite_losses"]
+    assert tracker.steps == [3]  # epoch 0 at the control's first step (a sweep trial's second fold of 3 epochs)
 
 
 def test_lr_schedule_warmup_cosine_floor_and_restarts():
