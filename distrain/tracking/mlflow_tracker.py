@@ -7,6 +7,7 @@ calls made while the server is unreachable.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -125,8 +126,9 @@ class MlflowTracker(Tracker):
                     + same_tags,
                     max_results=1,
                 )
-                if found:
+                if found:  # the same stage of the same plan with the same params: rows it holds are not repeated
                     self.client.update_run(found[0].info.run_id, status="RUNNING")
+                    self._logged_steps[found[0].info.run_id] = self._last_steps(found[0].info.run_id)
                     return found[0].info.run_id
             created = self.client.create_run(
                 self.experiment_id, run_name=op["name"], tags={PARENT_TAG: parent, **op["tags"]}
@@ -321,15 +323,18 @@ class MlflowTracker(Tracker):
 
     def child_run(self, name: str, params: dict, tags: Optional[dict[str, str]] = None) -> str:
         """A nested run of the study named `name` (an ensemble stage) with these tags, reused when aggregation
-        runs again with the same name and tags."""
+        runs again with the same name, tags and params (MLflow keeps a run's first params: other ensemble
+        settings get a run of their own)."""
+        params = {k: str(v)[:6000] for k, v in params.items()}
+        digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
         return self._submit(
             {
                 "op": "create_run",
                 "kind": "ensemble",
                 "name": name,
                 "parent": self.parent_run_id,
-                "tags": {"distrain.kind": "ensemble", **(tags or {})},
-                "params": {k: str(v)[:6000] for k, v in params.items()},
+                "tags": {"distrain.kind": "ensemble", **(tags or {}), "distrain.params": digest},
+                "params": params,
             }
         )
 

@@ -1,4 +1,4 @@
-"""Buffered tracking replayed by `distrain sync`, in-process against a real MLflow SQLite store."""
+"""The MLflow tracker in-process against a real SQLite store: runs reused, rows not repeated."""
 
 from mlflow.tracking import MlflowClient
 
@@ -29,3 +29,21 @@ def test_a_resumed_attempt_buffered_offline_adds_no_second_row_at_sync(tmp_path)
         assert [s for s, _ in history] == [0, 1, 2, 3], (key, history)  # one row per epoch
         assert [v for _, v in history[:3]] == firsts  # attempt 1's rows stand
     assert client.get_run(run).info.status == "FINISHED"
+
+
+def test_an_ensemble_stage_is_reused_only_with_the_same_params_and_keeps_one_row_per_step(tmp_path):
+    """`distrain aggregate` again with the same settings reuses the voting run (no second row at step 0); with
+    other ensemble settings it gets a run of its own, since MLflow would keep the first run's params."""
+    uri, run_root = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "runs"
+    (run_root / "x").mkdir(parents=True)
+    plan = {"distrain.plan": "abc"}
+    runs = []
+    for vote_fraction, score in ((0.6, 0.9), (0.6, 0.9), (0.8, 0.8)):
+        tracker = MlflowTracker(uri, "x", run_root / "x", run_root, worker="a")
+        runs.append(tracker.child_run("voting", {"ensemble.vote_fraction": vote_fraction}, plan))
+        tracker.log_metrics(runs[-1], {"soft_vote_cv": score}, step=0)
+        tracker.end_run(runs[-1])
+    assert runs[0] == runs[1] != runs[2]
+    client = MlflowClient(uri)
+    assert [m.value for m in client.get_metric_history(runs[0], "soft_vote_cv")] == [0.9]
+    assert client.get_run(runs[2]).data.params["ensemble.vote_fraction"] == "0.8"
