@@ -40,6 +40,8 @@ def score_labels(metric: str, labels: np.ndarray, pred: np.ndarray) -> float:
         raise ValueError(f"unknown metric {metric!r}")
     if METRICS[metric].on_probabilities:
         raise ValueError(f"{metric} needs probabilities, not labels")
+    if labels.ndim == 1 and len(labels) and labels.min() >= 0 and pred.min() >= 0:
+        return _single_label_score(metric, labels, pred)
     if metric == "accuracy":
         return float(skm.accuracy_score(labels, pred))
     if metric == "balanced_accuracy":
@@ -48,6 +50,36 @@ def score_labels(metric: str, labels: np.ndarray, pred: np.ndarray) -> float:
         return float(skm.cohen_kappa_score(labels, pred, weights="quadratic"))
     average = {"f1": "binary", "f1_macro": "macro", "f1_micro": "micro"}[metric]
     return float(skm.f1_score(labels, pred, average=average, zero_division=0))
+
+
+def _single_label_score(metric: str, labels: np.ndarray, pred: np.ndarray) -> float:
+    """scikit-learn's score of class indices, from one confusion matrix (np.bincount): the ensembles and the
+    threshold grids call this thousands of times per study, where scikit-learn's input checks and label sorting
+    cost more than the arithmetic. Classes are those in `labels` or `pred`, as scikit-learn's are; the binary
+    F1 is the positive class's (1). Equality with scikit-learn: tests/study/test_metrics.py."""
+    m = int(max(labels.max(), pred.max(), 1)) + 1
+    full = np.bincount(labels.astype(np.int64) * m + pred, minlength=m * m).reshape(m, m).astype(np.float64)
+    tp = np.diag(full)
+    if metric == "f1":
+        return _f1(tp[1], full[:, 1].sum() - tp[1], full[1].sum() - tp[1])
+    present = (full.sum(axis=0) + full.sum(axis=1)) > 0
+    cm = full[present][:, present]
+    tp, true, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    if metric in ("accuracy", "f1_micro"):  # micro F1 of single-label decisions is their accuracy
+        return float(tp.sum() / len(labels))
+    if metric == "balanced_accuracy":
+        return float(np.mean(tp[true > 0] / true[true > 0]))
+    if metric == "f1_macro":
+        return float(np.mean([_f1(t, p - t, r - t) for t, p, r in zip(tp, predicted, true)]))
+    k = np.arange(len(cm))  # qwk: quadratic weights over the classes' positions, as scikit-learn's
+    weights = (k[:, None] - k[None, :]) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):  # one class present: 0 / 0 = NaN, as scikit-learn's
+        return float(1 - (weights * cm).sum() / (weights * np.outer(true, predicted) / len(labels)).sum())
+
+
+def _f1(tp: float, fp: float, fn: float) -> float:
+    """F1 from counts; 0 where it is undefined (no positive predicted or present), scikit-learn's zero_division=0."""
+    return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
 
 
 def score(metric: str, labels: np.ndarray, probs: np.ndarray, threshold: Threshold = None) -> float:

@@ -1,6 +1,7 @@
 """Every metric equals scikit-learn's; direction decides best epochs and gaps; thresholds are tuned."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -117,3 +118,33 @@ def test_label_thresholds_are_each_labels_grid_best_and_decisions_use_them():
     assert (decisions(biased, t, multilabel=True) == (biased >= t)).all()
     assert (decisions(biased, multilabel=True) == (biased >= 0.5)).all()
     assert (tune_label_thresholds("map", ML_LABELS, biased) == 0.5).all()  # a probability metric has none
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "balanced_accuracy", "f1", "f1_macro", "f1_micro", "qwk"])
+def test_decision_metrics_from_counts_equal_scikit_learn_classes_missing_included(metric):
+    """200 random cases: 2-6 classes, 1-400 rows, skewed so classes go missing from the labels, the decisions or
+    both, and the case of one class alone."""
+    from distrain.study.metrics import score_labels
+
+    reference = {
+        "accuracy": skm.accuracy_score,
+        "balanced_accuracy": skm.balanced_accuracy_score,
+        "f1": lambda y, p: skm.f1_score(y, p, zero_division=0),
+        "f1_macro": lambda y, p: skm.f1_score(y, p, average="macro", zero_division=0),
+        "f1_micro": lambda y, p: skm.f1_score(y, p, average="micro", zero_division=0),
+        "qwk": lambda y, p: skm.cohen_kappa_score(y, p, weights="quadratic"),
+    }[metric]
+    gen = np.random.default_rng(1)
+    for case in range(200):
+        classes = 2 if metric == "f1" else int(gen.integers(2, 7))
+        n = int(gen.integers(1, 400))
+        skew = gen.dirichlet(np.full(classes, 0.3))  # some classes all but absent
+        labels = gen.choice(classes, n, p=skew)
+        pred = np.where(gen.random(n) < 0.6, labels, gen.choice(classes, n, p=gen.dirichlet(np.ones(classes))))
+        if case % 50 == 0:
+            labels[:] = pred[:] = 1  # one class alone
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scikit-learn warns about the degenerate cases it scores
+            expected = reference(labels, pred)
+        got = score_labels(metric, labels, pred)
+        assert got == pytest.approx(expected, abs=1e-12, nan_ok=True), (case, labels, pred)
