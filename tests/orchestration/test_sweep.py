@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from distrain.config import load_config
 from distrain.orchestration.ledger import Ledger
 
-from conftest import child_env, e2e_timeout, last_line, postgres_server, run_cmd
+from conftest import child_env, distrain_cli, e2e_timeout, last_line, postgres_server, run_cmd
 
 TRIALS = 8
 BASE = [
@@ -116,7 +116,12 @@ def test_two_workers_share_the_trials_a_killed_workers_trial_is_failed_and_the_p
     assert not leaked  # neither the run directories nor the MLflow store (runs/mlflow.db) hold the password
 
 
-@pytest.mark.slow
+def sweep_in_process(capsys, monkeypatch, tmp_path, *extra):
+    """`distrain sweep` through the CLI's own main, in this process (a refusal needs no interpreter start)."""
+    monkeypatch.chdir(tmp_path)
+    return distrain_cli(capsys, *sweep_cmd(*BASE, *extra)[3:])
+
+
 @pytest.mark.parametrize(
     "space, message",
     [
@@ -124,23 +129,22 @@ def test_two_workers_share_the_trials_a_killed_workers_trial_is_failed_and_the_p
         ("optim.lr: {low: 0.1, high: 0.01}\n", "space: optim.lr: impossible range"),
     ],
 )
-def test_bad_space_exits_2_with_one_line_before_anything_is_written(tmp_path, space, message):
+def test_bad_space_exits_2_with_one_line_before_anything_is_written(tmp_path, space, message, capsys, monkeypatch):
     (tmp_path / "space.yaml").write_text(space)
-    proc = run_cmd(sweep_cmd(*BASE), tmp_path)
+    proc = sweep_in_process(capsys, monkeypatch, tmp_path)
     assert proc.returncode == 2 and message in last_line(proc.stderr), proc.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.slow
-def test_unreachable_storage_is_one_line_and_a_password_is_never_in_the_url(tmp_path):
+def test_unreachable_storage_is_one_line_and_a_password_is_never_in_the_url(tmp_path, capsys, monkeypatch):
     """The password comes from the environment (PGPASSWORD), as the refusal of one in the URL asks."""
     (tmp_path / "space.yaml").write_text(SPACE)
-    env = {"PGPASSWORD": "secret"}
-    proc = run_cmd(sweep_cmd(*BASE, "sweep.storage=postgresql://me@127.0.0.1:1/none"), tmp_path, env=env)
+    monkeypatch.setenv("PGPASSWORD", "secret")
+    proc = sweep_in_process(capsys, monkeypatch, tmp_path, "sweep.storage=postgresql://me@127.0.0.1:1/none")
     line = last_line(proc.stderr)
     assert proc.returncode == 2 and "sweep.storage: cannot open postgresql://***@127.0.0.1:1/none" in line, line
     assert "secret" not in proc.stderr + proc.stdout and not (tmp_path / "runs").exists()
-    proc = run_cmd(sweep_cmd(*BASE, "sweep.storage=postgresql://me:secret@127.0.0.1:1/none"), tmp_path)
+    proc = sweep_in_process(capsys, monkeypatch, tmp_path, "sweep.storage=postgresql://me:secret@127.0.0.1:1/none")
     line = last_line(proc.stderr)
     assert proc.returncode == 2 and "sweep.storage: the URL holds a password" in line and "PGPASSWORD" in line
     assert "secret" not in proc.stderr + proc.stdout and not (tmp_path / "runs").exists()
