@@ -476,13 +476,13 @@ class EnsembleConfig:
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
 
 
-_URL_PASSWORD = re.compile(r"^[\w+.-]+://[^/@\s:]*:[^/@\s]+@")
+_URL_PASSWORD = re.compile(r"^[\w+.-]+://[^:/@]*:[^@]+@|[?&](password|passwd)=", re.IGNORECASE)  # as SQLAlchemy reads
 
 
 def check_no_password(url: str, key: str) -> None:
-    """Refuse a URL in the config that carries a password: config.yaml is copied into the run directory, into
-    MLflow's artifacts and every job run's params, where anyone reading the study would see it."""
-    if _URL_PASSWORD.match(url):
+    """Refuse a URL that carries a password (`user:pw@`, or a `password=` query): a config is copied into the run
+    directory, into MLflow's artifacts and every job run's params, where anyone reading the study would see it."""
+    if _URL_PASSWORD.search(url):
         raise ConfigError(f"{key}: the URL holds a password, which would be saved in config.yaml and MLflow; leave "
                           f"it out and give it through the environment (PostgreSQL: PGPASSWORD or ~/.pgpass; an "
                           f"MLflow server: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")  # fmt: skip
@@ -518,7 +518,6 @@ class TrackingConfig:
     def __post_init__(self):
         if self.uri:
             check_tracking_uri(self.uri, "tracking.uri")
-            check_no_password(self.uri, "tracking.uri")
         _require(self.timeout_s > 0, "tracking.timeout_s", self.timeout_s, "> 0")
         _require(self.max_retries >= 0, "tracking.max_retries", self.max_retries, ">= 0")
 
@@ -550,7 +549,6 @@ class SweepConfig:
         _require(self.startup_trials >= 1, "sweep.startup_trials", self.startup_trials, ">= 1")
         _require(self.pruner in ("median", "none"), "sweep.pruner", self.pruner, "median or none")
         _require(self.pruner_startup_trials >= 1, "sweep.pruner_startup_trials", self.pruner_startup_trials, ">= 1")
-        check_no_password(self.storage, "sweep.storage")
 
 
 @dataclass(kw_only=True)
@@ -892,7 +890,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{p}: malformed YAML{where}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping at top level, got {type(raw).__name__}")
-    return config_from_dict(apply_overrides(raw, list(overrides)))
+    cfg = config_from_dict(apply_overrides(raw, list(overrides)))
+    check_no_password(cfg.tracking.uri, "tracking.uri")  # a new config only: a run directory's saved one is
+    check_no_password(cfg.sweep.storage, "sweep.storage")  # read as it is (made before this check, it still works)
+    return cfg
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -86,6 +86,8 @@ def test_every_shipped_config_parses():
         ("sweep:\n  storage: postgresql://me:s3cret@db/optuna\n", "sweep.storage: the URL holds a password"),
         ("tracking:\n  uri: postgresql+psycopg://me:s3cret@db/mlflow\n", "tracking.uri: the URL holds a password"),
         ("tracking:\n  uri: https://me:s3cret@mlflow.example.com\n", "MLFLOW_TRACKING_PASSWORD"),
+        ("sweep:\n  storage: postgresql://me:ab/cd+ef==@db/optuna\n", "sweep.storage: the URL holds a password"),
+        ("sweep:\n  storage: postgresql://me@db/optuna?password=s3cret\n", "sweep.storage: the URL holds a"),
     ],
 )
 def test_validation_messages_name_key_and_value(tmp_path, text, message):
@@ -102,6 +104,19 @@ def test_urls_without_a_password_are_accepted_and_a_refused_one_is_not_echoed(tm
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, "sweep:\n  storage: postgresql://me:s3cret@db/optuna\n"))
     assert "s3cret" not in str(e.value)
+
+
+def test_a_run_directory_saved_with_a_password_before_the_check_still_loads(tmp_path, monkeypatch):
+    """Its config.yaml is read as it is (`distrain status`, `aggregate`, a worker's check for growth); a tracking
+    URI with a password in the environment is refused where it is resolved (report.json would hold it)."""
+    from distrain.config import config_from_dict
+    from distrain.tracking.base import resolve_tracking_uri
+
+    saved = {"sweep": {"storage": "postgresql://me:s3cret@db/optuna"}}
+    assert config_from_dict(saved, check_models=False).sweep.storage.endswith("@db/optuna")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://me:s3cret@mlflow.example.com")
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI: the URL holds a password"):
+        resolve_tracking_uri("", tmp_path)
 
 
 def test_malformed_yaml_and_missing_file(tmp_path):

@@ -6,6 +6,7 @@ Everything is written into `<run_dir>/ensemble/` and `<run_dir>/report.json` ato
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -352,6 +353,13 @@ def write_model_artifacts(
     return dest
 
 
+def _settings_id(cfg: Config, store: OOFStore) -> str:
+    """A short name of what the ensembles were built from besides the plan: the ensemble settings (members,
+    registered ensemble, stacking's) and the columns that made it (failed or left-out jobs drop theirs)."""
+    settings = json.dumps({"ensemble": asdict(cfg.ensemble), "columns": store.columns}, sort_keys=True, default=str)
+    return hashlib.sha256(settings.encode()).hexdigest()[:12]
+
+
 def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, sources, review_files, report_path, fence) -> None:
     fence()
     parent = tracker.parent_run_id
@@ -369,7 +377,10 @@ def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, sources, revie
     tracker.log_artifact(parent, report_path)
 
     job_ids = [src.prefix + j.id for src in sources for j in expand_plan(src.cfg)]
-    plan = {"distrain.plan": plan_id(job_ids)}  # a grown study: new ensemble runs
+    plan = {  # a grown study, other ensemble settings or other columns: new ensemble runs (MLflow keeps params)
+        "distrain.plan": plan_id(job_ids),
+        "distrain.ensemble": _settings_id(cfg, store),
+    }
     voting = tracker.child_run(
         "voting",
         {

@@ -9,6 +9,7 @@ meta-learner are fitted on all OOF rows.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -176,21 +177,26 @@ def _singles(s: _Scorer, test_by_job: Optional[np.ndarray], scores: dict, preds:
 
 
 def _best_column_per_fold(s: _Scorer, best_k: int) -> tuple[np.ndarray, dict[str, str]]:
-    """OOF probabilities where each held-out fold is predicted by the column that scores best on the other folds,
-    and that column per fold. The best column's own CV is the best of n noisy scores on the very labels that chose
-    it (optimistic, more so with more columns); this one never uses a sample's label to choose the column that
-    predicts it. With one trained fold there are no other rows: the best column's own (`best_k`)."""
+    """OOF probabilities where each held-out fold is predicted by the column with the best mean score over the
+    other folds, and that column per fold. The best column's own CV is the best of n noisy scores on the very
+    labels that chose it (optimistic, more so with more columns); this one never uses a sample's label to choose
+    the column that predicts it. Each column is scored once per fold (the cost of one CV score per column, also
+    for ROC AUC). With one trained fold there are no other rows: the best column's own (`best_k`)."""
     store = s.store
     folds = sorted(set(store.folds.tolist()))
     out = store.oof[best_k].copy()
     if len(folds) < 2:
         return out, {str(f): store.columns[best_k] for f in folds}
+    held_out = [store.folds == f for f in folds]
+    per_fold = np.array([[score(s.metric, store.labels[h], store.oof[k][h]) for h in held_out]
+                         for k in range(len(store.columns))])  # fmt: skip
     chosen = {}
-    for f in folds:
-        held = store.folds == f
-        other = [score(s.metric, store.labels[~held], store.oof[k][~held]) for k in range(len(store.columns))]
-        k = best_index(s.metric, other)
-        out[held], chosen[str(f)] = store.oof[k][held], store.columns[k]
+    for i, f in enumerate(folds):
+        with warnings.catch_warnings():  # a column scored NaN on every other fold (one class there): never chosen
+            warnings.simplefilter("ignore", RuntimeWarning)
+            others = np.nanmean(np.delete(per_fold, i, axis=1), axis=1)
+        k = best_index(s.metric, others.tolist())
+        out[held_out[i]], chosen[str(f)] = store.oof[k][held_out[i]], store.columns[k]
     return out, chosen
 
 

@@ -40,8 +40,8 @@ def score_labels(metric: str, labels: np.ndarray, pred: np.ndarray) -> float:
         raise ValueError(f"unknown metric {metric!r}")
     if METRICS[metric].on_probabilities:
         raise ValueError(f"{metric} needs probabilities, not labels")
-    if labels.ndim == 1 and len(labels) and labels.min() >= 0 and pred.min() >= 0:
-        return _single_label_score(metric, labels, pred)
+    if _class_indices(labels) and _class_indices(pred):
+        return _single_label_score(metric, labels, pred.astype(np.int64, copy=False))
     if metric == "accuracy":
         return float(skm.accuracy_score(labels, pred))
     if metric == "balanced_accuracy":
@@ -52,29 +52,59 @@ def score_labels(metric: str, labels: np.ndarray, pred: np.ndarray) -> float:
     return float(skm.f1_score(labels, pred, average=average, zero_division=0))
 
 
+def _class_indices(a: np.ndarray) -> bool:
+    """A non-empty vector of non-negative integers (or bools): what the counting path takes."""
+    return a.ndim == 1 and len(a) > 0 and (a.dtype.kind in "biu") and int(a.min()) >= 0
+
+
 def _single_label_score(metric: str, labels: np.ndarray, pred: np.ndarray) -> float:
-    """scikit-learn's score of class indices, from one confusion matrix (np.bincount): the ensembles and the
-    threshold grids call this thousands of times per study, where scikit-learn's input checks and label sorting
-    cost more than the arithmetic. Classes are those in `labels` or `pred`, as scikit-learn's are; the binary
-    F1 is the positive class's (1). Equality with scikit-learn: tests/study/test_metrics.py."""
-    m = int(max(labels.max(), pred.max(), 1)) + 1
-    full = np.bincount(labels.astype(np.int64) * m + pred, minlength=m * m).reshape(m, m).astype(np.float64)
-    tp = np.diag(full)
+    """scikit-learn's score of class indices, from per-class counts (np.bincount): the ensembles and the threshold
+    grids call this thousands of times per study, where scikit-learn's input checks and label sorting cost more
+    than the arithmetic. Classes are those in `labels` or `pred`, as scikit-learn's are; the binary F1 is the
+    positive class's (1). O(rows + classes), but QWK (a confusion matrix over the classes present). Bit for bit
+    equal to scikit-learn's: tests/study/test_metrics.py."""
+    labels = labels.astype(np.int64, copy=False)
+    if metric == "qwk":
+        return _qwk(labels, pred)
+    tp, true, predicted = _class_counts(labels, pred)
     if metric == "f1":
-        return _f1(tp[1], full[:, 1].sum() - tp[1], full[1].sum() - tp[1])
-    present = (full.sum(axis=0) + full.sum(axis=1)) > 0
-    cm = full[present][:, present]
-    tp, true, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+        return _f1(tp[1], predicted[1] - tp[1], true[1] - tp[1])
+    present = (true + predicted) > 0
+    tp, true, predicted = tp[present], true[present], predicted[present]
     if metric in ("accuracy", "f1_micro"):  # micro F1 of single-label decisions is their accuracy
         return float(tp.sum() / len(labels))
     if metric == "balanced_accuracy":
         return float(np.mean(tp[true > 0] / true[true > 0]))
-    if metric == "f1_macro":
-        return float(np.mean([_f1(t, p - t, r - t) for t, p, r in zip(tp, predicted, true)]))
-    k = np.arange(len(cm))  # qwk: quadratic weights over the classes' positions, as scikit-learn's
+    return float(np.mean([_f1(t, p - t, r - t) for t, p, r in zip(tp, predicted, true)]))  # f1_macro
+
+
+def _class_counts(labels: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class id 0..max: (true positives, samples labelled, samples predicted), as floats. Few classes: one
+    bincount of the confusion matrix (the fastest); many: three bincounts, so memory stays O(rows + classes)."""
+    m = int(max(labels.max(), pred.max(), 1)) + 1
+    if m * m <= 4 * len(labels) + 4096:
+        cm = np.bincount(labels * m + pred, minlength=m * m).reshape(m, m).astype(np.float64)
+        return np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    true = np.bincount(labels, minlength=m).astype(np.float64)
+    predicted = np.bincount(pred, minlength=m).astype(np.float64)
+    return np.bincount(labels[labels == pred], minlength=m).astype(np.float64), true, predicted
+
+
+def _qwk(labels: np.ndarray, pred: np.ndarray) -> float:
+    """Quadratic weighted kappa over the classes present, weighted by their positions, in scikit-learn's order of
+    operations (so that the result is bit-identical). NaN with one class, as scikit-learn's."""
+    m = int(max(labels.max(), pred.max())) + 1
+    if m * m > 4 * len(labels) + 4096:  # sparse class ids: renumber those present first
+        _, ids = np.unique(np.concatenate([labels, pred]), return_inverse=True)
+        labels, pred, m = ids[: len(labels)], ids[len(labels) :], int(ids.max()) + 1
+    cm = np.bincount(labels * m + pred, minlength=m * m).reshape(m, m)
+    present = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
+    cm = cm[present][:, present]
+    k = np.arange(len(cm))
     weights = (k[:, None] - k[None, :]) ** 2
-    with np.errstate(invalid="ignore", divide="ignore"):  # one class present: 0 / 0 = NaN, as scikit-learn's
-        return float(1 - (weights * cm).sum() / (weights * np.outer(true, predicted) / len(labels)).sum())
+    expected = np.outer(cm.sum(axis=0), cm.sum(axis=1)) / cm.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(1 - np.sum(weights * cm) / np.sum(weights * expected))
 
 
 def _f1(tp: float, fp: float, fn: float) -> float:

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Optional
 
-from distrain.config import check_tracking_uri
+from distrain.config import check_no_password, check_tracking_uri
 
 
 def resolve_tracking_uri(configured: str, run_root: str | Path) -> str:
@@ -21,6 +21,7 @@ def resolve_tracking_uri(configured: str, run_root: str | Path) -> str:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         check_tracking_uri(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")
+        check_no_password(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")  # report.json would hold it
         return os.environ["MLFLOW_TRACKING_URI"]
     return "sqlite:///" + str((Path(run_root) / "mlflow.db").resolve())
 

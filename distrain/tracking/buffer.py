@@ -50,6 +50,7 @@ def sync_buffers(tracker: MlflowTracker, wait: bool = True) -> Optional[dict]:
             _replay(tracker, path, state, state_path, creations=True)
         _record_real_runs(tracker, state["ids"])
         _replace_in_report(tracker.run_dir / "report.json", state["ids"])
+        tracker.begin_replay(_reopened_job_runs(files, state["ids"]))
         synced = sum(_replay(tracker, path, state, state_path, creations=False) for path in files)
         if study.startswith(PLACEHOLDER):
             tracker.parent_run_id = state["ids"][study]
@@ -77,6 +78,17 @@ def _replay(tracker: MlflowTracker, path: Path, state: dict, state_path: Path, c
         progress[path.name] = n + 1
         atomic_write_json(state_path, state)
     return calls
+
+
+def _reopened_job_runs(files: list[Path], ids: dict[str, str]) -> set[str]:
+    """The real ids of the job runs a buffered attempt reopened: rows sent to them are checked against the store."""
+    reopened = set()
+    for path in files:
+        for line in path.read_text().splitlines():
+            op = json.loads(line) if line.strip() else {}
+            if op.get("op") == "reopen_run" and op.get("dedupe"):
+                reopened.add(ids.get(op["run"], op["run"]))
+    return reopened
 
 
 def _with_retries(call, attempts: int = 4, first_wait_s: float = 0.5):

@@ -74,6 +74,8 @@ class MlflowTracker(Tracker):
                 self._go_offline(e)
         self.records = RunRecords(run_dir, tracking_uri)
         self._logged_steps: dict[str, dict[str, int]] = {}  # per reopened run: metric -> last step in the store
+        self._replay_dedupe: set[str] = set()  # sync: job runs reopened by a later attempt (`begin_replay`)
+        self._held: dict[str, set[tuple[str, int]]] = {}  # sync: (metric, step) each of those runs holds
         self._study_marked_running = False
         self.parent_run_id = self._study_run()
 
@@ -126,9 +128,8 @@ class MlflowTracker(Tracker):
                     + same_tags,
                     max_results=1,
                 )
-                if found:  # the same stage of the same plan with the same params: rows it holds are not repeated
+                if found:  # the same stage of the same plan and settings: its new rows show its latest scores
                     self.client.update_run(found[0].info.run_id, status="RUNNING")
-                    self._logged_steps[found[0].info.run_id] = self._last_steps(found[0].info.run_id)
                     return found[0].info.run_id
             created = self.client.create_run(
                 self.experiment_id, run_name=op["name"], tags={PARENT_TAG: parent, **op["tags"]}
@@ -140,9 +141,13 @@ class MlflowTracker(Tracker):
         if kind == "log_metrics":
             from mlflow.entities import Metric
 
-            logged = self._logged_steps.get(run, {})  # replayed by sync: a resumed attempt's repeats stay out
-            metrics = [Metric(k, v, op["timestamp"], op["step"]) for k, v in op["metrics"].items()
-                       if op["step"] > logged.get(k, -1)]  # fmt: skip
+            metrics = [Metric(k, v, op["timestamp"], op["step"]) for k, v in op["metrics"].items()]
+            if run in self._replay_dedupe:  # replayed by sync: no (metric, step) a job's run holds goes twice
+                held = self._held.get(run)
+                if held is None:  # read once per sync: what earlier attempts (or an interrupted sync) sent
+                    held = self._held[run] = self._held_pairs(run)
+                metrics = [m for m in metrics if (m.key, m.step) not in held]
+                held.update((m.key, m.step) for m in metrics)
             if metrics:
                 self.client.log_batch(run, metrics=metrics)
         elif kind == "log_artifact":
@@ -153,7 +158,6 @@ class MlflowTracker(Tracker):
             self.client.update_run(run, status="RUNNING")
             for key, value in op["tags"].items():
                 self.client.set_tag(run, key, value)
-            self._logged_steps[run] = self._last_steps(run)
         elif kind == "log_ensemble_model":
             return self._log_ensemble_model_now(run, Path(op["artifacts_dir"]), op["registered_name"])
         else:
@@ -273,7 +277,7 @@ class MlflowTracker(Tracker):
 
     def _reopen(self, run_id: str, tags: dict[str, str]) -> bool:
         """Mark the job's recorded run RUNNING again with this attempt's tags; False if the store lost it."""
-        op = {"op": "reopen_run", "run": run_id, "tags": tags}
+        op = {"op": "reopen_run", "run": run_id, "tags": tags, "dedupe": True}  # sync: see begin_replay
         if self.offline or run_id.startswith(PLACEHOLDER):
             self._submit(op)
             return True
@@ -282,6 +286,7 @@ class MlflowTracker(Tracker):
             if run.info.lifecycle_stage == "deleted":
                 return False
             self.execute(op, {})
+            self._logged_steps[run_id] = {key: max(steps) for key, steps in self._history(run_id).items()}
             return True
         except Exception as e:
             if _is_missing_run(e):
@@ -290,11 +295,19 @@ class MlflowTracker(Tracker):
             self._submit(op)
             return True
 
-    def _last_steps(self, run_id: str) -> dict[str, int]:
-        """metric -> the last step the store holds for it in this run: what a reopening attempt must not log
-        again (now, or when sync replays what it buffered offline)."""
+    def _history(self, run_id: str) -> dict[str, list[int]]:
+        """metric -> the steps the store holds for it in this run."""
         run = self.client.get_run(run_id)
-        return {key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in run.data.metrics}
+        return {key: [m.step for m in self.client.get_metric_history(run_id, key)] for key in run.data.metrics}
+
+    def _held_pairs(self, run_id: str) -> set[tuple[str, int]]:
+        return {(key, step) for key, steps in self._history(run_id).items() for step in steps}
+
+    def begin_replay(self, reopened: set[str]) -> None:
+        """Sync is about to replay buffered calls: the job runs in `reopened` (real ids) were reopened by a later
+        attempt, so their rows may repeat steps an earlier attempt logged, in whichever order the buffer files
+        come, or may have been sent by a sync that was interrupted. Each (metric, step) is sent to them once."""
+        self._replay_dedupe, self._held = set(reopened), {}
 
     def _mark_study_running(self) -> None:
         """The study run is RUNNING while jobs train (the aggregation ends it); opening a tracker alone, as a
