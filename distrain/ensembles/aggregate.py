@@ -355,7 +355,8 @@ def write_model_artifacts(
 
 def _settings_id(cfg: Config, store: OOFStore) -> str:
     """A short name of what the ensembles were built from besides the plan: the ensemble settings (members,
-    registered ensemble, stacking's) and the columns that made it (failed or left-out jobs drop theirs)."""
+    registered ensemble, stacking's) and the columns that made it (failed or left-out jobs drop theirs). Ensemble
+    runs are reused only for the same plan and settings id: MLflow keeps a run's first params."""
     settings = json.dumps({"ensemble": asdict(cfg.ensemble), "columns": store.columns}, sort_keys=True, default=str)
     return hashlib.sha256(settings.encode()).hexdigest()[:12]
 
@@ -377,10 +378,7 @@ def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, sources, revie
     tracker.log_artifact(parent, report_path)
 
     job_ids = [src.prefix + j.id for src in sources for j in expand_plan(src.cfg)]
-    plan = {  # a grown study, other ensemble settings or other columns: new ensemble runs (MLflow keeps params)
-        "distrain.plan": plan_id(job_ids),
-        "distrain.ensemble": _settings_id(cfg, store),
-    }
+    plan = {"distrain.plan": plan_id(job_ids), "distrain.ensemble": _settings_id(cfg, store)}  # else new runs
     voting = tracker.child_run(
         "voting",
         {

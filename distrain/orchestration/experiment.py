@@ -214,6 +214,9 @@ class JobRunner:
             study.tracker.end_run(run_id, "KILLED")
             raise Preempted(str(claim)) from None
         except BaseException as e:
+            if study.is_primary and not isinstance(e, KeyboardInterrupt) and not study.ledger.owns(claim):
+                # a stale owner (frozen, then woken) failing on files the new owner moved: not its run to end
+                raise LeaseLost(f"{claim}: failed after losing the job ({type(e).__name__}: {e})") from None
             study.tracker.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
         if not study.on_primary(lambda: self._finish_job(claim, result, run_id)):

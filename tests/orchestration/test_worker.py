@@ -199,3 +199,39 @@ def test_stress_three_workers_sigkilled_and_restarted(tmp_path):
     expired = [r for r in history if r["status"] == "expired"]
     assert expired, "no kill hit a running job: the test did not exercise lease takeover"
     print(f"stress: {kills} kills, {len(history)} attempts, {len(expired)} expired leases taken over")
+
+
+def test_a_stale_owner_failing_after_a_takeover_leaves_the_new_owners_run_alone(tmp_path, monkeypatch):
+    """A frozen owner, woken after another worker took its job over and finished it, fails on a file the new
+    owner removed (its checkpoint rename: FileNotFoundError). That is a lost attempt (LeaseLost), and the job's
+    MLflow run, the new owner's, is not ended FAILED; an owner that still holds the job fails as before."""
+    from types import SimpleNamespace
+
+    from distrain.errors import LeaseLost
+    from distrain.orchestration.experiment import JobRunner
+    from distrain.study.plan import Job
+    from distrain.training import loop
+
+    def fit_job(*args):
+        raise FileNotFoundError("state/.state-000000029.pt.tmp -> state/state-000000029.pt")
+
+    monkeypatch.setattr(loop, "fit_job", fit_job)
+    ledger = Ledger(tmp_path, lease_timeout_s=0.2)
+    stale = ledger.try_claim("m-s1-f0", "a")
+    ended = []
+    tracker = SimpleNamespace(start_job=lambda *a: "run-1", end_run=lambda run, status: ended.append(status))
+    cfg = SimpleNamespace(run_dir=tmp_path, scheduler=SimpleNamespace(checkpoint_every_s=60, keep_checkpoints=2))
+    study = SimpleNamespace(cfg=cfg, run_dir=tmp_path, plan=[Job("m", 1, 0)], tracker=tracker, ledger=ledger,
+                            is_primary=True, on_primary=lambda fn: fn(), worker="a", index=None,
+                            manifest=SimpleNamespace(fold_of_sample={}), accelerator=None)  # fmt: skip
+    monkeypatch.setattr("distrain.orchestration.phases.job_params", lambda cfg, job: {})
+    beat = SimpleNamespace(progress={}, lost=SimpleNamespace(is_set=lambda: False))
+    time.sleep(0.3)
+    fresh = ledger.try_claim("m-s1-f0", "b")  # the lease expired: b takes the job over
+    assert fresh is not None
+    with pytest.raises(LeaseLost, match="failed after losing the job"):
+        JobRunner(study, stop=SimpleNamespace(is_set=lambda: False)).run(stale, beat)
+    assert ended == []  # b's run is left alone
+    with pytest.raises(FileNotFoundError):
+        JobRunner(study, stop=SimpleNamespace(is_set=lambda: False)).run(fresh, beat)
+    assert ended == ["FAILED"]  # the owner's own failure ends its run
