@@ -29,6 +29,7 @@ from pathlib import Path
 
 from distrain.console import route_library_output
 from distrain.errors import BadInput, Preempted, exit_with_line, refuse, storage_error
+from distrain.names import AttemptEnd, JobStatus
 
 
 def _data(args) -> int:
@@ -76,14 +77,14 @@ def _status_rows(run_dir: Path) -> dict:
     for job in plan:
         st = ledger.state(job.id).to_dict()
         problem = job_files_problem(run_dir, job)
-        if st["status"] != "done" and problem is None:  # finished before the ledger recorded it
-            st["status"] = "done"
-        elif st["status"] == "done" and problem is not None:  # the next run of the main command retrains it
-            st["status"], st["last_error"] = "damaged", problem
-        st["val_score"] = read_done(run_dir, job)["val_score"] if st["status"] == "done" else None
+        if st["status"] != JobStatus.DONE and problem is None:  # finished before the ledger recorded it
+            st["status"] = JobStatus.DONE
+        elif st["status"] == JobStatus.DONE and problem is not None:  # the next run of the main command retrains it
+            st["status"], st["last_error"] = AttemptEnd.DAMAGED, problem
+        st["val_score"] = read_done(run_dir, job)["val_score"] if st["status"] == JobStatus.DONE else None
         rows.append(st)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("pending", "running", "done", "failed", "damaged")}
-    counts = {s: n for s, n in counts.items() if n or s != "damaged"}
+    counts = {s: sum(r["status"] == s for r in rows) for s in (*JobStatus, AttemptEnd.DAMAGED)}
+    counts = {s: n for s, n in counts.items() if n or s != AttemptEnd.DAMAGED}
     return {
         "run_dir": str(run_dir),
         "counts": counts,
@@ -104,7 +105,7 @@ def _status(args) -> int:
         p = r["progress"]
         progress = (
             f"ep {p.get('epoch', 0) + 1}/{p.get('epochs', '?')} st {p.get('step', 0)}/{p.get('steps', '?')}"
-            if r["status"] == "running" and "epochs" in p
+            if r["status"] == JobStatus.RUNNING and "epochs" in p
             else ""
         )
         age = f"{r['heartbeat_age_s']:.0f}s ago" if r["heartbeat_age_s"] is not None else ""
@@ -135,14 +136,17 @@ def _retry(args) -> int:
     unknown = sorted(set(args.job) - set(job_ids))
     if unknown:
         raise BadInput(f"retry: {unknown[0]!r} is not a job of {run_dir} (its jobs: {', '.join(job_ids)})")
-    failed = [s.job_id for s in ledger.states(args.job or job_ids) if s.status == "failed"]
+    failed = [s.job_id for s in ledger.states(args.job or job_ids) if s.status == JobStatus.FAILED]
     aggregation = ledger.state(aggregate_id(job_ids))
-    if not failed and aggregation.status != "failed":
+    if not failed and aggregation.status != JobStatus.FAILED:
         print(f"distrain: {run_dir}: nothing to retry (no job failed for good)")
         return 0
-    retried = [j for j in failed if ledger.requeue(j, "distrain retry", mark="retried")]
-    if aggregation.status in ("done", "failed"):  # it ran without them (or failed): once more, with them
-        ledger.requeue(aggregation.job_id, "distrain retry", mark="retried")
+    retried = [j for j in failed if ledger.requeue(j, "distrain retry", mark=AttemptEnd.RETRIED)]
+    if aggregation.status in (
+        JobStatus.DONE,
+        JobStatus.FAILED,
+    ):  # it ran without them (or failed): once more, with them
+        ledger.requeue(aggregation.job_id, "distrain retry", mark=AttemptEnd.RETRIED)
     print(f"distrain: {len(retried)} job(s) pending again{': ' + ', '.join(retried) if retried else ''}; run the main "
           f"command (or `distrain schedule`) with the same config to train them and aggregate")  # fmt: skip
     return 0

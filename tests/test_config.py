@@ -4,10 +4,10 @@ from distrain.config import (
     ConfigError,
     apply_overrides,
     config_differences,
-    growth_differences,
     load_config,
     parse_override,
 )
+from distrain.orchestration.growth import growth_differences
 
 from conftest import REPO
 

@@ -28,6 +28,7 @@ from distrain.data.pack import ensure_digits
 from distrain.distributed import runtime
 from distrain.errors import DataError, Interrupted, LeaseLost, Preempted
 from distrain.fsutil import atomic_write_json
+from distrain.names import JobStatus
 from distrain.orchestration import phases
 from distrain.orchestration.ledger import Claim, Heartbeat, JobState, Ledger, aggregate_id, default_worker_id
 from distrain.orchestration.worker import WorkerOutcome, run_worker
@@ -247,7 +248,7 @@ class JobRunner:
 def aggregate(study: Study, states: list[JobState], claim: Claim) -> None:
     """The aggregation step (claimed like a job, run once): report.json, ensembles, the printed table; each
     write fenced by the claim, so an aggregator frozen past its lease publishes nothing when it wakes."""
-    failed = [{"id": s.job_id, "error": s.last_error} for s in states if s.status == "failed"]
+    failed = [{"id": s.job_id, "error": s.last_error} for s in states if s.status == JobStatus.FAILED]
     labels = {**study.index.labels_of("cv"), **study.index.labels_of("test")}
 
     def stop_point() -> None:  # SIGTERM while the ensembles were computed: publish nothing, hand the step back
@@ -299,7 +300,7 @@ def _say_nothing_was_trained(study: Study) -> None:
     """A rerun of a finished run directory: show its report again and say why nothing was trained."""
     from distrain.ensembles.report import format_table, read_report
 
-    if study.ledger.state(aggregate_id([j.id for j in study.plan])).status != "done":
+    if study.ledger.state(aggregate_id([j.id for j in study.plan])).status != JobStatus.DONE:
         return  # other workers still train, or something failed (said above)
     report = read_report(study.run_dir)
     if report is not None:

@@ -37,10 +37,14 @@ from typing import Optional
 from distrain.errors import LeaseLost
 from distrain.fsutil import atomic_write_json, create_exclusive_json
 from distrain.fsutil import read_json_if_complete as _read_json
+from distrain.names import AttemptEnd, JobStatus
 from distrain.study.plan import plan_id
 
-TERMINAL = ("done", "failed")
-REQUEUED = ("damaged", "retried")  # not a worker's attempt: the job was made pending again, and starts afresh
+TERMINAL = (JobStatus.DONE, JobStatus.FAILED)
+REQUEUED = (
+    AttemptEnd.DAMAGED,
+    AttemptEnd.RETRIED,
+)  # not a worker's attempt: the job was made pending again, and starts afresh
 _ATTEMPT = re.compile(r"^attempt-(\d{6})\.(json|hb|end)$")
 
 
@@ -78,7 +82,7 @@ class Attempt:
 @dataclass
 class JobState:
     job_id: str
-    status: str  # pending | running | done | failed
+    status: JobStatus
     attempts: list[Attempt] = field(default_factory=list)
     errors: int = 0  # attempts that ended `failed`
     lost: int = 0  # attempts whose owner vanished (`expired`, or overdue and not yet marked)
@@ -150,28 +154,28 @@ class Ledger:
         """The job's status derived from its attempts."""
         now = time.time() if now is None else now
         attempts = self.attempts(job_id)
-        st = JobState(job_id=job_id, status="pending", attempts=attempts)
+        st = JobState(job_id=job_id, status=JobStatus.PENDING, attempts=attempts)
         requeued = [i for i, a in enumerate(attempts) if (a.end or {}).get("status") in REQUEUED]
         current = attempts[requeued[-1] + 1 :] if requeued else attempts  # a re-queued job starts afresh
         for a in current:
             status = (a.end or {}).get("status")
-            if status == "failed":
+            if status == JobStatus.FAILED:
                 st.errors += 1
                 st.last_error = a.end.get("error", "")
-            elif status == "expired":
+            elif status == AttemptEnd.EXPIRED:
                 st.lost += 1
         last = attempts[-1] if attempts else None
-        if any((a.end or {}).get("status") == "done" for a in current):
-            st.status = "done"
+        if any((a.end or {}).get("status") == AttemptEnd.DONE for a in current):
+            st.status = JobStatus.DONE
         elif last is not None and last.end is None:
             age = now - last.last_seen
             if age <= self.lease_timeout_s:
-                st.status, st.owner, st.heartbeat_age_s = "running", last.worker, age
+                st.status, st.owner, st.heartbeat_age_s = JobStatus.RUNNING, last.worker, age
                 st.progress = (last.heartbeat or {}).get("progress", {})
             else:
                 st.lost += 1  # overdue: counts as lost even before someone marks it expired
-        if st.status == "pending" and (st.errors >= self.max_retries or st.lost >= self.max_lost_leases):
-            st.status = "failed"
+        if st.status == JobStatus.PENDING and (st.errors >= self.max_retries or st.lost >= self.max_lost_leases):
+            st.status = JobStatus.FAILED
             if not st.last_error:
                 st.last_error = (
                     f"owner lost {st.lost} times (killed or node lost; max_lost_leases={self.max_lost_leases})"
@@ -187,14 +191,14 @@ class Ledger:
         """Claim `job_id` if it is pending (never claimed, preempted, or its owner's lease expired).
         Returns the claim, or None when the job is not claimable or another worker won the race."""
         st = self.state(job_id)
-        if st.status != "pending":
+        if st.status != JobStatus.PENDING:
             return None
         last = st.attempts[-1] if st.attempts else None
         if last is not None and last.end is None:  # overdue owner: record it before taking over
             expired = create_exclusive_json(
                 self._dir(job_id) / f"attempt-{last.number:06d}.end",
                 {
-                    "status": "expired",
+                    "status": AttemptEnd.EXPIRED,
                     "time": time.time(),
                     "last_heartbeat": last.last_seen,
                     "error": f"no heartbeat for > {self.lease_timeout_s:g} s",
@@ -208,14 +212,14 @@ class Ledger:
             return None
         return Claim(job_id=job_id, attempt=number, worker=worker)
 
-    def requeue(self, job_id: str, reason: str, mark: str = "damaged") -> bool:
+    def requeue(self, job_id: str, reason: str, mark: AttemptEnd = AttemptEnd.DAMAGED) -> bool:
         """Make a job pending again, recorded as an attempt that ended `mark` with the reason: `damaged` for a done
         job whose files were found damaged or lost, `retried` for a job failed for good whose cause was fixed
         (`distrain retry`; also an aggregation that must run again). The attempts before it no longer count. False
         if the job is not done (damaged) or settled (retried), e.g. another worker re-queued or claimed it first."""
         assert mark in REQUEUED, mark
         st = self.state(job_id)
-        if st.status not in (("done",) if mark == "damaged" else TERMINAL):
+        if st.status not in ((JobStatus.DONE,) if mark == AttemptEnd.DAMAGED else TERMINAL):
             return False  # re-queued by another worker meanwhile (and perhaps claimed already)
         number = (st.attempts[-1].number if st.attempts else 0) + 1
         claim = {"worker": "requeue", "host": socket.gethostname(), "pid": os.getpid(), "claimed_at": time.time()}
@@ -257,7 +261,7 @@ class Ledger:
 
     def finish(self, claim: Claim, status: str, error: str = "") -> bool:
         """End the attempt as done / failed / preempted. False if it had already ended (lost lease)."""
-        assert status in ("done", "failed", "preempted"), status
+        assert status in (AttemptEnd.DONE, AttemptEnd.FAILED, AttemptEnd.PREEMPTED), status
         hb = _read_json(self._dir(claim.job_id) / f"attempt-{claim.attempt:06d}.hb")
         return create_exclusive_json(
             self._dir(claim.job_id) / f"attempt-{claim.attempt:06d}.end",

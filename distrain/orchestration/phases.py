@@ -14,9 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from distrain.config import Config, apply_overrides, config_from_dict, dump_yaml, flatten, growth_differences, yaml_load
+from distrain.config import Config, apply_overrides, config_from_dict, dump_yaml, flatten, yaml_load
 from distrain.errors import ConfigError, DataError, Preempted
 from distrain.fsutil import atomic_write_text
+from distrain.names import JobStatus
+from distrain.orchestration.growth import growth_differences
 from distrain.orchestration.ledger import Ledger
 from distrain.study.plan import Job
 from distrain.tracking.base import Tracker, resolve_tracking_uri
@@ -143,14 +145,14 @@ def requeue_damaged_jobs(run_dir: Path, ledger: Ledger, plan: list[Job], log: Ca
 
     requeued = []
     for job in plan:
-        if ledger.state(job.id).status != "done" or (problem := job_files_problem(run_dir, job)) is None:
+        if ledger.state(job.id).status != JobStatus.DONE or (problem := job_files_problem(run_dir, job)) is None:
             continue
         aside = set_aside_job_files(run_dir, job)
         if ledger.requeue(job.id, problem):
             log(f"distrain: {job.id}: {problem}; its files are set aside in {aside} and it is trained again")
             requeued.append(job.id)
     aggregation = aggregate_id([j.id for j in plan])
-    if requeued and ledger.state(aggregation).status == "done":
+    if requeued and ledger.state(aggregation).status == JobStatus.DONE:
         ledger.requeue(aggregation, f"jobs trained again: {', '.join(requeued)}")
     return requeued
 
@@ -158,7 +160,9 @@ def requeue_damaged_jobs(run_dir: Path, ledger: Ledger, plan: list[Job], log: Ca
 def failed_jobs(ledger: Ledger, plan: list[Job]) -> list[dict]:
     """[{id, error}] of the jobs the ledger marked failed for good."""
     return [
-        {"id": s.job_id, "error": s.last_error} for s in ledger.states([j.id for j in plan]) if s.status == "failed"
+        {"id": s.job_id, "error": s.last_error}
+        for s in ledger.states([j.id for j in plan])
+        if s.status == JobStatus.FAILED
     ]
 
 

@@ -29,6 +29,7 @@ from distrain.config import Config, ConfigError, dump_yaml
 from distrain.distributed import runtime
 from distrain.errors import Interrupted, LeaseLost, Preempted
 from distrain.fsutil import atomic_write_json, atomic_write_text
+from distrain.names import JobStatus
 from distrain.orchestration.experiment import Study, claim_and_run, start_study
 from distrain.orchestration.ledger import Claim, Heartbeat, JobState
 from distrain.orchestration.worker import WorkerOutcome
@@ -221,7 +222,7 @@ def finish_sweep(study: Study, optuna_study: optuna.Study, base: Config, states:
         "metric": base.train.metric,
         "direction": optuna_study.direction.name.lower(),
         "slots": len(states),
-        "failed_slots": [s.job_id for s in states if s.status == "failed"],
+        "failed_slots": [s.job_id for s in states if s.status == JobStatus.FAILED],
         "counts": {state.name: sum(t.state == state for t in trials) for state in TrialState},
         "trials": [
             {

@@ -36,6 +36,7 @@ from distrain.errors import (
     Preempted,
     storage_error,
 )
+from distrain.names import AttemptEnd, JobStatus
 from distrain.orchestration.ledger import TERMINAL, Claim, Heartbeat, JobState, Ledger, aggregate_id
 
 T = TypeVar("T")
@@ -112,15 +113,15 @@ def run_worker(
         if claim is not None:
             log(f"distrain: {worker} claimed {claim.job_id} (attempt {claim.attempt})")
             status = loop.run_claimed(claim, lambda beat, claim=claim: run_job(claim, beat))
-            out.trained += [claim.job_id] if status == "done" else []
-            if status == "preempted":
+            out.trained += [claim.job_id] if status == JobStatus.DONE else []
+            if status == AttemptEnd.PREEMPTED:
                 break
             continue
         states = loop.ledger_op(lambda: ledger.states(job_ids))
         if all(s.status in TERMINAL for s in states):
             status = loop.try_aggregate(lambda claim, states=states: aggregate(states, claim))
-            out.aggregated = out.aggregated or status == "done"
-            if status == "preempted":
+            out.aggregated = out.aggregated or status == JobStatus.DONE
+            if status == AttemptEnd.PREEMPTED:
                 break
             if status is not None:
                 continue  # look at the ledger again: the aggregation may need another try
@@ -166,9 +167,9 @@ class _ClaimLoop:
         try:
             with beat:
                 body(beat)
-            status, error = "done", ""
+            status, error = AttemptEnd.DONE, ""
         except Preempted:
-            status, error = "preempted", ""
+            status, error = AttemptEnd.PREEMPTED, ""
         except LeaseLost:
             status, error = "lost", ""
             self.log(f"distrain: {claim.job_id}: taken over by another worker (lease lost); attempt "
@@ -178,20 +179,20 @@ class _ClaimLoop:
         except Exception as e:  # the attempt fails; the other jobs go on
             if storage_error(e) is not None:  # disk full / read-only: the next job would fail alike
                 self._stop_for_good(claim, storage_error(e))
-            status, error = "failed", f"{type(e).__name__}: {e}"
+            status, error = AttemptEnd.FAILED, f"{type(e).__name__}: {e}"
             self.log(f"distrain: {claim.job_id} failed (attempt {claim.attempt}): {error}")
             if self.is_primary:
                 self.log(traceback.format_exc())
         if status != "lost" and not self.ledger_op(lambda: self.ledger.finish(claim, status, error)):
             status = "lost"  # it had ended meanwhile: another worker took it over, its record stands
-        self.preempted = self.preempted or status == "preempted"
+        self.preempted = self.preempted or status == AttemptEnd.PREEMPTED
         return status
 
     def _stop_for_good(self, claim: Claim, error: BadInput) -> NoReturn:
         """End the attempt as failed and stop the worker with `error`'s one line: no retry would go otherwise."""
         if self.is_primary:  # the ledger directly: the other ranks may be inside a collective
-            self.ledger.finish(claim, "failed", f"{type(error).__name__}: {error}")
-            if self.ledger.state(claim.job_id).status == "failed":  # no retries left: say how to revive it
+            self.ledger.finish(claim, AttemptEnd.FAILED, f"{type(error).__name__}: {error}")
+            if self.ledger.state(claim.job_id).status == JobStatus.FAILED:  # no retries left: say how to revive it
                 raise type(error)(f"{error}; {claim.job_id} failed for good: once the cause is fixed, `distrain "
                                   f"retry --run-dir {self.ledger.root.parent}` and run again") from None  # fmt: skip
         raise error from None
@@ -213,7 +214,7 @@ class _ClaimLoop:
         """The jobs (and aggregation) failed for good; says why, so a non-zero exit is explained even on a
         rerun that did nothing."""
         final = self.ledger_op(lambda: self.ledger.states(mine + [self.aggregate_id]))
-        failed = [s for s in final if s.status == "failed"]
+        failed = [s for s in final if s.status == JobStatus.FAILED]
         if failed and self.is_primary:
             self.log(
                 "distrain: failed for good (retries used up): "
