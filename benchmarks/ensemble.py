@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from distrain.config import EnsembleConfig
 from distrain.ensembles.combine import run_ensembles
 from distrain.ensembles.store import OOFStore
 
@@ -65,7 +66,7 @@ def main():
         "total": dict(stacking=True),
     }.items():
         t0 = time.perf_counter()
-        full = run_ensembles(store, "accuracy", **kwargs)
+        full = run_ensembles(store, "accuracy", EnsembleConfig(**kwargs))
         timed[stage] = time.perf_counter() - t0
     cv = {name: s["cv"] for name, s in full.scores.items()}
     for name, s in full.scores.items():

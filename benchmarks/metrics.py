@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
+from distrain.config import EnsembleConfig
 from distrain.study.metrics import score_labels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.ensemble's synthetic store
@@ -79,7 +80,7 @@ def ensemble_stage(samples: int) -> dict:
     for name, impl in (("counts", counts), ("sklearn", lambda metric, y, p: float(SKLEARN[metric](y, p)))):
         metrics._single_label_score = impl
         t0 = time.perf_counter()
-        scores = run_ensembles(store, "f1_macro", stacking=False).scores
+        scores = run_ensembles(store, "f1_macro", EnsembleConfig(stacking=False)).scores
         out[f"{name}_s"] = round(time.perf_counter() - t0, 2)
         out[f"{name}_selection_cv"] = round(scores["selection"]["cv"], 6)
     metrics._single_label_score = counts

@@ -156,7 +156,9 @@ def _aggregate(args) -> int:
     """One run directory's ensembles again, or one ensemble over several that share a fold manifest."""
     from distrain.data.index import read_index
     from distrain.ensembles.aggregate import Source
+    from distrain.ensembles.store import SampleTruth
     from distrain.orchestration import phases
+    from distrain.orchestration.aggregation import aggregate_study
     from distrain.orchestration.combined import combine_run_dirs, refuse_combined
     from distrain.study.folds import FoldManifest
     from distrain.study.plan import expand_plan
@@ -179,16 +181,9 @@ def _aggregate(args) -> int:
         for src in sources
         for f in phases.failed_jobs(phases.open_ledger(src.cfg, src.run_dir), expand_plan(src.cfg))
     ]
-    phases.aggregate_and_report(
-        cfg,
-        run_dir,
-        phases.open_tracker(cfg, run_dir),
-        manifest.fold_of_sample,
-        {**index.labels_of("cv"), **index.labels_of("test")},
-        failed,
-        allow_partial=args.allow_partial,
-        sources=sources,
-    )
+    truth = SampleTruth(manifest.fold_of_sample, {**index.labels_of("cv"), **index.labels_of("test")})
+    tracker = phases.open_tracker(cfg, run_dir)
+    aggregate_study(cfg, run_dir, tracker, truth, failed, sources=sources, allow_partial=args.allow_partial)
     return 0
 
 
@@ -248,8 +243,8 @@ def _sync(args) -> int:
 
 
 def _predict(args) -> int:
-    from distrain.ensembles.serving import EnsemblePredictor, predict_folder, predict_shards, write_predictions_csv
     from distrain.orchestration import phases
+    from distrain.serving.predictor import EnsemblePredictor, predict_folder, predict_shards, write_predictions_csv
     from distrain.tracking.base import resolve_tracking_uri
 
     run_dir = Path(args.run_dir)

@@ -1,5 +1,5 @@
 """The import rules of the architecture guide, checked by reading every module's imports (function-level
-imports included; `if TYPE_CHECKING:` blocks excluded)."""
+imports included; `if TYPE_CHECKING:` blocks excluded except by the layer-order check, which counts them)."""
 
 import ast
 import json
@@ -10,13 +10,32 @@ PACKAGE = REPO / "distrain"
 
 # third-party package -> the only distrain subpackages allowed to import it
 OWNERS = {
-    "mlflow": {"tracking"},
+    "mlflow": {"tracking", "serving"},  # serving: the pyfunc model is an mlflow.pyfunc.PythonModel
     "lightgbm": {"ensembles"},
     "accelerate": {"distributed"},
     "deepspeed": {"distributed"},
 }
-TORCH_FREE = {"study", "ensembles"}  # ... except ensembles/serving.py, which loads the models
-TORCH_FREE_EXCEPTIONS = {"distrain.ensembles.serving"}
+TORCH_FREE = {"study", "ensembles", "config"}
+TORCH_FREE_EXCEPTIONS = {"distrain.config.lookups"}  # looks names up in timm
+
+LAYERS = [
+    {"errors", "names"},
+    {"fsutil", "console", "interrupts"},
+    {"tasks"},
+    {"config"},
+    {"study"},
+    {"data"},
+    {"distributed"},
+    {"training"},
+    {"ensembles", "tracking"},  # peers: neither imports the other
+    {"serving"},
+    {"orchestration"},
+    {"deploy"},
+    {"run"},
+    {"cli"},
+]
+"""The declared layer order, bottom first: a unit (a subpackage, or a top-level module) imports only itself and
+units of lower layers; units of one layer do not import each other."""
 
 
 def module_name(path):
@@ -27,12 +46,13 @@ def module_name(path):
     return ".".join(parts)
 
 
-def runtime_imports(path):
-    """(third-party top-level names, distrain modules) imported outside `if TYPE_CHECKING:` blocks."""
+def runtime_imports(path, type_only=False):
+    """(third-party top-level names, distrain modules) imported outside `if TYPE_CHECKING:` blocks (inside them
+    too with `type_only`)."""
     tree = ast.parse(path.read_text())
     skip = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING" and not type_only:
             skip |= {id(n) for n in ast.walk(node)}
     third_party, ours = set(), set()
     for node in ast.walk(tree):
@@ -61,12 +81,12 @@ def subpackage(module):
     return parts[1] if len(parts) > 2 else ""  # "" for top-level modules (cli, run, config, errors, ...)
 
 
-def import_graph():
+def import_graph(type_only=False):
     """distrain module -> the distrain modules it imports (names resolved to existing modules)."""
     known = modules()
     graph = {}
     for name, path in known.items():
-        _, ours = runtime_imports(path)
+        _, ours = runtime_imports(path, type_only)
         graph[name] = {m for m in ours if m in known and m != name and m != "distrain"}
     return graph
 
@@ -172,3 +192,52 @@ def test_status_reads_a_run_directory_without_heavy_imports(tmp_path):
     status, result = proc.stdout.strip().rsplit("\n", 1)
     assert json.loads(result) == {"rc": 0, "heavy": []}
     assert json.loads(status)["counts"] == {"pending": 10, "running": 0, "done": 0, "failed": 0}
+
+
+def unit(module):
+    """The layering unit of a module: its subpackage, or the top-level module's own name."""
+    return subpackage(module) or module.split(".")[1]
+
+
+def layer_violations(graph):
+    """'a -> b' for every import of a unit from a higher layer or from another unit of its own layer."""
+    layer_of = {name: i for i, names in enumerate(LAYERS) for name in names}
+    bad = []
+    for module, targets in graph.items():
+        for target in targets:
+            a, b = unit(module), unit(target)
+            if a != b and layer_of[b] >= layer_of[a]:
+                bad.append(f"{module} -> {target}")
+    return sorted(bad)
+
+
+def test_every_unit_has_a_declared_layer():
+    units = {unit(m) for m in modules() if m != "distrain"}
+    declared = set().union(*LAYERS)
+    assert units <= declared, f"units without a layer in LAYERS: {sorted(units - declared)}"
+
+
+def test_imports_follow_the_declared_layer_order_type_only_ones_included():
+    graph = import_graph(type_only=True)
+    assert layer_violations(graph) == []
+
+
+def test_a_planted_upward_import_fails_the_layer_check():
+    graph = import_graph(type_only=True)
+    graph["distrain.study.plan"] = graph["distrain.study.plan"] | {"distrain.training.loop"}
+    graph["distrain.tracking.base"] = graph["distrain.tracking.base"] | {"distrain.ensembles.report"}
+    assert layer_violations(graph) == ["distrain.study.plan -> distrain.training.loop",
+                                       "distrain.tracking.base -> distrain.ensembles.report"]  # fmt: skip
+
+
+def test_no_public_function_takes_more_than_8_parameters():
+    """Components take their config section (`EnsembleConfig`, `SchedulerConfig`, ...), not its fields one by one."""
+    too_many = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+                a = node.args
+                params = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs if p.arg not in ("self", "cls")]
+                if len(params) > 8:
+                    too_many.append(f"{name}.{node.name}: {len(params)}")
+    assert not too_many, too_many

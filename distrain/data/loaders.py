@@ -192,10 +192,9 @@ def default_workers(requested: int, n_shards: int, world_size: int, cpus_per_pro
 
 
 def train_loader(urls: Sequence[str], labels: dict[str, int], *, batch_size: int, decode: Decoder,
-                 num_workers: int, shuffle_buffer: int, seed: int, start_batch: int = 0,
-                 pin_memory: bool = False) -> DataLoader:  # fmt: skip
+                 num_workers: int, shuffle_buffer: int, seed: int, start_batch: int = 0) -> DataLoader:  # fmt: skip
     """An endless stream of training batches from this rank's shards, restricted to the samples in `labels`
-    (sample id -> class), beginning at batch `start_batch` of the stream.
+    (sample id -> class), beginning at batch `start_batch` of the stream; in pinned memory when a GPU is there.
 
     Callers take a fixed number of batches per epoch, the same on every rank, so DDP never waits
     on a rank that ran out of data.
@@ -210,7 +209,7 @@ def train_loader(urls: Sequence[str], labels: dict[str, int], *, batch_size: int
         _skip_batches(start_batch),
         _decoded(decode),
     )
-    return _loader(pipeline, num_workers, seed, pin_memory)
+    return _loader(pipeline, num_workers, seed, torch.cuda.is_available())
 
 
 def eval_loader(urls: Sequence[str], labels: Optional[dict[str, int]], *, batch_size: int, transform: ImageTransform,

@@ -15,11 +15,13 @@ from typing import Optional
 
 import numpy as np
 
+from distrain.config import EnsembleConfig
 from distrain.ensembles.selection import cross_validated_selection
 from distrain.ensembles.stacking import StackingResult, stack
 from distrain.ensembles.store import OOFStore
 from distrain.ensembles.thresholds import tuned_threshold_scores
 from distrain.ensembles.voting import detections_to_labels, fit_vote_weights, hard_vote, k_of_n_vote, soft_vote
+from distrain.names import Ensemble
 from distrain.study.metrics import decisions, score, score_labels
 from distrain.study.plan import parse_column
 from distrain.tasks import METRICS, best_index
@@ -75,24 +77,17 @@ class _Scorer:
 def run_ensembles(
     store: OOFStore,
     metric: str,
+    ec: EnsembleConfig,
     *,
-    test_by_job: Optional[np.ndarray] = None,
-    vote_fraction: float = 0.6,
-    vote_threshold: float = 0.5,
-    stacking: bool = True,
-    seed: int = 0,
-    learning_rate: float = 0.1,
-    num_leaves: int = 15,
-    max_rounds: int = 100,
-    early_stopping: int = 10,
-    max_meta_rows: int = 15000,
     task: str = "multiclass",
-    selection_rounds: int = 25,
+    seed: int = 0,
+    test_by_job: Optional[np.ndarray] = None,
     pinned: tuple[str, ...] = (),
 ) -> EnsembleOutcome:
     """Base summaries, the voting variants and stacking, each with a leakage-free CV score and a test score;
     for a binary or multilabel task also each probability ensemble's scores at decision thresholds tuned on OOF.
 
+    `ec`: the ensemble settings (vote fraction and threshold, selection rounds, stacking's); `seed`: stacking's.
     test_by_job [J, n_test, C]: each fold model's own test probabilities (for the single-model summaries).
     pinned: columns the greedy selection starts from (`ensemble.members.pin`).
     """
@@ -101,27 +96,21 @@ def run_ensembles(
     preds: dict[str, np.ndarray] = {}
     probs: dict[str, tuple[np.ndarray, Optional[np.ndarray]]] = {}  # probability ensembles: (OOF, test)
     base = _singles(s, test_by_job, scores, preds, probs)
-    weights, skipped = _weighted_vote(s, scores, preds, probs, stacking)
-    selection = _selection(s, selection_rounds, pinned, scores, preds, probs) if "weighted_vote" not in skipped else {}
-    if "weighted_vote" in skipped and selection_rounds:
-        skipped["selection"] = skipped["weighted_vote"]
+    weights, skipped = _weighted_vote(s, scores, preds, probs, ec.stacking)
+    selection = {}
+    if Ensemble.WEIGHTED_VOTE not in skipped:
+        selection = _selection(s, ec.selection_rounds, pinned, scores, preds, probs)
+    elif ec.selection_rounds:
+        skipped[Ensemble.SELECTION] = skipped[Ensemble.WEIGHTED_VOTE]
     if METRICS[metric].on_probabilities:  # hard and k-of-n votes give labels only
         why = f"gives labels; {metric} scores probabilities"
         skipped.update(hard_vote=why, k_of_n_vote=why)
         vote_k, n_voters = 0, len(store.columns)
     else:
-        vote_k, n_voters = _k_of_n(s, vote_fraction, vote_threshold, scores, preds)
+        vote_k, n_voters = _k_of_n(s, ec.vote_fraction, ec.vote_threshold, scores, preds)
     stacked = None
-    if stacking and "stacking" not in skipped:
-        stacked = stack(
-            store,
-            seed=seed,
-            learning_rate=learning_rate,
-            num_leaves=num_leaves,
-            max_rounds=max_rounds,
-            early_stopping=early_stopping,
-            max_meta_rows=max_meta_rows,
-        )
+    if ec.stacking and Ensemble.STACKING not in skipped:
+        stacked = stack(store, ec, seed)
         scores["stacking"] = {"cv": s.cv(stacked.oof_probs), "test": s.test(stacked.test_probs)}
         preds["stacking"] = s.decide(stacked.oof_probs)
         probs["stacking"] = (stacked.oof_probs, stacked.test_probs)

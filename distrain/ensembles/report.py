@@ -1,28 +1,76 @@
-"""Aggregate finished jobs into `report.json` and a short table.
+"""`report.json` as a typed object, read and written in one place, and the short table printed from it.
 
 report.json contract (later stages add keys; these stay):
-    {"experiment", "metric",
-     "jobs": [{"id", "model", "seed", "fold", "status", "val_score"}],
+    {"experiment", "task", "metric",
+     "jobs": [{"id", "model", "seed", "fold", "status", "val_score", "best_epoch", "best_source", "test_score"}],
      "cv": {"mean", "std"},
-     "test": {"fold_average"},
-     "mlflow": {"tracking_uri", "experiment_id", "parent_run_id"}}
+     "test": {"fold_average", "fold_average_by_model_seed", "n_samples"},
+     "mlflow": {"tracking_uri", "experiment_id", "parent_run_id"},
+     "failed_jobs": [{"id", "error"}], "sources" (combined run directories only),
+     "ensembles": {name: {"cv", "test"}}, "ensemble_details", "thresholds" (binary / multilabel),
+     "ensemble_model": {"name", "version", "uri", "ensemble"} (once registered)}
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from distrain.config import Config
 from distrain.ensembles.store import OOFStore
 from distrain.fsutil import atomic_write_json
+from distrain.names import JobStatus
 
 
-def build_report(cfg: Config, store: OOFStore, test_by_job: Optional[np.ndarray], mlflow_info: dict) -> dict:
-    """Assemble the report dict (without writing it) from the OOF store of the finished jobs.
+@dataclass
+class Report:
+    """report.json. Keys whose value is None (`sources`, `thresholds`, `ensemble_model`) are left out of the file,
+    as they always were; everything else is written in this order."""
+
+    experiment: str
+    task: str
+    metric: str
+    jobs: list[dict]
+    cv: dict
+    test: dict
+    mlflow: dict
+    failed_jobs: list[dict] = field(default_factory=list)
+    sources: Optional[list[dict]] = None
+    ensembles: dict[str, dict] = field(default_factory=dict)
+    ensemble_details: dict = field(default_factory=dict)
+    thresholds: Optional[dict] = None
+    ensemble_model: Optional[dict] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Report:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def write(self, run_dir: Path) -> Path:
+        """Write `<run_dir>/report.json` atomically; returns its path."""
+        path = run_dir / "report.json"
+        atomic_write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def read(cls, run_dir: Path) -> Optional[Report]:
+        """The run directory's report.json, or None when there is none (or it cannot be read)."""
+        try:
+            return cls.from_dict(json.loads((run_dir / "report.json").read_text()))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+
+def build_report(cfg: Config, store: OOFStore, test_by_job: Optional[np.ndarray], mlflow_info: dict) -> Report:
+    """Assemble the report (without writing it) from the OOF store of the finished jobs.
 
     test_by_job [J, n_test, C] holds each job's own test probabilities, in the order of store.jobs.
     """
@@ -37,7 +85,7 @@ def build_report(cfg: Config, store: OOFStore, test_by_job: Optional[np.ndarray]
             "model": j["model"],
             "seed": j["seed"],
             "fold": j["fold"],
-            "status": "done",
+            "status": JobStatus.DONE,
             "val_score": float(j["val_score"]),
             "best_epoch": j["best_epoch"],
             "best_source": j.get("best_source", "raw"),  # raw weights or their EMA (train.ema_decay)
@@ -46,21 +94,21 @@ def build_report(cfg: Config, store: OOFStore, test_by_job: Optional[np.ndarray]
         for i, j in enumerate(store.jobs)
     ]
     scores = np.array([r["val_score"] for r in rows])
-    return {
-        "experiment": cfg.experiment,
-        "task": cfg.task,
-        "metric": metric,
-        "jobs": rows,
-        "cv": {"mean": float(scores.mean()), "std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0},
-        "test": {
+    return Report(
+        experiment=cfg.experiment,
+        task=cfg.task,
+        metric=metric,
+        jobs=rows,
+        cv={"mean": float(scores.mean()), "std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0},
+        test={
             "fold_average": score(metric, labels, test_by_job.mean(0)) if has_test else None,
             "fold_average_by_model_seed": {
                 c: score(metric, labels, store.test[k]) if has_test else None for k, c in enumerate(store.columns)
             },
             "n_samples": len(store.test_ids),
         },
-        "mlflow": mlflow_info,
-    }
+        mlflow=mlflow_info,
+    )
 
 
 def model_entry(name: str, version: str) -> dict:
@@ -68,42 +116,28 @@ def model_entry(name: str, version: str) -> dict:
     return {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
 
 
-def write_report(run_dir: Path, report: dict) -> Path:
-    path = run_dir / "report.json"
-    atomic_write_json(path, report)
-    return path
-
-
-def read_report(run_dir: Path) -> Optional[dict]:
-    """The run directory's report.json, or None when there is none (or it cannot be read)."""
-    try:
-        return json.loads((run_dir / "report.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def format_table(report: dict) -> str:
+def format_table(report: Report) -> str:
     """The short table the main job prints."""
-    m = report["metric"]
+    m = report.metric
     lines = [f"{'job':<32} {'val ' + m:>14} {'test ' + m:>14}"]
-    for r in report["jobs"]:
+    for r in report.jobs:
         test = f"{r['test_score']:.4f}" if r.get("test_score") is not None else "-"
         lines.append(f"{r['id']:<32} {r['val_score']:>14.4f} {test:>14}")
-    for f in report.get("failed_jobs", []):
+    for f in report.failed_jobs:
         lines.append(f"{f['id']:<32} {'FAILED':>14} {'-':>14}")
-    lines.append(f"{'CV mean ± std':<32} {report['cv']['mean']:>7.4f} ± {report['cv']['std']:.4f}")
-    fa = report["test"]["fold_average"]
+    lines.append(f"{'CV mean ± std':<32} {report.cv['mean']:>7.4f} ± {report.cv['std']:.4f}")
+    fa = report.test["fold_average"]
     if fa is not None:
         lines.append(f"{'holdout test, fold-averaged':<32} {'':>14} {fa:>14.4f}")
-    if report.get("ensembles"):
+    if report.ensembles:
         lines += ["", f"{'ensemble':<32} {'CV ' + m:>14} {'test ' + m:>14}"]
-        for name, s in report["ensembles"].items():
+        for name, s in report.ensembles.items():
             test = f"{s['test']:.4f}" if s["test"] is not None else "-"
             lines.append(f"{name:<32} {s['cv']:>14.4f} {test:>14}")
-        for name, why in report.get("ensemble_details", {}).get("skipped", {}).items():
+        for name, why in report.ensemble_details.get("skipped", {}).items():
             lines.append(f"{name:<32} {'skipped: ' + why}")
-    if report.get("thresholds"):
-        named = {f"{name} ({format_threshold(t['threshold'])})": t for name, t in report["thresholds"].items()}
+    if report.thresholds:
+        named = {f"{name} ({format_threshold(t['threshold'])})": t for name, t in report.thresholds.items()}
         width = max(32, *map(len, named))
         lines += ["", f"{'threshold tuned on OOF':<{width}} {'CV at 0.5 / tuned':>22} {'test at 0.5 / tuned':>22}"]
         for label, t in named.items():

@@ -11,6 +11,7 @@ from typing import Optional
 
 import numpy as np
 
+from distrain.config import EnsembleConfig
 from distrain.ensembles.store import OOFStore
 
 
@@ -58,6 +59,13 @@ def predict_proba(booster, x: np.ndarray, num_classes: int) -> np.ndarray:
     return np.stack([1 - p, p], axis=1) if num_classes == 2 else p
 
 
+def load_boosters(texts: list[str]) -> list:
+    """LightGBM meta-models from their saved text (`StackingResult.booster_texts`), for serving."""
+    import lightgbm as lgb
+
+    return [lgb.Booster(model_str=text) for text in texts]
+
+
 def predict_stacked(boosters: list, x: np.ndarray, num_classes: int, multilabel: bool = False) -> np.ndarray:
     """Mean probability of several meta-models (the K fold models at test time). Multilabel: `boosters` holds
     each label's K fold models in turn (label-major), and the result is [n, L]."""
@@ -94,37 +102,29 @@ def meta_splits(
     return splits
 
 
-def stack(
-    store: OOFStore,
-    *,
-    seed: int = 0,
-    learning_rate: float = 0.1,
-    num_leaves: int = 15,
-    max_rounds: int = 100,
-    early_stopping: int = 10,
-    max_meta_rows: int = 15000,
-) -> StackingResult:
+def stack(store: OOFStore, ec: EnsembleConfig, seed: int = 0) -> StackingResult:
     """LightGBM over all columns' OOF probabilities, cross-validated on the base models' fold ids
     (`meta_splits`: no row of the held-out fold is used to fit or stop its meta-model). Multilabel: one
     binary meta-model per label, each on every column's probabilities of every label.
     Test probabilities are the mean of the K fold meta-models on the fold-averaged base test probabilities.
+    `ec` gives LightGBM's learning rate, leaves, rounds, early stopping and the meta rows cap.
     """
     import lightgbm as lgb
 
     x, folds, c = stacking_features(store.oof), store.folds, store.num_classes
     multilabel = store.labels.ndim == 2
     targets = [store.labels[:, j] for j in range(c)] if multilabel else [store.labels]
-    params = lgbm_params(2 if multilabel else c, seed, learning_rate, num_leaves)
-    splits = meta_splits(folds, max_meta_rows, np.random.default_rng(seed))
+    params = lgbm_params(2 if multilabel else c, seed, ec.learning_rate, ec.num_leaves)
+    splits = meta_splits(folds, ec.max_meta_rows, np.random.default_rng(seed))
     meta_oof = np.zeros((len(folds), c))
     boosters, best = [], []
     for j, y in enumerate(targets):
         full = lgb.Dataset(x, y, params=params, free_raw_data=False).construct()  # bin once, subset per fold
         for k, fit_rows, stop_rows in splits:
-            booster = lgb.train(params, full.subset(fit_rows), num_boost_round=max_rounds,
+            booster = lgb.train(params, full.subset(fit_rows), num_boost_round=ec.max_rounds,
                                 valid_sets=[full.subset(stop_rows)],
-                                callbacks=[lgb.early_stopping(early_stopping, verbose=False)])  # fmt: skip
-            best.append(booster.best_iteration or max_rounds)
+                                callbacks=[lgb.early_stopping(ec.early_stopping, verbose=False)])  # fmt: skip
+            best.append(booster.best_iteration or ec.max_rounds)
             held = folds == k
             if multilabel:
                 meta_oof[held, j] = booster.predict(x[held])

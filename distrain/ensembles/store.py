@@ -8,12 +8,21 @@ fold models' test probabilities. numpy only; no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from distrain.errors import EnsembleError
 from distrain.study.plan import column_key, parse_column
+
+
+@dataclass(frozen=True)
+class SampleTruth:
+    """What aggregation knows of each sample besides the predictions: the fold of each CV sample (the fold
+    manifest) and the label of each CV and holdout sample."""
+
+    fold_of_sample: dict[str, int]
+    labels_of_sample: dict[str, Any]
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     start      accelerator, data and folds, run directory, tracking         (`start_study`)
     work       claim jobs from the ledger and train each until none is left   (`worker.run_worker`, `JobRunner`)
-    aggregate  the worker that finishes last writes report.json and the ensembles (`phases.aggregate_and_report`)
+    aggregate  the worker that finishes last writes report.json and the ensembles (`aggregation.aggregate_study`)
     finish     record how this worker ended, release the process group
 
 One launch is one worker: every rank trains the job rank 0 claimed, as one DDP (or ZeRO) process group.
@@ -14,7 +14,6 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -26,12 +25,15 @@ from distrain.data.index import DatasetIndex, read_index
 from distrain.data.loaders import check_shard_count
 from distrain.data.pack import ensure_digits
 from distrain.distributed import runtime
+from distrain.distributed.ranks import Ranks
+from distrain.ensembles.store import SampleTruth
 from distrain.errors import DataError, Interrupted, LeaseLost, Preempted
 from distrain.fsutil import atomic_write_json
 from distrain.names import JobStatus
 from distrain.orchestration import phases
+from distrain.orchestration.aggregation import Guards, aggregate_study
 from distrain.orchestration.ledger import Claim, Heartbeat, JobState, Ledger, aggregate_id, default_worker_id
-from distrain.orchestration.worker import WorkerOutcome, run_worker
+from distrain.orchestration.worker import WorkerOutcome, WorkerSteps, run_worker
 from distrain.study.folds import FoldManifest, build_fold_manifest
 from distrain.study.plan import Job, expand_plan
 from distrain.study.results import job_dir, job_files_problem
@@ -55,113 +57,82 @@ class Study:
     tracker: Tracker
     ledger: Ledger
     plan: list[Job]
+    ranks: Ranks
+    stop: threading.Event
+    """Set on SIGTERM (`interrupts.STOP`): jobs stop at the next step boundary, aggregation before publishing."""
 
     @property
     def run_dir(self) -> Path:
         return self.cfg.run_dir
-
-    @property
-    def is_primary(self) -> bool:
-        return self.accelerator.is_main_process
-
-    def on_primary(self, fn):
-        return runtime.on_primary(self.accelerator, fn)
-
-    def log(self, message: str) -> None:
-        if self.is_primary:
-            print(message, flush=True)
 
 
 def run_experiment(cfg: Config, shard: Optional[tuple[int, int]] = None, new_run_dir: bool = False) -> int:
     """Prepare data, folds and tracking; claim and train jobs from the run directory's ledger until none
     is left; the worker that finishes last aggregates. Returns the exit code (`distrain.errors`)."""
     interrupts.install()  # SIGTERM during start-up: `Terminated` (the caller exits 75); nothing is claimed yet
-    study = start_study(cfg, new_run_dir, shard)
+    study = start_study(cfg, new_run_dir, shard, interrupts.STOP)
     with interrupts.deferred():  # from the first claim on, SIGTERM is honoured at step boundaries (exit 75)
-        job_ids = [j.id for j in study.plan]
-        stop = interrupts.STOP
-        run_job, aggregate_plan = JobRunner(study, stop).run, lambda states, claim: aggregate(study, states, claim)
-        outcome = claim_and_run(study, job_ids, run_job, aggregate_plan, stop, shard)
+        steps = WorkerSteps(JobRunner(study).run, lambda states, claim: aggregate(study, states, claim))
+        outcome = claim_and_run(study, [j.id for j in study.plan], steps, shard)
         finish(study, outcome)
     return outcome.exit_code
 
 
 def claim_and_run(
-    study: Study,
-    job_ids: list[str],
-    run_job: Callable[[Claim, Heartbeat], None],
-    aggregate: Callable[[list[JobState], Claim], None],
-    stop: threading.Event,
-    shard: Optional[tuple[int, int]] = None,
+    study: Study, job_ids: list[str], steps: WorkerSteps, shard: Optional[tuple[int, int]] = None
 ) -> WorkerOutcome:
-    """`worker.run_worker` over `job_ids` with the study's ledger, scheduler settings and ranks."""
-    sc = study.cfg.scheduler
-    return run_worker(
-        study.ledger,
-        job_ids,
-        worker=study.worker,
-        run_job=run_job,
-        aggregate=aggregate,
-        heartbeat_s=sc.heartbeat_s,
-        poll_s=sc.poll_s,
-        shard=shard,
-        wait_for_others=sc.wait_for_others,
-        is_primary=study.is_primary,
-        coordinate=study.on_primary,
-        stop_requested=stop.is_set,
-        log=study.log,
-    )
+    """`worker.run_worker` over `job_ids` with the study's ledger, scheduler settings, ranks and stop event."""
+    return run_worker(study.ledger, job_ids, study.cfg.scheduler, study.ranks, steps, worker=study.worker,
+                      stop=study.stop, shard=shard)  # fmt: skip
 
 
-def start_study(cfg: Config, new_run_dir: bool, shard: Optional[tuple[int, int]]) -> Study:
+def start_study(cfg: Config, new_run_dir: bool, shard: Optional[tuple[int, int]], stop: threading.Event) -> Study:
     """Accelerator, data and fold manifest, run directory and tracking: everything checked before a job runs."""
     accelerator = runtime.create_accelerator(cfg.train)
+    ranks = Ranks(accelerator)
     if cfg.model.grad_checkpointing:
         from distrain.distributed.checkpointing import check_grad_checkpointing
 
         for name in cfg.model.names:
             check_grad_checkpointing(name)
-    index, manifest = prepare_data(cfg, accelerator)
+    index, manifest = prepare_data(cfg, accelerator, ranks)
     check_inputs(cfg, index.channels, accelerator.device)  # every rank: the same check, the same one-line error
     check_batches_fit(cfg, manifest.fold_of_sample, accelerator.num_processes)
     if cfg.model.pretrained or cfg.model.pretrained_file:  # each node fills its hub cache once, or refuses
         from distrain.training.models import check_pretrained
 
-        runtime.on_primary(accelerator, per_node=True, fn=lambda: check_pretrained(
-            cfg.model, num_classes=cfg.data.num_classes, in_chans=index.channels))  # fmt: skip
-    chosen = runtime.on_primary(accelerator, lambda: phases.prepare_run_dir(cfg, manifest, new_run_dir))
-    if accelerator.is_main_process:
+        ranks.per_node(lambda: check_pretrained(cfg.model, num_classes=cfg.data.num_classes, in_chans=index.channels))
+    chosen = ranks.primary(lambda: phases.prepare_run_dir(cfg, manifest, new_run_dir))
+    if ranks.is_primary:
         route_library_output(chosen.run_dir)
-    if chosen.experiment != cfg.experiment and accelerator.is_main_process:
-        print(f"distrain: {cfg.run_dir} holds another config; using {chosen.run_dir}", flush=True)
+    if chosen.experiment != cfg.experiment:
+        ranks.log(f"distrain: {cfg.run_dir} holds another config; using {chosen.run_dir}")
     cfg = chosen
-    worker = runtime.on_primary(accelerator, default_worker_id)
-    if accelerator.is_main_process:
-        print(
-            f"distrain: {cfg.experiment}: {len(manifest.fold_of_sample)} CV samples in {cfg.cv.folds} folds "
-            f"(manifest {manifest.hash[:12]}), {len(index.split_ids('test'))} holdout test samples, "
-            f"{accelerator.num_processes} process(es) on {accelerator.device.type}; worker {worker}"
-            + (f", shard {shard[0]}/{shard[1]}" if shard else ""),
-            flush=True,
-        )
-    tracker = _start_tracking_on_rank0(cfg, manifest, worker, accelerator)
+    worker = ranks.primary(default_worker_id)
+    ranks.log(
+        f"distrain: {cfg.experiment}: {len(manifest.fold_of_sample)} CV samples in {cfg.cv.folds} folds "
+        f"(manifest {manifest.hash[:12]}), {len(index.split_ids('test'))} holdout test samples, "
+        f"{accelerator.num_processes} process(es) on {accelerator.device.type}; worker {worker}"
+        + (f", shard {shard[0]}/{shard[1]}" if shard else "")
+    )
+    tracker = _start_tracking_on_rank0(cfg, manifest, worker, ranks)
     ledger, plan = phases.open_ledger(cfg, cfg.run_dir), expand_plan(cfg)
-    runtime.on_primary(accelerator, lambda: phases.requeue_damaged_jobs(cfg.run_dir, ledger, plan, print))
-    return Study(cfg, accelerator, index, manifest, worker, tracker, ledger, plan)
+    ranks.primary(lambda: phases.requeue_damaged_jobs(cfg.run_dir, ledger, plan, print))
+    return Study(cfg, accelerator, index, manifest, worker, tracker, ledger, plan, ranks, stop)
 
 
-def _start_tracking_on_rank0(cfg: Config, manifest: FoldManifest, worker: str, accelerator) -> Tracker:
+def _start_tracking_on_rank0(cfg: Config, manifest: FoldManifest, worker: str, ranks: Ranks) -> Tracker:
     """Rank 0 opens the tracker (the others wait and get a NullTracker): the tracker itself holds a client
     that cannot be sent to other ranks."""
     opened: list[Tracker] = []
-    runtime.on_primary(accelerator, lambda: opened.append(phases.start_tracking(cfg, manifest, worker)))
+    ranks.primary(lambda: opened.append(phases.start_tracking(cfg, manifest, worker)))
     return opened[0] if opened else NullTracker()
 
 
-def prepare_data(cfg: Config, accelerator: Accelerator) -> tuple[DatasetIndex, FoldManifest]:
+def prepare_data(cfg: Config, accelerator: Accelerator, ranks: Ranks) -> tuple[DatasetIndex, FoldManifest]:
     """The data set's index (the digits written first if missing) and the study's fold manifest."""
     if cfg.data.source.startswith("digits"):  # each node's local primary writes them (nodes may not share a disk)
-        runtime.on_primary(accelerator, lambda: ensure_digits(cfg.data.root, cfg.task), per_node=True)
+        ranks.per_node(lambda: ensure_digits(cfg.data.root, cfg.task))
     index = read_index(cfg.data.root, cfg.data.num_classes, cfg.task)  # every rank: same check, same error
     check_shard_count(index.cv_shards, accelerator.num_processes, cfg.data.num_workers, f"{cfg.data.root} cv split")
     cv_ids = index.split_ids("cv")
@@ -179,15 +150,15 @@ def prepare_data(cfg: Config, accelerator: Accelerator) -> tuple[DatasetIndex, F
 class JobRunner:
     """Trains one claimed job on every rank and, on rank 0, writes its outputs while it still owns it."""
 
-    def __init__(self, study: Study, stop: threading.Event):
-        self.study, self.stop = study, stop
+    def __init__(self, study: Study):
+        self.study, self.stop = study, study.stop
 
     def run(self, claim: Claim, beat: Heartbeat) -> None:
         from distrain.training.loop import JobControl, fit_job
 
         study = self.study
         cfg, job = study.cfg, next(j for j in study.plan if j.id == claim.job_id)
-        if study.on_primary(lambda: job_files_problem(study.run_dir, job) is None):
+        if study.ranks.primary(lambda: job_files_problem(study.run_dir, job) is None):
             return  # outputs written by an attempt that died before recording it in the ledger
         run_id = study.tracker.start_job(
             job.id,
@@ -210,17 +181,17 @@ class JobRunner:
         except LeaseLost:
             raise  # the job and its MLflow run belong to the new owner now: leave both alone
         except Interrupted:
-            if study.on_primary(lambda: beat.lost.is_set()):  # all ranks agree why
+            if study.ranks.primary(lambda: beat.lost.is_set()):  # all ranks agree why
                 raise LeaseLost(str(claim)) from None
             study.tracker.end_run(run_id, "KILLED")
             raise Preempted(str(claim)) from None
         except BaseException as e:
-            if study.is_primary and not isinstance(e, KeyboardInterrupt) and not study.ledger.owns(claim):
+            if study.ranks.is_primary and not isinstance(e, KeyboardInterrupt) and not study.ledger.owns(claim):
                 # a stale owner (frozen, then woken) failing on files the new owner moved: not its run to end
                 raise LeaseLost(f"{claim}: failed after losing the job ({type(e).__name__}: {e})") from None
             study.tracker.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
-        if not study.on_primary(lambda: self._finish_job(claim, result, run_id)):
+        if not study.ranks.primary(lambda: self._finish_job(claim, result, run_id)):
             raise LeaseLost(str(claim))
 
     def _finish_job(self, claim: Claim, result, run_id: str) -> bool:
@@ -250,23 +221,22 @@ def aggregate(study: Study, states: list[JobState], claim: Claim) -> None:
     write fenced by the claim, so an aggregator frozen past its lease publishes nothing when it wakes."""
     failed = [{"id": s.job_id, "error": s.last_error} for s in states if s.status == JobStatus.FAILED]
     labels = {**study.index.labels_of("cv"), **study.index.labels_of("test")}
+    truth = SampleTruth(study.manifest.fold_of_sample, labels)
 
     def stop_point() -> None:  # SIGTERM while the ensembles were computed: publish nothing, hand the step back
-        if interrupts.stop_requested():
+        if study.stop.is_set():
             raise Preempted(f"{claim.job_id}: stopped by SIGTERM before publishing")
 
     def run() -> None:
         stop_point()
         grown = phases.grown_since(study.cfg, study.run_dir)
         if grown is not None:  # a worker started before `distrain train` grew the run directory
-            study.log(f"distrain: {grown}")
+            study.ranks.log(f"distrain: {grown}")
             return
-        phases.aggregate_and_report(
-            study.cfg, study.run_dir, study.tracker, study.manifest.fold_of_sample, labels, failed,
-            fence=lambda: study.ledger.fence(claim), stop_point=stop_point,
-        )  # fmt: skip
+        guards = Guards(fence=lambda: study.ledger.fence(claim), stop_point=stop_point)
+        aggregate_study(study.cfg, study.run_dir, study.tracker, truth, failed, guards=guards)
 
-    study.on_primary(run)
+    study.ranks.primary(run)
 
 
 def finish(study: Study, outcome: WorkerOutcome) -> None:
@@ -286,23 +256,23 @@ def finish(study: Study, outcome: WorkerOutcome) -> None:
         if not (outcome.trained or outcome.aggregated or outcome.preempted or outcome.failed):
             _say_nothing_was_trained(study)
 
-    study.on_primary(record)
+    study.ranks.primary(record)
     if os.environ.get("DISTRAIN_WORKER_RESULT") and os.environ.get("LOCAL_RANK", "0") == "0":
         # for `distrain schedule` on each node: accelerate launch turns every failure into exit 1
         atomic_write_json(Path(os.environ["DISTRAIN_WORKER_RESULT"]), {"worker": study.worker,
                                                                        "exit_code": outcome.exit_code})  # fmt: skip
     if outcome.preempted:
-        study.log(f"distrain: {study.worker}: stopped by SIGTERM; state saved, lease released (exit 75)")
+        study.ranks.log(f"distrain: {study.worker}: stopped by SIGTERM; state saved, lease released (exit 75)")
     runtime.end_process_group(study.accelerator)
 
 
 def _say_nothing_was_trained(study: Study) -> None:
     """A rerun of a finished run directory: show its report again and say why nothing was trained."""
-    from distrain.ensembles.report import format_table, read_report
+    from distrain.ensembles.report import Report, format_table
 
     if study.ledger.state(aggregate_id([j.id for j in study.plan])).status != JobStatus.DONE:
         return  # other workers still train, or something failed (said above)
-    report = read_report(study.run_dir)
+    report = Report.read(study.run_dir)
     if report is not None:
         print(format_table(report))
     print(

@@ -1,6 +1,6 @@
 """The phases of an experiment that touch the run directory, shared by the main job (`experiment`) and
 the `distrain` commands (`cli`): choose and prepare the run directory, open its ledger and tracker,
-aggregate and report, send buffered tracking. Torch-free, so `distrain status` stays fast.
+and requeue damaged jobs. Torch-free, so `distrain status` stays fast (aggregating is `aggregation`).
 
 A run directory `<run_root>/<experiment>/` holds `config.yaml`, `folds.json`, `ledger/`, `jobs/`,
 `ensemble/`, `report.json`, `mlflow.json` and, while MLflow was unreachable, `tracking-buffer/`.
@@ -9,13 +9,12 @@ A run directory `<run_root>/<experiment>/` holds `config.yaml`, `folds.json`, `l
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from distrain.config import Config, apply_overrides, config_from_dict, dump_yaml, flatten, yaml_load
-from distrain.errors import ConfigError, DataError, Preempted
+from distrain.errors import ConfigError, DataError
 from distrain.fsutil import atomic_write_text
 from distrain.names import JobStatus
 from distrain.orchestration.growth import growth_differences
@@ -24,7 +23,6 @@ from distrain.study.plan import Job
 from distrain.tracking.base import Tracker, resolve_tracking_uri
 
 if TYPE_CHECKING:
-    from distrain.ensembles.aggregate import Source
     from distrain.study.folds import FoldManifest
 
 
@@ -164,76 +162,3 @@ def failed_jobs(ledger: Ledger, plan: list[Job]) -> list[dict]:
         for s in ledger.states([j.id for j in plan])
         if s.status == JobStatus.FAILED
     ]
-
-
-def aggregate_and_report(
-    cfg: Config,
-    run_dir: Path,
-    tracker: Tracker,
-    fold_of_sample: dict[str, int],
-    labels_of_sample: dict[str, int],
-    failed: list[dict],
-    allow_partial: bool = False,
-    sources: list[Source] | None = None,
-    fence: Callable[[], None] = lambda: None,
-    stop_point: Callable[[], None] = lambda: None,
-) -> dict:
-    """Write report.json with the ensembles, end the study run, print the table and what failed, and send
-    tracking buffered while MLflow was down if it is back. Returns the report. `sources`: the run directories
-    ensembled, when they are others than `run_dir` (`combined.combine_run_dirs`). `fence` raises when the
-    aggregation lost its claim; it is called before every write. `stop_point` raises to stop (SIGTERM) before
-    anything is published."""
-    from distrain.ensembles.aggregate import aggregate
-    from distrain.ensembles.report import format_table
-
-    report = aggregate(
-        cfg,
-        run_dir,
-        tracker,
-        fold_of_sample,
-        labels_of_sample,
-        allow_partial=allow_partial or bool(failed),
-        failed_jobs=failed,
-        sources=sources,
-        fence=fence,
-        stop_point=stop_point,
-    )
-    fence()
-    ended = {j["id"]: "FINISHED" for j in report["jobs"]} | {f["id"]: "FAILED" for f in failed}
-    tracker.close_job_runs(ended)
-    tracker.end_run(tracker.parent_run_id)
-    print(format_table(report))
-    print(f"distrain: report: {run_dir / 'report.json'}")
-    if report["ensemble_details"]["left_out"]:
-        print("left out: " + "; ".join(x["reason"] for x in report["ensemble_details"]["left_out"]))
-    if failed:
-        print(f"distrain: {len(failed)} job(s) failed: " + "; ".join(f"{f['id']}: {f['error']}" for f in failed))
-    sync_if_back(tracker, run_dir)
-    return report
-
-
-def sync_if_back(tracker: Tracker, run_dir: Path) -> Optional[int]:
-    """After an offline run: replay the buffered calls if the server answers now (else say how to later).
-    Returns the number of calls synced, None when there was nothing to do or it is still down."""
-    from distrain.tracking.buffer import pending_calls, sync_buffers
-
-    if not tracker.offline or not pending_calls(run_dir):
-        return None
-    try:
-        tracker.go_online()
-        result = sync_buffers(tracker, wait=False)
-    except Preempted as e:  # SIGTERM after the aggregation: what is synced stays synced
-        print(f"distrain: {e}", file=sys.stderr)
-        return None
-    except Exception as e:  # still unreachable: keep the buffer for `distrain sync`
-        print(
-            f"distrain: tracking still unreachable ({type(e).__name__}); run "
-            f"`distrain sync --run-dir {run_dir}` when it is back",
-            file=sys.stderr,
-        )
-        return None
-    if result is None:
-        print(f"distrain: another sync of {run_dir} is running; it sends the buffered tracking calls")
-        return None
-    print(f"distrain: synced {result['synced']} buffered tracking calls")
-    return result["synced"]

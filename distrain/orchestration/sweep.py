@@ -32,7 +32,7 @@ from distrain.fsutil import atomic_write_json, atomic_write_text
 from distrain.names import JobStatus
 from distrain.orchestration.experiment import Study, claim_and_run, start_study
 from distrain.orchestration.ledger import Claim, Heartbeat, JobState
-from distrain.orchestration.worker import WorkerOutcome
+from distrain.orchestration.worker import WorkerOutcome, WorkerSteps
 from distrain.study.plan import Job
 from distrain.study.space import Param, apply_values, suggest
 from distrain.tasks import METRICS
@@ -63,13 +63,15 @@ def run_sweep(cfg: Config, space: list[Param], trials: int) -> int:
     interrupts.install()  # SIGTERM during start-up: `Terminated` (the caller exits 75); nothing is claimed yet
     tracking = dataclasses.replace(cfg.tracking, experiment_name=cfg.tracking.experiment_name or cfg.experiment)
     sweep_cfg = dataclasses.replace(cfg, experiment=cfg.experiment + SUFFIX, tracking=tracking)
-    study = start_study(sweep_cfg, False, None)  # the sweep run sits beside the study's in MLflow
+    study = start_study(sweep_cfg, False, None, interrupts.STOP)  # the sweep run sits beside the study's in MLflow
     with interrupts.deferred():  # from the first claim on, SIGTERM is honoured at step boundaries (exit 75)
         opened: list[optuna.Study] = []
-        study.on_primary(lambda: opened.append(open_optuna_study(study.cfg, study.run_dir)))
+        study.ranks.primary(lambda: opened.append(open_optuna_study(study.cfg, study.run_dir)))
         runner = TrialRunner(study, opened[0] if opened else None, space, interrupts.STOP)
-        finish = lambda states, claim: study.on_primary(lambda: finish_sweep(study, runner.optuna_study, cfg, states))
-        outcome = claim_and_run(study, slot_ids(trials), runner.run, finish, interrupts.STOP)
+        finish = lambda states, claim: study.ranks.primary(
+            lambda: finish_sweep(study, runner.optuna_study, cfg, states)
+        )
+        outcome = claim_and_run(study, slot_ids(trials), WorkerSteps(runner.run, finish))
         _finish_worker(study, outcome)
     return outcome.exit_code
 
@@ -126,9 +128,9 @@ class TrialRunner:
 
     def run(self, claim: Claim, beat: Heartbeat) -> None:
         study = self.study
-        number, values = study.on_primary(lambda: self._ask(claim))
+        number, values = study.ranks.primary(lambda: self._ask(claim))
         trial_cfg = apply_values(study.cfg, values)
-        study.log(f"distrain: {claim.job_id}: trial {number}: {format_values(values)}")
+        study.ranks.log(f"distrain: {claim.job_id}: trial {number}: {format_values(values)}")
         run_id = study.tracker.start_job(
             f"trial-{number}",
             {**values, "trial": number},
@@ -137,23 +139,23 @@ class TrialRunner:
         try:
             score = self._train(trial_cfg, run_id, beat)
         except _Pruned as e:
-            study.on_primary(lambda: self._tell(state="PRUNED"))
-            study.log(f"distrain: {claim.job_id}: trial {number} pruned ({e})")
+            study.ranks.primary(lambda: self._tell(state="PRUNED"))
+            study.ranks.log(f"distrain: {claim.job_id}: trial {number} pruned ({e})")
             study.tracker.end_run(run_id)
             return
         except Interrupted:
-            lost = study.on_primary(lambda: beat.lost.is_set())
-            study.on_primary(lambda: self._tell(state="FAIL"))
+            lost = study.ranks.primary(lambda: beat.lost.is_set())
+            study.ranks.primary(lambda: self._tell(state="FAIL"))
             study.tracker.end_run(run_id, "KILLED")
             raise (LeaseLost if lost else Preempted)(str(claim)) from None
         except BaseException as e:
-            study.on_primary(lambda: self._tell(state="FAIL"))
+            study.ranks.primary(lambda: self._tell(state="FAIL"))
             study.tracker.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
-        study.on_primary(lambda: self._tell(value=score))
+        study.ranks.primary(lambda: self._tell(value=score))
         study.tracker.log_metrics(run_id, {f"trial_{study.cfg.train.metric}": score}, step=0)
         study.tracker.end_run(run_id)
-        study.log(f"distrain: {claim.job_id}: trial {number} val_{study.cfg.train.metric} {score:.4f}")
+        study.ranks.log(f"distrain: {claim.job_id}: trial {number} val_{study.cfg.train.metric} {score:.4f}")
 
     def _train(self, trial_cfg: Config, run_id: str, beat: Heartbeat) -> float:
         """The trial's config trained on each fold of sweep.folds; the mean of their best validation scores."""
@@ -182,7 +184,7 @@ class TrialRunner:
             self.trial.report(val, step)
             return self.trial.should_prune()
 
-        if self.study.on_primary(report):
+        if self.study.ranks.primary(report):
             raise _Pruned(f"at epoch {step + 1}, val {val:.4f}")
 
     def _ask(self, claim: Claim) -> tuple[int, dict[str, Any]]:
@@ -194,7 +196,7 @@ class TrialRunner:
             previous = json.loads(marker.read_text())["trial"]
             if self.optuna_study.get_trials(deepcopy=False)[previous].state == TrialState.RUNNING:
                 self.optuna_study.tell(previous, state=TrialState.FAIL, skip_if_finished=True)
-                self.study.log(f"distrain: {claim.job_id}: trial {previous} of a vanished worker marked failed")
+                self.study.ranks.log(f"distrain: {claim.job_id}: trial {previous} of a vanished worker marked failed")
         self.trial = self.optuna_study.ask()
         atomic_write_json(marker, {"trial": self.trial.number, "attempt": claim.attempt, "worker": claim.worker})
         return self.trial.number, suggest(self.trial, self.space)
@@ -271,5 +273,7 @@ def format_values(values: dict[str, Any]) -> str:
 
 def _finish_worker(study: Study, outcome: WorkerOutcome) -> None:
     if outcome.preempted:
-        study.log(f"distrain: {study.worker}: stopped by SIGTERM; its trial marked failed, slot released (exit 75)")
+        study.ranks.log(
+            f"distrain: {study.worker}: stopped by SIGTERM; its trial marked failed, slot released (exit 75)"
+        )
     runtime.end_process_group(study.accelerator)

@@ -21,12 +21,15 @@ failed, 75 stopped by SIGTERM with its state saved (the job resumes on the next 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn, Optional, TypeVar
 
+from distrain.config import SchedulerConfig
+from distrain.distributed.ranks import Ranks
 from distrain.errors import (
     EXIT_FAILED_FOR_GOOD,
     EXIT_OK,
@@ -80,29 +83,35 @@ def select_shard(job_ids: list[str], shard: Optional[tuple[int, int]]) -> list[s
     return [j for k, j in enumerate(job_ids) if k % n == i]
 
 
+@dataclass(frozen=True)
+class WorkerSteps:
+    """What a worker does with what it claims: `run_job(claim, heartbeat)` trains a job on every rank (it raises
+    Preempted / LeaseLost to stop, anything else fails the attempt); `aggregate(states, claim)` runs the plan's
+    aggregation step."""
+
+    run_job: Callable[[Claim, Heartbeat], None]
+    aggregate: Callable[[list[JobState], Claim], None]
+
+
 def run_worker(
     ledger: Ledger,
     job_ids: list[str],
+    sc: SchedulerConfig,
+    ranks: Ranks,
+    steps: WorkerSteps,
     *,
     worker: str,
-    run_job: Callable[[Claim, Heartbeat], None],
-    aggregate: Callable[[list[JobState], Claim], None],
-    heartbeat_s: float = 10.0,
-    poll_s: float = 5.0,
+    stop: threading.Event,
     shard: Optional[tuple[int, int]] = None,
-    wait_for_others: bool = True,
-    is_primary: bool = True,
-    coordinate: Callable[[Callable[[], T]], T] = lambda fn: fn(),
-    stop_requested: Callable[[], bool] = lambda: False,
-    log: Callable[[str], None] = print,
 ) -> WorkerOutcome:
     """Claim and run jobs until none is left for this worker; aggregate if this worker is the one.
 
-    `coordinate(fn)` runs `fn` on rank 0 and returns its result on every rank (identity in one
-    process); every ledger read or write goes through it, so all ranks agree on the job. `run_job`
-    runs on every rank; it raises Preempted / LeaseLost to stop, anything else fails the attempt.
+    Every ledger read or write runs on rank 0 (`ranks.primary`) and its result is shared, so all ranks agree on
+    the job; `sc` gives the heartbeat and poll intervals and whether to wait for other workers' jobs; `stop` is
+    set on SIGTERM.
     """
-    loop = _ClaimLoop(ledger, worker, heartbeat_s, is_primary, coordinate, log, aggregate_id(job_ids))
+    log, run_job, aggregate, stop_requested = ranks.log, steps.run_job, steps.aggregate, stop.is_set
+    loop = _ClaimLoop(ledger, worker, sc.heartbeat_s, ranks, aggregate_id(job_ids))
     mine = select_shard(job_ids, shard)
     out = WorkerOutcome()
     while True:
@@ -113,27 +122,27 @@ def run_worker(
         if claim is not None:
             log(f"distrain: {worker} claimed {claim.job_id} (attempt {claim.attempt})")
             status = loop.run_claimed(claim, lambda beat, claim=claim: run_job(claim, beat))
-            out.trained += [claim.job_id] if status == JobStatus.DONE else []
+            out.trained += [claim.job_id] if status == AttemptEnd.DONE else []
             if status == AttemptEnd.PREEMPTED:
                 break
             continue
         states = loop.ledger_op(lambda: ledger.states(job_ids))
         if all(s.status in TERMINAL for s in states):
             status = loop.try_aggregate(lambda claim, states=states: aggregate(states, claim))
-            out.aggregated = out.aggregated or status == JobStatus.DONE
+            out.aggregated = out.aggregated or status == AttemptEnd.DONE
             if status == AttemptEnd.PREEMPTED:
                 break
             if status is not None:
                 continue  # look at the ledger again: the aggregation may need another try
-            if loop.ledger_op(lambda: ledger.state(loop.aggregate_id)).status in TERMINAL or not wait_for_others:
+            if loop.ledger_op(lambda: ledger.state(loop.aggregate_id)).status in TERMINAL or not sc.wait_for_others:
                 break
         elif shard is not None:
             # Static: leave once this shard's jobs are settled; the last worker to finish aggregates.
-            if all(s.status in TERMINAL for s in states if s.job_id in set(mine)) or not wait_for_others:
+            if all(s.status in TERMINAL for s in states if s.job_id in set(mine)) or not sc.wait_for_others:
                 break
-        elif not wait_for_others:
+        elif not sc.wait_for_others:
             break
-        _sleep(poll_s, stop_requested)
+        _sleep(sc.poll_s, stop_requested)
     out.preempted = out.preempted or loop.preempted
     out.failed = loop.report_failed(mine)
     out.exit_code = EXIT_PREEMPTED if out.preempted else EXIT_FAILED_FOR_GOOD if out.failed else EXIT_OK
@@ -143,23 +152,14 @@ def run_worker(
 class _ClaimLoop:
     """The ledger side of one worker: ledger calls agreed by all ranks, claimed work run under a heartbeat."""
 
-    def __init__(
-        self,
-        ledger: Ledger,
-        worker: str,
-        heartbeat_s: float,
-        is_primary: bool,
-        coordinate: Callable[[Callable[[], T]], T],
-        log: Callable[[str], None],
-        aggregate_id: str,
-    ):
-        self.ledger, self.worker, self.heartbeat_s, self.is_primary = ledger, worker, heartbeat_s, is_primary
+    def __init__(self, ledger: Ledger, worker: str, heartbeat_s: float, ranks: Ranks, aggregate_id: str):
+        self.ledger, self.worker, self.heartbeat_s, self.ranks = ledger, worker, heartbeat_s, ranks
+        self.is_primary, self.log = ranks.is_primary, ranks.log
         self.aggregate_id = aggregate_id  # the plan's aggregation entry in the ledger
-        self.coordinate, self.log = coordinate, log
         self.preempted = False
 
     def ledger_op(self, fn: Callable[[], T]) -> T:
-        return self.coordinate(fn if self.is_primary else (lambda: None))  # type: ignore[return-value]
+        return self.ranks.primary(fn)
 
     def run_claimed(self, claim: Claim, body: Callable[[Heartbeat], None]) -> str:
         """Run `body` under a heartbeat; record how it ended; returns the end status."""
@@ -231,8 +231,6 @@ class _NoHeartbeat:
     """What non-primary ranks hold instead of a Heartbeat: rank 0 alone renews the lease."""
 
     def __init__(self):
-        import threading
-
         self.progress: dict = {}
         self.lost = threading.Event()
 

@@ -70,7 +70,9 @@ class Tracker(ABC):
     def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
 
     @abstractmethod
-    def log_ensemble_model(self, run_id: str, artifacts_dir: Path, registered_name: str) -> str:
+    def log_ensemble_model(
+        self, run_id: str, artifacts_dir: Path, registered_name: str, python_model: str = "", version_tags=None
+    ) -> str:
         """Log the ensemble as a model on `run_id`, register it, return the version ("pending-sync" offline)."""
 
 
@@ -98,5 +100,7 @@ class NullTracker(Tracker):
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         pass
 
-    def log_ensemble_model(self, run_id: str, artifacts_dir: Path, registered_name: str) -> str:
+    def log_ensemble_model(
+        self, run_id: str, artifacts_dir: Path, registered_name: str, python_model: str = "", version_tags=None
+    ) -> str:
         return ""

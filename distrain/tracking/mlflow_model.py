@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 
-from distrain.ensembles.serving import EnsemblePredictor
+from distrain.serving.predictor import EnsemblePredictor
 
 
 @contextlib.contextmanager

@@ -351,7 +351,9 @@ class MlflowTracker(Tracker):
             }
         )
 
-    def log_ensemble_model(self, run_id: str, artifacts_dir: Path, registered_name: str) -> str:
+    def log_ensemble_model(
+        self, run_id: str, artifacts_dir: Path, registered_name: str, python_model: str = "", version_tags=None
+    ) -> str:
         """Log the ensemble as a pyfunc model on `run_id`, register it, and return the new version
         ("pending-sync" when offline)."""
         return str(

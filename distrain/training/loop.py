@@ -475,7 +475,7 @@ class JobTrainer:
         decode = train_decoder(transform, self.cfg.augment, seed, self.cache and plan.image_size == dc.image_size)
         loader = train_loader(self.index.urls("cv"), self.train_labels, batch_size=plan.batch_size, decode=decode,
                               shuffle_buffer=dc.shuffle_buffer, seed=seed, start_batch=start_batch,
-                              **self.loader_kw)  # fmt: skip
+                              num_workers=self.loader_kw["num_workers"])  # fmt: skip
         self.train_batches, self.stream_phase = iter(loader), first
         if epoch and epoch == first:
             self.log(f"distrain: {self.job.id}: epoch {epoch}: training at {plan.image_size} px, "

@@ -191,7 +191,7 @@ def test_one_transform_for_training_evaluation_and_serving(tmp_path):
     through `ImageTransform.decode`) and handed to the serving predictor as a PIL image or an array gives the same
     uint8 tensor and, normalised, the same model input; the transform is the backbone's timm data config."""
     from distrain.config import DataConfig
-    from distrain.ensembles.serving import EnsemblePredictor
+    from distrain.serving.predictor import EnsemblePredictor
 
     rng = np.random.default_rng(1)
     path = tmp_path / "imgs" / "a" / "photo.jpg"

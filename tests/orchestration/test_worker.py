@@ -6,16 +6,22 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from distrain.config import SchedulerConfig
+from distrain.distributed.ranks import Ranks
 from distrain.errors import EXIT_FAILED_FOR_GOOD, EXIT_OK, EXIT_PREEMPTED
 from distrain.orchestration.ledger import Ledger, aggregate_id
-from distrain.orchestration.worker import parse_shard, run_worker, select_shard
+from distrain.orchestration.worker import WorkerSteps, parse_shard, run_worker, select_shard
 
 from conftest import ledger_history
+
+FAST = SchedulerConfig(heartbeat_s=0.05, poll_s=0.01)
+QUIET = Ranks(log=lambda message: None)
 
 WORKER = Path(__file__).parents[1] / "scripts" / "ledger_worker.py"
 
@@ -80,16 +86,8 @@ def test_worker_marks_failing_job_failed_others_finish_and_aggregates_once(tmp_p
         if claim.job_id == "b":
             raise RuntimeError("CUDA out of memory (simulated)")
 
-    out = run_worker(
-        ledger,
-        ["a", "b", "c"],
-        worker="w",
-        run_job=run_job,
-        aggregate=lambda states, claim: aggregated.append([s.status for s in states]),
-        heartbeat_s=0.05,
-        poll_s=0.01,
-        log=lambda m: None,
-    )
+    steps = WorkerSteps(run_job, lambda states, claim: aggregated.append([s.status for s in states]))
+    out = run_worker(ledger, ["a", "b", "c"], FAST, QUIET, steps, worker="w", stop=threading.Event())
     assert ran.count("b") == 2 and ran.count("a") == 1 and ran.count("c") == 1
     assert aggregated == [["done", "failed", "done"]]
     assert out.failed == ["b"] and out.exit_code == EXIT_FAILED_FOR_GOOD
@@ -100,24 +98,25 @@ def test_worker_marks_failing_job_failed_others_finish_and_aggregates_once(tmp_p
 def test_sigterm_between_jobs_stops_before_the_next_claim_and_exits_0_once_nothing_is_left(tmp_path):
     """SIGTERM while a job runs: that job ends (here it finishes), no next job is claimed, exit 75 and the rest
     stays pending. The same signal when the last job and the aggregation are done: exit 0 (nothing was left)."""
-    ledger, stop, ran = Ledger(tmp_path), {"set": False}, []
+    ledger, stop, ran = Ledger(tmp_path), threading.Event(), []
 
     def run_job(claim, beat):
         ran.append(claim.job_id)
-        stop["set"] = True  # the signal lands during the first job
+        stop.set()  # the signal lands during the first job
 
-    kwargs = dict(worker="w", aggregate=lambda states, claim: None, heartbeat_s=0.05, poll_s=0.01,
-                  stop_requested=lambda: stop["set"], log=lambda m: None)  # fmt: skip
-    out = run_worker(ledger, ["a", "b"], run_job=run_job, **kwargs)
+    def worker(run_job):
+        return run_worker(ledger, ["a", "b"], FAST, QUIET, WorkerSteps(run_job, lambda states, claim: None),
+                          worker="w", stop=stop)  # fmt: skip
+
+    out = worker(run_job)
     assert ran == ["a"] and out.preempted and out.exit_code == EXIT_PREEMPTED
     assert [s.status for s in ledger.states(["a", "b"])] == ["done", "pending"]
 
-    stop["set"] = False
-    finished = run_worker(ledger, ["a", "b"], run_job=lambda claim, beat: ran.append(claim.job_id),
-                          **kwargs)  # fmt: skip
+    stop.clear()
+    finished = worker(lambda claim, beat: ran.append(claim.job_id))
     assert ran == ["a", "b"] and finished.exit_code == EXIT_OK
-    stop["set"] = True  # SIGTERM after everything is done
-    late = run_worker(ledger, ["a", "b"], run_job=run_job, **kwargs)
+    stop.set()  # SIGTERM after everything is done
+    late = worker(run_job)
     assert ran == ["a", "b"] and not late.preempted and late.exit_code == EXIT_OK
 
 
@@ -141,17 +140,8 @@ def test_static_shards_each_train_their_own_jobs(tmp_path):
     ran = {0: [], 1: []}
     aggregations = []
     for i in (0, 1):
-        run_worker(
-            ledger,
-            ids,
-            worker=f"w{i}",
-            shard=(i, 2),
-            run_job=lambda c, b, i=i: ran[i].append(c.job_id),
-            aggregate=lambda s, c: aggregations.append(1),
-            heartbeat_s=0.05,
-            poll_s=0.01,
-            log=lambda m: None,
-        )
+        steps = WorkerSteps(lambda c, b, i=i: ran[i].append(c.job_id), lambda s, c: aggregations.append(1))
+        run_worker(ledger, ids, FAST, QUIET, steps, worker=f"w{i}", stop=threading.Event(), shard=(i, 2))
     assert ran == {0: ["j0", "j2", "j4"], 1: ["j1", "j3"]}
     assert aggregations == [1]  # the second (last) shard to finish aggregated
 
@@ -222,7 +212,7 @@ def test_a_stale_owner_failing_after_a_takeover_leaves_the_new_owners_run_alone(
     tracker = SimpleNamespace(start_job=lambda *a: "run-1", end_run=lambda run, status: ended.append(status))
     cfg = SimpleNamespace(run_dir=tmp_path, scheduler=SimpleNamespace(checkpoint_every_s=60, keep_checkpoints=2))
     study = SimpleNamespace(cfg=cfg, run_dir=tmp_path, plan=[Job("m", 1, 0)], tracker=tracker, ledger=ledger,
-                            is_primary=True, on_primary=lambda fn: fn(), worker="a", index=None,
+                            ranks=Ranks(), worker="a", index=None, stop=threading.Event(),
                             manifest=SimpleNamespace(fold_of_sample={}), accelerator=None)  # fmt: skip
     monkeypatch.setattr("distrain.orchestration.phases.job_params", lambda cfg, job: {})
     beat = SimpleNamespace(progress={}, lost=SimpleNamespace(is_set=lambda: False))
@@ -230,8 +220,8 @@ def test_a_stale_owner_failing_after_a_takeover_leaves_the_new_owners_run_alone(
     fresh = ledger.try_claim("m-s1-f0", "b")  # the lease expired: b takes the job over
     assert fresh is not None
     with pytest.raises(LeaseLost, match="failed after losing the job"):
-        JobRunner(study, stop=SimpleNamespace(is_set=lambda: False)).run(stale, beat)
+        JobRunner(study).run(stale, beat)
     assert ended == []  # b's run is left alone
     with pytest.raises(FileNotFoundError):
-        JobRunner(study, stop=SimpleNamespace(is_set=lambda: False)).run(fresh, beat)
+        JobRunner(study).run(fresh, beat)
     assert ended == ["FAILED"]  # the owner's own failure ends its run

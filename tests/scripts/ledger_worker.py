@@ -10,13 +10,16 @@ RUN_DIR/aggregated/<worker> when aggregation completes.
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from distrain.config import SchedulerConfig  # noqa: E402
+from distrain.distributed.ranks import Ranks  # noqa: E402
 from distrain.orchestration.ledger import Ledger, default_worker_id  # noqa: E402
-from distrain.orchestration.worker import run_worker  # noqa: E402
+from distrain.orchestration.worker import WorkerSteps, run_worker  # noqa: E402
 
 
 def main() -> int:
@@ -55,16 +58,9 @@ def main() -> int:
             json.dumps({"statuses": [s.status for s in states], "time": time.time()})
         )
 
-    outcome = run_worker(
-        ledger,
-        job_ids,
-        worker=worker,
-        run_job=run_job,
-        aggregate=aggregate,
-        heartbeat_s=lease / 5,
-        poll_s=poll,
-        log=lambda m: None,
-    )
+    sc = SchedulerConfig(lease_timeout_s=lease, heartbeat_s=lease / 5, poll_s=poll)
+    steps, quiet = WorkerSteps(run_job, aggregate), Ranks(log=lambda message: None)
+    outcome = run_worker(ledger, job_ids, sc, quiet, steps, worker=worker, stop=threading.Event())
     return outcome.exit_code
 
 

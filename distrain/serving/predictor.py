@@ -3,7 +3,7 @@ averaged per (model, seed) column over folds, then the LightGBM meta-learner (or
 when stacking is off). `EnsemblePredictor` is plain Python; `DistrainPyfunc` adapts it to MLflow's
 pyfunc flavour (`distrain.tracking.mlflow_model`) so `mlflow.pyfunc.load_model(...).predict(images)` works.
 
-Artifacts directory layout (written by `aggregate.write_model_artifacts`):
+Artifacts directory layout (written by `distrain.serving.artifacts.write_model_artifacts`):
     meta.json          columns, jobs (id, column, checkpoint file, transform, tta), image_size, channels, num_classes,
                        task, method ("stacking" | "weighted_vote"), weights, classes (names), threshold
                        (binary: the decision threshold on p(positive) tuned on OOF; multilabel: one per label;
@@ -50,9 +50,9 @@ class EnsemblePredictor:
             self.models.append((job["column"], model.eval()))
         self.boosters = []
         if self.meta["method"] == "stacking":
-            import lightgbm as lgb
+            from distrain.ensembles.stacking import load_boosters
 
-            self.boosters = [lgb.Booster(model_str=(root / name).read_text()) for name in self.meta["boosters"]]
+            self.boosters = load_boosters([(root / name).read_text() for name in self.meta["boosters"]])
 
     @property
     def multilabel(self) -> bool:

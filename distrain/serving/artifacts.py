@@ -1,0 +1,68 @@
+"""The files of the registered ensemble (the layout `distrain.serving.predictor` documents and loads)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from distrain.data.transforms import resolve_transform
+from distrain.ensembles.aggregate import Aggregation, column_weights
+from distrain.names import Ensemble
+from distrain.study.plan import column_key
+
+
+def write_model_artifacts(agg: Aggregation, dest: Path, channels: int, classes: list[str] | None = None) -> Path:
+    """The files EnsemblePredictor loads: checkpoints, meta-learner, meta.json. Each job's checkpoint and
+    preprocessing come from its own run directory and config (`store.jobs[i]["source"]`)."""
+    cfg, sources, store, outcome = agg.cfg, agg.sources, agg.store, agg.outcome
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "checkpoints").mkdir(parents=True)
+    jobs = []
+    for j in store.jobs:
+        src = sources[j["source"]]
+        model, job_id = j["model"][len(src.prefix) :], j["id"][len(src.prefix) :]  # the names it was trained under
+        checkpoint = f"{j['id']}.pt"  # a prefixed job: checkpoints/<run dir name>/<job>.pt
+        (dest / "checkpoints" / checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src.run_dir / "jobs" / job_id / "best.pt", dest / "checkpoints" / checkpoint)
+        trained = src.cfg.for_model(model)
+        jobs.append(
+            {
+                "id": j["id"],
+                "model": model,
+                "column": column_key(j["model"], j["seed"]),
+                "checkpoint": checkpoint,
+                "transform": resolve_transform(model, trained.data, channels).to_dict(),
+                "tta": asdict(trained.tta),
+            }
+        )
+    name = agg.registered_ensemble()
+    # every other choice than stacking is a weighted mean of the columns
+    method = Ensemble.STACKING if name == Ensemble.STACKING else Ensemble.WEIGHTED_VOTE
+    boosters = []  # kept whichever ensemble is registered: meta.json's method says whether they are used
+    if outcome.stacking is not None:
+        for k, text in enumerate(outcome.stacking.booster_texts):
+            (dest / f"booster_{k}.txt").write_text(text)
+            boosters.append(f"booster_{k}.txt")
+    (dest / "meta.json").write_text(
+        json.dumps(
+            {
+                "columns": store.columns,
+                "jobs": jobs,
+                "image_size": cfg.data.image_size,
+                "channels": channels,
+                "num_classes": store.num_classes,
+                "task": cfg.task,
+                "ensemble": name,
+                "method": method,
+                "boosters": boosters,
+                "weights": column_weights(name, store.columns, outcome),
+                # binary: the decision threshold on p(positive), multilabel: one per label; tuned on the ensemble's OOF
+                "threshold": outcome.thresholds[name]["threshold"] if name in outcome.thresholds else None,
+                "classes": classes or [str(c) for c in range(store.num_classes)],
+            }
+        )
+    )
+    return dest
