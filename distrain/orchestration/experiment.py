@@ -165,11 +165,9 @@ class JobRunner:
             phases.job_params(cfg, job),
             {"model": job.model, "seed": job.seed, "fold": job.fold, "attempt": claim.attempt, "worker": study.worker},
         )
-        sc = cfg.scheduler
         control = JobControl(
             state_dir=job_dir(study.run_dir, job) / "state",
-            checkpoint_every_s=sc.checkpoint_every_s,
-            keep_checkpoints=sc.keep_checkpoints,
+            scheduler=cfg.scheduler,
             progress=beat.progress,
             stop_requested=lambda: self.stop.is_set() or beat.lost.is_set(),
             fence=lambda: study.ledger.fence(claim),

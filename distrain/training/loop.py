@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from distrain.config import Config
+from distrain.config import Config, SchedulerConfig
 from distrain.console import is_terminal
 from distrain.data.augment import BatchAugment
 from distrain.data.index import DatasetIndex
@@ -65,9 +65,9 @@ class JobControl:
 
     state_dir: Optional[Path] = None
     """Directory of this job's training-state checkpoints; None: no checkpoints, no resume."""
-    checkpoint_every_s: float = 300.0
-    """Save at the first optimizer-step boundary after this many seconds since the last save."""
-    keep_checkpoints: int = 2
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """How often the state is saved (`checkpoint_every_s`, at the first optimizer-step boundary after it) and how
+    many saves are kept (`keep_checkpoints`)."""
     stop_requested: Callable[[], bool] = lambda: False
     """This rank's wish to stop; any rank's wish stops all ranks at the same step, after a save."""
     progress: dict = field(default_factory=dict)
@@ -355,7 +355,9 @@ class JobTrainer:
                 "rng": rngs,
             }
             state_dir = self.control.state_dir
-            save_state(state_dir, self.state.batches, checkpoint, self.control.keep_checkpoints, self.control.fence)
+            save_state(
+                state_dir, self.state.batches, checkpoint, self.control.scheduler.keep_checkpoints, self.control.fence
+            )
             prune_engine_checkpoints(state_dir / "deepspeed", {p.stem for p in list_states(state_dir)})
 
         runtime.on_primary(self.accelerator, write)
@@ -371,7 +373,9 @@ class JobTrainer:
             if control.stop_requested():
                 raise Interrupted(f"{self.job.id}: stop requested (no checkpoint directory)")
             return
-        due = control.state_dir is not None and time.monotonic() - self.last_save >= control.checkpoint_every_s
+        due = (
+            control.state_dir is not None and time.monotonic() - self.last_save >= control.scheduler.checkpoint_every_s
+        )
         stop, due = float(control.stop_requested()), float(due and self.accelerator.is_main_process)
         if self.world > 1:
             stop, due = runtime.sum_across_ranks(self.accelerator, [stop, due])
@@ -382,9 +386,9 @@ class JobTrainer:
             raise Interrupted(f"{self.job.id}: stopped at epoch {epoch} step {step} with its state saved")
 
     # ---- one epoch -------------------------------------------------------------------------------
-    def train_epoch(self, epoch: int) -> dict[str, float]:
+    def train_epoch(self, epoch: int) -> EpochSums:
         """Train one pass over the fold's training samples (from the saved step after a resume); returns
-        the epoch's training figures summed over ranks."""
+        the epoch's training sums over every rank (the gradient norm's over rank 0's steps)."""
         tc, device, state = self.cfg.train, self.accelerator.device, self.state
         self.trainable.train()
         start_step, self.resume_step = self.resume_step, 0
@@ -436,13 +440,9 @@ class JobTrainer:
         loss_total, correct_total, seen_total = runtime.sum_across_ranks(
             self.accelerator, [float(loss_sum), float(correct), seen]
         )
-        return {
-            "loss_sum": loss_total,
-            "correct": correct_total,
-            "seen": seen_total,
-            "seconds": train_seconds,
-            "grad_norm": float(grad_norm_sum) / max(1, grad_norm_count),
-        }
+        return EpochSums(
+            loss_total, correct_total, float(grad_norm_sum), int(seen_total), grad_norm_count, train_seconds
+        )
 
     def _micro_step(self):
         """Draw one micro-batch and train on it; steps the LR schedule when the optimizer stepped."""
@@ -488,7 +488,7 @@ class JobTrainer:
     def _predict(self, model: torch.nn.Module, loader) -> Predictions:
         return predict(model, self.accelerator, loader, self.transform, self.tta, self.cfg.task == "multilabel")
 
-    def evaluate(self, epoch: int, train: dict[str, float]) -> dict[str, float]:
+    def evaluate(self, epoch: int, train: EpochSums) -> dict[str, float]:
         """Score the fold's validation samples, log the epoch's row and keep the best epoch's weights and OOF."""
         tc, state = self.cfg.train, self.state
         evaluated = self.trainable.eval_model()  # ZeRO: the fp32 weights gathered into a plain model
@@ -497,15 +497,15 @@ class JobTrainer:
         val_score = val.score(tc.metric)
         train_metric = self._predict(evaluated, self.train_probe).score(tc.metric)
         row = {
-            "train_loss": train["loss_sum"] / train["seen"],
-            "train_accuracy": train["correct"] / train["seen"],  # on augmented batches, as the weights moved
+            "train_loss": train.loss_sum / train.seen,
+            "train_accuracy": train.correct / train.seen,  # on augmented batches, as the weights moved
             f"train_eval_{tc.metric}": train_metric,
             "val_loss": _log_loss(val),
             f"val_{tc.metric}": val_score,
             "train_val_gap": overfit_gap(tc.metric, train_metric, val_score),
             "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": train["grad_norm"],
-            "samples_per_s": train["seen"] / train["seconds"],
+            "grad_norm": train.grad_norm_sum / max(1, train.grad_norm_count),
+            "samples_per_s": train.seen / train.seconds,
             "skipped_steps": state.skipped_steps,
             "nonfinite_losses": state.nonfinite_losses,
         }

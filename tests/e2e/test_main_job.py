@@ -284,6 +284,45 @@ def test_mlflow_has_ensemble_runs_and_review_artifacts(default_run):
     assert {"review/scores.png", "review/confusion.png", "review/calibration.png", "review/summary.md"} <= review
     versions = client.search_model_versions(f"name = '{report['ensemble_model']['name']}'")
     assert str(report["ensemble_model"]["version"]) in {str(v.version) for v in versions}
+    champion = client.get_model_version_by_alias(report["ensemble_model"]["name"], "champion")
+    assert (
+        champion.version == str(report["ensemble_model"]["version"])
+        and champion.run_id == by_name["stacking"].info.run_id
+    )
+    chosen = report["ensemble_model"]["ensemble"]
+    assert champion.tags["distrain.ensemble"] == chosen
+    assert float(champion.tags["cv_accuracy"]) == pytest.approx(report["ensembles"][chosen]["cv"], abs=1e-6)
+
+
+def test_stacking_off_still_registers_the_named_ensemble_as_the_new_champion(default_run, tmp_path):
+    """Registration does not depend on stacking: aggregating a copy of the finished run again with stacking off
+    and `ensemble.register=soft_vote` registers soft_vote (a new version, on the voting run) as `champion`, and
+    the served model reproduces the soft vote's holdout probabilities."""
+    import shutil
+
+    import mlflow.pyfunc
+
+    cwd, report, *_ = default_run
+    shutil.copytree(cwd / "runs", tmp_path / "runs")
+    (tmp_path / "data").symlink_to(cwd / "data")
+    args = ["aggregate", "--run-dir", "runs/digits", "ensemble.stacking=false", "ensemble.register=soft_vote"]
+    proc = run_cmd([sys.executable, "-m", "distrain.cli", *args], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads((tmp_path / "runs" / "digits" / "report.json").read_text())
+    assert "stacking" not in again["ensembles"] and again["ensemble_model"]["ensemble"] == "soft_vote"
+    info, name = again["mlflow"], again["ensemble_model"]["name"]
+    client = MlflowClient(info["tracking_uri"])
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == str(again["ensemble_model"]["version"])
+    assert int(champion.version) > int(report["ensemble_model"]["version"])  # the copied store held the first
+    assert champion.tags["distrain.ensemble"] == "soft_vote"
+    assert client.get_run(champion.run_id).info.run_name == "voting"
+    mlflow.set_tracking_uri(info["tracking_uri"])
+    ids, images = holdout_images(tmp_path)
+    probs = mlflow.pyfunc.load_model(again["ensemble_model"]["uri"]).predict(images)
+    with np.load(tmp_path / "runs" / "digits" / "ensemble" / "model_test.npz") as z:
+        assert z["sample_ids"].tolist() == ids
+        np.testing.assert_allclose(probs, z["probs"], atol=1e-5)
 
 
 def test_ensemble_command_reruns_without_training(default_run):

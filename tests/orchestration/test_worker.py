@@ -210,7 +210,7 @@ def test_a_stale_owner_failing_after_a_takeover_leaves_the_new_owners_run_alone(
     stale = ledger.try_claim("m-s1-f0", "a")
     ended = []
     tracker = SimpleNamespace(start_job=lambda *a: "run-1", end_run=lambda run, status: ended.append(status))
-    cfg = SimpleNamespace(run_dir=tmp_path, scheduler=SimpleNamespace(checkpoint_every_s=60, keep_checkpoints=2))
+    cfg = SimpleNamespace(run_dir=tmp_path, scheduler=SchedulerConfig(checkpoint_every_s=60))
     study = SimpleNamespace(cfg=cfg, run_dir=tmp_path, plan=[Job("m", 1, 0)], tracker=tracker, ledger=ledger,
                             ranks=Ranks(), worker="a", index=None, stop=threading.Event(),
                             manifest=SimpleNamespace(fold_of_sample={}), accelerator=None)  # fmt: skip
