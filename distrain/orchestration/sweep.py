@@ -67,7 +67,7 @@ def run_sweep(cfg: Config, space: list[Param], trials: int) -> int:
     with interrupts.deferred():  # from the first claim on, SIGTERM is honoured at step boundaries (exit 75)
         opened: list[optuna.Study] = []
         study.ranks.primary(lambda: opened.append(open_optuna_study(study.cfg, study.run_dir)))
-        runner = TrialRunner(study, opened[0] if opened else None, space, interrupts.STOP)
+        runner = TrialRunner(study, opened[0] if opened else None, space, study.stop)
         finish = lambda states, claim: study.ranks.primary(
             lambda: finish_sweep(study, runner.optuna_study, cfg, states)
         )
