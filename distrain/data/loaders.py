@@ -15,6 +15,7 @@ import ctypes
 import io
 import itertools
 import random
+import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Optional
 
@@ -242,5 +243,12 @@ class _Loader(DataLoader):
 def _loader(pipeline, num_workers: int, seed: int, pin_memory: bool) -> DataLoader:
     g = torch.Generator()
     g.manual_seed(seed)
-    return _Loader(pipeline, batch_size=None, num_workers=num_workers, generator=g,
+    return _Loader(pipeline, batch_size=None, num_workers=num_workers, generator=g, worker_init_fn=_ignore_sigterm,
                    persistent_workers=num_workers > 0, pin_memory=pin_memory)  # fmt: skip
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM to the training process. A preemption signals the whole process group
+    (`distrain schedule`, tini in a pod): a worker that died of it failed the job ("DataLoader worker ... killed by
+    signal: Terminated") before the trainer could save its state; the trainer stops them when it is done."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -85,6 +85,30 @@ def test_sigterm_mid_epoch_on_the_default_config_saves_and_exits_75_within_10_s(
     assert took < 10
 
 
+def test_sigterm_to_schedule_with_dataloader_workers_saves_and_the_next_run_resumes(tmp_path):
+    """SIGTERM to `distrain schedule` reaches the worker's whole process group, DataLoader workers included (as tini
+    forwards it in a pod). Those workers must leave the signal to the trainer: one that died of it failed the job
+    ("DataLoader worker ... killed by signal: Terminated") with no state saved, and the next run began at epoch 0."""
+    argv = [*SCHEDULE, "data.num_workers=2", "data.image_size=16", "cv.seeds=[1]", "cv.only_folds=[0]",
+            "train.epochs=4", "train.progress=true", "ensemble.stacking=false"]  # fmt: skip
+    command = Command(argv, tmp_path)
+    command.wait_for("epoch 1/4", timeout=e2e_timeout(180))  # mid-epoch 2: the workers are streaming
+    time.sleep(0.3)
+    code, _ = command.terminate()
+    assert code == EXIT_PREEMPTED, "".join(command.lines)[-3000:]
+    job = "test_resnet-s1-f0"
+    (attempt,) = Ledger(tmp_path / "runs" / "digits").attempts(job)
+    assert attempt.end["status"] == "preempted", attempt.end
+    state, _ = load_latest_state(tmp_path / "runs" / "digits" / "jobs" / job / "state")
+    assert state["epoch"] >= 1, state["epoch"]
+    again = Command(argv, tmp_path)
+    assert again.proc.wait(timeout=e2e_timeout(300)) == EXIT_OK, "".join(again.lines)[-3000:]
+    again.reader.join(timeout=10)
+    assert any(f"{job}: resumed from" in line and f"epoch {state['epoch']}" in line for line in again.lines), "".join(
+        again.lines
+    )[-3000:]
+
+
 TINY = ["model.names=[test_resnet]", "data.image_size=16", "cv.folds=2", "cv.seeds=[1]", "train.epochs=1",
         "train.progress=false", "ensemble.max_rounds=300", "data.num_workers=0"]  # fmt: skip
 
