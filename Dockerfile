@@ -9,9 +9,11 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# tini as PID 1: forwards SIGTERM to `distrain schedule` (which saves and exits 75) and reaps zombies
+# tini as PID 1: forwards SIGTERM to `distrain schedule` (which saves and exits 75) and reaps zombies.
+# gcc and libc6-dev: torch.compile's inductor has Triton build its GPU launcher with a C compiler on first use
+# ("Failed to find C compiler" without one); the image's Python headers come with the base image.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends tini=0.19.0-1+b3 \
+    && apt-get install -y --no-install-recommends tini=0.19.0-1+b3 gcc=4:12.2.0-3 libc6-dev=2.36-9+deb12u14 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1000 --user-group distrain
 

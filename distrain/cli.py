@@ -281,6 +281,7 @@ def _k8s(args) -> int:
         nodes_per_worker=args.nodes_per_worker, image=args.image or RenderOptions.image,
         mlflow_image=args.mlflow_image or RenderOptions.mlflow_image, namespace=args.namespace,
         storage_class=args.storage_class, runs_storage=args.runs_storage, cpu=args.cpu, memory=args.memory,
+        shm=args.shm, rdma=args.rdma_resource,
         node_selector=dict(_pair(s, "=", "--node-selector") for s in args.node_selector),
         tolerations=[_toleration(t) for t in args.toleration], priority_class=args.priority_class,
         queue=args.queue, deadline_s=int(args.deadline_hours * 3600), ttl_s=int(args.ttl_hours * 3600),
@@ -459,7 +460,11 @@ def _k8s_parser(sub) -> None:
     r.add_argument("--storage-class", default="", help="a ReadWriteMany class for the run volume")
     r.add_argument("--runs-storage", default="200Gi")
     r.add_argument("--cpu", default="4", help="CPU request per worker pod")
-    r.add_argument("--memory", default="16Gi", help="memory request and limit per worker pod")
+    r.add_argument("--memory", default="", help="memory request and limit per worker pod (default: 8Gi + 12Gi per "
+                   "GPU + the shm)")  # fmt: skip
+    r.add_argument("--shm", default="", help="/dev/shm of a worker pod (default: 4Gi per GPU, 2Gi without)")
+    r.add_argument("--rdma-resource", default="", help="an RDMA device resource for multi-node NCCL, e.g. rdma/ib "
+                   "(adds IPC_LOCK: the pod leaves the restricted Pod Security level)")  # fmt: skip
     r.add_argument("--node-selector", action="append", default=[], help="key=value (repeatable)")
     r.add_argument("--toleration", action="append", default=[],
                    help="key[=value]:Effect (repeatable; default with GPUs: nvidia.com/gpu:NoSchedule)")  # fmt: skip

@@ -14,6 +14,7 @@ import yaml
 from distrain.cli import build_parser
 from distrain.config import load_config
 from distrain.deploy.k8s import MIN_KUBERNETES, RenderOptions, manifests
+from distrain.errors import BadInput
 
 from conftest import REPO, last_line, run_cmd
 
@@ -227,3 +228,36 @@ def test_a_worker_asked_for_gpus_on_a_machine_without_any_exits_4(tmp_path):
     line = last_line(proc.stderr)
     assert line.startswith("distrain: error: --gpus-per-worker 1") and "0 CUDA GPU(s) visible" in line
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_two_node_eight_gpu_worker_is_sized_for_its_gpus_shm_and_nccl():
+    """One worker of 2 pods x 8 GPUs: memory 8Gi + 12Gi per GPU + the shm it holds (4Gi per GPU), NCCL told to
+    abort on a lost rank, pods preferring separate nodes; an RDMA resource adds IPC_LOCK; a --memory below the shm
+    is refused."""
+    cfg = load_config(REPO / "configs" / "digits.yaml")
+    opts = RenderOptions(workers=1, gpus_per_worker=8, mode="multinode", nodes_per_worker=2)
+    (jobset,) = yaml.safe_load_all(manifests(cfg, opts)["overlays/digits-multinode/workers.yaml"])
+    job = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
+    assert job["completions"] == 2
+    pod = job["template"]["spec"]
+    (worker,) = pod["containers"]
+    assert worker["resources"]["limits"] == {"memory": "136Gi", "nvidia.com/gpu": "8"}  # 8 + 8 x 12 + 32
+    assert worker["resources"]["requests"]["memory"] == "136Gi"
+    assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"] == "32Gi"
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and env["NCCL_DEBUG"] == "WARN"
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"]["distrain.dev/experiment"] == "digits"
+    assert worker["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+    rdma = RenderOptions(workers=1, gpus_per_worker=8, mode="multinode", rdma="rdma/ib", shm="16Gi")
+    (jobset,) = yaml.safe_load_all(manifests(cfg, rdma)["overlays/digits-multinode/workers.yaml"])
+    (worker,) = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"]
+    assert worker["resources"]["limits"] == {"memory": "120Gi", "nvidia.com/gpu": "8", "rdma/ib": "1"}
+    assert worker["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    cpu_pod = yaml.safe_load(manifests(cfg, RenderOptions(workers=2))["overlays/digits/workers.yaml"])
+    (worker,) = cpu_pod["spec"]["template"]["spec"]["containers"]
+    assert worker["resources"]["limits"] == {"memory": "10Gi"} and not any("NCCL" in e["name"] for e in worker["env"])
+    with pytest.raises(BadInput, match="--memory 10Gi: the /dev/shm volume"):
+        RenderOptions(workers=1, gpus_per_worker=2, memory="10Gi", shm="8Gi").check()

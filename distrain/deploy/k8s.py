@@ -17,6 +17,7 @@ Torch-free: it reads the config and counts the plan's jobs.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +57,9 @@ class RenderOptions:
     storage_class: str = ""  # the run volume's class; it must offer ReadWriteMany
     runs_storage: str = "200Gi"
     cpu: str = "4"
-    memory: str = "16Gi"
-    shm: str = "8Gi"
+    memory: str = ""  # empty: sized by `pod_memory` from the GPUs and the shm
+    shm: str = ""  # empty: sized by `pod_shm`
+    rdma: str = ""  # an RDMA device resource (e.g. rdma/ib) for multi-node NCCL; adds the IPC_LOCK capability
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict] = field(default_factory=list)
     priority_class: str = ""
@@ -76,6 +78,39 @@ class RenderOptions:
             raise BadInput("--workers >= 1, --gpus-per-worker >= 0 and --nodes-per-worker >= 1")
         for ref in (self.image, self.mlflow_image):
             image_ref(ref)
+        if self.memory and gib(self.memory) < gib(pod_shm(self)) + 4:
+            raise BadInput(f"--memory {self.memory}: the /dev/shm volume ({pod_shm(self)}) counts against the pod's "
+                           f"memory; give at least 4Gi more than it (or leave --memory out to size it)")  # fmt: skip
+
+
+GIB_PER_GPU = 12
+"""Host memory per GPU rank: the trainer process, its DataLoader workers' decoded batches, and a checkpoint that
+rank 0 holds twice while it writes it."""
+SHM_GIB_PER_GPU = 4
+"""/dev/shm per GPU rank: DataLoader workers hand their batches over through it (prefetch x workers x batch)."""
+
+
+def pod_shm(opts: RenderOptions) -> str:
+    """The worker pod's /dev/shm size: --shm, else 4Gi per GPU (2Gi for a CPU pod)."""
+    return opts.shm or f"{max(2, SHM_GIB_PER_GPU * opts.gpus_per_worker)}Gi"
+
+
+def pod_memory(opts: RenderOptions) -> str:
+    """The worker pod's memory request and limit: --memory, else 8Gi + 12Gi per GPU + the shm (a memory-backed
+    emptyDir counts against the container's limit, so a full /dev/shm would otherwise get the pod OOM-killed)."""
+    return opts.memory or f"{8 + GIB_PER_GPU * opts.gpus_per_worker + math.ceil(gib(pod_shm(opts)))}Gi"
+
+
+_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+
+
+def gib(quantity: str) -> float:
+    """A Kubernetes memory quantity in GiB ("16Gi", "512Mi", "20G"); BadInput for anything else."""
+    match = _QUANTITY.match(quantity)
+    if not match:
+        raise BadInput(f"memory quantity {quantity!r}: expected e.g. 16Gi or 512Mi")
+    scale = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    return float(match.group(1)) * scale.get(match.group(2), 1) / 2**30
 
 
 def dns_name(text: str) -> str:
@@ -286,29 +321,54 @@ def worker_pod(cfg: Config, opts: RenderOptions, name: str) -> dict:
         args += ["--num-machines", str(opts.nodes_per_worker), "--main-process-ip", leader]
         index = "metadata.annotations['jobset.sigs.k8s.io/job-index']"  # which worker (replicated Job) this is
         env = [{"name": "JOB_INDEX", "valueFrom": {"fieldRef": {"fieldPath": index}}}]
-    limits = {"memory": opts.memory, **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
+    memory = pod_memory(opts)
+    limits = {
+        "memory": memory,
+        **({"nvidia.com/gpu": str(gpus)} if gpus else {}),
+        **({opts.rdma: "1"} if opts.rdma else {}),
+    }
     container = {
         "name": "worker",
         "image": "distrain",
         "imagePullPolicy": "IfNotPresent",
         "command": ["distrain", "schedule"],
         "args": args,
-        "env": env,
-        "resources": {"requests": {"cpu": opts.cpu, "memory": opts.memory}, "limits": limits},
+        "env": env + (NCCL_ENV if gpus else []),
+        "resources": {"requests": {"cpu": opts.cpu, "memory": memory}, "limits": limits},
         "volumeMounts": [{"name": "runs", "mountPath": RUNS_MOUNT},
                          {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
                          {"name": "dshm", "mountPath": "/dev/shm"}],
     }  # fmt: skip
     volumes = [{"name": "runs", "persistentVolumeClaim": {"claimName": "distrain-runs"}},
                {"name": "config", "configMap": {"name": f"distrain-{name}-config"}},
-               {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm}}]  # fmt: skip
+               {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pod_shm(opts)}}]  # fmt: skip
     pod = {"restartPolicy": "Never", "terminationGracePeriodSeconds": 120, "containers": [container],
            "volumes": volumes}  # fmt: skip
     tolerations = opts.tolerations or (
         [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}] if gpus else []
     )
-    extra = {"nodeSelector": opts.node_selector, "tolerations": tolerations, "priorityClassName": opts.priority_class}
-    return hardened({**pod, **{k: v for k, v in extra.items() if v}})
+    extra = {"nodeSelector": opts.node_selector, "tolerations": tolerations, "priorityClassName": opts.priority_class,
+             "affinity": spread_over_nodes(name) if gpus else {}}  # fmt: skip
+    pod = hardened({**pod, **{k: v for k, v in extra.items() if v}})
+    if opts.rdma:  # registering RDMA memory needs IPC_LOCK: such a pod no longer meets the restricted level
+        pod["containers"][0]["securityContext"]["capabilities"]["add"] = ["IPC_LOCK"]
+    return pod
+
+
+NCCL_ENV = [
+    {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},  # a lost rank aborts the group instead of hanging it
+    {"name": "NCCL_DEBUG", "value": "WARN"},  # NCCL's reasons in the pod log when a collective fails
+]
+
+
+def spread_over_nodes(name: str) -> dict:
+    """Prefer one node per worker pod of the experiment: the ranks of a multi-node group on one node would share
+    its NICs and PCIe, and one node's loss would take several workers with it."""
+    term = {"labelSelector": {"matchLabels": {"app.kubernetes.io/name": "distrain-worker",
+                                              "distrain.dev/experiment": name}},
+            "topologyKey": "kubernetes.io/hostname"}  # fmt: skip
+    return {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 100, "podAffinityTerm": term}]}}  # fmt: skip
 
 
 def workers(cfg: Config, opts: RenderOptions, name: str) -> dict:
