@@ -295,6 +295,13 @@ class TrainConfig:
     max_nonfinite_losses: int = 5
     """Stop the job with an error after this many consecutive micro-batches with a NaN/inf loss (fp16
     overflow steps that the loss scaler skips are counted separately and do not stop the job); 0 disables."""
+    collective_timeout_s: float = 600.0
+    """Seconds a training collective (gradient all-reduce, gathers) waits for the other ranks before the process
+    group fails: how soon a lost or hung rank is noticed (then the job's attempt fails and is retried)."""
+    control_timeout_s: float = 10800.0
+    """Seconds the other ranks wait while rank 0 alone works (ledger, checkpoint writes, the aggregation with its
+    MLflow uploads): they wait on a gloo group of their own, so a long aggregation never trips the training
+    collectives' timeout above."""
     compile: bool = False
     """torch.compile the model (after gradient checkpointing, before DDP / DeepSpeed wrapping)."""
     compile_backend: str = "inductor"
@@ -322,6 +329,8 @@ class TrainConfig:
         require(self.cpu_threads >= 0, "train.cpu_threads", self.cpu_threads, ">= 0")
         require(bool(self.compile_backend), "train.compile_backend", self.compile_backend, "a backend name")
         require(self.max_nonfinite_losses >= 0, "train.max_nonfinite_losses", self.max_nonfinite_losses, ">= 0")
+        require(self.collective_timeout_s > 0, "train.collective_timeout_s", self.collective_timeout_s, "> 0")
+        require(self.control_timeout_s > 0, "train.control_timeout_s", self.control_timeout_s, "> 0")
 
 
 @dataclass(kw_only=True)

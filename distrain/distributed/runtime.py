@@ -4,7 +4,9 @@
   if any), then one Accelerator per process (DDP over NCCL on GPUs, over gloo on CPU when started with
   `--multi_gpu` or torchrun; accelerate's DeepSpeed plugin under `accelerate launch` with a DeepSpeed YAML).
 - `on_primary`: run a step on one rank while the others wait, re-raising its error on every rank
-  (a plain barrier would leave the other ranks hanging forever when the primary fails).
+  (a plain barrier would leave the other ranks hanging forever when the primary fails). They wait on a gloo
+  control group with its own timeout (`train.control_timeout_s`), so rank-0 work longer than the training
+  collectives' timeout (`train.collective_timeout_s`) never aborts them.
 - `gather_rows`: variable-length per-rank results gathered to every rank, without the padding
   duplicates that a DistributedSampler or `gather_for_metrics` would otherwise need to drop.
 """
@@ -14,12 +16,13 @@ from __future__ import annotations
 import os
 import pickle
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 
 from distrain.config import TrainConfig
 from distrain.distributed.cpus import available_cpus
@@ -93,16 +96,39 @@ def create_accelerator(train: TrainConfig) -> Accelerator:
         # needs no dataloader to infer batch sizes. (On CPU accelerate's DeepSpeed state is single-process;
         # use torchrun or the deepspeed launcher there, which take the direct path below.)
         accelerator = Accelerator(
-            mixed_precision=train.precision, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config)
-        )
+            mixed_precision=train.precision, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=train.collective_timeout_s))],
+        )  # fmt: skip
     else:
         accelerator = Accelerator(
-            cpu=not cuda, mixed_precision=train.precision, gradient_accumulation_steps=train.grad_accum_steps
-        )
+            cpu=not cuda, mixed_precision=train.precision, gradient_accumulation_steps=train.grad_accum_steps,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=train.collective_timeout_s))],
+        )  # fmt: skip
+    _open_control_group(accelerator, train.control_timeout_s)
     if not cuda:
         # `accelerate launch` exports OMP_NUM_THREADS=1; on CPU that idles all cores but one.
         torch.set_num_threads(train.cpu_threads or cpus_per_process(accelerator))
     return accelerator
+
+
+_CONTROL_GROUP: list = []  # the gloo group rank-0-only work is waited for on (one per process, like its Accelerator)
+
+
+def _open_control_group(accelerator: Accelerator, timeout_s: float) -> None:
+    """A gloo group over all ranks with its own (long) timeout, for `on_primary`'s wait: on the training group the
+    other ranks would abort after `collective_timeout_s` (NCCL's default is 10 minutes) while rank 0 aggregates."""
+    _CONTROL_GROUP.clear()
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        _CONTROL_GROUP.append(torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)))
+
+
+def _gather_on_control_group(obj: Any) -> list:
+    """Every rank's `obj`, in rank order, on every rank: over the control group when there is one."""
+    if not _CONTROL_GROUP:
+        return gather_object([obj])
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj, group=_CONTROL_GROUP[0])
+    return out
 
 
 def cpus_per_process(accelerator: Accelerator) -> int:
@@ -158,7 +184,7 @@ def on_primary(accelerator: Accelerator, fn: Callable[[], T], *, per_node: bool 
             outcome = (fn(), None)
         except Exception as e:  # re-raised below, on every rank
             outcome = (None, _picklable(e))
-    results = [outcome] if accelerator.num_processes == 1 else gather_object([outcome])
+    results = [outcome] if accelerator.num_processes == 1 else _gather_on_control_group(outcome)
     for _, error in results:
         if error is not None:
             raise error

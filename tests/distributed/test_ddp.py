@@ -23,3 +23,19 @@ def test_two_process_ddp_gather_has_no_duplicates(tmp_path):
         assert r["rows"] == r["distinct"] == r["expected"] and r["covers"]
         assert r["gathered_ranks"] == 2 and r["sum"] == 2.0
     assert rows[0]["digest"] == rows[1]["digest"]  # every rank holds the same gathered ids and probabilities
+
+
+def test_rank0_work_longer_than_the_collective_timeout_completes_and_a_stalled_collective_fails_in_its_bound(
+    tmp_path,
+):
+    """2 gloo processes with train.collective_timeout_s = 2: rank 0 works alone for 5 s (as an aggregation with its
+    MLflow upload does) and both ranks get its result, waiting on the control group; then one rank left alone in an
+    all-reduce gives up after about 2 s instead of NCCL's 10 minutes."""
+    proc = run_cmd([*accelerate_launch(2, REPO / "tests" / "scripts" / "control_group_check.py"), str(tmp_path)],
+                   cwd=tmp_path, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+    assert len(rows) == 2 and all(r["result"] == "aggregated" and r["total"] == 2.0 for r in rows)
+    assert all(r["waited"] >= 5.0 for r in rows)  # longer than the collective timeout, and no abort
+    waiting = rows[1]
+    assert waiting["error"] and 1.5 <= waiting["stalled"] < 5.5, waiting
