@@ -295,6 +295,9 @@ class TrainConfig:
     max_nonfinite_losses: int = 5
     """Stop the job with an error after this many consecutive micro-batches with a NaN/inf loss (fp16
     overflow steps that the loss scaler skips are counted separately and do not stop the job); 0 disables."""
+    sync_every_steps: int = 8
+    """Optimizer steps between the ranks' agreement on stopping and checkpointing (a tiny all-reduce on the CPU
+    control group): a SIGTERM or a due checkpoint waits at most this many steps; 1 agrees at every step."""
     collective_timeout_s: float = 600.0
     """Seconds a training collective (gradient all-reduce, gathers) waits for the other ranks before the process
     group fails: how soon a lost or hung rank is noticed (then the job's attempt fails and is retried)."""
@@ -329,6 +332,7 @@ class TrainConfig:
         require(self.cpu_threads >= 0, "train.cpu_threads", self.cpu_threads, ">= 0")
         require(bool(self.compile_backend), "train.compile_backend", self.compile_backend, "a backend name")
         require(self.max_nonfinite_losses >= 0, "train.max_nonfinite_losses", self.max_nonfinite_losses, ">= 0")
+        require(self.sync_every_steps >= 1, "train.sync_every_steps", self.sync_every_steps, ">= 1")
         require(self.collective_timeout_s > 0, "train.collective_timeout_s", self.collective_timeout_s, "> 0")
         require(self.control_timeout_s > 0, "train.control_timeout_s", self.control_timeout_s, "> 0")
 

@@ -206,6 +206,16 @@ def gather_rows(accelerator: Accelerator, rows: list) -> list:
     return gather_object(rows)
 
 
+def agree(accelerator: Accelerator, values: list[float]) -> list[float]:
+    """Element-wise sum of a few host-side flags over all ranks, on the CPU control group when there is one: the
+    ranks agree without a device synchronisation (`sum_across_ranks` on a GPU copies to and from the device)."""
+    if not _CONTROL_GROUP:
+        return sum_across_ranks(accelerator, values)
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t, group=_CONTROL_GROUP[0])
+    return t.tolist()
+
+
 def sum_across_ranks(accelerator: Accelerator, values: list[float]) -> list[float]:
     """Element-wise sum of a few scalars over all ranks."""
     t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)

@@ -364,8 +364,9 @@ class JobTrainer:
         self.last_save = time.monotonic()
 
     def step_boundary(self, epoch: int, step: int, epoch_sums: Callable[[], EpochSums] = EpochSums) -> None:
-        """Between optimizer steps: checkpoint when due, and stop (after a checkpoint) when asked.
-        Ranks decide together (one tiny all-reduce), so they save and stop at the same step."""
+        """Between optimizer steps: checkpoint when due, and stop (after a checkpoint) when asked. Ranks decide
+        together, every `train.sync_every_steps` optimizer steps (and at each epoch's start), with a tiny
+        all-reduce on the CPU control group: no device sync in the step, and they save and stop at the same step."""
         control = self.control
         steps = self.epoch_steps[min(epoch, len(self.epoch_steps) - 1)]
         control.progress.update(epoch=epoch, epochs=self.cfg.train.epochs, step=step, steps=steps)
@@ -373,12 +374,13 @@ class JobTrainer:
             if control.stop_requested():
                 raise Interrupted(f"{self.job.id}: stop requested (no checkpoint directory)")
             return
-        due = (
-            control.state_dir is not None and time.monotonic() - self.last_save >= control.scheduler.checkpoint_every_s
-        )
+        if self.world > 1 and (step // self.cfg.train.grad_accum_steps) % self.cfg.train.sync_every_steps:
+            return  # not an agreement step: the ranks look at stop and save requests together a few steps on
+        every_s = control.scheduler.checkpoint_every_s
+        due = control.state_dir is not None and time.monotonic() - self.last_save >= every_s
         stop, due = float(control.stop_requested()), float(due and self.accelerator.is_main_process)
         if self.world > 1:
-            stop, due = runtime.sum_across_ranks(self.accelerator, [stop, due])
+            stop, due = runtime.agree(self.accelerator, [stop, due])
         if (stop or due) and control.state_dir is not None:
             self.state.epoch, self.state.step, self.state.sums = epoch, step, epoch_sums()
             self.save()

@@ -8,6 +8,8 @@ average over every (sample, label).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,7 +70,7 @@ class BinaryCrossEntropy(nn.Module):
             y = target[:, 1].float()
         else:
             y = target.float() * (1.0 - self.label_smoothing) + self.label_smoothing / 2
-        pos_weight = torch.tensor(self.pos_weight, device=logits.device)
+        pos_weight = _constant(self.pos_weight, logits.device)
         return F.binary_cross_entropy_with_logits(logits[:, 1] - logits[:, 0], y, pos_weight=pos_weight)
 
 
@@ -90,7 +92,7 @@ class MultiLabelLoss(nn.Module):
             y = y * (1.0 - self.label_smoothing) + self.label_smoothing / 2
         if self.focal_gamma is not None:
             return sigmoid_focal_loss(logits, y, alpha=self.alpha or -1.0, gamma=self.focal_gamma, reduction="mean")
-        pos_weight = torch.tensor(self.pos_weight, device=logits.device)
+        pos_weight = _constant(self.pos_weight, logits.device)
         return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
 
 
@@ -105,3 +107,9 @@ def create_loss(tc: TrainConfig, task: str) -> nn.Module:
         weights = [1.0 - tc.focal_alpha, tc.focal_alpha] if task == "binary" and tc.focal_alpha else None
         return FocalLoss(tc.focal_gamma, tc.label_smoothing, weights)
     return CrossEntropy(tc.label_smoothing)
+
+
+@functools.lru_cache(maxsize=32)
+def _constant(value: float, device: torch.device) -> torch.Tensor:
+    """A scalar loss constant on the device, made once (not a synchronising host-to-device copy per step)."""
+    return torch.tensor(value, device=device)

@@ -39,3 +39,21 @@ def test_rank0_work_longer_than_the_collective_timeout_completes_and_a_stalled_c
     assert all(r["waited"] >= 5.0 for r in rows)  # longer than the collective timeout, and no abort
     waiting = rows[1]
     assert waiting["error"] and 1.5 <= waiting["stalled"] < 5.5, waiting
+
+
+def test_the_training_step_adds_at_most_one_collective_per_sync_every_steps(tmp_path):
+    """2 gloo processes train an epoch of the main job: besides DDP's own gradient all-reduce, the ranks talk once
+    per `train.sync_every_steps` (8) optimizer steps (stop / checkpoint agreement) and once at the epoch's end (its
+    training sums); no per-step all-reduce and `.tolist()` as before (a device sync per step on a GPU)."""
+    overrides = ["model.names=[test_resnet]", "data.image_size=16", "cv.folds=2", "cv.seeds=[1]", "cv.only_folds=[0]",
+                 "train.epochs=2", "train.batch_size=16", "data.num_workers=0", "train.progress=false",
+                 "ensemble.stacking=false", "ensemble.register_model=false", f"run_root={tmp_path / 'runs'}"]  # fmt: skip
+    argv = [*accelerate_launch(2, REPO / "tests" / "scripts" / "collective_count.py"), str(tmp_path)]
+    proc = run_cmd([*argv, "--config", str(REPO / "configs" / "digits.yaml"), *overrides], cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for path in sorted(tmp_path.glob("rank*.json")):
+        for epoch in json.loads(path.read_text()):
+            steps = epoch["optimizer_steps"]
+            assert steps >= 16, epoch  # enough steps for the bound to mean something
+            assert epoch["collectives"] <= steps // 8 + 2, epoch
+            print(f"{path.stem} epoch {epoch['epoch']}: {epoch['collectives']} collectives in {steps} optimizer steps")
