@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from distrain.config.lookups import is_factory_name
 from distrain.config.typecheck import build_dataclass, require
 from distrain.config.urls import check_tracking_uri
 from distrain.errors import ConfigError
@@ -173,14 +174,17 @@ class CVConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     names: list[str] = field(default_factory=lambda: ["resnet10t"])
-    """timm model names; each is a backbone of the ensemble."""
+    """timm model names, or import paths `package.module:function` of your own model factories (called as
+    `function(num_classes=..., in_chans=..., **kwargs)`, returning a torch.nn.Module; the module must be importable
+    where jobs run and where the registered model is served); each is a backbone of the ensemble."""
     pretrained: bool = False
     """Start from timm's pretrained weights (downloaded from the Hugging Face hub into its cache once;
     with HF_HUB_OFFLINE=1 only the cache is used). The classifier is re-made for data.num_classes and the
-    first convolution adapted to the data's channels, as timm does."""
+    first convolution adapted to the data's channels, as timm does. timm names only (a factory: pretrained_file)."""
     pretrained_file: str = ""
     """A local checkpoint (.safetensors, .pth, .bin) to start from instead of the hub (timm's
-    pretrained_cfg_overlay file=...); implies pretrained. One model name only."""
+    pretrained_cfg_overlay file=...); implies pretrained. One model name only. For a factory, a state dict loaded
+    strictly, except for a classifier of another shape (left as the factory made it)."""
     drop_rate: float = 0.0
     """Dropout before the classifier."""
     drop_path_rate: float = 0.0
@@ -192,9 +196,19 @@ class ModelConfig:
     grad_checkpointing: bool = False
     """Trade compute for activation memory: timm's set_grad_checkpointing where the model has it, else
     torch.utils.checkpoint around each top-level stage."""
+    factory_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Keyword arguments of your own model factories: factory path in model.names -> {argument: value}, passed
+    after num_classes, in_chans and drop_rate / drop_path_rate (when non-zero); e.g.
+    `examples.smallnet:build: {width: 32}`. Recorded in the registered model, which rebuilds each network with them."""
 
     def __post_init__(self):
         require(len(self.names) >= 1, "model.names", self.names, "at least one model")
+        factories = [n for n in self.names if is_factory_name(n)]
+        for name in self.factory_args:
+            require(name in factories, "model.factory_args", name, f"a factory path in model.names {factories}")
+        if self.pretrained and factories and not self.pretrained_file:
+            raise ConfigError(f"model.pretrained: {factories[0]!r} is your own factory: there are no hub weights "
+                              "for it; set model.pretrained_file to a state dict instead")  # fmt: skip
         require(0.0 <= self.drop_rate < 1.0, "model.drop_rate", self.drop_rate, "in [0, 1)")
         require(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", self.drop_path_rate, "in [0, 1)")
         if self.pretrained_file:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from distrain.config.lookups import is_factory_name
 from distrain.errors import ConfigError
 
 INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
@@ -102,14 +103,14 @@ class TestTimeAugment:
         return cls(d["hflip"], d["vflip"], tuple(d["scales"])) if d else cls()
 
 
-def resolve_transform(model_name: str, data, channels: int) -> ImageTransform:
+def resolve_transform(model_name: str, data, channels: int, model: torch.nn.Module | None = None) -> ImageTransform:
     """The transform of `model_name` on this data: `data.interpolation`, `data.crop_pct`, `data.mean` and
     `data.std` where set, else the model's timm pretrained config (mean and std averaged to one channel for
-    grayscale data). `data` is the config's DataConfig. Raises ConfigError for a mean/std of the wrong length."""
-    import timm
-
-    pretrained = timm.models.get_pretrained_cfg(model_name)
-    cfg = pretrained.to_dict() if pretrained is not None else {}
+    grayscale data), else ImageNet's statistics, bicubic and a 0.875 crop. `data` is the config's DataConfig. A
+    factory's network (`package.module:function`) has no config in timm's registry: its own `pretrained_cfg` or
+    `default_cfg` attribute is used, if `model`, the network built, has one. Raises ConfigError for a mean/std of
+    the wrong length."""
+    cfg = _model_data_config(model_name, model)
     mean = tuple(data.mean) or tuple(cfg.get("mean") or (0.485, 0.456, 0.406))
     std = tuple(data.std) or tuple(cfg.get("std") or (0.229, 0.224, 0.225))
     for key, value in (("data.mean", mean), ("data.std", std)):
@@ -122,6 +123,19 @@ def resolve_transform(model_name: str, data, channels: int) -> ImageTransform:
     interpolation = data.interpolation or cfg.get("interpolation") or "bicubic"
     crop_pct = data.crop_pct or cfg.get("crop_pct") or 0.875
     return ImageTransform(data.image_size, channels, interpolation, float(crop_pct), mean, std)
+
+
+def _model_data_config(model_name: str, model: torch.nn.Module | None) -> dict:
+    """timm's pretrained config of a timm name, or the one a factory's network carries (as timm's own do); {}."""
+    if not is_factory_name(model_name):
+        import timm
+
+        found = timm.models.get_pretrained_cfg(model_name)
+    else:
+        found = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if found is None:
+        return {}
+    return found.to_dict() if hasattr(found, "to_dict") else dict(found)
 
 
 @functools.lru_cache(maxsize=64)

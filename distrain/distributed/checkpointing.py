@@ -1,5 +1,6 @@
-"""Gradient (activation) checkpointing of a timm model, stem included, without double-counted BatchNorm
-statistics. The first step of `distributed.wrap`: it rewrites module forwards that compile then traces.
+"""Gradient (activation) checkpointing of a timm model (or any module: a factory's own network), stem included,
+without double-counted BatchNorm statistics. The first step of `distributed.wrap`: it rewrites module forwards that
+compile then traces. `distrain.training.models.check_grad_checkpointing` checks a model by name before any work.
 """
 
 from __future__ import annotations
@@ -8,12 +9,9 @@ import itertools
 import re
 from collections import Counter
 
-import timm
 import torch
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
-
-from distrain.errors import ConfigError
 
 
 def apply_grad_checkpointing(model: torch.nn.Module, *, stem: bool = True) -> str:
@@ -51,20 +49,6 @@ def apply_grad_checkpointing(model: torch.nn.Module, *, stem: bool = True) -> st
         how = "timm+stem" if stem_modules else "timm"
     _update_running_stats_once(model)
     return how
-
-
-def check_grad_checkpointing(name: str) -> str:
-    """Which checkpointing `name` would get ("timm" or "stages"), found on a weightless meta-device copy
-    so that a model offering neither is refused before any work. Raises ConfigError."""
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(name, pretrained=False, num_classes=2)
-    except Exception:  # a model whose constructor computes on tensors cannot be built on meta: build it
-        model = timm.create_model(name, pretrained=False, num_classes=2)
-    try:
-        return apply_grad_checkpointing(model)
-    except ValueError as e:
-        raise ConfigError(f"model.names: {name!r}: {e}; set model.grad_checkpointing=false") from None
 
 
 def find_stem(model: torch.nn.Module) -> list[torch.nn.Module]:

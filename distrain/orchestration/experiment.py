@@ -91,10 +91,10 @@ def start_study(cfg: Config, new_run_dir: bool, shard: Optional[tuple[int, int]]
     accelerator = runtime.create_accelerator(cfg.train)
     ranks = Ranks(accelerator)
     if cfg.model.grad_checkpointing:
-        from distrain.distributed.checkpointing import check_grad_checkpointing
+        from distrain.training.models import check_grad_checkpointing
 
         for name in cfg.model.names:
-            check_grad_checkpointing(name)
+            check_grad_checkpointing(name, cfg.model)
     index, manifest = prepare_data(cfg, accelerator, ranks)
     check_inputs(cfg, index.channels, accelerator.device)  # every rank: the same check, the same one-line error
     check_batches_fit(cfg, manifest.fold_of_sample, accelerator.num_processes)

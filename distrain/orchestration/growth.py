@@ -9,8 +9,8 @@ from distrain.config import config_differences
 def growth_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """(what grows, what is refused) between a run directory's config and a new one, as 'key: old -> new' lines.
     A study grows by new seeds (`cv.seeds`), new backbones (`model.names`) and the new backbones' own
-    `model.overrides`, the old ones kept: the finished jobs did not depend on them. Any other difference
-    (ignoring VOLATILE_KEYS) is refused, as is dropping a seed or backbone."""
+    `model.overrides` and `model.factory_args`, the old ones kept: the finished jobs did not depend on them. Any
+    other difference (ignoring VOLATILE_KEYS) is refused, as is dropping a seed or backbone."""
     grows, refused = [], []
     for key in ("cv.seeds", "model.names"):
         section, name = key.split(".")
@@ -24,7 +24,8 @@ def growth_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
         key = line.split(": ", 1)[0]
         if key in ("cv.seeds", "model.names"):
             continue
-        if any(key.startswith(f"model.overrides.{m}.") or key == f"model.overrides.{m}" for m in new_models):
+        own = ("model.overrides", "model.factory_args")  # a new backbone's own settings
+        if any(key.startswith(f"{o}.{m}.") or key == f"{o}.{m}" for o in own for m in new_models):
             grows.append(line)
         else:
             refused.append(line)

@@ -7,10 +7,12 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from distrain.config.lookups import is_factory_name
 from distrain.data.transforms import resolve_transform
 from distrain.ensembles.aggregate import Aggregation, column_weights
 from distrain.names import Ensemble
 from distrain.study.plan import column_key
+from distrain.training.models import create_meta_model, model_settings
 
 
 def write_model_artifacts(agg: Aggregation, dest: Path, channels: int, classes: list[str] | None = None) -> Path:
@@ -28,16 +30,14 @@ def write_model_artifacts(agg: Aggregation, dest: Path, channels: int, classes: 
         (dest / "checkpoints" / checkpoint).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src.run_dir / "jobs" / job_id / "best.pt", dest / "checkpoints" / checkpoint)
         trained = src.cfg.for_model(model)
-        jobs.append(
-            {
-                "id": j["id"],
-                "model": model,
-                "column": column_key(j["model"], j["seed"]),
-                "checkpoint": checkpoint,
-                "transform": resolve_transform(model, trained.data, channels).to_dict(),
-                "tta": asdict(trained.tta),
-            }
-        )
+        entry = {"id": j["id"], "model": model, "column": column_key(j["model"], j["seed"]), "checkpoint": checkpoint}
+        network = None
+        if is_factory_name(model):  # rebuilt by importing the factory where served, with the arguments it trained with
+            entry["model_args"] = model_settings(trained.model, model)
+            network = create_meta_model(model, num_classes=store.num_classes, in_chans=channels,
+                                        settings=entry["model_args"])  # fmt: skip
+        entry["transform"] = resolve_transform(model, trained.data, channels, network).to_dict()
+        jobs.append({**entry, "tta": asdict(trained.tta)})
     name = agg.registered_ensemble()
     # every other choice than stacking is a weighted mean of the columns
     method = Ensemble.STACKING if name == Ensemble.STACKING else Ensemble.WEIGHTED_VOTE

@@ -4,7 +4,9 @@ when stacking is off). `EnsemblePredictor` is plain Python; `DistrainPyfunc` ada
 pyfunc flavour (`distrain.tracking.mlflow_model`) so `mlflow.pyfunc.load_model(...).predict(images)` works.
 
 Artifacts directory layout (written by `distrain.serving.artifacts.write_model_artifacts`):
-    meta.json          columns, jobs (id, column, checkpoint file, transform, tta), image_size, channels, num_classes,
+    meta.json          columns, jobs (id, model: a timm name or a factory's `package.module:function`, column,
+                       checkpoint file, transform, tta; a factory's job also model_args: create_model's drop_rate,
+                       drop_path_rate and factory_args), image_size, channels, num_classes,
                        task, method ("stacking" | "weighted_vote"), weights, classes (names), threshold
                        (binary: the decision threshold on p(positive) tuned on OOF; multilabel: one per label;
                        null: the argmax, or 0.5 per label)
@@ -45,7 +47,9 @@ class EnsemblePredictor:
         self.models = []
         for job in self.meta["jobs"]:
             ckpt = torch.load(root / "checkpoints" / job["checkpoint"], map_location="cpu", weights_only=True)
-            model = create_model(job["model"], num_classes=self.meta["num_classes"], in_chans=self.meta["channels"])
+            # a factory's job: its arguments ("model_args"); the factory's module must import here
+            model = create_model(job["model"], num_classes=self.meta["num_classes"], in_chans=self.meta["channels"],
+                                 **job.get("model_args", {}))  # fmt: skip
             model.load_state_dict(ckpt["model"])
             self.models.append((job["column"], model.eval()))
         self.boosters = []

@@ -46,7 +46,7 @@ from distrain.training.checkpoint import (
 )
 from distrain.training.evaluate import check_coverage, predict
 from distrain.training.losses import create_loss
-from distrain.training.models import create_ema, create_model
+from distrain.training.models import create_ema, create_model, model_settings
 from distrain.training.optim import create_optimizer, create_scheduler
 from distrain.training.state import EpochSums, TrainState
 
@@ -250,9 +250,9 @@ class JobTrainer:
         train_ids = set(cv_labels) - self.val_ids
         runtime.seed_everything(job.seed)  # identical initial weights on every rank
         mc = cfg.model
-        model = create_model(job.model, num_classes=dc.num_classes, in_chans=index.channels, drop_rate=mc.drop_rate,
-                             drop_path_rate=mc.drop_path_rate,
-                             pretrained=mc.pretrained, pretrained_file=mc.pretrained_file)  # fmt: skip
+        model = create_model(job.model, num_classes=dc.num_classes, in_chans=index.channels,
+                             pretrained=mc.pretrained, pretrained_file=mc.pretrained_file,
+                             **model_settings(mc, job.model))  # fmt: skip
         optimizer = create_optimizer(model, cfg.optim)
         self.plan = [EpochPlan.of(cfg, epoch) for epoch in range(tc.epochs)]  # progressive resolution, if any
         self.epoch_steps = [steps_per_epoch(len(train_ids), self.world, p.batch_size, tc.grad_accum_steps)
@@ -266,7 +266,7 @@ class JobTrainer:
         self.ema = create_ema(self.trainable.plain, tc.ema_decay, tc.ema_warmup)
         runtime.seed_everything(job.seed, per_rank=True)  # distinct augmentation / dropout streams per rank
         self.log(f"distrain: {job.id}: {self.trainable.describe()}")
-        self.transform = resolve_transform(job.model, dc, index.channels)
+        self.transform = resolve_transform(job.model, dc, index.channels, model)
         self.tta = TestTimeAugment.from_dict(dataclasses.asdict(cfg.tta))  # as meta.json stores it for serving
         self.train_labels = {s: cv_labels[s] for s in sorted(train_ids)}
         workers = default_workers(

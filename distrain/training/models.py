@@ -1,4 +1,5 @@
-"""Single-device model construction: timm by name, randomly initialised or from pretrained weights.
+"""Single-device model construction: timm by name or the user's own factory (`package.module:function`),
+randomly initialised or from pretrained weights.
 
 Nothing here knows about ranks or wrappers; `distributed.wrap` applies gradient checkpointing, compile
 and the data-parallel wrapper to what `create_model` returns, in that order.
@@ -12,11 +13,14 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 
 from distrain.config import Config, ModelConfig
+from distrain.config.lookups import import_factory, is_factory_name
+from distrain.distributed.checkpointing import apply_grad_checkpointing
 from distrain.errors import ConfigError
 
 
@@ -29,12 +33,27 @@ def create_model(
     drop_path_rate: float = 0.0,
     pretrained: bool = False,
     pretrained_file: str = "",
+    factory_args: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
     """A timm classifier: random init, timm's pretrained weights (`pretrained`, from the Hugging Face hub
     cache), or a local checkpoint (`pretrained_file`). timm re-makes the classifier when `num_classes`
     differs from the weights' and adapts the first convolution to `in_chans`. Raises ConfigError, in one
     line, when the weights cannot be had (offline and not cached, no such weights) or do not fit the model, and
-    for a `drop_path_rate` the model does not take."""
+    for a `drop_path_rate` the model does not take.
+
+    A `package.module:function` name is the user's own factory, called as `function(num_classes=num_classes,
+    in_chans=in_chans, **kwargs)`: kwargs are drop_rate / drop_path_rate where non-zero, then `factory_args`
+    (model.factory_args[name]). See `create_factory_model`."""
+    if is_factory_name(name):
+        if pretrained and not pretrained_file:
+            raise ConfigError(f"model.pretrained: {name!r} is your own factory: there are no hub weights for it; "
+                              "set model.pretrained_file to a state dict instead")  # fmt: skip
+        kwargs = {k: v for k, v in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)) if v}
+        model = create_factory_model(name, num_classes=num_classes, in_chans=in_chans,
+                                     kwargs={**kwargs, **(factory_args or {})})  # fmt: skip
+        if pretrained_file:
+            load_factory_weights(model, name, pretrained_file)
+        return model
     regularisation = {"drop_rate": drop_rate, **({"drop_path_rate": drop_path_rate} if drop_path_rate else {})}
     if not (pretrained or pretrained_file):
         try:
@@ -56,6 +75,103 @@ def create_model(
         raise ConfigError(f"{source}: {len(not_loaded)} of {len(model.state_dict())} tensors of {name!r} are not in "
                           f"the weights (e.g. {not_loaded[0]!r}); are they another architecture's?")  # fmt: skip
     return model
+
+
+def create_factory_model(name: str, *, num_classes: int, in_chans: int, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """The network the factory `name` (`package.module:function`) builds, called as
+    `function(num_classes=num_classes, in_chans=in_chans, **kwargs)`. Raises ConfigError, in one line naming the
+    entry, when it does not import, raises, or returns something other than a torch.nn.Module."""
+    factory = import_factory(name)
+    call = ", ".join(f"{k}={v!r}" for k, v in {"num_classes": num_classes, "in_chans": in_chans, **kwargs}.items())
+    try:
+        model = factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(
+            f"model.names: {name!r} raised {type(e).__name__} ({first}) when called with {call}"
+        ) from None
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model.names: {name!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_factory_weights(model: torch.nn.Module, name: str, path: str) -> None:
+    """Load the state dict in `path` (safetensors or torch, read by timm's loader: a `state_dict` or `model` entry
+    of a training checkpoint is found) into the factory-built `model`, strictly except for its classifier (the
+    `classifier` of its pretrained_cfg / default_cfg, else what `get_classifier()` returns, else its last Linear
+    layer), which keeps the factory's initialisation where the file's is absent or of another shape (another
+    number of classes). Raises ConfigError, in one line, for a file that cannot be read or does not fit."""
+    source = f"model.pretrained_file={path}"
+    try:
+        weights = timm.models.load_state_dict(str(path))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"{source}: cannot read {type(e).__name__}: {first}") from None
+    own = model.state_dict()
+    head = tuple(p + "." for p in _classifier_prefixes(model))
+    reshaped = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+    weights = {k: v for k, v in weights.items() if not (k in reshaped and k.startswith(head))}
+    problems = []
+    missing = [k for k in own if k not in weights and not k.startswith(head) and not k.endswith("num_batches_tracked")]
+    if missing:
+        problems.append(f"{len(missing)} missing from the file (e.g. {missing[0]!r})")
+    unexpected = [k for k in weights if k not in own]
+    if unexpected:
+        problems.append(f"{len(unexpected)} not in the model (e.g. {unexpected[0]!r})")
+    reshaped = [k for k in reshaped if not k.startswith(head)]
+    if reshaped:
+        k = reshaped[0]
+        problems.append(f"{len(reshaped)} of another shape (e.g. {k!r}: {list(weights[k].shape)} in the file, "
+                        f"{list(own[k].shape)} in the model)")  # fmt: skip
+    if problems:
+        raise ConfigError(f"{source}: the weights do not fit {name!r}: tensors {'; '.join(problems)}")
+    model.load_state_dict(weights, strict=False)  # strict but for the head and BatchNorm step counters, checked above
+
+
+def _classifier_prefixes(model: torch.nn.Module) -> list[str]:
+    """The module names of `model`'s classifier (see `load_factory_weights`)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    named = cfg.get("classifier") if isinstance(cfg, dict) else getattr(cfg, "classifier", None)
+    if named:
+        return [named] if isinstance(named, str) else list(named)
+    modules = dict(model.named_modules())
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    found = [n for n, m in modules.items() if m is head and n] or [
+        n for n, m in modules.items() if isinstance(m, torch.nn.Linear)
+    ][-1:]
+    return found
+
+
+def model_settings(model: ModelConfig, name: str) -> dict[str, Any]:
+    """`create_model`'s settings of `name` from the model section, weights aside: regularisation and, for a factory,
+    its `factory_args` (what the registered model records to rebuild the same network)."""
+    settings: dict[str, Any] = {"drop_rate": model.drop_rate, "drop_path_rate": model.drop_path_rate}
+    if is_factory_name(name):
+        settings["factory_args"] = dict(model.factory_args.get(name, {}))
+    return settings
+
+
+def create_meta_model(name: str, *, num_classes: int, in_chans: int, settings: dict[str, Any]) -> torch.nn.Module:
+    """`create_model(name, ..., **settings)` without weights in memory (on the meta device), to check a model's
+    structure and input size at no cost. A model whose constructor computes on tensors cannot be built there: it is
+    built on the CPU (where its own errors, if any, surface as ConfigError)."""
+    try:
+        with torch.device("meta"):
+            return create_model(name, num_classes=num_classes, in_chans=in_chans, **settings)
+    except Exception:
+        return create_model(name, num_classes=num_classes, in_chans=in_chans, **settings)
+
+
+def check_grad_checkpointing(name: str, model: ModelConfig | None = None) -> str:
+    """Which checkpointing `name` would get ("timm", "timm+stem" or "stages"), found on a weightless meta-device
+    copy (built with `model`'s settings for it) so that a model offering neither is refused before any work.
+    Raises ConfigError."""
+    settings = model_settings(model, name) if model is not None else {}
+    built = create_meta_model(name, num_classes=2, in_chans=3, settings=settings)
+    try:
+        return apply_grad_checkpointing(built)
+    except ValueError as e:
+        raise ConfigError(f"model.names: {name!r}: {e}; set model.grad_checkpointing=false") from None
 
 
 def _may_be_reinitialised(key: str, pretrained_cfg: dict) -> bool:
@@ -95,7 +211,7 @@ def check_pretrained(model: ModelConfig, *, num_classes: int, in_chans: int) -> 
         return
     for name in model.names:
         create_model(name, num_classes=num_classes, in_chans=in_chans, pretrained=model.pretrained,
-                     pretrained_file=model.pretrained_file)  # fmt: skip
+                     pretrained_file=model.pretrained_file, **model_settings(model, name))  # fmt: skip
 
 
 def create_ema(model: torch.nn.Module, decay: float, warmup: bool):
@@ -116,6 +232,9 @@ def check_inputs(cfg: Config, in_chans: int, device: torch.device) -> None:
         mcfg = cfg.for_model(name)
         sizes = {mcfg.data.image_size, *mcfg.data.image_size_schedule.values()}
         batches = {mcfg.train.batch_size, *mcfg.train.batch_size_schedule.values()}
+        # a factory's own errors (it raises, returns no Module) are refused here, where the channels are known
+        model = create_meta_model(name, num_classes=mcfg.data.num_classes, in_chans=in_chans,
+                                  settings=model_settings(mcfg.model, name))  # fmt: skip
         for size in sorted(sizes):
             batch_bytes = max(batches) * in_chans * size * size * 4  # float32 inputs, before any activation
             if batch_bytes > memory / 4:  # every backbone's activations are many times its input
@@ -124,17 +243,21 @@ def check_inputs(cfg: Config, in_chans: int, device: torch.device) -> None:
                     f"inputs is {batch_bytes / 1e9:.3g} GB, more than a quarter of the {memory / 1e9:.3g} GB of "
                     f"{device.type} memory; lower data.image_size or train.batch_size"
                 )
-            _check_forward(name, size, in_chans, mcfg.data.num_classes)
+            _check_forward(name, model, size, in_chans)
 
 
-def _check_forward(name: str, size: int, in_chans: int, num_classes: int) -> None:
+def _check_forward(name: str, model: torch.nn.Module, size: int, in_chans: int) -> None:
+    # meta, unless the model could only be built on the CPU (create_meta_model); tensors the forward makes go there too
+    device = next(iter(model.parameters()), torch.empty(0, device="meta")).device
     try:
-        with torch.device("meta"):
-            timm.create_model(name, num_classes=num_classes, in_chans=in_chans)(torch.empty(2, in_chans, size, size))
+        with torch.device(device), torch.no_grad():
+            model(torch.empty(2, in_chans, size, size))
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         default = (
-            timm.get_pretrained_cfg_value(name, "input_size") if hasattr(timm, "get_pretrained_cfg_value") else None
+            timm.get_pretrained_cfg_value(name, "input_size")
+            if hasattr(timm, "get_pretrained_cfg_value") and not is_factory_name(name)
+            else None
         )
         hint = f"; its default input is {default[-1]} px" if default else ""
         raise ConfigError(f"model {name!r} cannot take {size} px inputs ({type(e).__name__}: {first}){hint}") from None

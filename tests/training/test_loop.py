@@ -114,7 +114,7 @@ def test_model_without_any_checkpointing_support_is_refused():
 
 
 def test_model_names_are_checked_for_checkpointing_before_any_work():
-    from distrain.distributed.checkpointing import check_grad_checkpointing
+    from distrain.training.models import check_grad_checkpointing
 
     assert check_grad_checkpointing("test_vit") == "timm+stem" and check_grad_checkpointing("dla46x_c") == "stages"
 
