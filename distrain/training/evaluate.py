@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,14 +25,18 @@ def predict(
     transform: ImageTransform,
     tta: TestTimeAugment = TestTimeAugment(),
     multilabel: bool = False,
+    stop: Callable[[], bool] = lambda: False,
 ) -> Predictions:
     """Softmax probabilities (multilabel: sigmoids; averaged over the `tta` views) for the samples of `loader`
     (an `eval_loader`: this rank's share of the shards), gathered on every rank and sorted by sample id. A loader
-    built once can be reused every epoch: its persistent workers stay up."""
+    built once can be reused every epoch: its persistent workers stay up. `stop()` turning true ends this rank's
+    pass early (the caller then stops; what was gathered is incomplete)."""
     was_training = model.training
     model.eval()
     rows = []
     for images, labels, ids in loader:
+        if stop():
+            break
         with accelerator.autocast():
             probs = tta.probs(model, transform.normalise(images.to(accelerator.device)), multilabel).cpu().numpy()
         rows.extend(zip(ids, probs, labels.tolist()))

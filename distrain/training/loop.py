@@ -195,6 +195,10 @@ def _log_loss(pred: Predictions) -> float:
     return float(F.nll_loss(torch.log(probs.clamp_min(1e-12)), labels))
 
 
+def _never() -> bool:
+    return False
+
+
 class _NonFiniteCounter:
     """Consecutive non-finite losses, kept on the device and read every few steps (no per-step host sync)."""
 
@@ -287,6 +291,8 @@ class JobTrainer:
                                           multilabel=cfg.task == "multilabel")  # fmt: skip
         self.criterion = create_loss(tc, cfg.task)  # takes Mixup / CutMix soft targets too
         self.nonfinite = _NonFiniteCounter(accelerator.device, tc.max_nonfinite_losses)
+        self.evaluating: Optional[int] = None  # the epoch being evaluated, when it is
+        self.epoch_local_sums = EpochSums()
         self.state = TrainState()
         self.resume_step = 0  # the step the first epoch after a resume starts at
         self.last_save = time.monotonic()
@@ -439,6 +445,7 @@ class JobTrainer:
         train_seconds = time.perf_counter() - start
         self.nonfinite.check(self.job, epoch, n_steps - 1)
         state.nonfinite_losses += self.nonfinite.take_total()
+        self.epoch_local_sums = current_sums()  # this rank's, as a save during the evaluation keeps them
         loss_total, correct_total, seen_total = runtime.sum_across_ranks(
             self.accelerator, [float(loss_sum), float(correct), seen]
         )
@@ -488,11 +495,32 @@ class JobTrainer:
                            transform=self.transform, cache=self.cache, **self.loader_kw)  # fmt: skip
 
     def _predict(self, model: torch.nn.Module, loader) -> Predictions:
-        return predict(model, self.accelerator, loader, self.transform, self.tta, self.cfg.task == "multilabel")
+        """Predictions of `model`; during an epoch's evaluation a stop request ends the pass early and the job
+        stops with the state of the end of that epoch's training (`_stop_if_asked_while_evaluating`)."""
+        stop = self.control.stop_requested if self.evaluating is not None else _never
+        pred = predict(model, self.accelerator, loader, self.transform, self.tta, self.cfg.task == "multilabel", stop)
+        if self.evaluating is not None:
+            self._stop_if_asked_while_evaluating(self.evaluating)
+        return pred
+
+    def _stop_if_asked_while_evaluating(self, epoch: int) -> None:
+        """SIGTERM while epoch `epoch` is evaluated: save the state of the end of its training (the evaluation runs
+        again on resume: it draws no random numbers and changes no weights) and stop, instead of finishing a pass
+        over 100k validation images that may outlast the grace period. The ranks agree, after each pass."""
+        stop = float(self.control.stop_requested())
+        if self.world > 1:
+            (stop,) = runtime.agree(self.accelerator, [stop])
+        if not stop:
+            return
+        if self.control.state_dir is not None:
+            self.state.epoch, self.state.step, self.state.sums = epoch, self.epoch_steps[epoch], self.epoch_local_sums
+            self.save()
+        raise Interrupted(f"{self.job.id}: stopped while evaluating epoch {epoch}, with its state saved")
 
     def evaluate(self, epoch: int, train: EpochSums) -> dict[str, float]:
         """Score the fold's validation samples, log the epoch's row and keep the best epoch's weights and OOF."""
         tc, state = self.cfg.train, self.state
+        self.evaluating = epoch
         evaluated = self.trainable.eval_model()  # ZeRO: the fp32 weights gathered into a plain model
         val = self._predict(evaluated, self.val_loader)
         check_coverage(val, self.val_ids, f"{self.job.id} validation")
@@ -516,6 +544,7 @@ class JobTrainer:
             ema_val = self._predict(self.ema.module, self.val_loader)
             row[f"val_ema_{tc.metric}"] = ema_val.score(tc.metric)
             candidates.append(("ema", self.ema.module, ema_val, row[f"val_ema_{tc.metric}"]))
+        self.evaluating = None
         state.history.append({"epoch": epoch, **row})
         if self.tracker is not None:
 

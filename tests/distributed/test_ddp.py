@@ -47,7 +47,8 @@ def test_the_training_step_adds_at_most_one_collective_per_sync_every_steps(tmp_
     training sums); no per-step all-reduce and `.tolist()` as before (a device sync per step on a GPU)."""
     overrides = ["model.names=[test_resnet]", "data.image_size=16", "cv.folds=2", "cv.seeds=[1]", "cv.only_folds=[0]",
                  "train.epochs=2", "train.batch_size=16", "data.num_workers=0", "train.progress=false",
-                 "ensemble.stacking=false", "ensemble.register_model=false", f"run_root={tmp_path / 'runs'}"]  # fmt: skip
+                 "ensemble.stacking=false", "ensemble.register_model=false",
+                 f"run_root={tmp_path / 'runs'}"]  # fmt: skip
     argv = [*accelerate_launch(2, REPO / "tests" / "scripts" / "collective_count.py"), str(tmp_path)]
     proc = run_cmd([*argv, "--config", str(REPO / "configs" / "digits.yaml"), *overrides], cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

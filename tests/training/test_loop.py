@@ -494,3 +494,55 @@ def test_shards_holding_other_samples_than_the_index_are_a_data_error_duplicates
         check_coverage(pred(["a", "b", "z"]), {"a", "b"}, "job validation")
     with pytest.raises(JobFailure, match="rows predicted twice"):
         check_coverage(pred(["a", "a", "b"]), {"a", "b"}, "job validation")
+
+
+@pytest.mark.slow
+def test_a_stop_during_an_epochs_evaluation_saves_and_the_resumed_job_ends_bit_identical(
+    tmp_path, fresh_accelerate_state, monkeypatch
+):
+    """SIGTERM while epoch 1's validation predictions run: the pass ends at the next batch, the job stops with the
+    state of the end of epoch 1's training, and the resumed job evaluates epoch 1 again and ends with the history and
+    best weights of a job never stopped (evaluation draws no random numbers and changes no weights)."""
+    from distrain.data.index import read_index
+    from distrain.errors import Interrupted
+    from distrain.training import loop
+    from distrain.training.checkpoint import load_latest_state
+
+    data = tmp_path / "digits"
+    write_digits(data)
+    index = read_index(data)
+    cfg = load_config(None, [f"data.root={data}", "train.epochs=2", "model.names=[test_resnet]", "data.image_size=16",
+                             "train.batch_size=64", "data.num_workers=0", "train.deterministic=true"])  # fmt: skip
+    cv, labels = index.split_ids("cv"), index.labels_of("cv")
+    manifest = build_fold_manifest(cv, [labels[s] for s in cv], 5, 0)
+    job = Job("test_resnet", 1, 0)
+
+    def run(state_dir, stop=lambda: False):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        acc = runtime.create_accelerator(cfg.train)
+        control = JobControl(state_dir=state_dir, stop_requested=stop)
+        return fit_job(job, cfg, index, manifest.fold_of_sample, acc, control=control)
+
+    straight = run(tmp_path / "straight")
+    calls, asked = [], {"stop": False}
+    real_predict = loop.predict
+
+    def predict(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 0: validation, train probe; epoch 1: validation, where the signal lands
+            asked["stop"] = True
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "predict", predict)
+    with pytest.raises(Interrupted, match="stopped while evaluating epoch 1"):
+        run(tmp_path / "stopped", stop=lambda: asked["stop"])
+    assert len(calls) == 3  # the probe and the rest of the evaluation were not run
+    state, _ = load_latest_state(tmp_path / "stopped")
+    assert (state["epoch"], len(state["history"])) == (1, 1)
+    monkeypatch.setattr(loop, "predict", real_predict)
+    resumed = run(tmp_path / "stopped")
+    assert [h["val_accuracy"] for h in resumed.history] == [h["val_accuracy"] for h in straight.history]
+    assert resumed.best_epoch == straight.best_epoch
+    for name, tensor in straight.best_state.items():
+        assert torch.equal(tensor, resumed.best_state[name]), name
