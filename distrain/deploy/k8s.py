@@ -28,6 +28,7 @@ from distrain import __version__
 from distrain.config import Config, config_from_dict, dump_yaml
 from distrain.errors import EXIT_BAD_INPUT, EXIT_FAILED_FOR_GOOD, EXIT_NO_GPU, EXIT_PREEMPTED, BadInput
 from distrain.fsutil import atomic_write_text
+from distrain.orchestration.local import GRACE_PERIOD_S
 from distrain.study.plan import expand_plan
 
 MIN_KUBERNETES = "1.31"  # podFailurePolicy GA (1.31), backoffLimitPerIndex on by default (beta 1.29, GA 1.33)
@@ -342,7 +343,7 @@ def worker_pod(cfg: Config, opts: RenderOptions, name: str) -> dict:
     volumes = [{"name": "runs", "persistentVolumeClaim": {"claimName": "distrain-runs"}},
                {"name": "config", "configMap": {"name": f"distrain-{name}-config"}},
                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pod_shm(opts)}}]  # fmt: skip
-    pod = {"restartPolicy": "Never", "terminationGracePeriodSeconds": 120, "containers": [container],
+    pod = {"restartPolicy": "Never", "terminationGracePeriodSeconds": GRACE_PERIOD_S, "containers": [container],
            "volumes": volumes}  # fmt: skip
     tolerations = opts.tolerations or (
         [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}] if gpus else []

@@ -25,6 +25,11 @@ from distrain.distributed.cpus import available_cpus
 from distrain.errors import EXIT_PREEMPTED, BadInput, NoGPU
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
+GRACE_PERIOD_S = 120
+"""How long a preempted worker may take to save and exit (the worker pods' terminationGracePeriodSeconds)."""
+RANK_SHUTDOWN_S = GRACE_PERIOD_S - 20
+"""How long torch's elastic agent (under `accelerate launch --multi_gpu`) lets ranks save after a SIGTERM before it
+SIGKILLs them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT; its default, 30 s, is shorter than a checkpoint of a large model)."""
 
 
 def free_port() -> int:
@@ -75,7 +80,8 @@ def worker_commands(
         elif procs_per_worker > 1:
             cmd += ["--multi_gpu", "--main_process_port", str(free_port())]
         args = list(run_args)
-        env = {"DISTRAIN_WORKER_ID": f"{nodes.main_ip}-w{i}" if nodes.count > 1 else f"{host}-w{i}"}
+        env = {"DISTRAIN_WORKER_ID": f"{nodes.main_ip}-w{i}" if nodes.count > 1 else f"{host}-w{i}",
+               "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(RANK_SHUTDOWN_S)}  # fmt: skip
         if nodes.count > 1:
             env["JOB_COMPLETION_INDEX"] = ""  # a JobSet pod's index is its machine rank, not a static shard
         if gpus:

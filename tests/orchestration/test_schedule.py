@@ -9,7 +9,7 @@ import pytest
 from distrain.errors import EXIT_FAILED_FOR_GOOD
 from distrain.orchestration.ledger import Ledger, aggregate_id
 
-from conftest import RUN_PY, distrain_cli, ledger_history, run_cmd
+from conftest import REPO, RUN_PY, distrain_cli, ledger_history, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -132,3 +132,16 @@ def test_schedule_ends_with_the_workers_one_line_error_below_the_launchers_trace
     err = capfd.readouterr().err.strip().splitlines()
     assert err[-1] == "distrain: error: data/x/cv-000000.tar: not a readable tar shard (OSError: truncated)"
     assert err[-2].startswith("subprocess.CalledProcessError")  # the workers' launchers above it
+
+
+def test_ranks_get_the_pods_grace_period_to_save_before_the_elastic_agent_kills_them():
+    """Under `accelerate launch --multi_gpu`, torch's elastic agent SIGKILLs the ranks 30 s after its own SIGTERM
+    unless told otherwise: every worker is told the grace period less 20 s, and the pods allow the full period."""
+    from distrain.config import load_config
+    from distrain.deploy.k8s import RenderOptions, manifests
+    from distrain.orchestration.local import GRACE_PERIOD_S, worker_commands
+
+    commands = worker_commands(2, 2, [], gpus=[], cpu_count=4)
+    assert [env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] for _, env in commands] == [str(GRACE_PERIOD_S - 20)] * 2
+    rendered = manifests(load_config(REPO / "configs" / "digits.yaml"), RenderOptions(workers=1))
+    assert f"terminationGracePeriodSeconds: {GRACE_PERIOD_S}" in rendered["overlays/digits/workers.yaml"]
