@@ -309,6 +309,17 @@ class TrainConfig:
     max_nonfinite_losses: int = 5
     """Stop the job with an error after this many consecutive micro-batches with a NaN/inf loss (fp16
     overflow steps that the loss scaler skips are counted separately and do not stop the job); 0 disables."""
+    channels_last: bool = True
+    """On CUDA: the model and its inputs in channels-last memory format (the layout tensor cores convolve in;
+    timm trains CNNs this way). No effect on CPU."""
+    tf32: bool = True
+    """On CUDA: TF32 for fp32 matmuls and convolutions (`torch.set_float32_matmul_precision("high")`); off under
+    train.deterministic."""
+    cudnn_benchmark: bool = True
+    """On CUDA: cuDNN times the convolution algorithms for each new input shape and keeps the fastest; off under
+    train.deterministic."""
+    fused_optimizer: bool = True
+    """On CUDA with DDP: torch's fused AdamW / Adam (one kernel for every parameter's update instead of a loop)."""
     sync_every_steps: int = 8
     """Optimizer steps between the ranks' agreement on stopping and checkpointing (a tiny all-reduce on the CPU
     control group): a SIGTERM or a due checkpoint waits at most this many steps; 1 agrees at every step."""

@@ -105,10 +105,22 @@ def create_accelerator(train: TrainConfig) -> Accelerator:
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=train.collective_timeout_s))],
         )  # fmt: skip
     _open_control_group(accelerator, train.control_timeout_s)
+    if cuda:
+        apply_cuda_speed_settings(train)
     if not cuda:
         # `accelerate launch` exports OMP_NUM_THREADS=1; on CPU that idles all cores but one.
         torch.set_num_threads(train.cpu_threads or cpus_per_process(accelerator))
     return accelerator
+
+
+def apply_cuda_speed_settings(train: TrainConfig) -> None:
+    """The usual GPU settings, each switchable, none under `train.deterministic` (they pick kernels by timing or
+    trade fp32 mantissa bits for tensor-core speed): cuDNN autotuning, TF32 matmuls and convolutions."""
+    exact = train.deterministic
+    torch.backends.cudnn.benchmark = train.cudnn_benchmark and not exact
+    tf32 = train.tf32 and not exact
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 _CONTROL_GROUP: list = []  # the gloo group rank-0-only work is waited for on (one per process, like its Accelerator)

@@ -38,9 +38,12 @@ def wrap(
     ds_config = deepspeed_config(
         train, accelerator.num_processes if not accelerate_uses_deepspeed() else int(os.environ.get("WORLD_SIZE", "1"))
     )
+    wrapping = ""
+    if train.channels_last and accelerator.device.type == "cuda":  # in place: `single` shares the parameters
+        model = model.to(memory_format=torch.channels_last)
+        wrapping += ", channels-last"
     single = model
     plain = copy.deepcopy(model) if ds_config is not None else None  # before checkpointing / compile hooks
-    wrapping = ""
     if grad_checkpointing:
         wrapping += f", gradient checkpointing ({apply_grad_checkpointing(model)})"
     if train.compile:

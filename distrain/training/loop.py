@@ -257,7 +257,8 @@ class JobTrainer:
         model = create_model(job.model, num_classes=dc.num_classes, in_chans=index.channels,
                              pretrained=mc.pretrained, pretrained_file=mc.pretrained_file,
                              **model_settings(mc, job.model))  # fmt: skip
-        optimizer = create_optimizer(model, cfg.optim)
+        cuda_ddp = accelerator.device.type == "cuda" and not runtime.deepspeed_config_path(tc)
+        optimizer = create_optimizer(model, cfg.optim, fused=tc.fused_optimizer and cuda_ddp)
         self.plan = [EpochPlan.of(cfg, epoch) for epoch in range(tc.epochs)]  # progressive resolution, if any
         self.epoch_steps = [steps_per_epoch(len(train_ids), self.world, p.batch_size, tc.grad_accum_steps)
                             for p in self.plan]  # fmt: skip
@@ -267,6 +268,7 @@ class JobTrainer:
         self.scheduler = create_scheduler(optimizer, cfg.optim, total_steps=total_opt_steps,
                                           steps_per_epoch=max(1, total_opt_steps // tc.epochs))  # fmt: skip
         self.trainable = wrap(accelerator, model, optimizer, tc, grad_checkpointing=cfg.model.grad_checkpointing)
+        self.channels_last = tc.channels_last and accelerator.device.type == "cuda"
         self.ema = create_ema(self.trainable.plain, tc.ema_decay, tc.ema_warmup)
         runtime.seed_everything(job.seed, per_rank=True)  # distinct augmentation / dropout streams per rank
         self.log(f"distrain: {job.id}: {self.trainable.describe()}")
@@ -460,6 +462,8 @@ class JobTrainer:
         self.state.batches += 1
         labels = labels.to(device, non_blocking=True)
         inputs, targets = self.batch_augment(images.to(device, non_blocking=True), labels)
+        if self.channels_last:  # the model's layout (`distributed.wrap`): no conversion inside every convolution
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         loss, logits, stepped = self.trainable.micro_step(inputs, targets, self.criterion)
         if stepped.boundary:
             if stepped.applied:

@@ -12,14 +12,19 @@ import torch
 
 from distrain.config import OptimConfig, timm_optim
 
+FUSABLE = ("adamw", "adam")
+"""timm names of optimizers that are torch's own and take `fused=True`."""
 
-def create_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+
+def create_optimizer(model: torch.nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
     """timm's `create_optimizer_v2`: `optim.name` (AdamW by default; `sgd` is SGD with Nesterov momentum),
     no weight decay on biases, norm weights and the model's `no_weight_decay()` parameters, and with
     `optim.layer_decay` layer-wise learning rates (each group's `lr_scale`, from the model's group_matcher).
-    The scale is applied to each group's lr here, since the LambdaLR schedule multiplies the lr it finds."""
+    The scale is applied to each group's lr here, since the LambdaLR schedule multiplies the lr it finds.
+    `fused`: torch's fused kernel, for the optimizers that have one (`FUSABLE`; others ignore it)."""
+    extra = {"fused": True} if fused and cfg.name.lower() in FUSABLE else {}
     optimizer = timm_optim().create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum, layer_decay=cfg.layer_decay or None)  # fmt: skip
+                                    momentum=cfg.momentum, layer_decay=cfg.layer_decay or None, **extra)  # fmt: skip
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
     return optimizer

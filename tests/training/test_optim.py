@@ -8,6 +8,8 @@ from distrain.config import ConfigError, OptimConfig, load_config
 from distrain.training.models import create_model
 from distrain.training.optim import create_optimizer, create_scheduler
 
+from conftest import requires_gpu
+
 
 def test_default_is_adamw_without_weight_decay_on_biases_and_norms():
     model = create_model("test_resnet", num_classes=10, in_chans=1)
@@ -114,3 +116,27 @@ def test_importing_timm_optim_keeps_torch_dynamo_settings():
     before, after = plain.stdout.split()
     assert before != after  # the side effect exists (else this test would prove nothing)
     assert ours.stdout.split() == [before, before]
+
+
+def test_fused_adamw_is_torchs_fused_kernel_and_other_optimizers_ignore_the_flag():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    fused = create_optimizer(model, OptimConfig(name="adamw"), fused=True)
+    assert isinstance(fused, torch.optim.AdamW) and fused.defaults["fused"] is True
+    model(torch.randn(8, 4)).sum().backward()
+    fused.step()  # torch >= 2.4 has the fused AdamW kernel on CPU too
+    plain = create_optimizer(model, OptimConfig(name="adamw"))
+    assert not plain.defaults.get("fused")
+    lamb = create_optimizer(model, OptimConfig(name="lamb"), fused=True)
+    assert "fused" not in lamb.defaults or not lamb.defaults["fused"]
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_cuda_speed_settings_follow_the_config_and_yield_to_deterministic():
+    from distrain.config import TrainConfig
+    from distrain.distributed.runtime import apply_cuda_speed_settings
+
+    apply_cuda_speed_settings(TrainConfig())
+    assert torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "high"
+    apply_cuda_speed_settings(TrainConfig(deterministic=True))
+    assert not torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "highest"
