@@ -11,6 +11,7 @@ Nothing decoded is kept between batches, so memory does not grow with the data s
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import io
 import itertools
@@ -243,12 +244,30 @@ class _Loader(DataLoader):
 def _loader(pipeline, num_workers: int, seed: int, pin_memory: bool) -> DataLoader:
     g = torch.Generator()
     g.manual_seed(seed)
+    if num_workers > 0 and not _EXIT_HOOK:
+        _EXIT_HOOK.append(atexit.register(_kill_workers_left))
     return _Loader(pipeline, batch_size=None, num_workers=num_workers, generator=g, worker_init_fn=_ignore_sigterm,
                    persistent_workers=num_workers > 0, pin_memory=pin_memory)  # fmt: skip
 
 
 def _ignore_sigterm(worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM to the training process. A preemption signals the whole process group
-    (`distrain schedule`, tini in a pod): a worker that died of it failed the job ("DataLoader worker ... killed by
-    signal: Terminated") before the trainer could save its state; the trainer stops them when it is done."""
+    """DataLoader workers leave SIGTERM to the trainer. A preemption reaches them too (a signal to the process group
+    from `distrain schedule` or `tini -g`; accelerate's launcher forwards SIGTERM to every descendant): a worker that
+    died of it failed the job ("DataLoader worker ... killed by signal: Terminated") before the trainer could save its
+    state. The trainer stops its workers itself; one whose trainer died notices and exits (torch's watchdog)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_EXIT_HOOK: list = []
+
+
+def _kill_workers_left() -> None:
+    """At exit, before multiprocessing's own exit handler: SIGKILL the daemonic children (loader workers whose
+    iterator is still alive). That handler terminates them with SIGTERM, which they ignore, and then waits for them
+    for good."""
+    import multiprocessing
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each as "killed by signal"
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()

@@ -262,3 +262,39 @@ def test_pack_a_multilabel_csv_and_read_label_rows_back(tmp_path):
         index_mod.read_index(pack.write_digits(tmp_path / "digits").root, task="multilabel")
     digits = pack.write_digits(tmp_path / "props", task="multilabel")
     assert digits.classes == list(pack.DIGIT_PROPERTIES) and index_mod.read_index(digits.root, 4, "multilabel")
+
+
+def test_loader_workers_outlive_a_group_sigterm_and_a_process_with_live_workers_still_exits(tmp_path):
+    """DataLoader workers ignore SIGTERM (a preemption signals the whole process group, and accelerate's launcher
+    every descendant): the stream goes on after one. A process exiting while a loader's persistent workers are alive
+    still exits at once (its exit hook SIGKILLs them; multiprocessing's own would SIGTERM them and wait for good)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    pack.write_digits(tmp_path / "digits", shard_size=200)
+    code = (
+        "import os, sys\n"
+        "from distrain.data.index import read_index\nfrom distrain.data import loaders\n"
+        "from distrain.data.transforms import ImageTransform\n"
+        "idx = read_index(sys.argv[1])\n"
+        "it = iter(loaders.train_loader(idx.urls('cv'), idx.labels_of('cv'), batch_size=16, num_workers=2,\n"
+        "    decode=loaders.eval_decoder(ImageTransform(16, 1)), shuffle_buffer=10, seed=0))\n"
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: None)\n"
+        "next(it)\n"
+        "os.killpg(os.getpgid(0), signal.SIGTERM)\n"
+        "time.sleep(0.5)\n"
+        "for _ in range(30):\n"
+        "    next(it)\n"
+        "print('streaming', flush=True)\n"
+    )
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "digits")], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "streaming" and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert time.monotonic() - start < 30
