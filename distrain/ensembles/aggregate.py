@@ -30,6 +30,8 @@ from distrain.tasks import best_index
 if TYPE_CHECKING:
     from distrain.tracking.base import Tracker
 
+PYFUNC_MODEL = "distrain.tracking.mlflow_model:DistrainPyfunc"  # the registered model's class, by import path
+
 ENSEMBLE_ORDER = (
     "best_single",
     "mean_single",
@@ -427,8 +429,9 @@ def _log_to_mlflow(cfg, tracker, report, outcome, store, run_dir, sources, revie
                                           index.channels, index.classes)  # fmt: skip
         name = cfg.ensemble.model_name or f"distrain-{cfg.experiment}"
         fence()
-        version = tracker.log_ensemble_model(stacking, artifacts, name)
         chosen = registered_ensemble(cfg, outcome)
+        version = tracker.log_ensemble_model(stacking, artifacts, name, PYFUNC_MODEL, {
+            "distrain.ensemble": chosen, f"cv_{cfg.train.metric}": str(outcome.scores[chosen]["cv"])})  # fmt: skip
         report["ensemble_model"] = {**model_entry(name, version), "ensemble": chosen}
         if store.test is not None:  # what the registered model must give on the holdout images
             probs = outcome.stacking.test_probs if chosen == "stacking" else soft_vote(
