@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -24,7 +23,7 @@ from distrain.console import library_prints_to_log, loggers_to_log
 from distrain.errors import StorageError
 from distrain.tracking.base import Tracker, resolve_tracking_uri
 from distrain.tracking.buffer import BUFFER_DIR, PLACEHOLDER
-from distrain.tracking.client import BoundedClient, process_tracking_uri, sqlite_schema_lock
+from distrain.tracking.client import BoundedClient, sqlite_schema_lock
 from distrain.tracking.ops import (
     CreateRun,
     DeleteRun,
@@ -37,13 +36,13 @@ from distrain.tracking.ops import (
     ReopenRun,
 )
 from distrain.tracking.records import STUDY, RunRecords, job_record_name
+from distrain.tracking.registry import register_ensemble, resolve_python_model
 from distrain.tracking.runs import PARENT_TAG, RUN_NAME_TAG, RunSpec, find_or_create, new_token
 from distrain.tracking.system_metrics import start_monitor, stop_monitor
 
 if TYPE_CHECKING:
     from distrain.config import TrackingConfig
 
-CHAMPION = "champion"  # the registered model's alias for the version the latest aggregation registered
 JOB_IDENTITY = ("distrain.kind", "distrain.job_id")  # with the parent run: which job a run is
 
 
@@ -433,43 +432,8 @@ class MlflowTracker(Tracker):
         return str(self._submit(LogEnsembleModel(run_id, str(artifacts_dir), registered_name, python_model, tags)))
 
     def _log_ensemble_model_now(self, run_id: str, op: LogEnsembleModel) -> str:
-        version = next(
-            (str(v.version) for v in self.client.search_model_versions(f"run_id = '{run_id}'")
-             if v.name == op.registered_name),
-            None,
-        )  # fmt: skip
-        if version is None:  # else registered by an aggregation attempt that died before finishing
-            version = self._log_and_register(run_id, op)
-        self.client.set_registered_model_alias(op.registered_name, CHAMPION, version)
-        for key, value in op.version_tags.items():
-            self.client.set_model_version_tag(op.registered_name, version, key, value)
-        return version
-
-    def _log_and_register(self, run_id: str, op: LogEnsembleModel) -> str:
-        """`mlflow.pyfunc.log_model` has no run argument (it logs to the fluent active run); `Model.log`, which
-        it wraps, takes the run id, and a logged model made first in this run's experiment (else MLflow would
-        put it in the default experiment). Model.log and the registration it does read the process-wide
-        tracking URI, set for the call only."""
-        model_class = resolve_python_model(op.python_model)
-        import mlflow.pyfunc
-        from mlflow.models import Model
-
-        with library_prints_to_log(self.run_dir), self.client.bounded(), process_tracking_uri(self.tracking_uri):
-            client = self.client.unbounded
-            logged = client.create_logged_model(self.experiment_id, name="ensemble", source_run_id=run_id)
-            info = Model.log(
-                artifact_path=None,
-                name="ensemble",
-                flavor=mlflow.pyfunc,
-                run_id=run_id,
-                model_id=logged.model_id,
-                python_model=model_class(),
-                signature=model_class.signature(),
-                artifacts={"ensemble": op.artifacts_dir},
-                pip_requirements=["distrain", "torch", "timm", "lightgbm", "pillow"],
-                registered_model_name=op.registered_name,
-            )
-        return str(info.registered_model_version)
+        with library_prints_to_log(self.run_dir):
+            return register_ensemble(self.client, self.experiment_id, self.tracking_uri, run_id, op)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         self._submit(LogParams(run_id, {k: str(v)[:6000] for k, v in params.items()}))
@@ -508,18 +472,6 @@ class MlflowTracker(Tracker):
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self._stop_monitors(run_id)
         self._submit(EndRun(run_id, status))
-
-
-def resolve_python_model(path: str) -> Any:
-    """The `mlflow.pyfunc.PythonModel` subclass named "package.module:ClassName" (it has a `signature()`)."""
-    module, _, name = path.partition(":")
-    try:
-        model_class = getattr(importlib.import_module(module), name) if module and name else None
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"python_model {path!r}: cannot import it ({type(e).__name__}: {e})") from None
-    if model_class is None or not callable(getattr(model_class, "signature", None)):
-        raise ValueError(f"python_model {path!r}: expected 'package.module:ClassName', a PythonModel with signature()")
-    return model_class
 
 
 def _open_client(tracking_uri: str, timeout_s: float, max_retries: int) -> BoundedClient:

@@ -91,3 +91,21 @@ def test_a_python_model_path_that_does_not_import_is_the_callers_one_line_error(
     with pytest.raises(ValueError, match="expected 'package.module:ClassName'"):
         t.log_ensemble_model("r", artifacts(tmp_path), "distrain-x", "os.path")
     assert not t.offline
+
+
+def test_a_registration_sent_twice_keeps_one_version(tmp_path, echo_model, monkeypatch):
+    """MLflow's HTTP retry of a create whose answer was lost registers the run's model twice: the later version
+    is deleted and the first one aliased."""
+    create = MlflowClient._create_model_version
+
+    def twice(self, *args, **kwargs):
+        create(self, *args, **kwargs)
+        return create(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "_create_model_version", twice)
+    t = tracker(tmp_path, "a")
+    assert t.log_ensemble_model(t.child_run("stacking", {}, {}), artifacts(tmp_path), "distrain-x", echo_model) == "1"
+    monkeypatch.undo()
+    client = MlflowClient(t.tracking_uri)
+    assert [str(v.version) for v in client.search_model_versions("name='distrain-x'")] == ["1"]
+    assert str(client.get_model_version_by_alias("distrain-x", "champion").version) == "1"
