@@ -253,7 +253,7 @@ def _predict(args) -> int:
         raise BadInput("predict: give exactly one of --images DIR or --shards DIR")
     route_library_output(run_dir)
     if args.model_uri:
-        from distrain.tracking.mlflow_model import load_registered_predictor
+        from distrain.serving.pyfunc import load_registered_predictor
 
         predictor = load_registered_predictor(args.model_uri, resolve_tracking_uri(cfg.tracking.uri, run_dir.parent))
     else:

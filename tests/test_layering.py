@@ -144,7 +144,7 @@ def test_nothing_imports_the_cli():
 
 
 def test_no_import_cycles_between_modules_or_subpackages():
-    graph = import_graph()
+    graph = import_graph(type_only=True)  # a type-only cycle is a cycle of the design all the same
     assert sum(len(v) for v in graph.values()) > 50  # the graph was really read
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
     packages = {}

@@ -430,6 +430,9 @@ class TrackingConfig:
     """HTTP retries per call (MLflow's default, 7 with backoff 2, blocks for minutes on a dead server).
     After the first failed call distrain keeps training offline and buffers what it would have logged
     in <run_dir>/tracking-buffer/ until `distrain sync`."""
+    system_metrics: bool = False
+    """Log MLflow system metrics (CPU, memory, disk, network; GPU utilisation and memory when `pynvml` is
+    installed) as `system/...` on each job's run while it trains; needs `psutil` (skipped without it)."""
 
     def __post_init__(self):
         if self.uri:

@@ -111,11 +111,6 @@ def build_report(cfg: Config, store: OOFStore, test_by_job: Optional[np.ndarray]
     )
 
 
-def model_entry(name: str, version: str) -> dict:
-    """report.json's `ensemble_model`: the registered model's name, version and models:/ URI."""
-    return {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
-
-
 def format_table(report: Report) -> str:
     """The short table the main job prints."""
     m = report.metric

@@ -20,7 +20,7 @@ from distrain.names import JobStatus
 from distrain.orchestration.growth import growth_differences
 from distrain.orchestration.ledger import Ledger
 from distrain.study.plan import Job
-from distrain.tracking.base import Tracker, resolve_tracking_uri
+from distrain.tracking.base import Tracker
 
 if TYPE_CHECKING:
     from distrain.study.folds import FoldManifest
@@ -107,16 +107,7 @@ def open_tracker(cfg: Config, run_dir: Path, worker: str = "") -> Tracker:
     """The MLflow tracker of the run directory's study run (the default store sits beside run directories)."""
     from distrain.tracking.mlflow_tracker import MlflowTracker
 
-    tc = cfg.tracking
-    return MlflowTracker(
-        resolve_tracking_uri(tc.uri, run_dir.parent),
-        tc.experiment_name or cfg.experiment,
-        run_dir,
-        run_dir.parent,
-        timeout_s=tc.timeout_s,
-        max_retries=tc.max_retries,
-        worker=worker,
-    )
+    return MlflowTracker.from_config(cfg.tracking, run_dir, cfg.experiment, worker)
 
 
 def start_tracking(cfg: Config, manifest: FoldManifest, worker: str) -> Tracker:

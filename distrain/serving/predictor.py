@@ -1,7 +1,7 @@
 """The final ensemble as a model that predicts from images: every included job's best checkpoint,
 averaged per (model, seed) column over folds, then the LightGBM meta-learner (or the weighted vote
 when stacking is off). `EnsemblePredictor` is plain Python; `DistrainPyfunc` adapts it to MLflow's
-pyfunc flavour (`distrain.tracking.mlflow_model`) so `mlflow.pyfunc.load_model(...).predict(images)` works.
+pyfunc flavour (`distrain.serving.pyfunc`) so `mlflow.pyfunc.load_model(...).predict(images)` works.
 
 Artifacts directory layout (written by `distrain.serving.artifacts.write_model_artifacts`):
     meta.json          columns, jobs (id, model: a timm name or a factory's `package.module:function`, column,

@@ -11,12 +11,11 @@ import numpy as np
 
 from distrain.data.index import read_index
 from distrain.ensembles.aggregate import Aggregation
-from distrain.ensembles.report import model_entry
 from distrain.fsutil import atomic_write
 from distrain.serving.artifacts import write_model_artifacts
-from distrain.tracking.base import Tracker
+from distrain.tracking.base import Tracker, model_entry
 
-PYFUNC = "distrain.tracking.mlflow_model:DistrainPyfunc"
+PYFUNC = "distrain.serving.pyfunc:DistrainPyfunc"
 """The MLflow pyfunc class the registered model is logged with (its import path, resolved when logged)."""
 
 

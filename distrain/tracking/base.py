@@ -26,6 +26,11 @@ def resolve_tracking_uri(configured: str, run_root: str | Path) -> str:
     return "sqlite:///" + str((Path(run_root) / "mlflow.db").resolve())
 
 
+def model_entry(name: str, version: str) -> dict:
+    """report.json's `ensemble_model`: the registered model's name, version and models:/ URI."""
+    return {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
+
+
 class Tracker(ABC):
     """What the experiment, the training loop and aggregation log through. Run ids are explicit (no
     global active run); a tracker that cannot reach its server must not raise from these calls."""
@@ -71,9 +76,17 @@ class Tracker(ABC):
 
     @abstractmethod
     def log_ensemble_model(
-        self, run_id: str, artifacts_dir: Path, registered_name: str, python_model: str = "", version_tags=None
+        self,
+        run_id: str,
+        artifacts_dir: Path,
+        registered_name: str,
+        python_model: str,
+        version_tags: Optional[dict[str, str]] = None,
     ) -> str:
-        """Log the ensemble as a model on `run_id`, register it, return the version ("pending-sync" offline)."""
+        """Log the ensemble in `artifacts_dir` as a pyfunc model on `run_id`, `python_model` naming its
+        `mlflow.pyfunc.PythonModel` class as "package.module:ClassName" (imported when the call executes; the
+        class has a `signature()` staticmethod); register it as `registered_name`, give that version the alias
+        `champion` and the tags `version_tags`. Returns the version ("pending-sync" offline)."""
 
 
 class NullTracker(Tracker):
@@ -101,6 +114,11 @@ class NullTracker(Tracker):
         pass
 
     def log_ensemble_model(
-        self, run_id: str, artifacts_dir: Path, registered_name: str, python_model: str = "", version_tags=None
+        self,
+        run_id: str,
+        artifacts_dir: Path,
+        registered_name: str,
+        python_model: str,
+        version_tags: Optional[dict[str, str]] = None,
     ) -> str:
         return ""

@@ -10,22 +10,38 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional, Protocol
 
 from distrain import interrupts
-from distrain.ensembles.report import model_entry
 from distrain.errors import Preempted
 from distrain.fsutil import atomic_write_json, atomic_write_text, exclusive_lock
-from distrain.tracking.records import STUDY
-
-if TYPE_CHECKING:
-    from distrain.tracking.mlflow_tracker import MlflowTracker
+from distrain.tracking.base import model_entry
+from distrain.tracking.ops import CreateRun, LogEnsembleModel, Op, ReopenRun, op_from_json
+from distrain.tracking.records import STUDY, RunRecords
 
 PLACEHOLDER = "local-"  # run ids handed out while offline; replaced by real ones at sync
 BUFFER_DIR = "tracking-buffer"
 
 
-def sync_buffers(tracker: MlflowTracker, wait: bool = True) -> Optional[dict]:
+class Replayer(Protocol):
+    """What a sync needs of a tracker (`MlflowTracker` is one): the store it sends to and the calls it replays."""
+
+    run_dir: Path
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    records: RunRecords
+
+    def ensure_experiment(self) -> str: ...
+
+    def find_or_create_study(self) -> tuple[str, bool]: ...
+
+    def begin_replay(self, dedupe: set[str]) -> None: ...
+
+    def execute(self, op: Op, ids: dict[str, str]) -> Any: ...
+
+
+def sync_buffers(tracker: Replayer, wait: bool = True) -> Optional[dict]:
     """Replay every buffered call of the run directory into MLflow, mapping placeholder run ids to the runs
     they create: first every run creation (a worker's buffer may log to a run another worker's buffer
     created), then every other call in order. One sync at a time per run directory (a lock: `wait` False
@@ -50,14 +66,14 @@ def sync_buffers(tracker: MlflowTracker, wait: bool = True) -> Optional[dict]:
             _replay(tracker, path, state, state_path, creations=True)
         _record_real_runs(tracker, state["ids"])
         _replace_in_report(tracker.run_dir / "report.json", state["ids"])
-        tracker.begin_replay(_reopened_job_runs(files, state["ids"]))
+        tracker.begin_replay(_job_runs(files, state["ids"]))
         synced = sum(_replay(tracker, path, state, state_path, creations=False) for path in files)
         if study.startswith(PLACEHOLDER):
             tracker.parent_run_id = state["ids"][study]
         return {"synced": synced, "files": len(files)}
 
 
-def _replay(tracker: MlflowTracker, path: Path, state: dict, state_path: Path, creations: bool) -> int:
+def _replay(tracker: Replayer, path: Path, state: dict, state_path: Path, creations: bool) -> int:
     """One pass over one buffer file from where the last sync stopped: its run creations, or its other calls."""
     progress = state["created" if creations else "done"]
     lines = path.read_text().splitlines()
@@ -66,29 +82,32 @@ def _replay(tracker: MlflowTracker, path: Path, state: dict, state_path: Path, c
         if interrupts.stop_requested():  # SIGTERM: every call so far is recorded as sent
             raise Preempted(f"sync of {tracker.run_dir} stopped by SIGTERM with its progress saved; run "
                             f"`distrain sync --run-dir {tracker.run_dir}` again to continue")  # fmt: skip
-        op = json.loads(lines[n]) if lines[n].strip() else None
-        is_creation = op is not None and op["op"] == "create_run"
-        if op is not None and is_creation == creations and op.get("ref") not in state["ids"]:
+        op = op_from_json(json.loads(lines[n])) if lines[n].strip() else None
+        is_creation = isinstance(op, CreateRun)
+        if op is not None and is_creation == creations and not (is_creation and op.ref in state["ids"]):
             result = _with_retries(lambda op=op: tracker.execute(op, state["ids"]))
-            if is_creation:
-                state["ids"][op["ref"]] = result
-            elif op["op"] == "log_ensemble_model":
-                _record_model_version(tracker.run_dir, op["registered_name"], str(result))
+            if isinstance(op, CreateRun):
+                state["ids"][op.ref] = result
+            elif isinstance(op, LogEnsembleModel):
+                _record_model_version(tracker.run_dir, op.registered_name, str(result))
             calls += 1
         progress[path.name] = n + 1
         atomic_write_json(state_path, state)
     return calls
 
 
-def _reopened_job_runs(files: list[Path], ids: dict[str, str]) -> set[str]:
-    """The real ids of the job runs a buffered attempt reopened: rows sent to them are checked against the store."""
-    reopened = set()
+def _job_runs(files: list[Path], ids: dict[str, str]) -> set[str]:
+    """The real ids of the job runs the buffers create or reopen: rows sent to them are checked against the store
+    (a buffered create may have found a run that an earlier attempt had logged to)."""
+    runs = set()
     for path in files:
         for line in path.read_text().splitlines():
-            op = json.loads(line) if line.strip() else {}
-            if op.get("op") == "reopen_run" and op.get("dedupe"):
-                reopened.add(ids.get(op["run"], op["run"]))
-    return reopened
+            op = op_from_json(json.loads(line)) if line.strip() else None
+            if isinstance(op, ReopenRun) and op.dedupe:
+                runs.add(ids.get(op.run, op.run))
+            elif isinstance(op, CreateRun) and op.kind == "job" and op.ref in ids:
+                runs.add(ids[op.ref])
+    return runs
 
 
 def _with_retries(call, attempts: int = 4, first_wait_s: float = 0.5):
@@ -102,7 +121,7 @@ def _with_retries(call, attempts: int = 4, first_wait_s: float = 0.5):
             time.sleep(first_wait_s * 2**attempt)
 
 
-def _map_study_placeholder(tracker: MlflowTracker, ids: dict[str, str]) -> str:
+def _map_study_placeholder(tracker: Replayer, ids: dict[str, str]) -> str:
     """The study run id the records name; a placeholder (the study run was created offline) gets a real run."""
     saved = tracker.records.latest(STUDY)[1] or {}
     study = saved.get("run_id", "")
@@ -114,7 +133,7 @@ def _map_study_placeholder(tracker: MlflowTracker, ids: dict[str, str]) -> str:
     return study
 
 
-def _record_real_runs(tracker: MlflowTracker, ids: dict[str, str]) -> None:
+def _record_real_runs(tracker: Replayer, ids: dict[str, str]) -> None:
     """New versions of the run records that name placeholders, naming the real runs, so later attempts and
     workers log to them directly."""
     records = tracker.records

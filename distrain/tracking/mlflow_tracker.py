@@ -1,12 +1,13 @@
 """MLflow on the primary rank, through `MlflowClient` with explicit run ids, never stalling training.
 
-See `distrain.tracking.base` for the tree it builds and `distrain.tracking.buffer` for what happens to
-calls made while the server is unreachable.
+See `distrain.tracking.base` for the tree it builds, `distrain.tracking.runs` for how a run is created once
+whatever fails, `distrain.tracking.ops` for the calls, and `distrain.tracking.buffer` for what happens to calls
+made while the server is unreachable.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,16 +17,33 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from distrain.console import library_prints_to_log, loggers_to_log
 from distrain.errors import StorageError
-from distrain.fsutil import exclusive_lock
-from distrain.tracking.base import Tracker
+from distrain.tracking.base import Tracker, resolve_tracking_uri
 from distrain.tracking.buffer import BUFFER_DIR, PLACEHOLDER
+from distrain.tracking.client import BoundedClient, sqlite_schema_lock
+from distrain.tracking.ops import (
+    CreateRun,
+    DeleteRun,
+    EndRun,
+    LogArtifact,
+    LogEnsembleModel,
+    LogMetrics,
+    LogParams,
+    Op,
+    ReopenRun,
+)
 from distrain.tracking.records import STUDY, RunRecords, job_record_name
+from distrain.tracking.registry import register_ensemble, resolve_python_model
+from distrain.tracking.runs import PARENT_TAG, RUN_NAME_TAG, RunSpec, find_or_create, new_token
+from distrain.tracking.system_metrics import start_monitor, stop_monitor
 
-PARENT_TAG = "mlflow.parentRunId"  # how MLflow marks a nested run
+if TYPE_CHECKING:
+    from distrain.config import TrackingConfig
+
+JOB_IDENTITY = ("distrain.kind", "distrain.job_id")  # with the parent run: which job a run is
 
 
 class MlflowTracker(Tracker):
@@ -38,6 +56,11 @@ class MlflowTracker(Tracker):
     the buffers later through the same code path, so the MLflow tree ends as if nothing was lost.
     """
 
+    can_register_models = True
+    system_metrics_interval_s: float = 10.0
+    """Seconds between two system-metric samples (MLflow's default; $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+    overrides it)."""
+
     def __init__(
         self,
         tracking_uri: str,
@@ -48,38 +71,44 @@ class MlflowTracker(Tracker):
         timeout_s: float = 10.0,
         max_retries: int = 1,
         worker: str = "",
+        system_metrics: bool = False,
     ):
-        from mlflow.tracking import MlflowClient
-
         loggers_to_log(run_dir, ("mlflow", "alembic"))  # MLflow set its own stderr handler when imported
-        bound_http_requests(timeout_s, max_retries)
-        self.tracking_uri = tracking_uri
+        self.tracking_uri, self.timeout_s, self.system_metrics = tracking_uri, timeout_s, system_metrics
         self.run_dir, self.run_root, self.experiment_name = run_dir, run_root, experiment_name
         safe_worker = re.sub(r"[^A-Za-z0-9_.-]", "_", worker or f"{socket.gethostname()}-{os.getpid()}")
         self.buffer_path = run_dir / BUFFER_DIR / f"{safe_worker}.jsonl"
         self.offline = False
         self.experiment_id = ""
-        with _sqlite_schema_lock(tracking_uri):
-            try:
-                self.client = MlflowClient(tracking_uri=tracking_uri)  # a SQLite store is created / migrated here
-            except Exception as e:  # a local store that cannot be written: no server to wait for
-                if not tracking_uri.startswith("sqlite:"):
-                    raise
-                first = (str(e).strip().splitlines() or [""])[0][:200]
-                raise StorageError(f"cannot write the MLflow store {tracking_uri} ({first}); free space or set "
-                                   f"tracking.uri") from None  # fmt: skip
+        with sqlite_schema_lock(tracking_uri):
+            self.client = _open_client(tracking_uri, timeout_s, max_retries)
             try:
                 self.experiment_id = self.ensure_experiment()
             except Exception as e:
                 self._go_offline(e)
         self.records = RunRecords(run_dir, tracking_uri)
         self._logged_steps: dict[str, dict[str, int]] = {}  # per reopened run: metric -> last step in the store
-        self._replay_dedupe: set[str] = set()  # sync: job runs reopened by a later attempt (`begin_replay`)
+        self._replay_dedupe: set[str] = set()  # sync: job runs whose rows are checked (`begin_replay`)
         self._held: dict[str, set[tuple[str, int]]] = {}  # sync: (metric, step) each of those runs holds
+        self._adopted: set[str] = set()  # runs a create found existing instead of making
+        self._monitors: dict[str, Any] = {}  # job run -> its system-metrics monitor
         self._study_marked_running = False
         self.parent_run_id = self._study_run()
 
-    can_register_models = True
+    @classmethod
+    def from_config(cls, tc: TrackingConfig, run_dir: Path, experiment: str, worker: str = "") -> MlflowTracker:
+        """The tracker of `run_dir`'s study run as the `tracking` config section says (the default store sits
+        beside run directories; the experiment is `tc.experiment_name`, else `experiment`)."""
+        return cls(
+            resolve_tracking_uri(tc.uri, run_dir.parent),
+            tc.experiment_name or experiment,
+            run_dir,
+            run_dir.parent,
+            timeout_s=tc.timeout_s,
+            max_retries=tc.max_retries,
+            worker=worker,
+            system_metrics=tc.system_metrics,
+        )
 
     # ---- offline handling ----------------------------------------------------------------------
     def _go_offline(self, error: BaseException) -> None:
@@ -93,76 +122,73 @@ class MlflowTracker(Tracker):
                 flush=True,
             )
 
-    def _submit(self, op: dict) -> Any:
+    def _submit(self, op: Op) -> Any:
         """Execute one tracking call now, or buffer it when offline (or when it fails)."""
-        if not self.offline and not _refers_to_placeholder(op):
+        if not self.offline and not any(run.startswith(PLACEHOLDER) for run in op.run_ids()):
             try:
                 return self.execute(op, {})
             except Exception as e:
                 self._go_offline(e)
-        if op["op"] == "create_run":
-            op = {**op, "ref": f"{PLACEHOLDER}{uuid.uuid4().hex}"}
+        if isinstance(op, CreateRun):
+            op = dataclasses.replace(op, ref=f"{PLACEHOLDER}{uuid.uuid4().hex}")
         self.buffer_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.buffer_path, "a") as f:
-            f.write(json.dumps(op) + "\n")
+            f.write(json.dumps(op.to_json()) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        return op.get("ref", "pending-sync" if op["op"] == "log_ensemble_model" else None)
+        if isinstance(op, CreateRun):
+            return op.ref
+        return "pending-sync" if isinstance(op, LogEnsembleModel) else None
 
     def _terminate(self, run_id: str, status: str) -> None:
         """End a run; MLflow prints two "View run / experiment at" lines per run it ends: to the run's log."""
         with library_prints_to_log(self.run_dir):
             self.client.set_terminated(run_id, status=status)
 
-    def execute(self, op: dict, ids: dict[str, str]) -> Any:
+    def execute(self, op: Op, ids: dict[str, str]) -> Any:
         """Perform one (possibly replayed) call; `ids` maps placeholder ids to real ones."""
-        run = ids.get(op.get("run", ""), op.get("run", ""))
-        kind = op["op"]
-        if kind == "create_run":
-            parent = ids.get(op["parent"], op["parent"])
-            if op["kind"] == "ensemble":
-                same_tags = "".join(f" and tags.`{k}` = '{v}'" for k, v in op["tags"].items())
-                found = self.client.search_runs(
-                    [self.experiment_id],
-                    filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.mlflow.runName = '{op['name']}'"
-                    + same_tags,
-                    max_results=1,
-                )
-                if found:  # the same stage of the same plan and settings: its new rows show its latest scores
-                    self.client.update_run(found[0].info.run_id, status="RUNNING")
-                    return found[0].info.run_id
-            created = self.client.create_run(
-                self.experiment_id, run_name=op["name"], tags={PARENT_TAG: parent, **op["tags"]}
-            )
-            self._log_params_now(created.info.run_id, op["params"])
-            return created.info.run_id
-        if kind == "log_params":
-            return self._log_params_now(run, op["params"])
-        if kind == "log_metrics":
-            from mlflow.entities import Metric
-
-            metrics = [Metric(k, v, op["timestamp"], op["step"]) for k, v in op["metrics"].items()]
-            if run in self._replay_dedupe:  # replayed by sync: no (metric, step) a job's run holds goes twice
-                held = self._held.get(run)
-                if held is None:  # read once per sync: what earlier attempts (or an interrupted sync) sent
-                    held = self._held[run] = self._held_pairs(run)
-                metrics = [m for m in metrics if (m.key, m.step) not in held]
-                held.update((m.key, m.step) for m in metrics)
-            if metrics:
-                self.client.log_batch(run, metrics=metrics)
-        elif kind == "log_artifact":
-            self.client.log_artifact(run, op["path"], op["artifact_path"])
-        elif kind == "end_run":
-            self._terminate(run, op["status"])
-        elif kind == "reopen_run":
-            self.client.update_run(run, status="RUNNING")
-            for key, value in op["tags"].items():
-                self.client.set_tag(run, key, value)
-        elif kind == "log_ensemble_model":
-            return self._log_ensemble_model_now(run, Path(op["artifacts_dir"]), op["registered_name"])
-        else:
-            raise ValueError(f"unknown tracking operation {kind!r}")
+        run = ids.get(getattr(op, "run", ""), getattr(op, "run", ""))
+        match op:
+            case CreateRun():
+                return self._create_run(op, ids)
+            case LogParams():
+                self._log_params_now(run, op.params)
+            case LogMetrics():
+                self._log_metrics_now(run, op)
+            case LogArtifact():
+                self.client.log_artifact(run, op.path, op.artifact_path)
+            case EndRun():
+                self._terminate(run, op.status)
+            case ReopenRun():
+                self.client.update_run(run, status="RUNNING")
+                for key, value in op.tags.items():
+                    self.client.set_tag(run, key, value)
+            case DeleteRun():
+                self.client.delete_run(run)
+            case LogEnsembleModel():
+                return self._log_ensemble_model_now(run, op)
+            case _:
+                raise ValueError(f"unknown tracking operation {type(op).__name__}")
         return None
+
+    def _create_run(self, op: CreateRun, ids: dict[str, str]) -> str:
+        """The run `op` stands for: found by its identifying tags if it exists (an attempt killed before
+        recording it, a create whose answer was lost, another creator's), else created once. A replayed create
+        that finds its run leaves the run's status to the calls that follow it in the buffer."""
+        parent = ids.get(op.parent, op.parent)
+        if op.kind == "job":
+            identity = {PARENT_TAG: parent, **{key: op.tags[key] for key in JOB_IDENTITY}}
+        else:  # an ensemble stage: the same stage of the same plan and settings
+            identity = {PARENT_TAG: parent, RUN_NAME_TAG: op.name, **op.tags}
+        tags = {PARENT_TAG: parent, **op.tags}
+        spec = RunSpec(self.experiment_id, op.name, identity, tags, op.token or new_token())
+        found = find_or_create(self.client, spec)
+        missing = {key: value for key, value in op.params.items() if key not in found.params}
+        if missing:  # a new run, or one whose creator died before logging them
+            self._log_params_now(found.run_id, missing)
+        if not found.created:
+            self._adopted.add(found.run_id)
+        return found.run_id
 
     # ---- setup ---------------------------------------------------------------------------------
     def ensure_experiment(self) -> str:
@@ -199,8 +225,8 @@ class MlflowTracker(Tracker):
         if self.records.create(STUDY, version, content):
             return run_id
         winner = self.records.latest(STUDY)[1] or content  # another worker recorded its study run first
-        if created and not run_id.startswith(PLACEHOLDER) and winner["run_id"] != run_id:
-            self.client.delete_run(run_id)
+        if created and winner["run_id"] != run_id:
+            self._discard(run_id)
         if winner["run_id"].startswith(PLACEHOLDER):
             self._study_unsynced()
         return winner["run_id"]
@@ -235,49 +261,62 @@ class MlflowTracker(Tracker):
         tags = {"distrain.kind": "study", "distrain.run_dir": str(self.run_dir.resolve())}
         if not self.offline:
             try:
-                found = self.client.search_runs(
-                    [self.experiment_id],
-                    filter_string=" and ".join(f"tags.`{k}` = '{_quoted(v)}'" for k, v in tags.items()),
-                    order_by=["attributes.start_time ASC"],
-                    max_results=1,
-                )
-                if found:
-                    return found[0].info.run_id, False
-                name = f"{self.experiment_name}-study"
-                return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id, True
+                spec = RunSpec(self.experiment_id, f"{self.experiment_name}-study", tags, tags, new_token())
+                found = find_or_create(self.client, spec)
+                return found.run_id, found.created
             except Exception as e:
                 self._go_offline(e)
         return f"{PLACEHOLDER}{uuid.uuid4().hex}", True
+
+    def _discard(self, run_id: str) -> None:
+        """Drop a run this process created that lost the record race. A placeholder needs nothing: its buffered
+        create finds the recorded run when it is replayed."""
+        if not run_id.startswith(PLACEHOLDER):
+            self._submit(DeleteRun(run_id))
 
     # ---- the tracker interface -----------------------------------------------------------------
     def start_job(self, job_id: str, params: dict, tags: dict) -> str:
         """The job's one run: created and recorded on its first start, reopened by every later attempt (which
         then logs only the metric steps the run does not hold yet)."""
         self._mark_study_running()
+        self._stop_monitors()  # one job at a time: a job given up on a lost lease samples no more
         tags = {k: str(v) for k, v in tags.items()}
-        name = job_record_name(job_id)
-        version, saved = self.records.latest(name)
+        version, saved = self.records.latest(job_record_name(job_id))
         if saved is not None and self._reopen(saved["run_id"], tags):
-            return saved["run_id"]
-        run_id = self._submit(
-            {
-                "op": "create_run",
-                "kind": "job",
-                "name": job_id,
-                "parent": self.parent_run_id,
-                "tags": {"distrain.kind": "job", "distrain.job_id": job_id, **tags},
-                "params": {k: str(v)[:6000] for k, v in params.items()},
-            }
+            run_id = saved["run_id"]
+        else:
+            run_id = self._create_job_run(job_id, params, tags, version)
+        self._start_monitor(run_id)
+        return run_id
+
+    def _create_job_run(self, job_id: str, params: dict, tags: dict[str, str], version: int) -> str:
+        """The job's run when no record names a live one: found (an attempt killed before recording it left
+        it, or a create's answer was lost) or created, then recorded; a stale attempt that recorded a run first
+        keeps it the job's run."""
+        op = CreateRun(
+            kind="job",
+            name=job_id,
+            parent=self.parent_run_id,
+            tags={"distrain.kind": "job", "distrain.job_id": job_id, **tags},
+            params={k: str(v)[:6000] for k, v in params.items()},
+            token=new_token(),
         )
+        run_id = self._submit(op)
+        if run_id in self._adopted:
+            self._reopen(run_id, tags)  # RUNNING, this attempt's tags, and the metric steps it holds
+        name = job_record_name(job_id)
         if self.records.create(name, version, {"run_id": run_id, "job_id": job_id, "tracking_uri": self.tracking_uri}):
             return run_id
-        self.end_run(run_id, "KILLED")  # a stale attempt recorded a run first; that one stays the job's run
         winner = self.records.latest(name)[1]
-        return winner["run_id"] if winner and self._reopen(winner["run_id"], tags) else run_id
+        if winner is None or winner["run_id"] == run_id or not self._reopen(winner["run_id"], tags):
+            return run_id
+        if run_id not in self._adopted:
+            self._discard(run_id)
+        return winner["run_id"]
 
     def _reopen(self, run_id: str, tags: dict[str, str]) -> bool:
         """Mark the job's recorded run RUNNING again with this attempt's tags; False if the store lost it."""
-        op = {"op": "reopen_run", "run": run_id, "tags": tags, "dedupe": True}  # sync: see begin_replay
+        op = ReopenRun(run_id, tags, dedupe=True)  # sync: see begin_replay
         if self.offline or run_id.startswith(PLACEHOLDER):
             self._submit(op)
             return True
@@ -303,22 +342,41 @@ class MlflowTracker(Tracker):
     def _held_pairs(self, run_id: str) -> set[tuple[str, int]]:
         return {(key, step) for key, steps in self._history(run_id).items() for step in steps}
 
-    def begin_replay(self, reopened: set[str]) -> None:
-        """Sync is about to replay buffered calls: the job runs in `reopened` (real ids) were reopened by a later
-        attempt, so their rows may repeat steps an earlier attempt logged, in whichever order the buffer files
-        come, or may have been sent by a sync that was interrupted. Each (metric, step) is sent to them once."""
-        self._replay_dedupe, self._held = set(reopened), {}
+    def begin_replay(self, dedupe: set[str]) -> None:
+        """Sync is about to replay buffered calls: the job runs in `dedupe` (real ids) may get rows that repeat
+        steps an earlier attempt logged, in whichever order the buffer files come, or that a sync which was
+        interrupted sent already. Each (metric, step) is sent to them once."""
+        self._replay_dedupe, self._held = set(dedupe), {}
 
     def _mark_study_running(self) -> None:
         """The study run is RUNNING while jobs train (the aggregation ends it); opening a tracker alone, as a
         rerun with nothing to do does, leaves its status alone."""
         if not self._study_marked_running:
             self._study_marked_running = True
-            self._submit({"op": "reopen_run", "run": self.parent_run_id, "tags": {}})
+            self._submit(ReopenRun(self.parent_run_id, {}))
+
+    def _start_monitor(self, run_id: str) -> None:
+        """System metrics on the job's run (tracking.system_metrics); none while offline: they are not buffered."""
+        if not self.system_metrics or self.offline or run_id.startswith(PLACEHOLDER):
+            return
+        try:
+            with self.client.bounded():
+                monitor = start_monitor(run_id, self.tracking_uri, self.system_metrics_interval_s)
+        except Exception:  # a nicety: training goes on without it
+            return
+        if monitor is not None:
+            self._monitors[run_id] = monitor
+
+    def _stop_monitors(self, run_id: Optional[str] = None) -> None:
+        for rid in [run_id] if run_id is not None else list(self._monitors):
+            monitor = self._monitors.pop(rid, None)
+            if monitor is not None:
+                stop_monitor(monitor, self.timeout_s)
 
     def close_job_runs(self, job_status: dict[str, str]) -> None:
         """End the runs still RUNNING of jobs that are over ({job id: FINISHED | FAILED}): an attempt that
-        died without closing its run leaves it RUNNING."""
+        died without closing its run leaves it RUNNING. A RUNNING run of such a job that is not its recorded
+        run is a duplicate whose creator died before finding the recorded one: deleted."""
         if self.offline:
             return  # the buffered calls of the dead attempts are replayed as they were
         try:
@@ -328,9 +386,14 @@ class MlflowTracker(Tracker):
                 max_results=5000,
             )
             for run in running:
-                status = job_status.get(run.data.tags.get("distrain.job_id", ""))
-                if status and run.data.tags.get("distrain.kind") == "job":
-                    self._terminate(run.info.run_id, status)
+                job_id = run.data.tags.get("distrain.job_id", "")
+                if run.data.tags.get("distrain.kind") != "job" or not job_status.get(job_id):
+                    continue
+                recorded = (self.records.latest(job_record_name(job_id))[1] or {}).get("run_id", run.info.run_id)
+                if recorded != run.info.run_id and not recorded.startswith(PLACEHOLDER):
+                    self.client.delete_run(run.info.run_id)
+                else:
+                    self._terminate(run.info.run_id, job_status[job_id])
         except Exception as e:
             self._go_offline(e)
 
@@ -340,55 +403,40 @@ class MlflowTracker(Tracker):
         settings get a run of their own)."""
         params = {k: str(v)[:6000] for k, v in params.items()}
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-        return self._submit(
-            {
-                "op": "create_run",
-                "kind": "ensemble",
-                "name": name,
-                "parent": self.parent_run_id,
-                "tags": {"distrain.kind": "ensemble", **(tags or {}), "distrain.params": digest},
-                "params": params,
-            }
+        op = CreateRun(
+            kind="ensemble",
+            name=name,
+            parent=self.parent_run_id,
+            tags={"distrain.kind": "ensemble", **(tags or {}), "distrain.params": digest},
+            params=params,
+            token=new_token(),
         )
+        run_id = self._submit(op)
+        if run_id in self._adopted:  # the same stage of the same plan and settings: its new rows show its latest scores
+            self._submit(ReopenRun(run_id, {}))
+        return run_id
 
     def log_ensemble_model(
-        self, run_id: str, artifacts_dir: Path, registered_name: str, python_model: str = "", version_tags=None
+        self,
+        run_id: str,
+        artifacts_dir: Path,
+        registered_name: str,
+        python_model: str,
+        version_tags: Optional[dict[str, str]] = None,
     ) -> str:
-        """Log the ensemble as a pyfunc model on `run_id`, register it, and return the new version
+        """Log the ensemble as a pyfunc model of class `python_model` ("package.module:ClassName") on `run_id`,
+        register it, alias the version `champion`, tag it with `version_tags`; returns the version
         ("pending-sync" when offline)."""
-        return str(
-            self._submit(
-                {
-                    "op": "log_ensemble_model",
-                    "run": run_id,
-                    "artifacts_dir": str(artifacts_dir),
-                    "registered_name": registered_name,
-                }
-            )
-        )
+        resolve_python_model(python_model)  # a wrong path is the caller's error, not a tracking failure to buffer
+        tags = {k: str(v) for k, v in (version_tags or {}).items()}
+        return str(self._submit(LogEnsembleModel(run_id, str(artifacts_dir), registered_name, python_model, tags)))
 
-    def _log_ensemble_model_now(self, run_id: str, artifacts_dir: Path, registered_name: str) -> str:
-        import mlflow
-
-        from distrain.tracking.mlflow_model import DistrainPyfunc, signature  # mlflow.pyfunc without its notice
-
-        for version in self.client.search_model_versions(f"run_id = '{run_id}'"):
-            if version.name == registered_name:
-                return str(version.version)  # registered by an aggregation attempt that died before finishing
-        mlflow.set_tracking_uri(self.tracking_uri)
-        with library_prints_to_log(self.run_dir), mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="ensemble",
-                python_model=DistrainPyfunc(),
-                signature=signature(),
-                artifacts={"ensemble": str(artifacts_dir)},
-                pip_requirements=["distrain", "torch", "timm", "lightgbm", "pillow"],
-                registered_model_name=registered_name,
-            )
-        return str(info.registered_model_version)
+    def _log_ensemble_model_now(self, run_id: str, op: LogEnsembleModel) -> str:
+        with library_prints_to_log(self.run_dir):
+            return register_ensemble(self.client, self.experiment_id, self.tracking_uri, run_id, op)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        self._submit({"op": "log_params", "run": run_id, "params": {k: str(v)[:6000] for k, v in params.items()}})
+        self._submit(LogParams(run_id, {k: str(v)[:6000] for k, v in params.items()}))
 
     def _log_params_now(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -402,46 +450,42 @@ class MlflowTracker(Tracker):
         metrics = {k: v for k, v in metrics.items() if step > logged.get(k, -1)}  # a resumed attempt's repeats
         if not metrics:
             return
-        self._submit(
-            {
-                "op": "log_metrics",
-                "run": run_id,
-                "step": int(step),
-                "timestamp": int(time.time() * 1000),
-                "metrics": {k: float(v) for k, v in metrics.items()},
-            }
-        )
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self._submit(LogMetrics(run_id, int(step), int(time.time() * 1000), metrics))
+
+    def _log_metrics_now(self, run_id: str, op: LogMetrics) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [Metric(k, v, op.timestamp, op.step) for k, v in op.metrics.items()]
+        if run_id in self._replay_dedupe:  # replayed by sync: no (metric, step) a job's run holds goes twice
+            held = self._held.get(run_id)
+            if held is None:  # read once per sync: what earlier attempts (or an interrupted sync) sent
+                held = self._held[run_id] = self._held_pairs(run_id)
+            metrics = [m for m in metrics if (m.key, m.step) not in held]
+            held.update((m.key, m.step) for m in metrics)
+        if metrics:
+            self.client.log_batch(run_id, metrics=metrics)
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: Optional[str] = None) -> None:
-        self._submit(
-            {"op": "log_artifact", "run": run_id, "path": str(Path(path).resolve()), "artifact_path": artifact_path}
-        )
+        self._submit(LogArtifact(run_id, str(Path(path).resolve()), artifact_path))
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self._submit({"op": "end_run", "run": run_id, "status": status})
+        self._stop_monitors(run_id)
+        self._submit(EndRun(run_id, status))
 
 
-def bound_http_requests(timeout_s: float, max_retries: int) -> None:
-    """MLflow reads these per request; its defaults (7 retries, backoff 2, 120 s timeout) block for minutes."""
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(max_retries)
-    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(round(timeout_s))))
+def _open_client(tracking_uri: str, timeout_s: float, max_retries: int) -> BoundedClient:
+    """The store's client; a SQLite store is created / migrated here."""
+    from mlflow.tracking import MlflowClient
 
-
-def _sqlite_schema_lock(tracking_uri: str) -> contextlib.AbstractContextManager:
-    """Workers starting together on one SQLite store would each create MLflow's tables ("table experiments
-    already exists"); a file lock beside the database lets the first create them and the rest reuse them."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return contextlib.nullcontext()
-    return exclusive_lock(Path(tracking_uri[len("sqlite:///") :] + ".lock"))
-
-
-def _refers_to_placeholder(op: dict) -> bool:
-    return any(str(op.get(k, "")).startswith(PLACEHOLDER) for k in ("run", "parent"))
-
-
-def _quoted(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("'", "\\'")
+    try:
+        return BoundedClient(MlflowClient(tracking_uri=tracking_uri), timeout_s, max_retries)
+    except Exception as e:  # a local store that cannot be written: no server to wait for
+        if not tracking_uri.startswith("sqlite:"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise StorageError(f"cannot write the MLflow store {tracking_uri} ({first}); free space or set "
+                           f"tracking.uri") from None  # fmt: skip
 
 
 def _is_missing_run(error: Exception) -> bool:

@@ -60,8 +60,22 @@ def server(tmp_path_factory):
         yield url
 
 
-def test_sigkill_storm_leaves_one_mlflow_run_per_job_with_full_histories(server, tmp_path):
-    """3 workers over 4 jobs, SIGKILLed at random moments while holding a job (and restarted) 10 times."""
+@pytest.fixture
+def cpu_contention():
+    """A busy loop beside the test for its whole length: the storm once left two MLflow runs for one job, and a
+    flaky proxy 7 runs for 6 jobs, only on a loaded machine (a kill or a lost answer between the server's create
+    and the run record), so these tests make the load themselves."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def test_sigkill_storm_leaves_one_mlflow_run_per_job_with_full_histories(server, tmp_path, cpu_contention):
+    """3 workers over 4 jobs, SIGKILLed at random moments while holding a job (and restarted) 10 times, beside a
+    busy loop."""
     seeds, rng, kills = [1, 2], random.Random(7), 0
     overrides = tiny("storm", server, "[1,2]")
     workers = [Worker(tmp_path, overrides, f"w{i}") for i in range(3)]
@@ -123,11 +137,11 @@ def test_frozen_owner_and_frozen_aggregator_publish_nothing_when_they_wake(serve
     assert "_aggregate" in b.text() and "taken over by another worker" in b.text().split("aggregates (attempt 1)")[1]
 
 
-def test_sync_during_training_two_concurrent_syncs_and_a_flaky_server(server, tmp_path):
+def test_sync_during_training_two_concurrent_syncs_and_a_flaky_server(server, tmp_path, cpu_contention):
     """The worker starts while the server is down (everything buffered), the server comes back flaky
     (connections reset mid-request and stalled), two `distrain sync` run while the worker still trains and
-    a third races the worker's own sync after aggregation: one study run, one run per job, one model
-    version, and report.json names the live study run."""
+    a third races the worker's own sync after aggregation, beside a busy loop: one study run, one run per job,
+    one model version, and report.json names the live study run."""
     port = int(server.rsplit(":", 1)[1])
     proxy = FlakyProxy(port, mode="down", reset=0.25, stall=0.15, seed=3)
     overrides = [*tiny("flaky", proxy.url, "[1,2]"), "train.epochs=4"]

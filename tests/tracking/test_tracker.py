@@ -57,7 +57,7 @@ def test_both_attempts_offline_replayed_out_of_order_by_an_interrupted_sync_leav
     syncing = tracker(tmp_path, "sync-1")
     replayed = []
     execute = syncing.execute
-    monkeypatch.setattr(syncing, "execute", lambda op, ids: replayed.append(op["op"]) or execute(op, ids))
+    monkeypatch.setattr(syncing, "execute", lambda op, ids: replayed.append(op.OP) or execute(op, ids))
     monkeypatch.setattr(buffer.interrupts, "stop_requested", lambda: bool(replayed) and replayed[-1] == "reopen_run")
     try:
         sync_buffers(syncing)

@@ -2,7 +2,7 @@
 returns class probabilities, and `predict(images, params={"output": "labels"})` the decided class indices
 (argmax, or p(positive) >= the OOF-tuned threshold of a binary task; multilabel: 0/1 rows, each label at
 its OOF-tuned threshold), through
-`distrain.ensembles.serving.EnsemblePredictor`."""
+`distrain.serving.predictor.EnsemblePredictor`."""
 
 from __future__ import annotations
 
@@ -41,20 +41,20 @@ with _without_type_hint_notice():
         def load_context(self, context):
             self.predictor = EnsemblePredictor(context.artifacts["ensemble"])
 
+        @staticmethod
+        def signature():
+            """No input schema (images of any size and shape go in); one parameter, `output`."""
+            from mlflow.models import ModelSignature
+            from mlflow.types import ParamSchema, ParamSpec
+
+            return ModelSignature(inputs=None, params=ParamSchema([ParamSpec("output", "string", "probabilities")]))
+
         def predict(self, context, model_input, params=None):
             probs = self.predictor.predict_proba(model_input)
             output = (params or {}).get("output", "probabilities")
             if output not in ("probabilities", "labels"):
                 raise ValueError(f"params.output: {output!r} (expected 'probabilities' or 'labels')")
             return self.predictor.decide(probs) if output == "labels" else probs
-
-
-def signature():
-    """No input schema (images of any size and shape go in); one parameter, `output`."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ParamSchema, ParamSpec
-
-    return ModelSignature(inputs=None, params=ParamSchema([ParamSpec("output", "string", "probabilities")]))
 
 
 def load_registered_predictor(model_uri: str, tracking_uri: str) -> EnsemblePredictor:
