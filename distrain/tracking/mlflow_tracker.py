@@ -73,7 +73,9 @@ class MlflowTracker(Tracker):
         worker: str = "",
         system_metrics: bool = False,
     ):
-        loggers_to_log(run_dir, ("mlflow", "alembic"))  # MLflow set its own stderr handler when imported
+        import mlflow  # noqa: F401  (first: importing MLflow sets its own stderr handler, which the next line replaces)
+
+        loggers_to_log(run_dir, ("mlflow", "alembic"))
         self.tracking_uri, self.timeout_s, self.system_metrics = tracking_uri, timeout_s, system_metrics
         self.run_dir, self.run_root, self.experiment_name = run_dir, run_root, experiment_name
         safe_worker = re.sub(r"[^A-Za-z0-9_.-]", "_", worker or f"{socket.gethostname()}-{os.getpid()}")
