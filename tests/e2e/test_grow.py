@@ -63,9 +63,11 @@ def test_growing_by_a_seed_trains_only_the_new_jobs_and_aggregates_again(grown):
 def test_a_worker_of_the_plan_before_growth_publishes_nothing(grown):
     """A worker started with cv.seeds=[1] before the run grew comes to aggregate: config.yaml now plans 4 jobs, so
     its report of 2 would replace the grown one; it says so and publishes nothing."""
+    import threading
     from types import SimpleNamespace
 
     from distrain.config import load_config
+    from distrain.distributed.ranks import Ranks
     from distrain.orchestration import experiment
     from distrain.orchestration.phases import grown_since
 
@@ -73,8 +75,9 @@ def test_a_worker_of_the_plan_before_growth_publishes_nothing(grown):
     run_dir = cwd / "runs" / "digits"
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     said = []
-    stale = SimpleNamespace(cfg=load_config(None, [*TINY, "cv.seeds=[1]"]), run_dir=run_dir, log=said.append,
-                            index=SimpleNamespace(labels_of=lambda split: {}), on_primary=lambda fn: fn())  # fmt: skip
+    stale = SimpleNamespace(cfg=load_config(None, [*TINY, "cv.seeds=[1]"]), run_dir=run_dir, stop=threading.Event(),
+                            index=SimpleNamespace(labels_of=lambda split: {}), ranks=Ranks(log=said.append),
+                            manifest=SimpleNamespace(fold_of_sample={}))  # fmt: skip
     experiment.aggregate(stale, [], claim=None)  # the worker's aggregation step (its tracker is never reached)
     assert len(said) == 1 and "grew to 4 jobs" in said[0] and "plan of 2" in said[0]
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
