@@ -37,7 +37,7 @@ from distrain.tracking.ops import (
 )
 from distrain.tracking.records import STUDY, RunRecords, job_record_name
 from distrain.tracking.registry import register_ensemble, resolve_python_model
-from distrain.tracking.runs import PARENT_TAG, RUN_NAME_TAG, RunSpec, find_or_create, new_token
+from distrain.tracking.runs import PARENT_TAG, RUN_NAME_TAG, FoundRun, RunSpec, find_or_create, new_token
 from distrain.tracking.system_metrics import start_monitor, stop_monitor
 
 if TYPE_CHECKING:
@@ -93,6 +93,7 @@ class MlflowTracker(Tracker):
         self._replay_dedupe: set[str] = set()  # sync: job runs whose rows are checked (`begin_replay`)
         self._held: dict[str, set[tuple[str, int]]] = {}  # sync: (metric, step) each of those runs holds
         self._adopted: set[str] = set()  # runs a create found existing instead of making
+        self._mine: dict[str, tuple[str, ...]] = {}  # run a create returned -> the runs it created
         self._monitors: dict[str, Any] = {}  # job run -> its system-metrics monitor
         self._study_marked_running = False
         self.parent_run_id = self._study_run()
@@ -127,10 +128,16 @@ class MlflowTracker(Tracker):
     def _submit(self, op: Op) -> Any:
         """Execute one tracking call now, or buffer it when offline (or when it fails)."""
         if not self.offline and not any(run.startswith(PLACEHOLDER) for run in op.run_ids()):
-            try:
-                return self.execute(op, {})
-            except Exception as e:
-                self._go_offline(e)
+            for attempt in range(2):
+                try:
+                    if isinstance(op, CreateRun):  # a job's duplicates wait for its run record to decide
+                        return self._create_run(op, {}, settle=op.kind != "job")
+                    return self.execute(op, {})
+                except Exception as e:
+                    if attempt == 1 or not _passing(e):
+                        self._go_offline(e)
+                        break
+                time.sleep(1.0)  # every call is idempotent, a create included (found by its token)
         if isinstance(op, CreateRun):
             op = dataclasses.replace(op, ref=f"{PLACEHOLDER}{uuid.uuid4().hex}")
         self.buffer_path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,10 +180,11 @@ class MlflowTracker(Tracker):
                 raise ValueError(f"unknown tracking operation {type(op).__name__}")
         return None
 
-    def _create_run(self, op: CreateRun, ids: dict[str, str]) -> str:
+    def _create_run(self, op: CreateRun, ids: dict[str, str], settle: bool = True) -> str:
         """The run `op` stands for: found by its identifying tags if it exists (an attempt killed before
         recording it, a create whose answer was lost, another creator's), else created once. A replayed create
-        that finds its run leaves the run's status to the calls that follow it in the buffer."""
+        that finds its run leaves the run's status to the calls that follow it in the buffer. `settle`: see
+        `runs.find_or_create`; unsettled runs of this call are kept in `_mine` for the caller."""
         parent = ids.get(op.parent, op.parent)
         if op.kind == "job":
             identity = {PARENT_TAG: parent, **{key: op.tags[key] for key in JOB_IDENTITY}}
@@ -184,7 +192,9 @@ class MlflowTracker(Tracker):
             identity = {PARENT_TAG: parent, RUN_NAME_TAG: op.name, **op.tags}
         tags = {PARENT_TAG: parent, **op.tags}
         spec = RunSpec(self.experiment_id, op.name, identity, tags, op.token or new_token())
-        found = find_or_create(self.client, spec)
+        found = find_or_create(self.client, spec, settle)
+        if not settle:
+            self._mine[found.run_id] = found.mine
         missing = {key: value for key, value in op.params.items() if key not in found.params}
         if missing:  # a new run, or one whose creator died before logging them
             self._log_params_now(found.run_id, missing)
@@ -217,21 +227,23 @@ class MlflowTracker(Tracker):
         version, saved = self.records.latest(STUDY)
         if saved is not None and self._study_usable(saved["run_id"]):
             return saved["run_id"]
-        run_id, created = self.find_or_create_study()
+        found = self._find_or_create_study(settle=False)
+        run_id = found.run_id
         content = {
             "run_id": run_id,
             "tracking_uri": self.tracking_uri,
             "experiment_id": self.experiment_id,
             "experiment_name": self.experiment_name,
         }
-        if self.records.create(STUDY, version, content):
-            return run_id
-        winner = self.records.latest(STUDY)[1] or content  # another worker recorded its study run first
-        if created and winner["run_id"] != run_id:
-            self._discard(run_id)
-        if winner["run_id"].startswith(PLACEHOLDER):
+        recorded = content
+        if not self.records.create(STUDY, version, content):
+            recorded = self.records.latest(STUDY)[1] or content  # another worker recorded its study run first
+        for mine in found.mine:
+            if mine != recorded["run_id"]:
+                self._discard(mine)
+        if recorded["run_id"].startswith(PLACEHOLDER):
             self._study_unsynced()
-        return winner["run_id"]
+        return recorded["run_id"]
 
     def _study_usable(self, run_id: str) -> bool:
         """Whether the recorded study run can be logged to (a placeholder means: buffer until synced)."""
@@ -260,18 +272,22 @@ class MlflowTracker(Tracker):
 
     def find_or_create_study(self) -> tuple[str, bool]:
         """(run id, created by this call): the store's study run of this run directory, or a new one."""
+        found = self._find_or_create_study(settle=True)
+        return found.run_id, found.created
+
+    def _find_or_create_study(self, settle: bool) -> FoundRun:
         tags = {"distrain.kind": "study", "distrain.run_dir": str(self.run_dir.resolve())}
         if not self.offline:
             try:
                 spec = RunSpec(self.experiment_id, f"{self.experiment_name}-study", tags, tags, new_token())
-                found = find_or_create(self.client, spec)
-                return found.run_id, found.created
+                return find_or_create(self.client, spec, settle)
             except Exception as e:
                 self._go_offline(e)
-        return f"{PLACEHOLDER}{uuid.uuid4().hex}", True
+        return FoundRun(f"{PLACEHOLDER}{uuid.uuid4().hex}", True, {})
 
     def _discard(self, run_id: str) -> None:
-        """Drop a run this process created that lost the record race. A placeholder needs nothing: its buffered
+        """Drop a run this process created that the run record does not name: nobody logs to it (a process that
+        found it records it, loses, and takes the recorded one). A placeholder needs nothing: its buffered
         create finds the recorded run when it is replayed."""
         if not run_id.startswith(PLACEHOLDER):
             self._submit(DeleteRun(run_id))
@@ -306,15 +322,16 @@ class MlflowTracker(Tracker):
         run_id = self._submit(op)
         if run_id in self._adopted:
             self._reopen(run_id, tags)  # RUNNING, this attempt's tags, and the metric steps it holds
-        name = job_record_name(job_id)
-        if self.records.create(name, version, {"run_id": run_id, "job_id": job_id, "tracking_uri": self.tracking_uri}):
-            return run_id
-        winner = self.records.latest(name)[1]
-        if winner is None or winner["run_id"] == run_id or not self._reopen(winner["run_id"], tags):
-            return run_id
-        if run_id not in self._adopted:
-            self._discard(run_id)
-        return winner["run_id"]
+        name, recorded = job_record_name(job_id), run_id
+        content = {"run_id": run_id, "job_id": job_id, "tracking_uri": self.tracking_uri}
+        if not self.records.create(name, version, content):
+            winner = self.records.latest(name)[1]
+            if winner is not None and winner["run_id"] != run_id and self._reopen(winner["run_id"], tags):
+                recorded = winner["run_id"]
+        for mine in self._mine.pop(run_id, ()):
+            if mine != recorded:
+                self._discard(mine)
+        return recorded
 
     def _reopen(self, run_id: str, tags: dict[str, str]) -> bool:
         """Mark the job's recorded run RUNNING again with this attempt's tags; False if the store lost it."""
@@ -490,5 +507,18 @@ def _open_client(tracking_uri: str, timeout_s: float, max_retries: int) -> Bound
                            f"tracking.uri") from None  # fmt: skip
 
 
+def _passing(error: Exception) -> bool:
+    """An error worth one more try before going offline for the rest of the process: a reset connection or a
+    server error (a busy store), not a server that is down or does not answer in time (no stall)."""
+    text = f"{type(error).__name__}: {error}".lower()
+    return not any(sign in text for sign in ("refused", "timed out", "timeout", "resolve", "name or service"))
+
+
 def _is_missing_run(error: Exception) -> bool:
-    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(error, "error_code", "")) or "not found" in str(error).lower()
+    """The run is gone: never created, or deleted (MLflow refuses changes to a deleted run as not active)."""
+    text = str(error).lower()
+    return (
+        "RESOURCE_DOES_NOT_EXIST" in str(getattr(error, "error_code", ""))
+        or "not found" in text
+        or "must be in the 'active' state" in text
+    )

@@ -3,8 +3,9 @@
 A run is found by the tags that identify it before one is created. A create carries a unique token tag, so a
 create whose answer was lost (the connection reset after the server committed it, MLflow's HTTP retry sending
 it again) is found by that token instead of repeated. Two creators racing (two workers, a sync beside a worker)
-settle on the oldest run, by (start time, run id), every later creator deleting its own. The run records
-(`distrain.tracking.records`) then name one run per job and study for good.
+settle on the oldest run, by (start time, run id). Where a run record (`distrain.tracking.records`) names the
+run for good (the study's, a job's), the record decides instead, and each creator deletes its runs that the
+record does not name; an ensemble stage's creators delete their runs that are not the oldest.
 """
 
 from __future__ import annotations
@@ -40,14 +41,20 @@ class FoundRun:
     """Created by this call (its token), rather than one that existed already."""
     params: dict[str, str]
     """The params the run holds (a creator that died before logging them left none)."""
+    mine: tuple[str, ...] = ()
+    """Every run this call created (its token) and did not delete: `run_id` if `created`, and duplicates."""
 
 
-def find_or_create(client: Any, spec: RunSpec) -> FoundRun:
+def find_or_create(client: Any, spec: RunSpec, settle: bool = True) -> FoundRun:
     """The run `spec` identifies: the oldest existing one, else one created now. Raises when the server cannot
-    say whether the run exists (the caller buffers the call; replaying it comes here again)."""
+    say whether the run exists (the caller buffers the call; replaying it comes here again).
+
+    `settle`: delete this call's runs that are not the oldest at once. A run another process found meanwhile
+    may be one of them, so where a run record decides between creators (the study's, a job's) the caller
+    passes False and deletes `mine` but the recorded run once the record is written."""
     existing = search(client, spec.experiment_id, spec.identity)
     if existing:
-        return _found(existing[0], spec.token)
+        return _found(existing[0], spec.token, ())
     try:
         client.create_run(spec.experiment_id, run_name=spec.name, tags={**spec.tags, TOKEN_TAG: spec.token})
     except Exception:
@@ -56,14 +63,17 @@ def find_or_create(client: Any, spec: RunSpec) -> FoundRun:
     runs = search(client, spec.experiment_id, spec.identity)  # ours, and any another creator made meanwhile
     if not runs:
         raise ConnectionError(f"MLflow did not show the run {spec.name!r} it created")
-    for duplicate in runs[1:]:
-        if duplicate.data.tags.get(TOKEN_TAG) == spec.token:  # ours, made twice by a retried request, or late
-            client.delete_run(duplicate.info.run_id)
-    return _found(runs[0], spec.token)
+    mine = [r.info.run_id for r in runs if r.data.tags.get(TOKEN_TAG) == spec.token]  # twice: a retried request
+    if settle:
+        for duplicate in mine:
+            if duplicate != runs[0].info.run_id:
+                client.delete_run(duplicate)
+        mine = [run_id for run_id in mine if run_id == runs[0].info.run_id]
+    return _found(runs[0], spec.token, tuple(mine))
 
 
-def _found(run: Any, token: str) -> FoundRun:
-    return FoundRun(run.info.run_id, run.data.tags.get(TOKEN_TAG) == token, dict(run.data.params))
+def _found(run: Any, token: str, mine: tuple[str, ...]) -> FoundRun:
+    return FoundRun(run.info.run_id, run.data.tags.get(TOKEN_TAG) == token, dict(run.data.params), mine)
 
 
 def search(client: Any, experiment_id: str, tags: dict[str, str]) -> list:

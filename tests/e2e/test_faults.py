@@ -53,6 +53,28 @@ def ends(ledger: Ledger, job_id: str) -> list:
     return [(a.end or {}).get("status") for a in ledger.attempts(job_id)]
 
 
+def start_time(run) -> int:
+    return run.info.start_time
+
+
+def what_tracking_left(client: MlflowClient, experiment: str, cwd) -> str:
+    """For a failure message: every run of the experiment (deleted ones too), the run records, the buffers and
+    what the workers said about MLflow."""
+    from mlflow.entities import ViewType
+
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL, max_results=1000) if exp else []
+    keys = ("distrain.kind", "distrain.create_token", "worker", "attempt")
+    lines = [f"run {r.info.run_name} {r.info.run_id} {r.info.status} {r.info.lifecycle_stage} {r.info.start_time} "
+             f"{[r.data.tags.get(k) for k in keys]}" for r in sorted(runs, key=start_time)]  # fmt: skip
+    run_dir = cwd / "runs" / experiment
+    lines += [f"record {p.name}: {p.read_text()}" for p in sorted(run_dir.glob("mlflow/*/*.json"))]
+    lines += [f"buffer {p.name}: {len(p.read_text().splitlines())} calls" for p in run_dir.glob("tracking-buffer/*")]
+    for log in sorted(cwd.glob("*.log")):
+        lines += [f"{log.name}: {ln}" for ln in log.read_text().splitlines() if "MLflow" in ln or "Error" in ln]
+    return "\n".join(lines)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
@@ -101,8 +123,13 @@ def test_sigkill_storm_leaves_one_mlflow_run_per_job_with_full_histories(server,
     assert ends(ledger, aggregate_id(ids)).count("done") == 1
     expired = sum(ends(ledger, j).count("expired") for j in ids + [aggregate_id(ids)])
     assert expired >= 4  # most kills hit a worker holding a job, whose lease another worker took over
-    assert_one_run_per_job(MlflowClient(server), "storm", ids, EPOCHS)
-    print(f"storm: {kills} kills, {expired} leases taken over, {len(ids)} jobs, one MLflow run each")
+    try:
+        assert_one_run_per_job(MlflowClient(server), "storm", ids, EPOCHS)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{what_tracking_left(MlflowClient(server), 'storm', tmp_path)}") from None
+    offline = sum(log.read_text().count("warning: MLflow at") for log in tmp_path.glob("*.log"))
+    print(f"storm: {kills} kills, {expired} leases taken over, {len(ids)} jobs, one MLflow run each; {offline} "
+          f"worker(s) went offline")  # fmt: skip
 
 
 def test_frozen_owner_and_frozen_aggregator_publish_nothing_when_they_wake(server, tmp_path):
