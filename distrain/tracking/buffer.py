@@ -162,7 +162,7 @@ def _record_model_version(run_dir: Path, name: str, version: str) -> None:
         return
     report = json.loads(path.read_text())
     if report.get("ensemble_model", {}).get("name") == name:
-        report["ensemble_model"] = model_entry(name, version)
+        report["ensemble_model"] = {**report["ensemble_model"], **model_entry(name, version)}  # keeps "ensemble"
         atomic_write_json(path, report)
 
 

@@ -120,7 +120,9 @@ def test_dead_server_does_not_stall_and_sync_completes_the_tree(tmp_path, capsys
             "name": "distrain-down",
             "version": registered.version,
             "uri": f"models:/distrain-down/{registered.version}",
+            "ensemble": local_report["ensemble_model"]["ensemble"],  # which ensemble it is: kept through sync
         }
+        assert local["ensemble"] in local_report["ensembles"]
         study = local_report["mlflow"]["parent_run_id"]  # sync put the real study run in place of the placeholder
         assert client.get_run(study).data.tags["distrain.kind"] == "study"
         uploaded = json.loads(Path(client.download_artifacts(study, "report.json", str(tmp_path))).read_text())
