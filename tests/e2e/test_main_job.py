@@ -286,7 +286,7 @@ def test_mlflow_has_ensemble_runs_and_review_artifacts(default_run):
     assert str(report["ensemble_model"]["version"]) in {str(v.version) for v in versions}
     champion = client.get_model_version_by_alias(report["ensemble_model"]["name"], "champion")
     assert (
-        champion.version == str(report["ensemble_model"]["version"])
+        str(champion.version) == str(report["ensemble_model"]["version"])
         and champion.run_id == by_name["stacking"].info.run_id
     )
     chosen = report["ensemble_model"]["ensemble"]
