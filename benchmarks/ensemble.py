@@ -19,6 +19,7 @@ import numpy as np
 from distrain.config import EnsembleConfig
 from distrain.ensembles.combine import run_ensembles
 from distrain.ensembles.store import OOFStore
+from distrain.tasks import get_task
 
 
 def synthetic_store(n: int, columns: int, classes: int, n_test: int, seed: int = 0) -> tuple[OOFStore, float]:
@@ -66,7 +67,7 @@ def main():
         "total": dict(stacking=True),
     }.items():
         t0 = time.perf_counter()
-        full = run_ensembles(store, "accuracy", EnsembleConfig(**kwargs))
+        full = run_ensembles(store, "accuracy", EnsembleConfig(**kwargs), task=get_task("multiclass"))
         timed[stage] = time.perf_counter() - t0
     cv = {name: s["cv"] for name, s in full.scores.items()}
     for name, s in full.scores.items():

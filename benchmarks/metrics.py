@@ -20,7 +20,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from distrain.config import EnsembleConfig
-from distrain.study.metrics import score_labels
+from distrain.tasks.metrics import score_labels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.ensemble's synthetic store
 
@@ -72,7 +72,7 @@ def ensemble_stage(samples: int) -> dict:
     store scored by f1_macro, with distrain's counts and with scikit-learn's functions in their place."""
     from benchmarks.ensemble import synthetic_store
     from distrain.ensembles.combine import run_ensembles
-    from distrain.study import metrics
+    from distrain.tasks import get_task, metrics
 
     store, _ = synthetic_store(samples, 20, 10, samples // 5)
     counts = metrics._single_label_score
@@ -80,7 +80,7 @@ def ensemble_stage(samples: int) -> dict:
     for name, impl in (("counts", counts), ("sklearn", lambda metric, y, p: float(SKLEARN[metric](y, p)))):
         metrics._single_label_score = impl
         t0 = time.perf_counter()
-        scores = run_ensembles(store, "f1_macro", EnsembleConfig(stacking=False)).scores
+        scores = run_ensembles(store, "f1_macro", EnsembleConfig(stacking=False), task=get_task("multiclass")).scores
         out[f"{name}_s"] = round(time.perf_counter() - t0, 2)
         out[f"{name}_selection_cv"] = round(scores["selection"]["cv"], 6)
     metrics._single_label_score = counts

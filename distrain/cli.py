@@ -30,6 +30,7 @@ from pathlib import Path
 from distrain.console import route_library_output
 from distrain.errors import BadInput, Preempted, exit_with_line, refuse, storage_error
 from distrain.names import AttemptEnd, JobStatus
+from distrain.tasks import DEFAULT_TASK, TASKS
 
 
 def _data(args) -> int:
@@ -41,12 +42,12 @@ def _data(args) -> int:
     else:
         if bool(args.images) == bool(args.csv):
             raise BadInput("data pack: give exactly one of --images DIR or --csv FILE")
-        if args.multilabel and not args.csv:
+        if args.label_sets and not args.csv:
             raise BadInput("data pack: --multilabel needs --csv FILE (label lists per row)")
         if args.images:
             samples, classes = samples_from_folder(args.images)
         else:
-            samples, classes = samples_from_csv(args.csv, args.multilabel)
+            samples, classes = samples_from_csv(args.csv, args.label_sets)
         if not samples:
             raise BadInput("data pack: no images found")
         channels = None if args.channels == "auto" else int(args.channels)
@@ -351,9 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="data/digits", help="output directory (must not exist)")
     d.add_argument("--images", help="pack: folder with one subfolder per class")
     d.add_argument("--csv", help="pack: CSV with columns path,label[,group]")
-    d.add_argument("--multilabel", action="store_true",
+    d.add_argument("--multilabel", action="store_true", dest="label_sets",
                    help="pack --csv: each label cell lists a sample's labels, separated by spaces, | or ;")  # fmt: skip
-    d.add_argument("--task", choices=["multiclass", "binary", "multilabel"], default="multiclass",
+    d.add_argument("--task", choices=list(TASKS), default=DEFAULT_TASK,
                    help="digits: label the digit, 'is it an 8?' or the digit's properties")  # fmt: skip
     d.add_argument("--channels", choices=["auto", "1", "3"], default="auto",
                    help="pack: 1 (grayscale), 3 (RGB), or auto: 1 when every image is grayscale")  # fmt: skip

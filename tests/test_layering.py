@@ -244,3 +244,56 @@ def test_no_public_function_takes_more_than_8_parameters():
                 if len(params) > 8:
                     too_many.append(f"{name}.{node.name}: {len(params)}")
     assert not too_many, too_many
+
+
+def task_mentions(tree: ast.AST, task_names: set[str]) -> list[str]:
+    """Where code branches on a task by its name: a comparison with, or a dict key of, a task's name; a `.task`
+    compared with string constants; an identifier that contains a task's name."""
+    found = []
+
+    def is_name(node):
+        return isinstance(node, ast.Constant) and node.value in task_names
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            consts = [e for o in operands for e in (o.elts if isinstance(o, (ast.Tuple, ast.List, ast.Set)) else [o])]
+            if any(is_name(c) for c in consts) or (
+                any(isinstance(o, ast.Attribute) and o.attr == "task" for o in operands)
+                and any(isinstance(c, ast.Constant) and isinstance(c.value, str) for c in consts)
+            ):
+                found.append(f"line {node.lineno}: compares with a task name")
+        elif isinstance(node, ast.Dict) and any(is_name(k) for k in node.keys):
+            found.append(f"line {node.lineno}: a dict keyed by task names")
+        elif isinstance(node, ast.match_case) and any(is_name(n) for n in ast.walk(node.pattern)):
+            found.append(f"line {node.pattern.lineno}: matches a task name")
+        identifier = getattr(node, "id", None) or getattr(node, "attr", None) or getattr(node, "arg", None)
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+            identifier = node.name
+        if isinstance(identifier, str) and any(t in identifier.lower() for t in task_names):
+            found.append(f"line {node.lineno}: identifier {identifier!r}")
+    return found
+
+
+def test_no_module_outside_tasks_branches_on_a_task():
+    """The rest of distrain reaches a task through the `Task` interface only (tasks/base.py), never by its name."""
+    from distrain.tasks import TASKS
+
+    assert {"multiclass", "binary", "multilabel"} <= set(TASKS)
+    offences = {}
+    for name, path in modules().items():
+        if not (name == "distrain.tasks" or name.startswith("distrain.tasks.")):
+            offences[name] = task_mentions(ast.parse(path.read_text()), set(TASKS))
+    assert not {k: v for k, v in offences.items() if v}, {k: v for k, v in offences.items() if v}
+
+
+def test_the_task_name_check_finds_each_way_of_branching():
+    planted = (
+        "if cfg.task == 'binary':\n    pass\n"
+        "weights = {'multilabel': 1}\n"
+        "def multiclass_head():\n    pass\n"
+        "x = cfg.task in ('a', 'b')\n"
+        "y = labels.ndim == 2\n"  # asking the data is not naming a task
+    )
+    found = task_mentions(ast.parse(planted), {"multiclass", "binary", "multilabel"})
+    assert sorted(f.split(":")[0] for f in found) == ["line 1", "line 3", "line 4", "line 6"], found

@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from distrain.config.lookups import is_factory_name
 from distrain.config.typecheck import build_dataclass, require
 from distrain.config.urls import check_tracking_uri
 from distrain.errors import ConfigError
-from distrain.tasks import LOSSES, METRICS, TASKS, losses_for, metric_fits, metrics_for
+from distrain.tasks import DEFAULT_TASK, METRICS, TASKS, LossSettings, get_task, known_losses, task_of_digits_source
 
 Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["cosine", "cosine_restarts", "constant"]
@@ -26,8 +28,6 @@ RegisterChoice = Literal["best", "best_single", "soft_vote", "weighted_vote", "s
 """`best`, or one of `distrain.names.REGISTRABLE` (a test keeps the two lists equal)."""
 Sampler = Literal["tpe", "random"]
 Pruner = Literal["median", "none"]
-DIGITS_TASKS = {"digits": ("multiclass", 10), "digits_binary": ("binary", 2), "digits_multilabel": ("multilabel", 4)}
-"""The task and data.num_classes each built-in digits source is labelled for."""
 
 
 @dataclass(kw_only=True)
@@ -347,7 +347,7 @@ class TrainConfig:
         require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, ">= 0")
         require(self.metric in METRICS, "train.metric", self.metric, f"one of {tuple(METRICS)}")
         require(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
-        require(self.loss in LOSSES, "train.loss", self.loss, f"one of {tuple(LOSSES)}")
+        require(self.loss in known_losses(), "train.loss", self.loss, f"one of {known_losses()}")
         require(self.focal_gamma >= 0, "train.focal_gamma", self.focal_gamma, ">= 0")
         require(0 <= self.focal_alpha < 1, "train.focal_alpha", self.focal_alpha, "in (0, 1), or 0 for none")
         require(self.pos_weight > 0, "train.pos_weight", self.pos_weight, "> 0")
@@ -360,6 +360,10 @@ class TrainConfig:
         require(self.sync_every_steps >= 1, "train.sync_every_steps", self.sync_every_steps, ">= 1")
         require(self.collective_timeout_s > 0, "train.collective_timeout_s", self.collective_timeout_s, "> 0")
         require(self.control_timeout_s > 0, "train.control_timeout_s", self.control_timeout_s, "> 0")
+
+    def loss_settings(self) -> LossSettings:
+        """What a task builds its loss from."""
+        return LossSettings(self.loss, self.label_smoothing, self.focal_gamma, self.focal_alpha, self.pos_weight)
 
 
 @dataclass(kw_only=True)
@@ -506,7 +510,7 @@ class SchedulerConfig:
 class Config:
     experiment: str = "digits"
     """Experiment name: the run directory is <run_root>/<experiment>."""
-    task: str = "multiclass"
+    task: str = DEFAULT_TASK
     """`multiclass` (one label per image, softmax), `binary` (data.num_classes 2, label 1 the positive class;
     the ensembles' decision threshold on p(positive) is tuned on the OOF predictions) or `multilabel` (any set
     of data.num_classes labels per image, one sigmoid each; a data set packed with `--multilabel`; one
@@ -532,14 +536,10 @@ class Config:
             self.experiment,
             "a non-empty name without '/'",
         )
-        require(self.task in TASKS, "task", self.task, f"one of {TASKS}")
-        if self.task == "binary":
-            require(self.data.num_classes == 2, "data.num_classes", self.data.num_classes, "2 for task: binary")
-        if self.data.source in DIGITS_TASKS:
-            task, n = DIGITS_TASKS[self.data.source]
-            require(self.task == task, "task", self.task, f"{task} for data.source: {self.data.source}")
-            require(self.data.num_classes == n, "data.num_classes", self.data.num_classes,
-                     f"{n} for data.source: {self.data.source}")  # fmt: skip
+        require(self.task in TASKS, "task", self.task, f"one of {tuple(TASKS)}")
+        for problem in get_task(self.task).config_problems(self.data.num_classes):
+            raise ConfigError(problem)
+        _check_digits_source(self.task, self.data)
         _check_task_fit(self, "")
         for name, changes in self.model.overrides.items():
             require(name in self.model.names, "model.overrides", name, f"a name in model.names {self.model.names}")
@@ -642,14 +642,26 @@ def _check_schedule(key: str, schedule: dict[int, int], epochs: int, smallest: i
     require(all(v >= smallest for v in schedule.values()), key, schedule, f"values >= {smallest}")
 
 
+def _check_digits_source(task_name: str, data: DataConfig) -> None:
+    """A bundled digits source is labelled for one task, with its number of classes."""
+    task = task_of_digits_source(data.source)
+    if task is None:
+        return
+    require(task_name == task.name, "task", task_name, f"{task.name} for data.source: {data.source}")
+    n = len(task.digits_labels(np.arange(10))[1])
+    require(data.num_classes == n, "data.num_classes", data.num_classes, f"{n} for data.source: {data.source}")
+
+
 def _check_task_fit(cfg: Config, where: str) -> None:
     """The metric and the loss fit the task; loss-specific settings are not set for another loss."""
-    tc, task = cfg.train, cfg.task
-    require(metric_fits(tc.metric, task), f"{where}train.metric", tc.metric, f"a {task} metric: {metrics_for(task)}")
-    require(tc.loss in losses_for(task), f"{where}train.loss", tc.loss, f"a {task} loss: {losses_for(task)}")
+    tc, task = cfg.train, get_task(cfg.task)
+    metrics, losses = list(task.metrics), list(task.losses)
+    require(tc.metric in metrics, f"{where}train.metric", tc.metric, f"a {task.name} metric: {metrics}")
+    require(tc.loss in losses, f"{where}train.loss", tc.loss, f"a {task.name} loss: {losses}")
     if tc.focal_alpha:
-        require(tc.loss == "focal" and task != "multiclass", f"{where}train.focal_alpha", tc.focal_alpha,
-                 "0 unless train.loss is focal on a binary or multilabel task")  # fmt: skip
+        with_positives = [t.name for t in TASKS.values() if t.weights_positives]
+        require(tc.loss == "focal" and task.weights_positives, f"{where}train.focal_alpha", tc.focal_alpha,
+                 f"0 unless train.loss is focal on a {' or '.join(with_positives)} task")  # fmt: skip
     if tc.pos_weight != 1.0:
         require(tc.loss == "bce", f"{where}train.pos_weight", tc.pos_weight, "1 unless train.loss is bce")
 

@@ -130,11 +130,11 @@ def seed_sample(seed: int) -> None:
 
 class BatchAugment:
     """The per-batch half on the training device: normalise, timm's RandomErasing, timm's Mixup / CutMix.
-    `__call__` returns (inputs, targets): class indices (multilabel: 0/1 rows), or soft targets
-    [B, num_classes] when mixing (multilabel: the mixed rows, smoothed towards 0.5)."""
+    `__call__` returns (inputs, targets): class indices (label sets: 0/1 rows), or soft targets
+    [B, num_classes] when mixing (label sets: the mixed rows, smoothed towards 0.5)."""
 
     def __init__(self, transform: ImageTransform, augment, *, num_classes: int, label_smoothing: float, device,
-                 multilabel: bool = False):  # fmt: skip
+                 label_sets: bool = False):  # fmt: skip
         from timm.data import Mixup
         from timm.data.random_erasing import RandomErasing
 
@@ -146,7 +146,7 @@ class BatchAugment:
         if augment.mixes:
             self.mixup = Mixup(mixup_alpha=augment.mixup, cutmix_alpha=augment.cutmix, prob=augment.mix_prob,
                                switch_prob=augment.switch_prob, label_smoothing=label_smoothing,
-                               num_classes=num_classes, multi_label=multilabel)  # fmt: skip
+                               num_classes=num_classes, multi_label=label_sets)  # fmt: skip
 
     @property
     def soft_targets(self) -> bool:

@@ -4,9 +4,9 @@ A data set directory holds `cv-NNNNNN.tar` shards (the cross-validation pool), `
 shards (a fixed stratified holdout that no fold ever trains on) and `index.json`, so that folds can
 be built and run directories read without opening an image (and without importing torch).
 
-A multilabel data set (`"multilabel": true`) gives each sample a list of class indices (possibly empty)
-instead of one; `labels_of` hands them out as 0/1 rows over the classes, as loaders, OOF files and the
-ensembles use them.
+A label-set data set (`"multilabel": true`, for a task whose labels are sets) gives each sample a list of class
+indices (possibly empty) instead of one; `labels_of` hands them out as 0/1 rows over the classes, as loaders, OOF
+files and the ensembles use them.
 """
 
 from __future__ import annotations
@@ -14,20 +14,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 from distrain.errors import DataError
+from distrain.tasks import LABEL_SETS_KEY, Label, get_task
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "distrain-shards/1"
 
-Label = Union[int, tuple[int, ...]]
-"""A sample's label: a class index, or for a multilabel data set its classes' indices (a 0/1 row per class in
-`labels_of`)."""
-
 
 def multi_hot(classes: tuple[int, ...], n: int) -> tuple[int, ...]:
-    """A multilabel sample's class indices as a 0/1 row over `n` classes."""
+    """A label-set sample's class indices as a 0/1 row over `n` classes."""
     return tuple(int(c in classes) for c in range(n))
 
 
@@ -41,17 +38,17 @@ class DatasetIndex:
     cv_shards: list[str]
     test_shards: list[str]
     sample_ids: list[str]
-    labels: list[Label]  # class indices; multilabel: tuples of class indices
+    labels: list[Label]  # class indices; label sets: tuples of class indices
     groups: list[str]
     splits: list[str]  # "cv" or "test" per sample
-    multilabel: bool = False
+    label_sets: bool = False
 
     def split_ids(self, split: str) -> list[str]:
         return [s for s, sp in zip(self.sample_ids, self.splits) if sp == split]
 
     def labels_of(self, split: str) -> dict[str, Label]:
-        """sample id -> class index, or for a multilabel data set a 0/1 tuple over the classes."""
-        if not self.multilabel:
+        """sample id -> class index, or for a label-set data set a 0/1 tuple over the classes."""
+        if not self.label_sets:
             return {s: y for s, y, sp in zip(self.sample_ids, self.labels, self.splits) if sp == split}
         n = len(self.classes)
         return {s: multi_hot(y, n) for s, y, sp in zip(self.sample_ids, self.labels, self.splits) if sp == split}
@@ -61,8 +58,8 @@ class DatasetIndex:
 
 
 def read_index(root: str | Path, num_classes: Optional[int] = None, task: Optional[str] = None) -> DatasetIndex:
-    """Load and check `index.json`: shards exist, labels lie in [0, num_classes), label lists exactly when `task`
-    is multilabel."""
+    """Load and check `index.json`: shards exist, labels lie in [0, num_classes), label lists exactly when the task
+    named `task` takes label sets."""
     root = Path(root)
     path = root / INDEX_NAME
     if not path.is_file():
@@ -86,7 +83,7 @@ def read_index(root: str | Path, num_classes: Optional[int] = None, task: Option
 
 
 def _index_from_json(root: Path, d: dict) -> DatasetIndex:
-    samples, multilabel = d["samples"], bool(d.get("multilabel", False))
+    samples, label_sets = d["samples"], bool(d.get(LABEL_SETS_KEY, False))
     return DatasetIndex(
         root=root,
         channels=int(d["channels"]),
@@ -94,26 +91,26 @@ def _index_from_json(root: Path, d: dict) -> DatasetIndex:
         cv_shards=d["shards"]["cv"],
         test_shards=d["shards"]["test"],
         sample_ids=[s["sample_id"] for s in samples],
-        labels=[tuple(map(int, s["label"])) if multilabel else int(s["label"]) for s in samples],
+        labels=[tuple(map(int, s["label"])) if label_sets else int(s["label"]) for s in samples],
         groups=[s.get("group", "") for s in samples],
         splits=[s["split"] for s in samples],
-        multilabel=multilabel,
+        label_sets=label_sets,
     )
 
 
 def _check_index(index: DatasetIndex, num_classes: Optional[int], task: Optional[str]) -> None:
-    root, multilabel = index.root, index.multilabel
+    root, label_sets = index.root, index.label_sets
     if not index.sample_ids:
         raise DataError(f"data path {root}: {INDEX_NAME} lists no samples")
-    if task is not None and multilabel != (task == "multilabel"):
-        need = "a multilabel data set (packed with --multilabel)" if task == "multilabel" else "one label per sample"
-        raise DataError(f"data path {root}: task {task} needs {need}; index.json says multilabel={multilabel}")
+    if task is not None and label_sets != get_task(task).label_sets:
+        need = "label sets (a data set packed with --multilabel)" if label_sets is False else "one label per sample"
+        raise DataError(f"data path {root}: task {task} needs {need}; {INDEX_NAME} says {LABEL_SETS_KEY}={label_sets}")
     for name in index.cv_shards + index.test_shards:
         if not (root / name).is_file():
             raise DataError(f"data path {root}: shard {name} listed in {INDEX_NAME} is missing")
     if num_classes is not None:
         bad = [(s, y) for s, y in zip(index.sample_ids, index.labels)
-               if not all(0 <= c < num_classes for c in (y if multilabel else (y,)))]  # fmt: skip
+               if not all(0 <= c < num_classes for c in (y if label_sets else (y,)))]  # fmt: skip
         if bad:
             raise DataError(
                 f"data path {root}: {len(bad)} labels outside [0, {num_classes}) for "

@@ -1,6 +1,6 @@
 """Writing data sets: samples from a folder, a CSV or scikit-learn's digits, packed into WebDataset
 shards (`<sample_id>.png|.jpg` + `<sample_id>.cls`) with a fixed stratified holdout and `index.json`.
-Multilabel samples carry a tuple of class indices; such a data set's index says `"multilabel": true`.
+Label-set samples carry a tuple of class indices; such a data set's index says `"multilabel": true`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from distrain.console import is_terminal
-from distrain.data.index import INDEX_FORMAT, INDEX_NAME, DatasetIndex, Label, multi_hot, read_index
+from distrain.data.index import INDEX_FORMAT, INDEX_NAME, DatasetIndex, multi_hot, read_index
 from distrain.errors import DataError
-from distrain.study.folds import multilabel_strata
+from distrain.tasks import DEFAULT_TASK, LABEL_SETS_KEY, Label, get_task, label_set_strata
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -35,7 +35,7 @@ class Sample:
     """One image to pack: its bytes in memory (`image_bytes`) or, so that packing streams, a file (`path`)."""
 
     sample_id: str
-    label: Label  # a class index; multilabel: a tuple of class indices (empty for none)
+    label: Label  # a class index; label sets: a tuple of class indices (empty for none)
     ext: str  # "png", "jpg", ...
     group: str = ""
     image_bytes: bytes = b""
@@ -72,7 +72,7 @@ def safe_sample_id(text: str) -> str:
 
 
 def holdout_split(labels: Sequence[Label], groups: Sequence[str], test_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of the fixed holdout test samples: stratified by label (multilabel: by `multilabel_strata`),
+    """Boolean mask of the fixed holdout test samples: stratified by label (label sets: by `label_set_strata`),
     grouped when groups exist."""
     n = len(labels)
     is_test = np.zeros(n, dtype=bool)
@@ -87,7 +87,7 @@ def holdout_split(labels: Sequence[Label], groups: Sequence[str], test_fraction:
     else:
         if labels and isinstance(labels[0], tuple):
             n_labels = 1 + max((c for y in labels for c in y), default=0)
-            labels = multilabel_strata(np.asarray([multi_hot(y, n_labels) for y in labels]), 2)
+            labels = label_set_strata(np.asarray([multi_hot(y, n_labels) for y in labels]), 2)
         _, test_idx = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
     is_test[test_idx] = True
     return is_test
@@ -125,11 +125,11 @@ def write_dataset(
             for split, mask in (("cv", ~is_test), ("test", is_test)):
                 chosen = _shuffled([s for s, m in zip(samples, mask) if m], shuffle_seed)
                 shards[split] = _write_shards(chosen, tmp, split, limits, colour, bar)
-        multilabel = bool(samples) and isinstance(samples[0].label, tuple)
+        label_sets = bool(samples) and isinstance(samples[0].label, tuple)
         index = {
             "format": INDEX_FORMAT, "channels": channels or (3 if True in colour else 1), "classes": classes,
-            "shards": shards, **({"multilabel": True} if multilabel else {}),
-            "samples": [{"sample_id": s.sample_id, "label": list(s.label) if multilabel else s.label,
+            "shards": shards, **({LABEL_SETS_KEY: True} if label_sets else {}),
+            "samples": [{"sample_id": s.sample_id, "label": list(s.label) if label_sets else s.label,
                          "group": s.group, "split": "test" if t else "cv"} for s, t in zip(samples, is_test)],
         }  # fmt: skip
         (tmp / INDEX_NAME).write_text(json.dumps(index))
@@ -218,43 +218,23 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-DIGITS_POSITIVE = 8
-"""The positive class of the binary digits task (`data.source: digits_binary`): 'is it an 8?', 174 of 1,797
-images (9.7%), and the digit most confused with others (3, 5, 9, 1)."""
-
-
-DIGIT_PROPERTIES = {"even": (0, 2, 4, 6, 8), "large": (5, 6, 7, 8, 9), "loop": (0, 6, 8, 9), "prime": (2, 3, 5, 7)}
-"""The labels of the multilabel digits task (`data.source: digits_multilabel`): each image has the properties
-of its digit (a 1 has none, an 8 three)."""
-
-DIGITS_TASKS = ("multiclass", "binary", "multilabel")
-
-
-def _digits_label(digit: int, task: str) -> Label:
-    if task == "binary":
-        return int(digit == DIGITS_POSITIVE)
-    if task == "multilabel":
-        return tuple(j for j, members in enumerate(DIGIT_PROPERTIES.values()) if digit in members)
-    return int(digit)
-
-
-def digits_samples(task: str = "multiclass") -> tuple[list[Sample], list[str]]:
-    """scikit-learn's bundled 8x8 digits (1797 images, no download) as grayscale PNG samples, labelled by `task`:
-    the digit; binary: 1 for an 8 (DIGITS_POSITIVE), 0 for any other; multilabel: its DIGIT_PROPERTIES."""
+def digits_samples(task: str = DEFAULT_TASK) -> tuple[list[Sample], list[str]]:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download) as grayscale PNG samples, labelled for the
+    task named `task` (its `digits_labels`)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    labels, classes = get_task(task).digits_labels(digits.target)
     samples = [
-        Sample(sample_id=f"digits-{i:05d}", label=_digits_label(int(y), task), ext="png", image_bytes=_png_bytes(img))
-        for i, (img, y) in enumerate(zip(images, digits.target))
+        Sample(sample_id=f"digits-{i:05d}", label=label, ext="png", image_bytes=_png_bytes(img))
+        for i, (img, label) in enumerate(zip(images, labels))
     ]
-    classes = {"binary": ["other", str(DIGITS_POSITIVE)], "multilabel": list(DIGIT_PROPERTIES)}
-    return samples, classes.get(task, [str(c) for c in range(10)])
+    return samples, classes
 
 
 def write_digits(
-    out_dir: str | Path, test_fraction: float = 0.2, shard_size: int = 64, task: str = "multiclass"
+    out_dir: str | Path, test_fraction: float = 0.2, shard_size: int = 64, task: str = DEFAULT_TASK
 ) -> DatasetIndex:
     """`distrain data digits`: the digits data set as shards with a fixed stratified holdout. scikit-learn's
     order already cycles through the classes; it is kept, so results stay comparable across versions."""
@@ -263,7 +243,7 @@ def write_digits(
                          limits=ShardLimits(max_samples=shard_size, min_shards=1), shuffle_seed=None)  # fmt: skip
 
 
-def ensure_digits(out_dir: str | Path, task: str = "multiclass") -> None:
+def ensure_digits(out_dir: str | Path, task: str = DEFAULT_TASK) -> None:
     """Write the digits shards into `out_dir` unless a complete copy is there. Safe when several
     processes start together on one disk (`distrain schedule` workers, nodes sharing a file system): one
     that finds the directory written by another while it was building its own copy keeps the other's."""
@@ -294,9 +274,9 @@ def samples_from_folder(folder: str | Path) -> tuple[list[Sample], list[str]]:
     return samples, classes
 
 
-def samples_from_csv(csv_path: str | Path, multilabel: bool = False) -> tuple[list[Sample], list[str]]:
+def samples_from_csv(csv_path: str | Path, label_sets: bool = False) -> tuple[list[Sample], list[str]]:
     """A CSV with columns path,label[,group] (paths relative to the CSV). Labels: ints or class names; with
-    `multilabel`, each a list of them separated by spaces, `|` or `;` (empty: no label)."""
+    `label_sets`, each a list of them separated by spaces, `|` or `;` (empty: no label)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"CSV not found: {csv_path}")
@@ -304,10 +284,10 @@ def samples_from_csv(csv_path: str | Path, multilabel: bool = False) -> tuple[li
         rows = list(csv.DictReader(f))
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise DataError(f"{csv_path}: expected a header with columns path,label[,group]")
-    raw = [[t for t in re.split(r"[\s|;]+", r["label"] or "") if t] if multilabel else [(r["label"] or "").strip()]
+    raw = [[t for t in re.split(r"[\s|;]+", r["label"] or "") if t] if label_sets else [(r["label"] or "").strip()]
            for r in rows]  # fmt: skip
     labels, classes = _label_indices(csv_path, raw)
-    if not multilabel:
+    if not label_sets:
         labels = [y[0] for y in labels]
     samples = []
     for row, label in zip(rows, labels):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -93,10 +94,11 @@ class TestTimeAugment:
             out.append(torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False))
         return out
 
-    def probs(self, model: torch.nn.Module, x: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
-        """Softmax probabilities [B, C] of `model` (multilabel: a sigmoid per label), averaged over the views
-        (fp32)."""
-        activate = torch.sigmoid if multilabel else (lambda logits: torch.softmax(logits, dim=1))
+    def probs(
+        self, model: torch.nn.Module, x: torch.Tensor, activate: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """The task's probabilities of `model` (`activate`: logits -> probabilities, `Task.activate`), averaged over
+        the views (fp32)."""
         views = self.views(x)
         total = activate(model(views[0]).float())
         for view in views[1:]:

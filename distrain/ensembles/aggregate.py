@@ -22,7 +22,7 @@ from distrain.fsutil import atomic_write, atomic_write_text
 from distrain.names import ENSEMBLE_ORDER, REGISTRABLE, Ensemble
 from distrain.study.plan import column_key, expand_plan
 from distrain.study.results import is_done, job_files_problem, load_job_predictions, read_done
-from distrain.tasks import best_index
+from distrain.tasks import best_index, get_task
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ def compute_aggregation(
         report.sources = [{"run_dir": str(src.run_dir), "prefix": src.prefix} for src in sources]
     ec = cfg.ensemble
     pinned = tuple(member_columns(ec.members.pin, all_columns(sources)))
-    outcome = run_ensembles(store, cfg.train.metric, ec, task=cfg.task, seed=cfg.cv.fold_seed,
+    outcome = run_ensembles(store, cfg.train.metric, ec, task=get_task(cfg.task), seed=cfg.cv.fold_seed,
                             test_by_job=test_by_job, pinned=pinned)  # fmt: skip
     report.ensembles = {name: {"cv": outcome.scores[name]["cv"], "test": outcome.scores[name]["test"]}
                         for name in ENSEMBLE_ORDER if name in outcome.scores}  # fmt: skip
@@ -211,7 +211,7 @@ def _write_review(report: Report, store: OOFStore, outcome: EnsembleOutcome, out
     best_name = named[best_index(metric, [report.ensembles[n]["cv"] for n in named])]
     labels, predicted, soft = store.labels, outcome.oof_predictions[best_name], store.oof.mean(0)
     n_classes, pooled = store.num_classes, ""
-    if labels.ndim == 2:  # multilabel: every (sample, label) decision as one binary one
+    if get_task(report.task).label_sets:  # every (sample, label) decision as one binary one
         labels, predicted, soft, n_classes = labels.ravel(), predicted.ravel(), soft.reshape(-1, 1), 2
         soft, pooled = np.concatenate([1.0 - soft, soft], axis=1), ", all labels pooled"
     files = [

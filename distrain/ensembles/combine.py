@@ -20,11 +20,10 @@ from distrain.ensembles.selection import cross_validated_selection
 from distrain.ensembles.stacking import StackingResult, stack
 from distrain.ensembles.store import OOFStore
 from distrain.ensembles.thresholds import tuned_threshold_scores
-from distrain.ensembles.voting import detections_to_labels, fit_vote_weights, hard_vote, k_of_n_vote, soft_vote
+from distrain.ensembles.voting import fit_vote_weights, k_of_n_vote, soft_vote
 from distrain.names import Ensemble
-from distrain.study.metrics import decisions, score, score_labels
 from distrain.study.plan import parse_column
-from distrain.tasks import METRICS, best_index
+from distrain.tasks import METRICS, Task, best_index
 
 
 @dataclass
@@ -32,46 +31,45 @@ class EnsembleOutcome:
     scores: dict[str, dict[str, Optional[float]]]  # name -> {"cv": float, "test": float | None}
     base: dict  # per-job, per-column, per-model summaries
     weights: dict[str, float]  # weighted-vote weights per column (test-time)
-    oof_predictions: dict[str, np.ndarray]  # name -> [n] predicted labels on OOF (multilabel: [n, L]; for plots)
+    oof_predictions: dict[str, np.ndarray]  # name -> the task's decisions on OOF (for plots)
     stacking: Optional[StackingResult]
     vote_k: int
     vote_n_oof: int
     vote_n_test: int
     skipped: dict[str, str] = field(default_factory=dict)  # ensemble name -> why it was not built
-    thresholds: dict[str, dict] = field(default_factory=dict)  # binary, multilabel: ensemble -> tuned scores
+    thresholds: dict[str, dict] = field(default_factory=dict)  # tasks with thresholds: ensemble -> tuned scores
     selection: dict = field(default_factory=dict)  # greedy selection: test-time weights, each fold's, rounds
 
 
 @dataclass
 class _Scorer:
-    """The metric on the OOF labels and, when the data set has a holdout, on the test labels."""
+    """The task's metric on the OOF labels and, when the data set has a holdout, on the test labels."""
 
     store: OOFStore
     metric: str
+    task: Task
 
     @property
     def has_test(self) -> bool:
         return self.store.test is not None and self.store.test_labels is not None
 
-    @property
-    def multilabel(self) -> bool:
-        return self.store.labels.ndim == 2
-
     def decide(self, probs: np.ndarray) -> np.ndarray:
-        """Decisions at the default thresholds: the argmax, or multilabel p >= 0.5 per label."""
-        return decisions(probs, multilabel=self.multilabel)
+        """The task's decisions at its default rule."""
+        return self.task.decide(probs)
 
     def cv(self, probs: np.ndarray) -> float:
-        return score(self.metric, self.store.labels, probs)
+        return self.task.score(self.metric, self.store.labels, probs)
 
     def test(self, probs: Optional[np.ndarray]) -> Optional[float]:
-        return score(self.metric, self.store.test_labels, probs) if self.has_test and probs is not None else None
+        if not self.has_test or probs is None:
+            return None
+        return self.task.score(self.metric, self.store.test_labels, probs)
 
     def cv_labels(self, pred: np.ndarray) -> float:
-        return score_labels(self.metric, self.store.labels, pred)
+        return self.task.score_decisions(self.metric, self.store.labels, pred)
 
     def test_labels(self, pred_of_test: callable) -> Optional[float]:
-        return score_labels(self.metric, self.store.test_labels, pred_of_test()) if self.has_test else None
+        return self.task.score_decisions(self.metric, self.store.test_labels, pred_of_test()) if self.has_test else None
 
 
 def run_ensembles(
@@ -79,19 +77,19 @@ def run_ensembles(
     metric: str,
     ec: EnsembleConfig,
     *,
-    task: str = "multiclass",
+    task: Task,
     seed: int = 0,
     test_by_job: Optional[np.ndarray] = None,
     pinned: tuple[str, ...] = (),
 ) -> EnsembleOutcome:
     """Base summaries, the voting variants and stacking, each with a leakage-free CV score and a test score;
-    for a binary or multilabel task also each probability ensemble's scores at decision thresholds tuned on OOF.
+    for a task that tunes thresholds also each probability ensemble's scores at decision thresholds tuned on OOF.
 
     `ec`: the ensemble settings (vote fraction and threshold, selection rounds, stacking's); `seed`: stacking's.
     test_by_job [J, n_test, C]: each fold model's own test probabilities (for the single-model summaries).
     pinned: columns the greedy selection starts from (`ensemble.members.pin`).
     """
-    s = _Scorer(store, metric)
+    s = _Scorer(store, metric, task)
     scores: dict[str, dict[str, Optional[float]]] = {}
     preds: dict[str, np.ndarray] = {}
     probs: dict[str, tuple[np.ndarray, Optional[np.ndarray]]] = {}  # probability ensembles: (OOF, test)
@@ -110,14 +108,14 @@ def run_ensembles(
         vote_k, n_voters = _k_of_n(s, ec.vote_fraction, ec.vote_threshold, scores, preds)
     stacked = None
     if ec.stacking and Ensemble.STACKING not in skipped:
-        stacked = stack(store, ec, seed)
+        stacked = stack(store, ec, task, seed)
         scores["stacking"] = {"cv": s.cv(stacked.oof_probs), "test": s.test(stacked.test_probs)}
         preds["stacking"] = s.decide(stacked.oof_probs)
         probs["stacking"] = (stacked.oof_probs, stacked.test_probs)
     thresholds = {}
-    if task != "multiclass" and not METRICS[metric].on_probabilities and len(set(store.folds.tolist())) > 1:
+    if task.tunes_thresholds and not METRICS[metric].on_probabilities and len(set(store.folds.tolist())) > 1:
         test_labels = store.test_labels if s.has_test else None
-        thresholds = {name: tuned_threshold_scores(metric, store.labels, oof, store.folds, test_labels, test)
+        thresholds = {name: tuned_threshold_scores(task, metric, store.labels, oof, store.folds, test_labels, test)
                       for name, (oof, test) in probs.items()}  # fmt: skip
     return EnsembleOutcome(
         scores=scores,
@@ -177,7 +175,7 @@ def _best_column_per_fold(s: _Scorer, best_k: int) -> tuple[np.ndarray, dict[str
     if len(folds) < 2:
         return out, {str(f): store.columns[best_k] for f in folds}
     held_out = [store.folds == f for f in folds]
-    per_fold = np.array([[score(s.metric, store.labels[h], store.oof[k][h]) for h in held_out]
+    per_fold = np.array([[s.task.score(s.metric, store.labels[h], store.oof[k][h]) for h in held_out]
                          for k in range(len(store.columns))])  # fmt: skip
     chosen = {}
     for i, f in enumerate(folds):
@@ -198,10 +196,10 @@ def _plain_votes(s: _Scorer, scores: dict, preds: dict, probs: dict) -> None:
     probs["soft_vote"] = (soft_oof, soft_test)
     if METRICS[s.metric].on_probabilities:
         return
-    hard_oof = hard_vote(store.oof, s.multilabel)
+    hard_oof = s.task.hard_vote(store.oof)
     scores["hard_vote"] = {
         "cv": s.cv_labels(hard_oof),
-        "test": s.test_labels(lambda: hard_vote(store.test, s.multilabel)),
+        "test": s.test_labels(lambda: s.task.hard_vote(store.test)),
     }
     preds["hard_vote"] = hard_oof
 
@@ -221,8 +219,8 @@ def _weighted_vote(
     weighted_oof = np.zeros(store.oof.shape[1:], dtype=store.oof.dtype)
     for k in fold_ids:
         held = store.folds == k
-        weighted_oof[held] = soft_vote(store.oof[:, held], fit_vote_weights(store.oof[:, ~held], y[~held]))
-    weights = fit_vote_weights(store.oof, y)
+        weighted_oof[held] = soft_vote(store.oof[:, held], fit_vote_weights(store.oof[:, ~held], y[~held], s.task))
+    weights = fit_vote_weights(store.oof, y, s.task)
     weighted_test = soft_vote(store.test, weights) if s.has_test else None
     scores["weighted_vote"] = {"cv": s.cv(weighted_oof), "test": s.test(weighted_test)}
     preds["weighted_vote"] = s.decide(weighted_oof)
@@ -237,7 +235,8 @@ def _selection(s: _Scorer, rounds: int, pinned: tuple[str, ...], scores: dict, p
         return {}
     store = s.store
     at = tuple(store.columns.index(c) for c in pinned if c in store.columns)  # a failed column cannot be pinned
-    oof, weights, fold_weights = cross_validated_selection(store.oof, store.labels, store.folds, s.metric, rounds, at)
+    oof, weights, fold_weights = cross_validated_selection(store.oof, store.labels, store.folds, s.task, s.metric,
+                                                           rounds, at)  # fmt: skip
     test = soft_vote(store.test, weights) if s.has_test else None
     scores["selection"] = {"cv": s.cv(oof), "test": s.test(test)}
     preds["selection"] = s.decide(oof)
@@ -259,9 +258,8 @@ def _k_of_n(s: _Scorer, vote_fraction: float, threshold: float, scores: dict, pr
     n = len(store.columns)
     k = max(1, math.ceil(vote_fraction * n))
 
-    def vote(probs: np.ndarray) -> np.ndarray:  # multilabel: the detections are the decisions
-        detected = k_of_n_vote(probs, k, threshold)
-        return detected.astype(np.int64) if s.multilabel else detections_to_labels(detected, soft_vote(probs))
+    def vote(probs: np.ndarray) -> np.ndarray:
+        return s.task.k_of_n_decisions(k_of_n_vote(probs, k, threshold), soft_vote(probs))
 
     kofn_oof = vote(store.oof)
     scores["k_of_n_vote"] = {"cv": s.cv_labels(kofn_oof), "test": s.test_labels(lambda: vote(store.test))}

@@ -7,7 +7,7 @@ report.json contract (later stages add keys; these stay):
      "test": {"fold_average", "fold_average_by_model_seed", "n_samples"},
      "mlflow": {"tracking_uri", "experiment_id", "parent_run_id"},
      "failed_jobs": [{"id", "error"}], "sources" (combined run directories only),
-     "ensembles": {name: {"cv", "test"}}, "ensemble_details", "thresholds" (binary / multilabel),
+     "ensembles": {name: {"cv", "test"}}, "ensemble_details", "thresholds" (tasks that tune them),
      "ensemble_model": {"name", "version", "uri", "ensemble"} (once registered)}
 """
 
@@ -25,6 +25,7 @@ from distrain.config import Config
 from distrain.ensembles.store import OOFStore
 from distrain.fsutil import atomic_write_json
 from distrain.names import JobStatus
+from distrain.tasks import get_task
 
 
 @dataclass
@@ -74,9 +75,7 @@ def build_report(cfg: Config, store: OOFStore, test_by_job: Optional[np.ndarray]
 
     test_by_job [J, n_test, C] holds each job's own test probabilities, in the order of store.jobs.
     """
-    from distrain.study.metrics import score  # late: scikit-learn takes seconds; `distrain sync` needs none
-
-    metric = cfg.train.metric
+    metric, score = cfg.train.metric, get_task(cfg.task).score
     labels = store.test_labels
     has_test = test_by_job is not None and labels is not None
     rows = [
@@ -142,7 +141,7 @@ def format_table(report: Report) -> str:
 
 
 def format_threshold(threshold: float | list[float]) -> str:
-    """A binary threshold as `0.42`; a multilabel task's as `0.42/0.50/0.31` (up to 4 labels, else the range)."""
+    """A threshold on p(positive) as `0.42`; per-label thresholds as `0.42/0.50/0.31` (up to 4, else the range)."""
     if not isinstance(threshold, list):
         return f"{threshold:.2f}"
     if len(threshold) <= 4:

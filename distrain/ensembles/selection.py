@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from distrain.study.metrics import score
-from distrain.tasks import improves
+from distrain.tasks import Task, improves
 
 
 def greedy_selection(
-    probs: np.ndarray, labels: np.ndarray, metric: str, rounds: int = 25, pinned: tuple[int, ...] = ()
+    probs: np.ndarray, labels: np.ndarray, task: Task, metric: str, rounds: int = 25, pinned: tuple[int, ...] = ()
 ) -> np.ndarray:
     """Weights [M] summing to 1 over the columns of `probs` [M, n, C]: starting from the `pinned` columns (each
     counted once), `rounds` rounds of forward selection with replacement, each adding the column whose
     inclusion makes the mean of the chosen columns score `metric` best (the first column among equals; a round
     that cannot improve still adds its best, as Caruana's does, and the best prefix is kept)."""
     m = probs.shape[0]
-    objective = _Objective(metric, labels, probs)
+    objective = _Objective(task, metric, labels, probs)
     counts = np.zeros(m, dtype=np.int64)
     total = np.zeros(objective.columns.shape[1:], dtype=np.float64)
     for k in pinned:
@@ -46,12 +45,12 @@ def greedy_selection(
 class _Objective:
     """`metric` of the mean of the chosen columns plus one more, called rounds x columns x (folds + 1) times per
     selection, so computed with numpy where it can be (scikit-learn's input checks cost more than the arithmetic):
-    single-label accuracy on class-major columns [M, C, n] (a max over C contiguous rows instead of a per-row
-    argmax: 2-3x faster at 100k rows) and single-label log loss; `score` otherwise."""
+    for a task deciding by the argmax, accuracy on class-major columns [M, C, n] (a max over C contiguous rows
+    instead of a per-row argmax: 2-3x faster at 100k rows) and log loss; the task's `score` otherwise."""
 
-    def __init__(self, metric: str, labels: np.ndarray, probs: np.ndarray):
-        self.metric, self.labels = metric, labels
-        self.single = labels.ndim == 1
+    def __init__(self, task: Task, metric: str, labels: np.ndarray, probs: np.ndarray):
+        self.task, self.metric, self.labels = task, metric, labels
+        self.single = task.argmax_decisions
         self.class_major = self.single and metric == "accuracy"
         self.columns = np.ascontiguousarray(probs.transpose(0, 2, 1)) if self.class_major else probs
         self.rows = np.arange(len(labels))
@@ -64,7 +63,7 @@ class _Objective:
         if self.single and self.metric == "log_loss":  # as scikit-learn's: rows renormalised, clipped at float eps
             p = summed[self.rows, self.labels] / summed.sum(axis=1)
             return float(-np.log(np.clip(p, np.finfo(self.columns.dtype).eps, 1.0)).mean())
-        return score(self.metric, self.labels, summed / r)
+        return self.task.score(self.metric, self.labels, summed / r)
 
     def _accuracy(self, summed: np.ndarray) -> float:
         """Accuracy of the argmax over classes of class-major sums [C, n], ties going to the first class as
@@ -81,6 +80,7 @@ def cross_validated_selection(
     probs: np.ndarray,
     labels: np.ndarray,
     folds: np.ndarray,
+    task: Task,
     metric: str,
     rounds: int = 25,
     pinned: tuple[int, ...] = (),
@@ -91,7 +91,7 @@ def cross_validated_selection(
     fold_weights = {}
     for k in sorted(set(folds.tolist())):
         held = folds == k
-        w = greedy_selection(probs[:, ~held], labels[~held], metric, rounds, pinned)
+        w = greedy_selection(probs[:, ~held], labels[~held], task, metric, rounds, pinned)
         oof[held] = np.tensordot(w, probs[:, held], axes=1)
         fold_weights[str(k)] = w.tolist()
-    return oof, greedy_selection(probs, labels, metric, rounds, pinned), fold_weights
+    return oof, greedy_selection(probs, labels, task, metric, rounds, pinned), fold_weights

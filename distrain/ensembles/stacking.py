@@ -1,5 +1,5 @@
-"""LightGBM stacking over the columns' OOF probabilities, cross-validated on the base models' fold ids
-(multilabel: a binary meta-model per label).
+"""LightGBM stacking over the columns' OOF probabilities, cross-validated on the base models' fold ids; the task
+says what the meta-models learn (`Task.meta_targets`: the class, or a binary target per label).
 
 Leakage: the meta-model that predicts fold k never saw a row of fold k, neither to fit nor to stop.
 """
@@ -13,6 +13,7 @@ import numpy as np
 
 from distrain.config import EnsembleConfig
 from distrain.ensembles.store import OOFStore
+from distrain.tasks import MetaTarget, Task
 
 
 @dataclass
@@ -20,7 +21,7 @@ class StackingResult:
     oof_probs: np.ndarray  # [n, C] meta-predictions, each from a meta-model that never saw its fold
     test_probs: Optional[np.ndarray]  # [n_test, C]: mean of the K fold meta-models' predictions
     best_iterations: list[int]
-    booster_texts: list[str]  # the K fold meta-models (multilabel: K per label, label-major; for the pyfunc)
+    booster_texts: list[str]  # the K fold meta-models of each meta target, target-major (for the pyfunc)
 
 
 def stacking_features(probs: np.ndarray) -> np.ndarray:
@@ -66,13 +67,21 @@ def load_boosters(texts: list[str]) -> list:
     return [lgb.Booster(model_str=text) for text in texts]
 
 
-def predict_stacked(boosters: list, x: np.ndarray, num_classes: int, multilabel: bool = False) -> np.ndarray:
-    """Mean probability of several meta-models (the K fold models at test time). Multilabel: `boosters` holds
-    each label's K fold models in turn (label-major), and the result is [n, L]."""
-    if multilabel:
-        per_label = np.array_split(np.arange(len(boosters)), num_classes)
-        return np.stack([np.mean([boosters[i].predict(x) for i in idx], axis=0) for idx in per_label], axis=1)
-    return np.mean([predict_proba(b, x, num_classes) for b in boosters], axis=0)
+def predict_stacked(boosters: list, x: np.ndarray, targets: list[MetaTarget], num_classes: int) -> np.ndarray:
+    """[n, num_classes]: per meta target, the mean probability of its K fold meta-models (`boosters` holds each
+    target's K in turn, target-major), placed in the output columns the target fills."""
+    out = np.zeros((len(x), num_classes))
+    for target, idx in zip(targets, np.array_split(np.arange(len(boosters)), len(targets))):
+        _place(out, slice(None), target, np.mean([predict_proba(boosters[i], x, target.classes) for i in idx], axis=0))
+    return out
+
+
+def _place(out: np.ndarray, rows, target: MetaTarget, probs: np.ndarray) -> None:
+    """A meta-model's probabilities into the output: every column, or p(1) into the target's column."""
+    if target.column is None:
+        out[rows] = probs
+    else:
+        out[rows, target.column] = probs[:, 1]
 
 
 def _capped(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
@@ -102,23 +111,23 @@ def meta_splits(
     return splits
 
 
-def stack(store: OOFStore, ec: EnsembleConfig, seed: int = 0) -> StackingResult:
+def stack(store: OOFStore, ec: EnsembleConfig, task: Task, seed: int = 0) -> StackingResult:
     """LightGBM over all columns' OOF probabilities, cross-validated on the base models' fold ids
-    (`meta_splits`: no row of the held-out fold is used to fit or stop its meta-model). Multilabel: one
-    binary meta-model per label, each on every column's probabilities of every label.
+    (`meta_splits`: no row of the held-out fold is used to fit or stop its meta-model), one meta-model per fold
+    for each of the task's meta targets (each on every column's probabilities).
     Test probabilities are the mean of the K fold meta-models on the fold-averaged base test probabilities.
     `ec` gives LightGBM's learning rate, leaves, rounds, early stopping and the meta rows cap.
     """
     import lightgbm as lgb
 
     x, folds, c = stacking_features(store.oof), store.folds, store.num_classes
-    multilabel = store.labels.ndim == 2
-    targets = [store.labels[:, j] for j in range(c)] if multilabel else [store.labels]
-    params = lgbm_params(2 if multilabel else c, seed, ec.learning_rate, ec.num_leaves)
+    targets = task.meta_targets(c)
     splits = meta_splits(folds, ec.max_meta_rows, np.random.default_rng(seed))
     meta_oof = np.zeros((len(folds), c))
     boosters, best = [], []
-    for j, y in enumerate(targets):
+    for target in targets:
+        params = lgbm_params(target.classes, seed, ec.learning_rate, ec.num_leaves)
+        y = target.labels(store.labels)
         full = lgb.Dataset(x, y, params=params, free_raw_data=False).construct()  # bin once, subset per fold
         for k, fit_rows, stop_rows in splits:
             booster = lgb.train(params, full.subset(fit_rows), num_boost_round=ec.max_rounds,
@@ -126,14 +135,11 @@ def stack(store: OOFStore, ec: EnsembleConfig, seed: int = 0) -> StackingResult:
                                 callbacks=[lgb.early_stopping(ec.early_stopping, verbose=False)])  # fmt: skip
             best.append(booster.best_iteration or ec.max_rounds)
             held = folds == k
-            if multilabel:
-                meta_oof[held, j] = booster.predict(x[held])
-            else:
-                meta_oof[held] = predict_proba(booster, x[held], c)
+            _place(meta_oof, held, target, predict_proba(booster, x[held], target.classes))
             boosters.append(booster)
     test = None
     if store.test is not None:
-        test = predict_stacked(boosters, stacking_features(store.test), c, multilabel)
+        test = predict_stacked(boosters, stacking_features(store.test), targets, c)
     return StackingResult(
         oof_probs=meta_oof,
         test_probs=test,

@@ -30,7 +30,7 @@ class OOFStore:
     """All jobs' predictions, aligned: OOF [columns, cv samples, classes], test [columns, test samples, classes]."""
 
     sample_ids: list[str]  # CV samples, sorted
-    labels: np.ndarray  # [n] class indices; multilabel: [n, L] 0/1
+    labels: np.ndarray  # [n] class indices; label sets: [n, L] 0/1
     folds: np.ndarray  # [n] fold id of each CV sample (the fold manifest)
     columns: list[str]  # "<model>-s<seed>"
     oof: np.ndarray  # [M, n, C]
@@ -163,7 +163,7 @@ def _align(
 
 def long_table(store: OOFStore):
     """The store as one long table keyed by (sample_id, model, seed, fold): split, label, p0..p{C-1}
-    (multilabel: y0..y{L-1}, the 0/1 labels, instead of label)."""
+    (label sets: y0..y{L-1}, the 0/1 labels, instead of label)."""
     import pandas as pd
 
     frames = []

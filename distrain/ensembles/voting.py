@@ -1,5 +1,5 @@
-"""Voting over (model, seed) columns: soft, hard, weighted (log-loss optimal weights) and k-of-n. Multilabel
-probabilities [M, n, L] are voted per label."""
+"""Voting over (model, seed) columns: soft, weighted (log-loss optimal weights) and k-of-n detections; the task
+turns votes into decisions (`Task.hard_vote`, `Task.k_of_n_decisions`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Optional
 
 import numpy as np
 from scipy.optimize import minimize
+
+from distrain.tasks import Task
 
 
 def soft_vote(probs: np.ndarray, weights: Optional[np.ndarray] = None) -> np.ndarray:
@@ -16,29 +18,12 @@ def soft_vote(probs: np.ndarray, weights: Optional[np.ndarray] = None) -> np.nda
     return np.tensordot(weights, probs, axes=1)
 
 
-def hard_vote(probs: np.ndarray, multilabel: bool = False) -> np.ndarray:
-    """Majority vote of each member's argmax; ties broken by the summed probability. Returns labels [n].
-    Multilabel: per label, the majority of the members' decisions (p >= 0.5), a tie decided by the mean
-    probability; returns 0/1 rows [n, L]."""
-    m, n, c = probs.shape
-    if multilabel:
-        votes = 2 * (probs >= 0.5).sum(axis=0)
-        return np.where(votes == m, probs.mean(axis=0) >= 0.5, votes > m).astype(np.int64)
-    votes = np.zeros((n, c))
-    np.add.at(votes, (np.tile(np.arange(n), m), probs.argmax(axis=2).ravel()), 1)
-    summed = probs.sum(axis=0)
-    # votes dominate; summed probability (< m, scaled below 1) only orders classes with equal votes
-    return (votes + summed / (m + 1)).argmax(axis=1)
-
-
-def fit_vote_weights(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Non-negative weights summing to 1 that minimise the log loss of the weighted mean (SLSQP); multilabel
-    (0/1 label rows [n, L]): the mean binary log loss over every (sample, label)."""
+def fit_vote_weights(probs: np.ndarray, labels: np.ndarray, task: Task) -> np.ndarray:
+    """Non-negative weights summing to 1 that minimise the log loss of the weighted mean (SLSQP): the mean negative
+    log of each member's probability of the true outcomes (`Task.true_probabilities`; linear in the weights, as
+    they sum to 1)."""
     m = probs.shape[0]
-    if labels.ndim == 2:  # the likelihood of each 0/1 label; linear in w too, as the weights sum to 1
-        p_true = np.where(labels[None] == 1, probs, 1.0 - probs).reshape(m, -1).astype(np.float64)  # [M, n*L]
-    else:
-        p_true = probs[:, np.arange(len(labels)), labels].astype(np.float64)  # [M, n]
+    p_true = task.true_probabilities(probs, labels).astype(np.float64)  # [M, r]
 
     def loss_and_grad(w):
         mix = np.clip(w @ p_true, 1e-12, None)
@@ -60,13 +45,6 @@ def fit_vote_weights(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def k_of_n_vote(probs: np.ndarray, k: int, threshold: float) -> np.ndarray:
     """'At least k of n' voting: class c is detected for a sample when at least k members give it
-    probability >= threshold (one-vs-rest, so it serves binary and multilabel outputs). Returns a
+    probability >= threshold (one-vs-rest, so it serves one-of-C and label-set outputs). Returns a
     boolean [n, C] detection matrix."""
     return (probs >= threshold).sum(axis=0) >= k
-
-
-def detections_to_labels(detected: np.ndarray, fallback_probs: np.ndarray) -> np.ndarray:
-    """Single-label predictions from k-of-n detections: the detected class with the highest mean
-    probability; where nothing reaches k votes, the soft vote's argmax."""
-    masked = np.where(detected, fallback_probs, -1.0)
-    return np.where(detected.any(axis=1), masked.argmax(axis=1), fallback_probs.argmax(axis=1))

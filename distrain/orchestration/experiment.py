@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+import numpy as np
+
 from distrain import interrupts
 from distrain.config import Config
 from distrain.console import route_library_output
@@ -37,6 +39,7 @@ from distrain.orchestration.worker import WorkerOutcome, WorkerSteps, run_worker
 from distrain.study.folds import FoldManifest, build_fold_manifest
 from distrain.study.plan import Job, expand_plan
 from distrain.study.results import job_dir, job_files_problem
+from distrain.tasks import get_task
 from distrain.tracking.base import NullTracker, Tracker
 from distrain.training.loop import check_batches_fit
 from distrain.training.models import check_inputs
@@ -139,9 +142,8 @@ def prepare_data(cfg: Config, accelerator: Accelerator, ranks: Ranks) -> tuple[D
     cv_labels = index.labels_of("cv")
     groups = dict(zip(index.sample_ids, index.groups))
     try:
-        manifest = build_fold_manifest(
-            cv_ids, [cv_labels[s] for s in cv_ids], cfg.cv.folds, cfg.cv.fold_seed, groups=[groups[s] for s in cv_ids]
-        )
+        strata = get_task(cfg.task).fold_strata(np.asarray([cv_labels[s] for s in cv_ids]), cfg.cv.folds)
+        manifest = build_fold_manifest(cv_ids, strata, cfg.cv.folds, cfg.cv.fold_seed, [groups[s] for s in cv_ids])
     except DataError as e:
         raise DataError(f"{cfg.data.root}: {e}") from None
     return index, manifest

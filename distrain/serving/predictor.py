@@ -8,10 +8,10 @@ Artifacts directory layout (written by `distrain.serving.artifacts.write_model_a
                        checkpoint file, transform, tta; a factory's job also model_args: create_model's drop_rate,
                        drop_path_rate and factory_args), image_size, channels, num_classes,
                        task, method ("stacking" | "weighted_vote"), weights, classes (names), threshold
-                       (binary: the decision threshold on p(positive) tuned on OOF; multilabel: one per label;
-                       null: the argmax, or 0.5 per label)
+                       (the task's decision thresholds tuned on OOF, if it tunes them: one on p(positive), or one
+                       per label; null: the task's default rule)
     checkpoints/*.pt   best.pt of each job
-    booster_<k>.txt    the K fold LightGBM meta-models, averaged (stacking only; multilabel: K per label)
+    booster_<k>.txt    the K fold LightGBM meta-models, averaged (stacking only; K per meta target of the task)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from PIL import Image
 
 from distrain.data.transforms import ImageTransform, TestTimeAugment
 from distrain.errors import BadInput
-from distrain.study.metrics import decisions
+from distrain.tasks import DEFAULT_TASK, Task, get_task
 from distrain.training.models import create_model
 
 
@@ -59,8 +59,8 @@ class EnsemblePredictor:
             self.boosters = load_boosters([(root / name).read_text() for name in self.meta["boosters"]])
 
     @property
-    def multilabel(self) -> bool:
-        return self.meta.get("task") == "multilabel"
+    def task(self) -> Task:
+        return get_task(self.meta.get("task", DEFAULT_TASK))  # model files older than tasks: multiclass
 
     @property
     def classes(self) -> list[str]:
@@ -92,7 +92,7 @@ class EnsemblePredictor:
                 batches[transform] = transform.normalise(self.to_batch(images, transform))
             x = batches[transform]
             tta = TestTimeAugment.from_dict(job.get("tta"))  # as the job's OOF and test predictions were made
-            probs = torch.cat([tta.probs(model, x[i : i + 256], self.multilabel) for i in range(0, len(x), 256)])
+            probs = torch.cat([tta.probs(model, x[i : i + 256], self.task.activate) for i in range(0, len(x), 256)])
             sums[columns.index(column)] += probs.numpy()
             counts[columns.index(column)] += 1
         return (sums / counts[:, None, None]).astype(np.float32)
@@ -103,13 +103,13 @@ class EnsemblePredictor:
             return np.tensordot(np.asarray(self.meta["weights"]), cols, axes=1)
         from distrain.ensembles.stacking import predict_stacked, stacking_features
 
-        return predict_stacked(self.boosters, stacking_features(cols), self.meta["num_classes"], self.multilabel)
+        c = self.meta["num_classes"]
+        return predict_stacked(self.boosters, stacking_features(cols), self.task.meta_targets(c), c)
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
-        """Class indices of `predict_proba`'s output: p(positive) >= the tuned threshold for a binary task
-        whose threshold was tuned on OOF, else the argmax. Multilabel: 0/1 rows [N, L], each label where p >= its
-        tuned threshold (0.5 when none was tuned)."""
-        return decisions(probs, self.meta.get("threshold"), self.multilabel)
+        """The task's decisions of `predict_proba`'s output, at the thresholds tuned on OOF when it has them (class
+        indices [N]; label sets: 0/1 rows [N, L])."""
+        return self.task.decide(probs, self.meta.get("threshold"))
 
 
 def predict_folder(predictor: EnsemblePredictor, folder: Path, batch_size: int = 64) -> tuple[list[str], np.ndarray]:

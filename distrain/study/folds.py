@@ -65,13 +65,13 @@ class FoldManifest:
 
 def build_fold_manifest(
     sample_ids: Sequence[str],
-    labels: Sequence[int],
+    strata: Sequence[int],
     n_folds: int,
     fold_seed: int,
     groups: Optional[Sequence[str]] = None,
 ) -> FoldManifest:
-    """Stratified (or stratified-grouped, when groups are given) K-fold assignment of sample ids. `labels`:
-    class indices, or for a multilabel data set 0/1 rows (stratified by `multilabel_strata`).
+    """Stratified (or stratified-grouped, when groups are given) K-fold assignment of sample ids. `strata`: one
+    stratification key per sample, the task's `fold_strata` of its labels (the class of a one-of-C sample).
 
     Samples are sorted by id first, so the result does not depend on the order they were read in.
     Raises DataError when the data cannot fill the folds.
@@ -80,13 +80,7 @@ def build_fold_manifest(
     ids = [str(sample_ids[i]) for i in order]
     if len(set(ids)) != len(ids):
         raise DataError("sample ids are not unique")
-    y = np.asarray(labels)[order]
-    if y.ndim == 2:
-        positives = y.sum(axis=0)
-        if (positives < n_folds).any():
-            rare = int(np.flatnonzero(positives < n_folds)[0])
-            raise DataError(f"label {rare} has {positives[rare]} positive samples, fewer than cv.folds={n_folds}")
-        y = multilabel_strata(y, n_folds)
+    y = np.asarray(strata)[order]
     counts = np.bincount(y)
     if (counts[counts > 0] < n_folds).any():
         rare = int(np.flatnonzero((counts > 0) & (counts < n_folds))[0])
@@ -105,20 +99,6 @@ def build_fold_manifest(
         for i in val_idx:
             fold_of_sample[ids[i]] = fold
     return FoldManifest(n_folds=n_folds, fold_seed=fold_seed, strategy=strategy, fold_of_sample=fold_of_sample)
-
-
-def multilabel_strata(rows: np.ndarray, min_count: int) -> np.ndarray:
-    """One stratum per sample of 0/1 label rows [n, L]: its rarest label (L when it has none), so that stratifying
-    on it spreads every label's positives over the folds, the rare labels' first. Strata with fewer than
-    `min_count` samples are pooled into one (joined to the largest stratum if the pool is still too small)."""
-    n_labels = rows.shape[1]
-    rarity = np.where(rows > 0, rows.sum(axis=0)[None, :], np.iinfo(np.int64).max)
-    strata = np.where(rows.any(axis=1), rarity.argmin(axis=1), n_labels)
-    pooled = np.bincount(strata, minlength=n_labels + 1)[strata] < min_count
-    strata[pooled] = n_labels + 1
-    if 0 < pooled.sum() < min_count and not pooled.all():
-        strata[pooled] = np.bincount(strata[~pooled]).argmax()
-    return strata
 
 
 def persist_or_check(manifest: FoldManifest, path: Path) -> FoldManifest:

@@ -28,6 +28,7 @@ import numpy as np
 
 from distrain.fsutil import atomic_write, atomic_write_json
 from distrain.study.plan import Job
+from distrain.tasks import Task
 
 DONE = "done.json"
 
@@ -40,10 +41,8 @@ class Predictions:
     probs: np.ndarray  # [n, num_classes] float32
     labels: np.ndarray  # [n] int64
 
-    def score(self, metric: str) -> float:
-        from distrain.study.metrics import score  # late: scikit-learn takes seconds to import
-
-        return score(metric, self.labels, self.probs)
+    def score(self, metric: str, task: Task) -> float:
+        return task.score(metric, self.labels, self.probs)
 
 
 @dataclass

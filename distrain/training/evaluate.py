@@ -23,11 +23,11 @@ def predict(
     accelerator: Accelerator,
     loader: Iterable,
     transform: ImageTransform,
-    tta: TestTimeAugment = TestTimeAugment(),
-    multilabel: bool = False,
+    tta: TestTimeAugment,
+    activate: Callable[[torch.Tensor], torch.Tensor],
     stop: Callable[[], bool] = lambda: False,
 ) -> Predictions:
-    """Softmax probabilities (multilabel: sigmoids; averaged over the `tta` views) for the samples of `loader`
+    """The task's probabilities (`activate`: `Task.activate`; averaged over the `tta` views) for the samples of `loader`
     (an `eval_loader`: this rank's share of the shards), gathered on every rank and sorted by sample id. A loader
     built once can be reused every epoch: its persistent workers stay up. `stop()` turning true ends this rank's
     pass early (the caller then stops; what was gathered is incomplete)."""
@@ -38,7 +38,7 @@ def predict(
         if stop():
             break
         with accelerator.autocast():
-            probs = tta.probs(model, transform.normalise(images.to(accelerator.device)), multilabel).cpu().numpy()
+            probs = tta.probs(model, transform.normalise(images.to(accelerator.device)), activate).cpu().numpy()
         rows.extend(zip(ids, probs, labels.tolist()))
     model.train(was_training)
     rows = gather_rows(accelerator, rows)

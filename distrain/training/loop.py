@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from distrain.config import Config, SchedulerConfig
@@ -35,7 +34,7 @@ from distrain.distributed.wrap import wrap
 from distrain.errors import ConfigError, Interrupted, NonFiniteLoss
 from distrain.study.plan import Job
 from distrain.study.results import JobResult, Predictions
-from distrain.tasks import improves, overfit_gap
+from distrain.tasks import get_task, improves, overfit_gap
 from distrain.training.checkpoint import (
     list_states,
     load_latest_state,
@@ -45,7 +44,6 @@ from distrain.training.checkpoint import (
     set_rng_state,
 )
 from distrain.training.evaluate import check_coverage, predict
-from distrain.training.losses import create_loss
 from distrain.training.models import create_ema, create_model, model_settings
 from distrain.training.optim import create_optimizer, create_scheduler
 from distrain.training.state import EpochSums, TrainState
@@ -180,21 +178,6 @@ def train_probe_ids(train_ids: set[str], n: int, job: Job) -> list[str]:
     return random.Random(job.seed * 100 + job.fold).sample(sorted(train_ids), min(len(train_ids), n))
 
 
-def _batch_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Samples of a batch decided right: the argmax, or for multilabel 0/1 rows every label (logit > 0)."""
-    if labels.ndim == 2:
-        return ((logits > 0) == labels.bool()).all(dim=1).sum()
-    return (logits.argmax(1) == labels).sum()
-
-
-def _log_loss(pred: Predictions) -> float:
-    """The validation loss of predicted probabilities: cross-entropy (multilabel: mean binary cross-entropy)."""
-    probs, labels = torch.from_numpy(pred.probs), torch.from_numpy(pred.labels)
-    if labels.ndim == 2:
-        return float(F.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), labels.float()))
-    return float(F.nll_loss(torch.log(probs.clamp_min(1e-12)), labels))
-
-
 def _never() -> bool:
     return False
 
@@ -249,6 +232,7 @@ class JobTrainer:
         tc, dc = cfg.train, cfg.data
         self.world = accelerator.num_processes
         self.show_progress = accelerator.is_main_process and tc.progress and is_terminal()  # bars: terminal only
+        self.task = get_task(cfg.task)
         cv_labels = index.labels_of("cv")
         self.val_ids = {s for s in cv_labels if fold_of_sample[s] == job.fold}
         train_ids = set(cv_labels) - self.val_ids
@@ -290,8 +274,8 @@ class JobTrainer:
         self.train_probe = self._eval_loader("cv", {s: cv_labels[s] for s in probe})
         self.batch_augment = BatchAugment(self.transform, cfg.augment, num_classes=dc.num_classes,
                                           label_smoothing=tc.label_smoothing, device=accelerator.device,
-                                          multilabel=cfg.task == "multilabel")  # fmt: skip
-        self.criterion = create_loss(tc, cfg.task)  # takes Mixup / CutMix soft targets too
+                                          label_sets=self.task.label_sets)  # fmt: skip
+        self.criterion = self.task.create_loss(tc.loss_settings())  # takes Mixup / CutMix soft targets too
         self.nonfinite = _NonFiniteCounter(accelerator.device, tc.max_nonfinite_losses)
         self.evaluating: Optional[int] = None  # the epoch being evaluated, when it is
         self.epoch_local_sums = EpochSums()
@@ -440,7 +424,7 @@ class JobTrainer:
                 self.nonfinite.check(self.job, epoch, step)
             loss = torch.where(finite, loss.detach(), torch.zeros_like(loss))  # keep the epoch's mean readable
             loss_sum += loss.detach() * len(labels)
-            correct += _batch_correct(logits.detach(), labels)
+            correct += self.task.batch_correct(logits.detach(), labels)
             seen += len(labels)
             if (step + 1) % tc.grad_accum_steps == 0 and step + 1 < n_steps:
                 self.step_boundary(epoch, step + 1, current_sums)
@@ -502,7 +486,7 @@ class JobTrainer:
         """Predictions of `model`; during an epoch's evaluation a stop request ends the pass early and the job
         stops with the state of the end of that epoch's training (`_stop_if_asked_while_evaluating`)."""
         stop = self.control.stop_requested if self.evaluating is not None else _never
-        pred = predict(model, self.accelerator, loader, self.transform, self.tta, self.cfg.task == "multilabel", stop)
+        pred = predict(model, self.accelerator, loader, self.transform, self.tta, self.task.activate, stop)
         if self.evaluating is not None:
             self._stop_if_asked_while_evaluating(self.evaluating)
         return pred
@@ -528,13 +512,13 @@ class JobTrainer:
         evaluated = self.trainable.eval_model()  # ZeRO: the fp32 weights gathered into a plain model
         val = self._predict(evaluated, self.val_loader)
         check_coverage(val, self.val_ids, f"{self.job.id} validation")
-        val_score = val.score(tc.metric)
-        train_metric = self._predict(evaluated, self.train_probe).score(tc.metric)
+        val_score = val.score(tc.metric, self.task)
+        train_metric = self._predict(evaluated, self.train_probe).score(tc.metric, self.task)
         row = {
             "train_loss": train.loss_sum / train.seen,
             "train_accuracy": train.correct / train.seen,  # on augmented batches, as the weights moved
             f"train_eval_{tc.metric}": train_metric,
-            "val_loss": _log_loss(val),
+            "val_loss": self.task.validation_loss(val.probs, val.labels),
             f"val_{tc.metric}": val_score,
             "train_val_gap": overfit_gap(tc.metric, train_metric, val_score),
             "lr": self.scheduler.get_last_lr()[0],
@@ -546,7 +530,7 @@ class JobTrainer:
         candidates = [("raw", evaluated, val, val_score)]
         if self.ema is not None:  # the averaged weights compete with the raw ones for the best epoch
             ema_val = self._predict(self.ema.module, self.val_loader)
-            row[f"val_ema_{tc.metric}"] = ema_val.score(tc.metric)
+            row[f"val_ema_{tc.metric}"] = ema_val.score(tc.metric, self.task)
             candidates.append(("ema", self.ema.module, ema_val, row[f"val_ema_{tc.metric}"]))
         self.evaluating = None
         state.history.append({"epoch": epoch, **row})

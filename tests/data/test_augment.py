@@ -15,6 +15,7 @@ from distrain.config import AugmentConfig, load_config
 from distrain.data import augment, loaders, pack
 from distrain.data.shards import shard_samples
 from distrain.data.transforms import ImageTransform
+from distrain.tasks import get_task
 
 TIMM_STYLE = AugmentConfig(scale=[0.3, 1.0], hflip=0.5, auto_augment="rand-m9-mstd0.5-inc1")
 
@@ -193,23 +194,25 @@ def test_tta_with_identity_views_leaves_predictions_unchanged_and_averages_the_v
     from distrain.data.transforms import TestTimeAugment
     from distrain.training.models import create_model
 
+    SOFTMAX = get_task("multiclass").activate
     torch.manual_seed(0)
     model = create_model("test_resnet", num_classes=3, in_chans=1).eval()
     x = torch.randn(4, 1, 32, 32)
     with torch.no_grad():
         plain = torch.softmax(model(x), 1)
-        assert torch.equal(TestTimeAugment().probs(model, x), plain)
+        assert torch.equal(TestTimeAugment().probs(model, x, SOFTMAX), plain)
         mirror_symmetric = torch.cat([x[..., :16], x[..., :16].flip(-1)], -1)  # its hflip view is itself
         torch.testing.assert_close(
-            TestTimeAugment(hflip=True).probs(model, mirror_symmetric), torch.softmax(model(mirror_symmetric), 1)
+            TestTimeAugment(hflip=True).probs(model, mirror_symmetric, SOFTMAX),
+            torch.softmax(model(mirror_symmetric), 1),
         )
-        flipped = TestTimeAugment(hflip=True, vflip=True).probs(model, x)
+        flipped = TestTimeAugment(hflip=True, vflip=True).probs(model, x, SOFTMAX)
         views = [x, x.flip(-1), x.flip(-2)]
         torch.testing.assert_close(flipped, sum(torch.softmax(model(v), 1) for v in views) / 3)
         assert not torch.allclose(flipped, plain)
         scaled = TestTimeAugment(scales=(1.25,))
         assert [v.shape[-1] for v in scaled.views(x)] == [32, 40]
-        assert scaled.probs(model, x).sum(1).allclose(torch.ones(4))
+        assert scaled.probs(model, x, SOFTMAX).sum(1).allclose(torch.ones(4))
     tta = TestTimeAugment(True, False, (0.75,))
     assert TestTimeAugment.from_dict(tta.to_dict()) == tta and TestTimeAugment.from_dict(None) == TestTimeAugment()
 

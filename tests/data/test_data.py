@@ -10,6 +10,7 @@ from distrain import errors
 from distrain.data import index as index_mod
 from distrain.data import loaders, pack, transforms
 from distrain.data.shards import read_image, shard_samples
+from distrain.tasks.classification import DIGIT_PROPERTIES
 
 
 def _shard_rows(url, transform):
@@ -244,12 +245,12 @@ def test_pack_a_multilabel_csv_and_read_label_rows_back(tmp_path):
         for i, cell in enumerate(cells):
             (tmp_path / "img" / f"{i}.png").write_bytes(_png((i * 5, 0, 0)))
             w.writerow([f"img/{i}.png", cell])
-    samples, classes = pack.samples_from_csv(tmp_path / "labels.csv", multilabel=True)
+    samples, classes = pack.samples_from_csv(tmp_path / "labels.csv", label_sets=True)
     assert classes == ["bird", "cat", "dog"]
     assert [s.label for s in samples[:5]] == [(1, 2), (0, 2), (), (0, 1), (1,)]
     index = pack.write_dataset(samples, tmp_path / "packed", classes=classes, test_fraction=0.25,
                                limits=pack.ShardLimits(max_samples=8))  # fmt: skip
-    assert index.multilabel and len(index.split_ids("test")) == 10
+    assert index.label_sets and len(index.split_ids("test")) == 10
     rows = {**index.labels_of("cv"), **index.labels_of("test")}
     assert rows["img_0"] == (0, 1, 1) and rows["img_2"] == (0, 0, 0) and rows["img_3"] == (1, 1, 0)
     loader = loaders.eval_loader(index.urls("cv"), index.labels_of("cv"), batch_size=7,
@@ -258,10 +259,12 @@ def test_pack_a_multilabel_csv_and_read_label_rows_back(tmp_path):
         assert labels.shape == (len(ids), 3) and [tuple(r) for r in labels.tolist()] == [rows[s] for s in ids]
     with pytest.raises(errors.DataError, match="task multiclass needs one label per sample"):
         index_mod.read_index(index.root, task="multiclass")
-    with pytest.raises(errors.DataError, match=r"task multilabel needs a multilabel data set \(packed with"):
+    with pytest.raises(
+        errors.DataError, match=r"task multilabel needs label sets \(a data set packed with --multilabel\)"
+    ):
         index_mod.read_index(pack.write_digits(tmp_path / "digits").root, task="multilabel")
     digits = pack.write_digits(tmp_path / "props", task="multilabel")
-    assert digits.classes == list(pack.DIGIT_PROPERTIES) and index_mod.read_index(digits.root, 4, "multilabel")
+    assert digits.classes == list(DIGIT_PROPERTIES) and index_mod.read_index(digits.root, 4, "multilabel")
 
 
 def test_loader_workers_outlive_a_group_sigterm_and_a_process_with_live_workers_still_exits(tmp_path):

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from distrain.data.pack import write_digits
 
 from conftest import REPO, accelerate_launch, run_cmd
@@ -25,6 +27,7 @@ def test_two_process_ddp_gather_has_no_duplicates(tmp_path):
     assert rows[0]["digest"] == rows[1]["digest"]  # every rank holds the same gathered ids and probabilities
 
 
+@pytest.mark.slow  # a 2-process launch that waits out timeouts (14 s)
 def test_rank0_work_longer_than_the_collective_timeout_completes_and_a_stalled_collective_fails_in_its_bound(
     tmp_path,
 ):
@@ -41,6 +44,7 @@ def test_rank0_work_longer_than_the_collective_timeout_completes_and_a_stalled_c
     assert waiting["error"] and 1.5 <= waiting["stalled"] < 5.5, waiting
 
 
+@pytest.mark.slow  # a 2-process epoch (11 s)
 def test_the_training_step_adds_at_most_one_collective_per_sync_every_steps(tmp_path):
     """2 gloo processes train an epoch of the main job: besides DDP's own gradient all-reduce, the ranks talk once
     per `train.sync_every_steps` (8) optimizer steps (stop / checkpoint agreement) and once at the epoch's end (its

@@ -132,6 +132,7 @@ def test_bad_deepspeed_json_fails_before_training_with_one_line(tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "digits").exists()  # nothing started
 
 
+@pytest.mark.slow  # 2-process launches (10-22 s each); the quick loop keeps the single-process checks
 @pytest.mark.parametrize(
     "stage, launcher, precision, persist, compiled",
     [
@@ -190,6 +191,7 @@ def test_two_process_zero_consolidated_weights_predict_like_the_engine(
     assert rows[0]["zero_to_fp32_max_diff"] <= 1e-7  # our gather == DeepSpeed's own consolidation
 
 
+@pytest.mark.slow  # 2-process launches, twice
 def test_zero3_job_preempted_resumed_and_consolidated_under_torchrun(tmp_path):
     """The main job with ZeRO-3 on 2 CPU processes: engine checkpoints every step (pruned to keep=2); SIGTERM
     stops it with its state saved; the rerun resumes from it; the best consolidated weights in best.pt
@@ -276,6 +278,7 @@ def test_zero3_job_preempted_resumed_and_consolidated_under_torchrun(tmp_path):
     np.testing.assert_allclose(ours, oof["probs"], atol=1e-5)
 
 
+@pytest.mark.slow  # a 2-process launch
 def test_accelerate_launch_with_the_deepspeed_yaml_uses_the_plugin(tmp_path):
     """`accelerate launch --config_file launch/accelerate/deepspeed_zero2.yaml` (the GPU users' command) builds
     the engine through accelerate's DeepSpeed plugin from distrain's resolved JSON. On CPU that plugin runs

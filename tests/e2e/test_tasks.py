@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from distrain.study.metrics import score
+from distrain.tasks import get_task
 
 from conftest import REPO, distrain_run, e2e_timeout, run_cmd
 
@@ -65,7 +65,7 @@ def test_registered_binary_model_decides_with_the_tuned_threshold(binary_run):
     decided = model.predict(images, params={"output": "labels"})
     assert probs.shape == (len(labels), 2)
     assert (decided == (probs[:, 1] >= meta["threshold"])).all()
-    assert score("f1", labels, probs, threshold=meta["threshold"]) == pytest.approx(
+    assert get_task("binary").score("f1", labels, probs, threshold=meta["threshold"]) == pytest.approx(
         report["thresholds"][chosen]["test_tuned"], abs=1e-6
     )
 
@@ -121,7 +121,7 @@ def test_registered_multilabel_model_and_predict_decide_each_label_at_its_thresh
         np.testing.assert_allclose(probs, z["probs"], atol=1e-5)
     decided = model.predict(images, params={"output": "labels"})
     assert decided.shape == (len(ids), 4) and (decided == (probs >= np.array(meta["threshold"]))).all()
-    assert score("f1_macro", labels, probs, threshold=meta["threshold"]) == pytest.approx(
+    assert get_task("multilabel").score("f1_macro", labels, probs, threshold=meta["threshold"]) == pytest.approx(
         report["thresholds"][chosen]["test_tuned"], abs=1e-6
     )
     out = tmp_path / "preds.csv"

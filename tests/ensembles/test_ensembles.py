@@ -6,9 +6,16 @@ from distrain.ensembles.combine import run_ensembles
 from distrain.ensembles.selection import greedy_selection
 from distrain.ensembles.stacking import lgbm_params, predict_proba, stack, stacking_features
 from distrain.ensembles.store import JobPredictions, OOFStore, build_store, long_table
-from distrain.ensembles.voting import fit_vote_weights, hard_vote, k_of_n_vote
+from distrain.ensembles.voting import fit_vote_weights, k_of_n_vote
 from distrain.errors import EnsembleError
-from distrain.study.metrics import score
+from distrain.tasks import get_task
+
+MC, BINARY, ML = get_task("multiclass"), get_task("binary"), get_task("multilabel")
+
+
+def score(metric: str, labels: np.ndarray, probs: np.ndarray) -> float:
+    """The metric as the study's task scores it (0/1 label rows: the label-set task)."""
+    return (ML if labels.ndim == 2 else MC).score(metric, labels, probs)
 
 
 def naive_stack_score(store: OOFStore, metric: str, *, seed: int = 0, rounds: int = 100) -> float:
@@ -52,7 +59,7 @@ def test_leakage_permuted_labels_stacking_stays_at_chance_naive_does_not():
     store = synthetic_store(n=1200, classes=4, signal=0.0)
     store.labels = np.random.default_rng(7).permutation(store.labels)  # labels independent of inputs
     chance = np.bincount(store.labels).max() / len(store.labels)
-    cv = run_ensembles(store, "accuracy", EnsembleConfig(stacking=True)).scores["stacking"]["cv"]
+    cv = run_ensembles(store, "accuracy", EnsembleConfig(stacking=True), task=MC).scores["stacking"]["cv"]
     naive = naive_stack_score(store, "accuracy")
     print(f"chance {chance:.3f}, stacking cv {cv:.3f}, naive {naive:.3f}")
     assert abs(cv - 0.25) < 0.05  # chance level for 4 balanced classes
@@ -61,7 +68,7 @@ def test_leakage_permuted_labels_stacking_stays_at_chance_naive_does_not():
 
 def test_ensembles_beat_single_models_when_columns_carry_signal():
     store = synthetic_store(signal=1.2)
-    out = run_ensembles(store, "accuracy", EnsembleConfig())
+    out = run_ensembles(store, "accuracy", EnsembleConfig(), task=MC)
     s = out.scores
     assert s["soft_vote"]["cv"] > s["best_single"]["cv"] + 0.05
     assert s["stacking"]["cv"] > s["mean_single"]["cv"] + 0.05
@@ -88,19 +95,19 @@ def test_one_trained_fold_skips_what_needs_other_folds_and_warns_nothing():
     store = synthetic_store(n=200, folds=1, columns=3, signal=1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "Mean of empty slice" from fitting weights on no rows
-        out = run_ensembles(store, "accuracy", EnsembleConfig(stacking=True))
+        out = run_ensembles(store, "accuracy", EnsembleConfig(stacking=True), task=MC)
     assert set(out.skipped) == {"weighted_vote", "selection", "stacking"}
     assert "only fold 0 was trained" in out.skipped["stacking"]
     assert out.stacking is None and "stacking" not in out.scores and "weighted_vote" not in out.scores
     assert out.scores["soft_vote"]["cv"] > out.scores["mean_single"]["cv"] - 0.05  # the rest is still built
     assert list(out.weights.values()) == pytest.approx([1 / 3] * 3)
     two = synthetic_store(n=200, folds=2, columns=3, signal=1.0)
-    assert run_ensembles(two, "accuracy", EnsembleConfig()).skipped == {}
+    assert run_ensembles(two, "accuracy", EnsembleConfig(), task=MC).skipped == {}
 
 
 def test_stacking_is_deterministic():
     store = synthetic_store(signal=1.0)
-    a, b = stack(store, EnsembleConfig()), stack(store, EnsembleConfig())
+    a, b = stack(store, EnsembleConfig(), MC), stack(store, EnsembleConfig(), MC)
     np.testing.assert_array_equal(a.oof_probs, b.oof_probs)
     np.testing.assert_array_equal(a.test_probs, b.test_probs)
 
@@ -108,15 +115,15 @@ def test_stacking_is_deterministic():
 def test_weights_prefer_the_informative_column():
     store = synthetic_store(columns=3, signal=0.0)
     store.oof[1] = np.eye(4, dtype=np.float32)[store.labels] * 0.9 + 0.025  # column 1 is nearly perfect
-    w = fit_vote_weights(store.oof, store.labels)
+    w = fit_vote_weights(store.oof, store.labels, MC)
     assert w[1] > 0.8 and w.sum() == pytest.approx(1.0) and (w >= 0).all()
 
 
 def test_hard_vote_ties_broken_by_summed_probability():
     probs = np.array([[[0.6, 0.4, 0.0]], [[0.1, 0.9, 0.0]]])  # one vote each for class 0 and 1
-    assert hard_vote(probs).tolist() == [1]  # class 1 has the larger summed probability (1.3 vs 0.7)
+    assert MC.hard_vote(probs).tolist() == [1]  # class 1 has the larger summed probability (1.3 vs 0.7)
     probs3 = np.array([[[0.6, 0.4]], [[0.6, 0.4]], [[0.0, 1.0]]])
-    assert hard_vote(probs3).tolist() == [0]  # 2 votes beat a higher summed probability
+    assert MC.hard_vote(probs3).tolist() == [0]  # 2 votes beat a higher summed probability
 
 
 def test_k_of_n_vote_keeps_detections_most_agree_on():
@@ -169,7 +176,9 @@ def test_k_of_n_votes_the_same_columns_on_cv_and_test():
     store = synthetic_store(n=300, classes=3, columns=3, folds=5, signal=1.5, seed=4)
     rng = np.random.default_rng(0)
     by_job = rng.dirichlet(np.ones(3), size=(15, len(store.test_ids))).astype(np.float32)
-    outcome = run_ensembles(store, "accuracy", EnsembleConfig(stacking=False, vote_fraction=0.6), test_by_job=by_job)
+    outcome = run_ensembles(
+        store, "accuracy", EnsembleConfig(stacking=False, vote_fraction=0.6), test_by_job=by_job, task=MC
+    )
     assert (outcome.vote_k, outcome.vote_n_oof, outcome.vote_n_test) == (2, 3, 3)
     detected = k_of_n_vote(store.test, 2, 0.5)
     by_hand = np.where(
@@ -192,7 +201,7 @@ def biased_binary_store(seed=0):
 
 def test_binary_thresholds_are_tuned_on_other_folds_and_beat_one_half():
     store = biased_binary_store()
-    out = run_ensembles(store, "f1", EnsembleConfig(stacking=True, selection_rounds=0), task="binary")
+    out = run_ensembles(store, "f1", EnsembleConfig(stacking=True, selection_rounds=0), task=BINARY)
     t = out.thresholds["soft_vote"]
     print({k: v for k, v in t.items() if k != "fold_thresholds"})
     assert set(out.thresholds) == {"best_single", "soft_vote", "weighted_vote", "stacking"}
@@ -203,7 +212,7 @@ def test_binary_thresholds_are_tuned_on_other_folds_and_beat_one_half():
     flipped = biased_binary_store()
     held = flipped.folds == 2
     flipped.labels[held] = 1 - flipped.labels[held]
-    again = run_ensembles(flipped, "f1", EnsembleConfig(stacking=False, selection_rounds=0), task="binary").thresholds[
+    again = run_ensembles(flipped, "f1", EnsembleConfig(stacking=False, selection_rounds=0), task=BINARY).thresholds[
         "soft_vote"
     ]
     assert again["fold_thresholds"]["2"] == t["fold_thresholds"]["2"]
@@ -213,7 +222,7 @@ def test_binary_thresholds_are_tuned_on_other_folds_and_beat_one_half():
 def test_probability_metric_skips_label_only_votes_and_lower_is_better_picks_best_single():
     store = synthetic_store(n=600, classes=3, columns=4, signal=1.0)
     store.oof[2] = np.eye(3)[store.labels] * 0.9 + 0.1 / 3  # column 2 is the sharpest: lowest log loss
-    out = run_ensembles(store, "log_loss", EnsembleConfig(stacking=False))
+    out = run_ensembles(store, "log_loss", EnsembleConfig(stacking=False), task=MC)
     assert {"hard_vote", "k_of_n_vote"} <= set(out.skipped) and "hard_vote" not in out.scores
     assert out.scores["best_single"]["column"] == store.columns[2]
     assert out.scores["best_single"]["fold_columns"] == {str(f): store.columns[2] for f in range(5)}
@@ -226,7 +235,7 @@ def test_best_single_cv_is_chosen_on_other_folds_so_noise_columns_stay_at_chance
     own, nested = [], []
     for seed in range(20):
         store = synthetic_store(n=600, classes=2, columns=20, signal=0.0, seed=seed)
-        out = run_ensembles(store, "accuracy", EnsembleConfig(stacking=False, selection_rounds=0))
+        out = run_ensembles(store, "accuracy", EnsembleConfig(stacking=False, selection_rounds=0), task=MC)
         chance = 0.5  # a noise column's expected accuracy on 2 classes
         own.append(out.base["columns"][out.scores["best_single"]["column"]]["cv"] - chance)
         nested.append(out.scores["best_single"]["cv"] - chance)
@@ -255,7 +264,7 @@ def multilabel_store(n=900, labels=3, columns=4, folds=3, signal=1.5, seed=0, n_
 
 def test_multilabel_ensembles_vote_and_stack_per_label_with_thresholds_from_other_folds():
     store = multilabel_store()
-    out = run_ensembles(store, "f1_macro", EnsembleConfig(stacking=True, selection_rounds=3), task="multilabel")
+    out = run_ensembles(store, "f1_macro", EnsembleConfig(stacking=True, selection_rounds=3), task=ML)
     assert {"soft_vote", "hard_vote", "weighted_vote", "k_of_n_vote", "stacking"} <= set(out.scores)
     assert out.stacking.oof_probs.shape == (900, 3) and len(out.stacking.booster_texts) == 3 * 3
     assert out.scores["weighted_vote"]["cv"] > out.scores["mean_single"]["cv"]
@@ -265,7 +274,7 @@ def test_multilabel_ensembles_vote_and_stack_per_label_with_thresholds_from_othe
     assert t["cv_tuned"] > t["cv_at_0.5"] and t["test_tuned"] > t["test_at_0.5"]
     flipped = multilabel_store()
     flipped.labels[flipped.folds == 2] = 1 - flipped.labels[flipped.folds == 2]
-    again = run_ensembles(flipped, "f1_macro", EnsembleConfig(stacking=False, selection_rounds=0), task="multilabel")
+    again = run_ensembles(flipped, "f1_macro", EnsembleConfig(stacking=False, selection_rounds=0), task=ML)
     again = again.thresholds["soft_vote"]
     assert again["fold_thresholds"]["2"] == t["fold_thresholds"]["2"]  # fold 2's never saw fold 2's labels
     assert again["fold_thresholds"]["0"] != t["fold_thresholds"]["0"]
@@ -274,9 +283,9 @@ def test_multilabel_ensembles_vote_and_stack_per_label_with_thresholds_from_othe
 def test_multilabel_stacking_with_permuted_labels_stays_at_chance():
     store = multilabel_store(signal=0.0)
     store.labels = np.random.default_rng(7).permutation(store.labels)
-    cv = run_ensembles(store, "map", EnsembleConfig(stacking=True, selection_rounds=0), task="multilabel").scores[
-        "stacking"
-    ]["cv"]
+    cv = run_ensembles(store, "map", EnsembleConfig(stacking=True, selection_rounds=0), task=ML).scores["stacking"][
+        "cv"
+    ]
     chance = store.labels.mean(axis=0).mean()  # the AP of an uninformative ranking is the prevalence
     assert abs(cv - chance) < 0.06, (cv, chance)
 
@@ -284,8 +293,8 @@ def test_multilabel_stacking_with_permuted_labels_stays_at_chance():
 def test_multilabel_hard_vote_is_a_per_label_majority_with_ties_to_the_mean():
     probs = np.array([[[0.9, 0.2, 0.6]], [[0.8, 0.6, 0.1]], [[0.1, 0.1, 0.7]], [[0.2, 0.7, 0.3]]])  # [4, 1, 3]
     # label 0: 2 of 4 (tie, mean 0.5 -> 1); label 1: 2 of 4 (tie, mean 0.4 -> 0); label 2: 2 of 4 (mean 0.425 -> 0)
-    assert hard_vote(probs, multilabel=True).tolist() == [[1, 0, 0]]
-    assert hard_vote(probs[:3], multilabel=True).tolist() == [[1, 0, 1]]
+    assert ML.hard_vote(probs).tolist() == [[1, 0, 0]]
+    assert ML.hard_vote(probs[:3]).tolist() == [[1, 0, 1]]
 
 
 def test_fast_selection_scores_equal_scikit_learn_ties_included():
@@ -295,7 +304,7 @@ def test_fast_selection_scores_equal_scikit_learn_ties_included():
     store.oof[1] = 0.25  # a constant column: every row a four-way tie, which argmax gives to class 0
     store.oof[2, :100] = np.eye(4)[store.labels[:100]] * 0.5 + np.eye(4)[(store.labels[:100] + 1) % 4] * 0.5
     for metric in ("accuracy", "log_loss", "f1_macro"):
-        objective = _Objective(metric, store.labels, store.oof)
+        objective = _Objective(MC, metric, store.labels, store.oof)
         total = np.asarray(objective.columns[0], dtype=np.float64)  # column 0 chosen once already
         for k in range(3):
             expected = score(metric, store.labels, (store.oof[0] + store.oof[k]) / 2)
@@ -309,7 +318,7 @@ def test_greedy_selection_weights_the_informative_columns_and_is_cross_validated
     for k in (1, 3):  # two informative columns among noise
         store.oof[k] = 0.6 * np.eye(4)[store.labels] + 0.4 * rng.dirichlet(np.ones(4), 1000)
         store.test[k] = 0.6 * np.eye(4)[store.test_labels] + 0.4 * rng.dirichlet(np.ones(4), 200)
-    out = run_ensembles(store, "log_loss", EnsembleConfig(stacking=False, selection_rounds=10))
+    out = run_ensembles(store, "log_loss", EnsembleConfig(stacking=False, selection_rounds=10), task=MC)
     weights = out.selection["weights"]
     assert weights["m1-s1"] + weights["m3-s3"] == pytest.approx(1.0) and out.selection["rounds"] == 10
     assert sorted(out.selection["fold_weights"]) == ["0", "1", "2", "3", "4"]
@@ -320,9 +329,9 @@ def test_greedy_selection_weights_the_informative_columns_and_is_cross_validated
 def test_pinned_columns_stay_in_every_fold_selection():
     store = synthetic_store(n=600, classes=4, columns=4, signal=1.0)
     store.oof[2] = np.random.default_rng(5).dirichlet(np.ones(4), 600)  # pure noise: never chosen on merit
-    free = run_ensembles(store, "accuracy", EnsembleConfig(stacking=False, selection_rounds=4)).selection
+    free = run_ensembles(store, "accuracy", EnsembleConfig(stacking=False, selection_rounds=4), task=MC).selection
     pinned = run_ensembles(
-        store, "accuracy", EnsembleConfig(stacking=False, selection_rounds=4), pinned=("m2-s2",)
+        store, "accuracy", EnsembleConfig(stacking=False, selection_rounds=4), pinned=("m2-s2",), task=MC
     ).selection
     assert free["weights"]["m2-s2"] == 0 and free["pinned"] == []
     assert pinned["pinned"] == ["m2-s2"] and pinned["weights"]["m2-s2"] >= 1 / 5
@@ -332,8 +341,8 @@ def test_pinned_columns_stay_in_every_fold_selection():
 def test_selection_with_permuted_labels_stays_at_chance():
     store = synthetic_store(n=1200, classes=4, signal=0.0)
     store.labels = np.random.default_rng(7).permutation(store.labels)
-    out = run_ensembles(store, "accuracy", EnsembleConfig(stacking=False, selection_rounds=10))
-    in_sample = greedy_selection(store.oof, store.labels, "accuracy", 10)  # selected and scored on the same rows
+    out = run_ensembles(store, "accuracy", EnsembleConfig(stacking=False, selection_rounds=10), task=MC)
+    in_sample = greedy_selection(store.oof, store.labels, MC, "accuracy", 10)  # selected and scored on the same rows
     naive = score("accuracy", store.labels, np.tensordot(in_sample, store.oof, axes=1))
     print(f"selection cv {out.scores['selection']['cv']:.3f}, in-sample {naive:.3f}")
     assert abs(out.scores["selection"]["cv"] - 0.25) < 0.04  # chance for 4 balanced classes
@@ -345,7 +354,7 @@ def test_registered_model_is_the_best_ensemble_by_cv_or_the_one_named():
     from distrain.ensembles.aggregate import column_weights, registered_ensemble
 
     store = synthetic_store(n=600, classes=3, columns=4, signal=1.0)
-    out = run_ensembles(store, "accuracy", EnsembleConfig(stacking=True, selection_rounds=5))
+    out = run_ensembles(store, "accuracy", EnsembleConfig(stacking=True, selection_rounds=5), task=MC)
     cfg = Config(train=TrainConfig(metric="accuracy"))
     names = ("best_single", "soft_vote", "weighted_vote", "selection", "stacking")
     candidates = {n: out.scores[n]["cv"] for n in names}

@@ -11,8 +11,9 @@ from accelerate import Accelerator
 
 from distrain.data.index import read_index
 from distrain.data.loaders import eval_loader
-from distrain.data.transforms import ImageTransform
+from distrain.data.transforms import ImageTransform, TestTimeAugment
 from distrain.distributed import runtime
+from distrain.tasks import get_task
 from distrain.training.evaluate import predict
 from distrain.training.models import create_model
 
@@ -24,7 +25,7 @@ torch.manual_seed(0)
 model = create_model("test_resnet", num_classes=10, in_chans=1)
 transform = ImageTransform(16, 1)
 pred = predict(model, acc, eval_loader(index.urls("cv"), keep, batch_size=13, transform=transform, num_workers=0),
-               transform)  # fmt: skip
+               transform, TestTimeAugment(), get_task("multiclass").activate)  # fmt: skip
 local = len(list(runtime.gather_rows(acc, [acc.process_index])))
 total = runtime.sum_across_ranks(acc, [1.0])[0]
 digest = hashlib.sha256("\n".join(pred.sample_ids).encode() + pred.probs.tobytes()).hexdigest()

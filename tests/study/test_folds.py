@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from distrain.study.folds import FoldManifest, FoldManifestMismatch, build_fold_manifest, persist_or_check
+from distrain.tasks import get_task
 
 
 def dataset(n=300, classes=3, seed=0):
@@ -71,7 +72,8 @@ def test_multilabel_folds_spread_every_labels_positives_and_refuse_a_too_rare_la
     rows = (rng.random((n, 4)) < [0.5, 0.3, 0.1, 0.0]).astype(int)
     rows[rng.choice(n, 10, replace=False), 3] = 1  # a rare label: 10 positives, 2 per fold if spread
     ids = [f"s{i:04d}" for i in range(n)]
-    m = build_fold_manifest(ids, [tuple(r) for r in rows], 5, fold_seed=0)
+    task = get_task("multilabel")
+    m = build_fold_manifest(ids, task.fold_strata(rows, 5), 5, fold_seed=0)
     fold = np.array([m.fold_of_sample[s] for s in ids])
     for j in range(4):
         per_fold = np.array([rows[fold == k, j].sum() for k in range(5)])
@@ -80,4 +82,4 @@ def test_multilabel_folds_spread_every_labels_positives_and_refuse_a_too_rare_la
     rows[:, 3] = 0
     rows[:3, 3] = 1
     with pytest.raises(ValueError, match="label 3 has 3 positive samples, fewer than cv.folds=5"):
-        build_fold_manifest(ids, [tuple(r) for r in rows], 5, fold_seed=0)
+        task.fold_strata(rows, 5)

@@ -349,7 +349,7 @@ def test_train_val_gap_compares_the_same_metric_on_unaugmented_images(tmp_path, 
     from distrain.data.index import read_index
     from distrain.data.loaders import eval_loader
     from distrain.data.transforms import resolve_transform
-    from distrain.study.metrics import score
+    from distrain.tasks import get_task
     from distrain.training.loop import train_probe_ids
 
     index = read_index(write_digits(tmp_path / "digits").root)
@@ -374,7 +374,7 @@ def test_train_val_gap_compares_the_same_metric_on_unaugmented_images(tmp_path, 
                                                 transform=transform, num_workers=0):  # fmt: skip
             ids += batch_ids
             probs.append(torch.softmax(model(transform.normalise(images)), 1).numpy())
-    expected = score("f1_macro", np.array([labels[s] for s in ids]), np.concatenate(probs))
+    expected = get_task("multiclass").score("f1_macro", np.array([labels[s] for s in ids]), np.concatenate(probs))
     assert row["train_eval_f1_macro"] == pytest.approx(expected, abs=1e-6)
     assert row["train_val_gap"] == pytest.approx(row["train_eval_f1_macro"] - row["val_f1_macro"])
 

@@ -1,36 +1,70 @@
-"""Scores of class-probability predictions with scikit-learn (numpy only, shared by the engine and the
-ensembles). Which metrics exist, which tasks they fit and which way they point: `distrain.tasks`.
+"""The metrics: which way each points, and their scores of predictions with scikit-learn (numpy only, shared by
+the engine and the ensembles). Which metrics a task allows is the task's (`Task.metrics`).
 
-Decision metrics (accuracy, F1, kappa, ...) score the decisions: the argmax, or for a binary task
-`p(positive) >= threshold` when a threshold is given, or for a multilabel task `p >= threshold` per label.
-Probability metrics (ROC AUC, average precision, mAP, log loss) score the probabilities and ignore thresholds.
-
-A multilabel task is recognised by its labels: [n, L] 0/1 rows instead of class indices [n].
+Decision metrics (accuracy, F1, kappa, ...) score decisions (class indices [n], or 0/1 label rows [n, L]);
+probability metrics (ROC AUC, average precision, mAP, log loss) score probabilities. A task turns its
+probabilities into decisions (`Task.decide`) and chooses which of the scores below applies.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
-from sklearn import metrics as skm
 
-from distrain.tasks import METRICS
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric's direction and what it scores."""
+
+    higher_is_better: bool
+    on_probabilities: bool
+    """Scored on the probabilities themselves (threshold-free); else on the decisions (argmax / thresholds)."""
+    meaning: str
+
+
+METRICS: dict[str, MetricSpec] = {
+    "accuracy": MetricSpec(True, False, "fraction of samples whose decision is right (multilabel: all labels)"),
+    "balanced_accuracy": MetricSpec(True, False, "mean recall over classes"),
+    "f1": MetricSpec(True, False, "F1 of the positive class (label 1)"),
+    "f1_macro": MetricSpec(True, False, "unweighted mean of the per-class (per-label) F1"),
+    "f1_micro": MetricSpec(True, False, "F1 over all decisions pooled"),
+    "qwk": MetricSpec(True, False, "quadratic weighted Cohen's kappa (ordinal labels)"),
+    "roc_auc": MetricSpec(True, True, "ROC AUC (binary: of p(positive); else one-vs-rest / per label, macro)"),
+    "average_precision": MetricSpec(True, True, "area under the precision-recall curve of p(positive)"),
+    "map": MetricSpec(True, True, "mean over labels of the average precision (mAP)"),
+    "log_loss": MetricSpec(False, True, "cross-entropy of the probabilities (lower is better)"),
+}
+"""Every metric distrain scores; each task says which of them fit it (`Task.metrics`)."""
+
+
+def improves(metric: str, new: float, old: float) -> bool:
+    """`new` is a better score of `metric` than `old` (anything beats a NaN `old`, the 'no score yet')."""
+    if math.isnan(old):
+        return not math.isnan(new)
+    return new > old if METRICS[metric].higher_is_better else new < old
+
+
+def best_index(metric: str, scores: list[float]) -> int:
+    """Index of the best score (the first of equals)."""
+    best = 0
+    for i, s in enumerate(scores):
+        if improves(metric, s, scores[best]):
+            best = i
+    return best
+
+
+def overfit_gap(metric: str, train: float, val: float) -> float:
+    """How much better the training fold scores than the validation fold (positive: overfitting), whichever
+    way the metric points."""
+    return train - val if METRICS[metric].higher_is_better else val - train
+
 
 Threshold = Union[float, Sequence[float], np.ndarray, None]
-"""A binary task's threshold on p(positive), or a multilabel task's per-label thresholds (or one for all)."""
-
-
-def decisions(probs: np.ndarray, threshold: Threshold = None, multilabel: bool = False) -> np.ndarray:
-    """Predicted labels [n]: the argmax of [n, C] probabilities, or with `threshold` (binary, C = 2)
-    label 1 where p(positive) >= threshold. Multilabel: [n, L] 0/1, each label where p >= its threshold (0.5
-    when None)."""
-    if multilabel:
-        return (probs >= np.asarray(0.5 if threshold is None else threshold, dtype=np.float64)).astype(np.int64)
-    if threshold is None:
-        return probs.argmax(axis=1)
-    return (probs[:, 1] >= threshold).astype(np.int64)
+"""A decision threshold: one on p(positive), or one per label (or one for all labels)."""
 
 
 def score_labels(metric: str, labels: np.ndarray, pred: np.ndarray) -> float:
@@ -43,13 +77,13 @@ def score_labels(metric: str, labels: np.ndarray, pred: np.ndarray) -> float:
     if _class_indices(labels) and _class_indices(pred):
         return _single_label_score(metric, labels, pred.astype(np.int64, copy=False))
     if metric == "accuracy":
-        return float(skm.accuracy_score(labels, pred))
+        return float(_skm().accuracy_score(labels, pred))
     if metric == "balanced_accuracy":
-        return float(skm.balanced_accuracy_score(labels, pred))
+        return float(_skm().balanced_accuracy_score(labels, pred))
     if metric == "qwk":
-        return float(skm.cohen_kappa_score(labels, pred, weights="quadratic"))
+        return float(_skm().cohen_kappa_score(labels, pred, weights="quadratic"))
     average = {"f1": "binary", "f1_macro": "macro", "f1_micro": "micro"}[metric]
-    return float(skm.f1_score(labels, pred, average=average, zero_division=0))
+    return float(_skm().f1_score(labels, pred, average=average, zero_division=0))
 
 
 def _class_indices(a: np.ndarray) -> bool:
@@ -112,21 +146,21 @@ def _f1(tp: float, fp: float, fn: float) -> float:
     return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
 
 
-def score(metric: str, labels: np.ndarray, probs: np.ndarray, threshold: Threshold = None) -> float:
-    """The metric of [n, C] probabilities against integer labels [n] (multilabel: 0/1 labels [n, L])."""
+def score_probabilities(metric: str, labels: np.ndarray, probs: np.ndarray) -> float:
+    """A probability metric of [n, C] probabilities against class indices [n], or of [n, L] per-label
+    probabilities against 0/1 label rows [n, L]. Raises ValueError for a decision metric (`score_labels`)."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}")
-    multilabel = labels.ndim == 2
     if not METRICS[metric].on_probabilities:
-        return score_labels(metric, labels, decisions(probs, threshold, multilabel))
+        raise ValueError(f"{metric} scores decisions, not probabilities")
     probs = probs.astype(np.float64)
-    if multilabel:
-        return _multilabel_probability_score(metric, labels, probs)
+    if labels.ndim == 2:
+        return _label_rows_probability_score(metric, labels, probs)
     classes = np.arange(probs.shape[1])
     if metric == "log_loss":
-        return float(skm.log_loss(labels, probs / probs.sum(axis=1, keepdims=True), labels=classes))
+        return float(_skm().log_loss(labels, probs / probs.sum(axis=1, keepdims=True), labels=classes))
     if metric == "average_precision":
-        return float(skm.average_precision_score(labels, probs[:, 1]))
+        return float(_skm().average_precision_score(labels, probs[:, 1]))
     return _roc_auc(labels, probs)
 
 
@@ -138,55 +172,29 @@ def _roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     if len(present) < 2:
         return float("nan")
     if probs.shape[1] == 2:
-        return float(skm.roc_auc_score(labels, probs[:, 1]))
-    return float(np.mean([skm.roc_auc_score(labels == c, probs[:, c]) for c in present]))
+        return float(_skm().roc_auc_score(labels, probs[:, 1]))
+    return float(np.mean([_skm().roc_auc_score(labels == c, probs[:, c]) for c in present]))
 
 
-def _multilabel_probability_score(metric: str, labels: np.ndarray, probs: np.ndarray) -> float:
+def _label_rows_probability_score(metric: str, labels: np.ndarray, probs: np.ndarray) -> float:
     """log_loss: the mean binary cross-entropy over every (sample, label). map / roc_auc: the unweighted mean
     over the labels that can be scored here (a positive for AP; both values for AUC), as `_roc_auc` does for
     classes (scikit-learn's macro average when every label can be); NaN when none can."""
     if metric == "log_loss":
-        return float(skm.log_loss(labels.ravel(), probs.ravel(), labels=[0, 1]))
+        return float(_skm().log_loss(labels.ravel(), probs.ravel(), labels=[0, 1]))
     scores = []
     for j in range(labels.shape[1]):
         y = labels[:, j]
         if metric == "map" and y.any():
-            scores.append(skm.average_precision_score(y, probs[:, j]))
+            scores.append(_skm().average_precision_score(y, probs[:, j]))
         elif metric == "roc_auc" and 0 < y.sum() < len(y):
-            scores.append(skm.roc_auc_score(y, probs[:, j]))
+            scores.append(_skm().roc_auc_score(y, probs[:, j]))
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def tune_threshold(metric: str, labels: np.ndarray, probs: np.ndarray) -> float:
-    """The decision threshold on p(positive) that scores `metric` best on these rows (a grid of 0.01 steps;
-    the one nearest 0.5 among equals). 0.5 for a probability metric, which thresholds do not change."""
-    if METRICS[metric].on_probabilities:
-        return 0.5
-    grid = np.round(np.arange(0.01, 1.0, 0.01), 2)
-    grid = grid[np.argsort(np.abs(grid - 0.5), kind="stable")]  # ties go to the threshold nearest 0.5
-    scores = [score_labels(metric, labels, (probs[:, 1] >= t).astype(np.int64)) for t in grid]
-    sign = 1.0 if METRICS[metric].higher_is_better else -1.0
-    return float(grid[int(np.argmax(sign * np.asarray(scores)))])
+def _skm():
+    """scikit-learn's metrics, imported on first use: it takes seconds, and the counting paths (and `distrain
+    sync`, which imports the tasks) need none."""
+    from sklearn import metrics
 
-
-def tune_label_thresholds(metric: str, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Multilabel: one threshold per label [L], each maximising that label's own F1 (for f1_macro, where this is
-    the optimum, and f1_micro) or its own accuracy (for exact-match accuracy), on a grid of 0.01 steps (the one
-    nearest 0.5 among equals). All 0.5 for a probability metric."""
-    n_labels = labels.shape[1]
-    if METRICS[metric].on_probabilities:
-        return np.full(n_labels, 0.5)
-    grid = np.round(np.arange(0.01, 1.0, 0.01), 2)
-    grid = grid[np.argsort(np.abs(grid - 0.5), kind="stable")]
-    best = np.empty(n_labels)
-    for j in range(n_labels):
-        pred = probs[:, j, None] >= grid[None, :]  # [n, grid]: every threshold's decisions at once
-        truth = labels[:, j, None].astype(bool)
-        tp, fp, fn = (pred & truth).sum(0), (pred & ~truth).sum(0), (~pred & truth).sum(0)
-        if metric == "accuracy":
-            per_threshold = 1.0 - (fp + fn) / len(truth)
-        else:
-            per_threshold = 2 * tp / np.maximum(2 * tp + fp + fn, 1)  # F1, 0 when there is nothing to find
-        best[j] = grid[int(np.argmax(per_threshold))]
-    return best
+    return metrics

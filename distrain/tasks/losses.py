@@ -1,9 +1,9 @@
-"""Training losses, chosen by `train.loss` and checked against the task by the config.
+"""The classification losses, built by the tasks from `train.loss` (which the config checked fits the task).
 
 Every loss takes the model's logits [n, C] and either integer labels [n] or soft targets [n, C] (Mixup /
-CutMix, whose targets already carry the label smoothing), and returns the batch mean. The multilabel losses
-take 0/1 integer rows [n, L] (smoothed here) or float soft targets [n, L] (Mixup's, already smoothed), and
-average over every (sample, label).
+CutMix, whose targets already carry the label smoothing), and returns the batch mean. The label-set loss
+takes 0/1 integer rows [n, L] (smoothed here) or float soft targets [n, L] (Mixup's, already smoothed), and
+averages over every (sample, label).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
-
-from distrain.config import TrainConfig
 
 
 def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -74,8 +72,8 @@ class BinaryCrossEntropy(nn.Module):
         return F.binary_cross_entropy_with_logits(logits[:, 1] - logits[:, 0], y, pos_weight=pos_weight)
 
 
-class MultiLabelLoss(nn.Module):
-    """Per-label sigmoid losses of a multilabel head: binary cross-entropy with logits (`pos_weight` on the
+class LabelSetLoss(nn.Module):
+    """Per-label sigmoid losses of a label-set head: binary cross-entropy with logits (`pos_weight` on the
     positives' term), or with `focal_gamma` the sigmoid focal loss (torchvision's, `alpha` weighting the
     positives, 0 for none)."""
 
@@ -94,19 +92,6 @@ class MultiLabelLoss(nn.Module):
             return sigmoid_focal_loss(logits, y, alpha=self.alpha or -1.0, gamma=self.focal_gamma, reduction="mean")
         pos_weight = _constant(self.pos_weight, logits.device)
         return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
-
-
-def create_loss(tc: TrainConfig, task: str) -> nn.Module:
-    """The loss `train.loss` names, set up from the train section (the config checked it fits the task)."""
-    if task == "multilabel":
-        gamma = tc.focal_gamma if tc.loss == "focal" else None
-        return MultiLabelLoss(tc.label_smoothing, tc.pos_weight, gamma, tc.focal_alpha)
-    if tc.loss == "bce":
-        return BinaryCrossEntropy(tc.pos_weight, tc.label_smoothing)
-    if tc.loss == "focal":
-        weights = [1.0 - tc.focal_alpha, tc.focal_alpha] if task == "binary" and tc.focal_alpha else None
-        return FocalLoss(tc.focal_gamma, tc.label_smoothing, weights)
-    return CrossEntropy(tc.label_smoothing)
 
 
 @functools.lru_cache(maxsize=32)

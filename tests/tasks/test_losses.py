@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from distrain.config import TrainConfig
-from distrain.training.losses import BinaryCrossEntropy, CrossEntropy, FocalLoss, create_loss
+from distrain.tasks import get_task
+from distrain.tasks.losses import BinaryCrossEntropy, CrossEntropy, FocalLoss
+
+
+def create_loss(tc: TrainConfig, task: str) -> torch.nn.Module:
+    return get_task(task).create_loss(tc.loss_settings())
+
 
 LOGITS = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
 LABELS = torch.tensor([0, 1])

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from distrain.study.metrics import decisions, score, tune_label_thresholds, tune_threshold
-from distrain.tasks import METRICS, best_index, improves, overfit_gap
+from distrain.tasks import best_index, get_task, improves, overfit_gap
+
+MC, BINARY, ML = get_task("multiclass"), get_task("binary"), get_task("multilabel")
 
 rng = np.random.default_rng(0)
 MULTI_PROBS = rng.dirichlet(np.ones(4), 300)
@@ -26,17 +27,17 @@ SKLEARN = {
 }
 
 
-@pytest.mark.parametrize("metric", [m for m in METRICS if "multiclass" in METRICS[m].tasks])
+@pytest.mark.parametrize("metric", MC.metrics)
 def test_multiclass_metrics_equal_scikit_learn(metric):
     expected = (
         skm.roc_auc_score(MULTI_LABELS, MULTI_PROBS, multi_class="ovr", average="macro")
         if metric == "roc_auc"
         else SKLEARN[metric](MULTI_LABELS, MULTI_PROBS)
     )
-    assert score(metric, MULTI_LABELS, MULTI_PROBS) == pytest.approx(expected, abs=1e-9)
+    assert MC.score(metric, MULTI_LABELS, MULTI_PROBS) == pytest.approx(expected, abs=1e-9)
 
 
-@pytest.mark.parametrize("metric", [m for m in METRICS if "binary" in METRICS[m].tasks])
+@pytest.mark.parametrize("metric", BINARY.metrics)
 def test_binary_metrics_equal_scikit_learn(metric):
     p1 = BIN_PROBS[:, 1]
     expected = {
@@ -46,18 +47,18 @@ def test_binary_metrics_equal_scikit_learn(metric):
     }.get(metric)
     if expected is None:  # decision metrics at threshold 0.3
         pred = np.stack([1 - (p1 >= 0.3), p1 >= 0.3], 1).astype(float)
-        assert score(metric, BIN_LABELS, BIN_PROBS, threshold=0.3) == pytest.approx(
+        assert BINARY.score(metric, BIN_LABELS, BIN_PROBS, threshold=0.3) == pytest.approx(
             SKLEARN[metric](BIN_LABELS, pred if metric != "log_loss" else BIN_PROBS), abs=1e-9
         )
     else:
-        assert score(metric, BIN_LABELS, BIN_PROBS, threshold=0.3) == pytest.approx(expected(), abs=1e-9)
+        assert BINARY.score(metric, BIN_LABELS, BIN_PROBS, threshold=0.3) == pytest.approx(expected(), abs=1e-9)
 
 
 def test_roc_auc_averages_the_classes_present_and_is_nan_with_one():
     present = MULTI_LABELS != 3
     expected = np.mean([skm.roc_auc_score(MULTI_LABELS[present] == c, MULTI_PROBS[present, c]) for c in range(3)])
-    assert score("roc_auc", MULTI_LABELS[present], MULTI_PROBS[present]) == pytest.approx(expected)
-    assert math.isnan(score("roc_auc", np.zeros(5, int), MULTI_PROBS[:5]))
+    assert MC.score("roc_auc", MULTI_LABELS[present], MULTI_PROBS[present]) == pytest.approx(expected)
+    assert math.isnan(MC.score("roc_auc", np.zeros(5, int), MULTI_PROBS[:5]))
 
 
 def test_direction_picks_the_best_and_signs_the_gap():
@@ -70,14 +71,14 @@ def test_direction_picks_the_best_and_signs_the_gap():
 
 
 def test_tuned_threshold_is_the_grid_best_and_decisions_use_it():
-    t = tune_threshold("f1", BIN_LABELS, BIN_PROBS)
+    t = BINARY.tune_threshold("f1", BIN_LABELS, BIN_PROBS)
     grid = np.round(np.arange(0.01, 1.0, 0.01), 2)
     best = max(skm.f1_score(BIN_LABELS, BIN_PROBS[:, 1] >= g) for g in grid)
-    assert score("f1", BIN_LABELS, BIN_PROBS, threshold=t) == pytest.approx(best)
-    assert score("f1", BIN_LABELS, BIN_PROBS, threshold=t) >= score("f1", BIN_LABELS, BIN_PROBS)
-    assert tune_threshold("roc_auc", BIN_LABELS, BIN_PROBS) == 0.5  # a probability metric has no threshold
-    assert (decisions(BIN_PROBS, 0.2) == (BIN_PROBS[:, 1] >= 0.2)).all()
-    assert (decisions(MULTI_PROBS) == MULTI_PROBS.argmax(1)).all()
+    assert BINARY.score("f1", BIN_LABELS, BIN_PROBS, threshold=t) == pytest.approx(best)
+    assert BINARY.score("f1", BIN_LABELS, BIN_PROBS, threshold=t) >= BINARY.score("f1", BIN_LABELS, BIN_PROBS)
+    assert BINARY.tune_threshold("roc_auc", BIN_LABELS, BIN_PROBS) == 0.5  # a probability metric has no threshold
+    assert (BINARY.decide(BIN_PROBS, 0.2) == (BIN_PROBS[:, 1] >= 0.2)).all()
+    assert (MC.decide(MULTI_PROBS) == MULTI_PROBS.argmax(1)).all()
 
 
 ML_PROBS = rng.random((300, 5))
@@ -92,39 +93,39 @@ ML_SKLEARN = {
 }
 
 
-@pytest.mark.parametrize("metric", [m for m in METRICS if "multilabel" in METRICS[m].tasks])
+@pytest.mark.parametrize("metric", ML.metrics)
 def test_multilabel_metrics_equal_scikit_learn(metric):
-    assert score(metric, ML_LABELS, ML_PROBS) == pytest.approx(ML_SKLEARN[metric](ML_LABELS, ML_PROBS), abs=1e-9)
+    assert ML.score(metric, ML_LABELS, ML_PROBS) == pytest.approx(ML_SKLEARN[metric](ML_LABELS, ML_PROBS), abs=1e-9)
 
 
 def test_multilabel_ranking_metrics_average_the_labels_that_can_be_scored():
     labels = ML_LABELS.copy()
     labels[:, 4] = 0  # no positive: no AP, no AUC for label 4
     expected_map = np.mean([skm.average_precision_score(labels[:, j], ML_PROBS[:, j]) for j in range(4)])
-    assert score("map", labels, ML_PROBS) == pytest.approx(expected_map)
-    assert score("roc_auc", labels, ML_PROBS) == pytest.approx(skm.roc_auc_score(labels[:, :4], ML_PROBS[:, :4]))
-    assert math.isnan(score("map", np.zeros((5, 2), int), ML_PROBS[:5, :2]))
+    assert ML.score("map", labels, ML_PROBS) == pytest.approx(expected_map)
+    assert ML.score("roc_auc", labels, ML_PROBS) == pytest.approx(skm.roc_auc_score(labels[:, :4], ML_PROBS[:, :4]))
+    assert math.isnan(ML.score("map", np.zeros((5, 2), int), ML_PROBS[:5, :2]))
 
 
 def test_label_thresholds_are_each_labels_grid_best_and_decisions_use_them():
     biased = ML_PROBS * np.array([0.5, 1.0, 1.0, 1.0, 0.3])  # labels 0 and 4 under-confident: tuning must lower them
-    t = tune_label_thresholds("f1_macro", ML_LABELS, biased)
+    t = np.asarray(ML.tune_threshold("f1_macro", ML_LABELS, biased))
     grid = np.round(np.arange(0.01, 1.0, 0.01), 2)
     for j in range(5):
         best = max(skm.f1_score(ML_LABELS[:, j], biased[:, j] >= g) for g in grid)
         assert skm.f1_score(ML_LABELS[:, j], biased[:, j] >= t[j]) == pytest.approx(best)
     assert t[0] < 0.5 and t[4] < 0.5
-    assert score("f1_macro", ML_LABELS, biased, threshold=t) > score("f1_macro", ML_LABELS, biased) + 0.05
-    assert (decisions(biased, t, multilabel=True) == (biased >= t)).all()
-    assert (decisions(biased, multilabel=True) == (biased >= 0.5)).all()
-    assert (tune_label_thresholds("map", ML_LABELS, biased) == 0.5).all()  # a probability metric has none
+    assert ML.score("f1_macro", ML_LABELS, biased, threshold=t) > ML.score("f1_macro", ML_LABELS, biased) + 0.05
+    assert (ML.decide(biased, t) == (biased >= t)).all()
+    assert (ML.decide(biased) == (biased >= 0.5)).all()
+    assert (np.asarray(ML.tune_threshold("map", ML_LABELS, biased)) == 0.5).all()  # a probability metric has none
 
 
 @pytest.mark.parametrize("metric", ["accuracy", "balanced_accuracy", "f1", "f1_macro", "f1_micro", "qwk"])
 def test_decision_metrics_from_counts_equal_scikit_learn_classes_missing_included(metric):
     """300 random cases, bit for bit: 2-39 classes, 1-400 rows, skewed so classes go missing from the labels, the
     decisions or both; one class alone; sparse class ids (counted over the ids present); bool / uint8 / int32."""
-    from distrain.study.metrics import score_labels
+    from distrain.tasks.metrics import score_labels
 
     reference = {
         "accuracy": skm.accuracy_score,
