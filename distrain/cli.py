@@ -1,7 +1,7 @@
 """`distrain` console script: wiring only.
 
 distrain data digits [--out DIR] [--task T]    scikit-learn's digits as WebDataset shards
-distrain data pack (--images DIR | --csv FILE [--multilabel]) --out DIR
+distrain data pack (--images DIR | --csv FILE [--multilabel] | --npz FILE [--test FILE] [--images KEY]) --out DIR
 distrain train --config FILE [a.b=value ...]   the main job (same as distrain/run.py)
 distrain schedule --config FILE --workers W (--procs-per-worker P | --gpus-per-worker G) [a.b=value ...]
                                                W workers on this node, one ledger (--num-machines M
@@ -34,20 +34,13 @@ from distrain.tasks import DEFAULT_TASK, TASKS
 
 
 def _data(args) -> int:
-    from distrain.data.pack import ShardLimits, samples_from_csv, samples_from_folder, write_dataset, write_digits
+    from distrain.data.pack import ShardLimits, write_dataset, write_digits
 
     if args.what == "digits":
         index = write_digits(args.out, test_fraction=args.test_fraction, shard_size=args.shard_size or 64,
                              task=args.task)  # fmt: skip
     else:
-        if bool(args.images) == bool(args.csv):
-            raise BadInput("data pack: give exactly one of --images DIR or --csv FILE")
-        if args.label_sets and not args.csv:
-            raise BadInput("data pack: --multilabel needs --csv FILE (label lists per row)")
-        if args.images:
-            samples, classes = samples_from_folder(args.images)
-        else:
-            samples, classes = samples_from_csv(args.csv, args.label_sets)
+        samples, classes = _samples_to_pack(args)
         if not samples:
             raise BadInput("data pack: no images found")
         channels = None if args.channels == "auto" else int(args.channels)
@@ -60,6 +53,23 @@ def _data(args) -> int:
         f"shards to {index.root}"
     )
     return 0
+
+
+def _samples_to_pack(args) -> tuple[list, list[str]]:
+    """The samples `distrain data pack` was pointed at: a folder of class folders, a CSV, or npz arrays."""
+    from distrain.data.pack import samples_from_csv, samples_from_folder
+
+    if sum(map(bool, (args.npz, args.csv, args.images and not args.npz))) != 1:
+        raise BadInput("data pack: give exactly one of --images DIR, --csv FILE or --npz FILE")
+    if args.label_sets and not args.csv:
+        raise BadInput("data pack: --multilabel needs --csv FILE (label lists per row)")
+    if args.test and not args.npz:
+        raise BadInput("data pack: --test FILE goes with --npz (a folder or CSV holdout is --test-fraction)")
+    if args.npz:
+        from distrain.data.arrays import samples_from_npz
+
+        return samples_from_npz(args.npz, args.test, args.images or "x", args.label, args.group)
+    return samples_from_folder(args.images) if args.images else samples_from_csv(args.csv, args.label_sets)
 
 
 def _status_rows(run_dir: Path) -> dict:
@@ -350,8 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="write WebDataset shards")
     d.add_argument("what", choices=["digits", "pack"])
     d.add_argument("--out", default="data/digits", help="output directory (must not exist)")
-    d.add_argument("--images", help="pack: folder with one subfolder per class")
+    d.add_argument("--images", help="pack: folder with one subfolder per class; with --npz, the image array's key")
     d.add_argument("--csv", help="pack: CSV with columns path,label[,group]")
+    d.add_argument("--npz", help="pack: arrays of images (N x H x W[ x C]) and labels, e.g. train.npz")
+    d.add_argument("--test", help="pack --npz: the holdout's npz (same keys); else --test-fraction of the first")
+    d.add_argument("--label", default="y", help="pack --npz: the label array's key (N non-negative integers)")
+    d.add_argument("--group", help="pack --npz: the group array's key (samples of a group share a fold)")
     d.add_argument("--multilabel", action="store_true", dest="label_sets",
                    help="pack --csv: each label cell lists a sample's labels, separated by spaces, | or ;")  # fmt: skip
     d.add_argument("--task", choices=list(TASKS), default=DEFAULT_TASK,

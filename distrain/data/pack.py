@@ -40,6 +40,7 @@ class Sample:
     group: str = ""
     image_bytes: bytes = b""
     path: Optional[Path] = None
+    split: str = ""  # "cv" or "test" when the source fixes the holdout; "" leaves it to `holdout_split`
 
     def read(self) -> bytes:
         return self.path.read_bytes() if self.path is not None else self.image_bytes
@@ -116,7 +117,10 @@ def write_dataset(
     if out_dir.exists():
         raise DataError(f"{out_dir}: already exists; choose another output directory")
     _check_samples(samples, classes)
-    is_test = holdout_split([s.label for s in samples], [s.group for s in samples], test_fraction, split_seed)
+    if any(s.split for s in samples):  # the source names its holdout (`--npz ... --test`)
+        is_test = np.array([s.split == "test" for s in samples])
+    else:
+        is_test = holdout_split([s.label for s in samples], [s.group for s in samples], test_fraction, split_seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
