@@ -16,7 +16,16 @@ from distrain.config.lookups import is_factory_name
 from distrain.config.typecheck import build_dataclass, require
 from distrain.config.urls import check_tracking_uri
 from distrain.errors import ConfigError
-from distrain.tasks import DEFAULT_TASK, METRICS, TASKS, LossSettings, get_task, known_losses, task_of_digits_source
+from distrain.tasks import (
+    COMPARISONS,
+    DEFAULT_TASK,
+    METRICS,
+    TASKS,
+    LossSettings,
+    get_task,
+    known_losses,
+    task_of_digits_source,
+)
 
 Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["cosine", "cosine_restarts", "constant"]
@@ -200,9 +209,17 @@ class ModelConfig:
     """Keyword arguments of your own model factories: factory path in model.names -> {argument: value}, passed
     after num_classes, in_chans and drop_rate / drop_path_rate (when non-zero); e.g.
     `examples.smallnet:build: {width: 32}`. Recorded in the registered model, which rebuilds each network with them."""
+    comparison: list[str] = field(default_factory=lambda: ["abs_diff", "product"])
+    """Pair tasks: how the siamese head compares the two images' embeddings a and b, any of abs_diff (|a-b|),
+    concat ([a, b]), product (a*b), cosine (cos(a, b)), l2 (||a-b||) and residual (a residual block on the fused
+    features); empty: the network (your factory's) takes the pair itself, stacked on channels."""
 
     def __post_init__(self):
         require(len(self.names) >= 1, "model.names", self.names, "at least one model")
+        for c in self.comparison:
+            require(c in COMPARISONS, "model.comparison", self.comparison, f"values from {list(COMPARISONS)}")
+        if self.comparison:
+            require(self.comparison != ["residual"], "model.comparison", self.comparison, "at least one feature")
         factories = [n for n in self.names if is_factory_name(n)]
         for name in self.factory_args:
             require(name in factories, "model.factory_args", name, f"a factory path in model.names {factories}")
@@ -546,7 +563,7 @@ class Config:
             for key in _override_keys(changes):
                 require(_overridable(key), f"model.overrides.{name}", key, "a key of optim, train (not metric), "
                          "augment, tta, data.image_size/interpolation/crop_pct/mean/std or model.drop_rate/"
-                         "drop_path_rate/grad_checkpointing")  # fmt: skip
+                         "drop_path_rate/grad_checkpointing/comparison")  # fmt: skip
             _check_task_fit(self.for_model(name), f"model.overrides.{name}: ")  # builds it: bad values refused now
         _check_members(self)
         for fold in self.sweep.folds:
@@ -668,7 +685,7 @@ def _check_task_fit(cfg: Config, where: str) -> None:
 
 _OVERRIDABLE = ("optim.", "train.", "augment.", "tta.", "data.image_size", "data.image_size_schedule",
                 "data.interpolation", "data.crop_pct", "data.mean", "data.std", "model.drop_rate",
-                "model.drop_path_rate", "model.grad_checkpointing")  # fmt: skip
+                "model.drop_path_rate", "model.grad_checkpointing", "model.comparison")  # fmt: skip
 
 
 def _overridable(key: str) -> bool:

@@ -21,6 +21,8 @@ from distrain.tasks import LABEL_SETS_KEY, Label, get_task
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "distrain-shards/1"
+IMAGES_KEY = "images_per_sample"
+"""The `index.json` key of a data set of image pairs (2); absent: one image per sample."""
 
 
 def multi_hot(classes: tuple[int, ...], n: int) -> tuple[int, ...]:
@@ -42,6 +44,7 @@ class DatasetIndex:
     groups: list[str]
     splits: list[str]  # "cv" or "test" per sample
     label_sets: bool = False
+    images_per_sample: int = 1
 
     def split_ids(self, split: str) -> list[str]:
         return [s for s, sp in zip(self.sample_ids, self.splits) if sp == split]
@@ -95,6 +98,7 @@ def _index_from_json(root: Path, d: dict) -> DatasetIndex:
         groups=[s.get("group", "") for s in samples],
         splits=[s["split"] for s in samples],
         label_sets=label_sets,
+        images_per_sample=int(d.get(IMAGES_KEY, 1)),
     )
 
 
@@ -105,6 +109,9 @@ def _check_index(index: DatasetIndex, num_classes: Optional[int], task: Optional
     if task is not None and label_sets != get_task(task).label_sets:
         need = "label sets (a data set packed with --multilabel)" if label_sets is False else "one label per sample"
         raise DataError(f"data path {root}: task {task} needs {need}; {INDEX_NAME} says {LABEL_SETS_KEY}={label_sets}")
+    if task is not None and index.images_per_sample != get_task(task).images_per_sample:
+        raise DataError(f"data path {root}: task {task} takes {get_task(task).images_per_sample} image(s) per sample; "
+                        f"{INDEX_NAME} says {index.images_per_sample}")  # fmt: skip
     for name in index.cv_shards + index.test_shards:
         if not (root / name).is_file():
             raise DataError(f"data path {root}: shard {name} listed in {INDEX_NAME} is missing")

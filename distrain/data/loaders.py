@@ -106,7 +106,7 @@ def eval_decoder(transform: ImageTransform, cache: bool = False) -> Decoder:
         key = (ref.url, ref.sample_id, transform.decode_key)
         if cache and key in _DECODED:
             return _DECODED[key]
-        image = transform.decode(Image.open(io.BytesIO(read_image(ref))))
+        image = _channels_stacked([transform.decode(img) for img in _images(ref)])
         if cache:
             _DECODED[key] = image
         return image
@@ -123,9 +123,20 @@ def train_decoder(transform: ImageTransform, augment, stream_seed: int, cache: b
 
     def decode(ref: SampleRef, pass_index: int) -> torch.Tensor:
         seed_sample(sample_seed(stream_seed, pass_index, ref.sample_id))
-        return sample_augment(Image.open(io.BytesIO(read_image(ref))))
+        return _channels_stacked([sample_augment(img) for img in _images(ref)])  # a pair: each its own draw
 
     return decode
+
+
+def _images(ref: SampleRef) -> list[Image.Image]:
+    """The sample's image, or an image pair's two."""
+    return [Image.open(io.BytesIO(read_image(ref, second))) for second in ((False, True) if ref.second else (False,))]
+
+
+def _channels_stacked(images: list[torch.Tensor]) -> torch.Tensor:
+    """One image [C, H, W], or a pair's two as one [2C, H, W] tensor: everything after decoding (normalising,
+    random erasing, Mixup / CutMix, TTA, the model's input) then treats the pair as one sample."""
+    return images[0] if len(images) == 1 else torch.cat(images, dim=0)
 
 
 def _cycled_shards(urls: Sequence[str], seed: int) -> Iterator[dict]:

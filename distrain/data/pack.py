@@ -23,7 +23,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from distrain.console import is_terminal
-from distrain.data.index import INDEX_FORMAT, INDEX_NAME, DatasetIndex, multi_hot, read_index
+from distrain.data.index import IMAGES_KEY, INDEX_FORMAT, INDEX_NAME, DatasetIndex, multi_hot, read_index
+from distrain.data.shards import SECOND
 from distrain.errors import DataError
 from distrain.tasks import DEFAULT_TASK, LABEL_SETS_KEY, Label, get_task, label_set_strata
 
@@ -41,13 +42,19 @@ class Sample:
     image_bytes: bytes = b""
     path: Optional[Path] = None
     split: str = ""  # "cv" or "test" when the source fixes the holdout; "" leaves it to `holdout_split`
+    second_bytes: bytes = b""  # an image pair's second image (same extension as the first)
 
     def read(self) -> bytes:
         return self.path.read_bytes() if self.path is not None else self.image_bytes
 
     @property
+    def is_pair(self) -> bool:
+        return bool(self.second_bytes)
+
+    @property
     def nbytes(self) -> int:
-        return self.path.stat().st_size if self.path is not None else len(self.image_bytes)
+        first = self.path.stat().st_size if self.path is not None else len(self.image_bytes)
+        return first + len(self.second_bytes)
 
 
 @dataclass(frozen=True)
@@ -130,9 +137,10 @@ def write_dataset(
                 chosen = _shuffled([s for s, m in zip(samples, mask) if m], shuffle_seed)
                 shards[split] = _write_shards(chosen, tmp, split, limits, colour, bar)
         label_sets = bool(samples) and isinstance(samples[0].label, tuple)
+        pairs = {IMAGES_KEY: 2} if samples and samples[0].is_pair else {}
         index = {
             "format": INDEX_FORMAT, "channels": channels or (3 if True in colour else 1), "classes": classes,
-            "shards": shards, **({LABEL_SETS_KEY: True} if label_sets else {}),
+            "shards": shards, **({LABEL_SETS_KEY: True} if label_sets else {}), **pairs,
             "samples": [{"sample_id": s.sample_id, "label": list(s.label) if label_sets else s.label,
                          "group": s.group, "split": "test" if t else "cv"} for s, t in zip(samples, is_test)],
         }  # fmt: skip
@@ -155,6 +163,8 @@ def _check_samples(samples: Sequence[Sample], classes: list[str]) -> None:
         raise DataError(f"duplicate sample id {dup!r}")
     if len({isinstance(s.label, tuple) for s in samples}) > 1:
         raise DataError("samples mix single labels and label lists")
+    if len({s.is_pair for s in samples}) > 1:
+        raise DataError("samples mix single images and image pairs")
     for s in samples:
         if not all(0 <= c < len(classes) for c in (s.label if isinstance(s.label, tuple) else (s.label,))):
             raise DataError(f"sample {s.sample_id!r}: label {s.label} outside [0, {len(classes)})")
@@ -191,7 +201,11 @@ def _write_shards(samples: Sequence[Sample], directory: Path, split: str, limits
                 sink, count, size = wds.TarWriter(str(directory / names[-1])), 0, 0
             colour.add(_is_colour(data, s))
             cls = " ".join(map(str, s.label)) if isinstance(s.label, tuple) else str(s.label)
-            sink.write({"__key__": s.sample_id, s.ext: data, "cls": cls.encode()})
+            record = {"__key__": s.sample_id, s.ext: data, "cls": cls.encode()}
+            if s.is_pair:
+                colour.add(_is_colour(s.second_bytes, s))
+                record[f"{SECOND}.{s.ext}"] = s.second_bytes
+            sink.write(record)
             count, size = count + 1, size + cost
             bar.update(1)
     finally:

@@ -8,6 +8,7 @@ a shuffle buffer holds a few dozen bytes per sample instead of an image.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Iterator
@@ -16,16 +17,19 @@ from dataclasses import dataclass
 from distrain.errors import DataError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "bmp", "webp")
+SECOND = "pair"
+"""The extension prefix of an image pair's second image: `<sample_id>.png` and `<sample_id>.pair.png`."""
 
 
 @dataclass(frozen=True)
 class SampleRef:
-    """One sample's image inside a shard."""
+    """One sample's image inside a shard (and an image pair's second image: `second`, its offset and size)."""
 
     url: str
     sample_id: str
     offset: int
     size: int
+    second: tuple[int, int] | None = None
 
     def where(self) -> str:
         return f"{self.url}: sample {self.sample_id!r}"
@@ -46,19 +50,26 @@ def shard_samples(url: str) -> list[SampleRef]:
 @functools.lru_cache(maxsize=64)
 def _scan(url: str, _size: int, _mtime_ns: int) -> list[SampleRef]:
     refs: dict[str, SampleRef] = {}
+    seconds: dict[str, tuple[int, int]] = {}
     seen: dict[str, None] = {}  # every key, in file order
     try:
         for name, offset, size in _tar_files(url):
             key, _, ext = name.rpartition("/")[2].partition(".")
             seen.setdefault(key)
-            if ext.lower() in IMAGE_EXTS:
+            role, _, image_ext = ext.lower().rpartition(".")
+            if image_ext in IMAGE_EXTS and role == "":
                 refs[key] = SampleRef(url, key, offset, size)
+            elif image_ext in IMAGE_EXTS and role == SECOND:
+                seconds[key] = (offset, size)
     except OSError as e:
         raise DataError(f"{url}: not a readable tar shard ({type(e).__name__}: {e})") from None
     missing = [k for k in seen if k not in refs]
     if missing:
         raise DataError(f"{url}: sample {missing[0]!r} has no image ({', '.join(IMAGE_EXTS)})")
-    return [refs[k] for k in seen]
+    if seconds and len(seconds) != len(refs):
+        lone = next(k for k in seen if k not in seconds)
+        raise DataError(f"{url}: sample {lone!r} has one image where the shard's others have a pair")
+    return [dataclasses.replace(refs[k], second=seconds[k]) if seconds else refs[k] for k in seen]
 
 
 def _tar_files(url: str) -> Iterator[tuple[str, int, int]]:
@@ -117,14 +128,15 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def read_image(ref: SampleRef) -> bytes:
-    """The encoded image bytes of one sample."""
+def read_image(ref: SampleRef, second: bool = False) -> bytes:
+    """The encoded image bytes of one sample (`second`: its pair's second image)."""
+    offset, size = ref.second if second else (ref.offset, ref.size)
     try:
         with open(ref.url, "rb") as f:
-            f.seek(ref.offset)
-            data = f.read(ref.size)
+            f.seek(offset)
+            data = f.read(size)
     except OSError as e:
         raise DataError(f"{ref.where()}: cannot be read ({type(e).__name__}: {e})") from None
-    if len(data) != ref.size:
-        raise DataError(f"{ref.where()}: truncated shard ({len(data)} of {ref.size} bytes)")
+    if len(data) != size:
+        raise DataError(f"{ref.where()}: truncated shard ({len(data)} of {size} bytes)")
     return data

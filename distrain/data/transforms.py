@@ -61,8 +61,10 @@ class ImageTransform:
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, C, H, W] -> float (x / 255 - mean) / std, computed as x / (255 std) - mean / std."""
-        scale, shift = _scale_and_shift(tuple(self.mean), tuple(self.std), images.device)
+        """uint8 [B, C, H, W] -> float (x / 255 - mean) / std, computed as x / (255 std) - mean / std; an image
+        pair's [B, 2C, H, W] with the statistics once per image."""
+        per_image = images.shape[1] // max(1, len(self.mean)) if len(self.mean) > 1 else 1
+        scale, shift = _scale_and_shift(tuple(self.mean) * per_image, tuple(self.std) * per_image, images.device)
         return images.float().div_(scale).sub_(shift)
 
     def to_dict(self) -> dict:

@@ -3,9 +3,10 @@ of problem, registered by name. `get_task(cfg.task)` is how the rest of distrain
 
 from __future__ import annotations
 
-from distrain.tasks.base import LABEL_SETS_KEY, Label, LossSettings, MetaTarget, Task
+from distrain.tasks.base import COMPARISONS, LABEL_SETS_KEY, Label, LossSettings, MetaTarget, Task
 from distrain.tasks.classification import Binary, Multiclass, Multilabel, label_set_strata
 from distrain.tasks.metrics import METRICS, MetricSpec, Threshold, best_index, improves, overfit_gap
+from distrain.tasks.pairs import PairBinary, PairMulticlass
 
 TASKS: dict[str, Task] = {}
 """The registered tasks by name."""
@@ -38,11 +39,11 @@ def task_of_digits_source(source: str) -> Task | None:
     return next((t for t in TASKS.values() if t.digits_source == source), None)
 
 
-for _task in (Multiclass(), Binary(), Multilabel()):
+for _task in (Multiclass(), Binary(), Multilabel(), PairBinary(), PairMulticlass()):
     register_task(_task)
 
 __all__ = [
-    "DEFAULT_TASK", "LABEL_SETS_KEY", "METRICS", "TASKS", "Label", "LossSettings", "MetaTarget", "MetricSpec",
-    "Task", "Threshold", "best_index", "get_task", "improves", "known_losses", "label_set_strata", "overfit_gap",
-    "register_task", "task_of_digits_source",
+    "COMPARISONS", "DEFAULT_TASK", "LABEL_SETS_KEY", "METRICS", "TASKS", "Label", "LossSettings", "MetaTarget",
+    "MetricSpec", "Task", "Threshold", "best_index", "get_task", "improves", "known_losses", "label_set_strata",
+    "overfit_gap", "register_task", "task_of_digits_source",
 ]  # fmt: skip

@@ -13,6 +13,7 @@ layers (config, study, ensembles) and `distrain sync` import the tasks without i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Union
 
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 
 Label = Union[int, tuple[int, ...]]
 """A sample's label as `index.json` keeps it: a class index, or for a label-set task its classes' indices."""
+
+COMPARISONS = ("abs_diff", "concat", "product", "cosine", "l2", "residual")
+"""How a pair task's siamese head may compare the two embeddings (`model.comparison`; `distrain.tasks.siamese`)."""
 
 LABEL_SETS_KEY = "multilabel"
 """The `index.json` key that marks a data set whose labels are sets of classes (the name predates tasks)."""
@@ -72,6 +76,8 @@ class Task(ABC):
     ensembles then take numpy fast paths)."""
     tunes_thresholds: ClassVar[bool] = False
     """Its decisions are thresholds on probabilities, tuned on the OOF predictions."""
+    images_per_sample: ClassVar[int] = 1
+    """Images a sample holds (2 for an image pair); the loaders hand them to the model stacked on channels."""
     digits_source: ClassVar[Optional[str]] = None
     """The `data.source` of the bundled demo data labelled for this task (scikit-learn's digits), if any."""
     description: ClassVar[str]
@@ -136,6 +142,14 @@ class Task(ABC):
         """What stacking's meta-models learn: one target (the class) or one per label."""
 
     # -- training (torch) --------------------------------------------------------------------------------------
+
+    def build_model(
+        self, make: Callable[..., torch.nn.Module], num_classes: int, in_chans: int, comparison: tuple[str, ...] = ()
+    ) -> torch.nn.Module:
+        """The network for this task from `make(num_classes=, in_chans=)` (a timm model or a factory's, by name;
+        `in_chans` per image). `comparison`: how a pair task compares its images' embeddings (`model.comparison`).
+        Default: the network itself."""
+        return make(num_classes=num_classes, in_chans=in_chans)
 
     @abstractmethod
     def activate(self, logits: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ one or several nodes; everything rank-aware goes through `distrain.distributed`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import time
 import warnings
@@ -238,9 +239,9 @@ class JobTrainer:
         train_ids = set(cv_labels) - self.val_ids
         runtime.seed_everything(job.seed)  # identical initial weights on every rank
         mc = cfg.model
-        model = create_model(job.model, num_classes=dc.num_classes, in_chans=index.channels,
-                             pretrained=mc.pretrained, pretrained_file=mc.pretrained_file,
-                             **model_settings(mc, job.model))  # fmt: skip
+        make = functools.partial(create_model, job.model, pretrained=mc.pretrained, pretrained_file=mc.pretrained_file,
+                                 **model_settings(mc, job.model))  # fmt: skip
+        model = self.task.build_model(make, dc.num_classes, index.channels, tuple(mc.comparison))
         cuda_ddp = accelerator.device.type == "cuda" and not runtime.deepspeed_config_path(tc)
         optimizer = create_optimizer(model, cfg.optim, fused=tc.fused_optimizer and cuda_ddp)
         self.plan = [EpochPlan.of(cfg, epoch) for epoch in range(tc.epochs)]  # progressive resolution, if any

@@ -176,7 +176,7 @@ def test_evaluation_images_are_cached_only_when_the_whole_data_set_fits(photos, 
     assert not loaders.fits_in_cache(1001, t, cache_mb=1000 * 3 * 24 * 24 / 1e6)
     reads = []
     real = loaders.read_image
-    monkeypatch.setattr(loaders, "read_image", lambda ref: reads.append(ref) or real(ref))
+    monkeypatch.setattr(loaders, "read_image", lambda ref, second=False: reads.append(ref) or real(ref, second))
     monkeypatch.setattr(loaders, "_DECODED", {})
     labels = photos.labels_of("cv")
     for cache, expected_reads in ((False, 2 * len(labels)), (True, len(labels))):

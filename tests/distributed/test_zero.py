@@ -138,9 +138,8 @@ def test_bad_deepspeed_json_fails_before_training_with_one_line(tmp_path):
     [
         (2, "deepspeed", "no", None, True),
         (2, "torchrun", "bf16", None, False),
-        # ZeRO-3 with every parameter partitioned, even the stem's (read outside their hooks); ZeRO-3 with the
-        # launch/ JSON unchanged is test_zero3_job_preempted_resumed_and_consolidated_under_torchrun below
-        (3, "torchrun", "no", 0, False),
+        # ZeRO-3 with every parameter partitioned, even the stem's (read outside their hooks), compiled; ZeRO-3
+        # with the launch/ JSON unchanged and not compiled is test_zero3_job_preempted_resumed_and_consolidated_...
         (3, "torchrun", "no", 0, True),
     ],
 )

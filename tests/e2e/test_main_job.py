@@ -1,6 +1,7 @@
 """End to end: the README's main job on the default config, its DDP twin, MLflow, and bad input."""
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -215,12 +216,23 @@ def test_ddp_two_processes_same_manifest_and_full_oof(default_run, tmp_path):
         (None, ["train.loss=bce"], "train.loss: invalid value 'bce' (expected a multiclass loss"),
     ],
 )
-def test_bad_input_exits_nonzero_with_one_line_and_leaves_no_work(tmp_path, setup, overrides, message):
+def test_bad_input_exits_nonzero_with_one_line_and_leaves_no_work(
+    tmp_path, setup, overrides, message, monkeypatch, capsys, fresh_accelerate_state
+):
+    """The malformed YAML through the script itself; the others through its `main` in this process (the same code,
+    without 5 s of imports per case)."""
     config = REPO / "configs" / "digits.yaml"
     if setup == "malformed":
         config = tmp_path / "bad.yaml"
         config.write_text("train:\n  epochs: [1,\n")
-    proc = distrain_run(tmp_path, *overrides, config=config, timeout=300)
+        proc = distrain_run(tmp_path, *overrides, config=config, timeout=300)
+    else:
+        from distrain import run
+
+        monkeypatch.chdir(tmp_path)
+        capsys.readouterr()
+        code = run.main(["--config", str(config), *overrides])
+        proc = subprocess.CompletedProcess(["run.py"], code, *capsys.readouterr())
     assert proc.returncode == 2
     assert message in last_line(proc.stderr) and last_line(proc.stderr).startswith("distrain: error: ")
     assert "Traceback" not in proc.stderr
