@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -212,3 +213,16 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def digit_pairs(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Pairs of scikit-learn's digits, half of them the same digit: xa, xb [n, 8, 8] uint8, y (1: same digit)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, len(images), n)
+    same = rng.random(n) < 0.5
+    b = np.array([rng.choice(np.flatnonzero((digits.target == digits.target[i]) == s)) for i, s in zip(a, same)])
+    return {"xa": images[a], "xb": images[b], "y": (digits.target[a] == digits.target[b]).astype(np.int64)}

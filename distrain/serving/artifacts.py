@@ -12,6 +12,7 @@ from distrain.data.transforms import resolve_transform
 from distrain.ensembles.aggregate import Aggregation, column_weights
 from distrain.names import Ensemble
 from distrain.study.plan import column_key
+from distrain.tasks import get_task
 from distrain.training.models import create_meta_model, model_settings
 
 
@@ -36,6 +37,8 @@ def write_model_artifacts(agg: Aggregation, dest: Path, channels: int, classes: 
             entry["model_args"] = model_settings(trained.model, model)
             network = create_meta_model(model, num_classes=store.num_classes, in_chans=channels,
                                         settings=entry["model_args"])  # fmt: skip
+        if get_task(cfg.task).images_per_sample > 1:  # a pair task's network: the siamese head it trained with
+            entry["comparison"] = list(trained.model.comparison)
         entry["transform"] = resolve_transform(model, trained.data, channels, network).to_dict()
         jobs.append({**entry, "tta": asdict(trained.tta)})
     name = agg.registered_ensemble()
@@ -59,7 +62,7 @@ def write_model_artifacts(agg: Aggregation, dest: Path, channels: int, classes: 
                 "method": method,
                 "boosters": boosters,
                 "weights": column_weights(name, store.columns, outcome),
-                # binary: the decision threshold on p(positive), multilabel: one per label; tuned on the ensemble's OOF
+                # the task's thresholds tuned on the ensemble's OOF (one on p(positive), or one per label), if any
                 "threshold": outcome.thresholds[name]["threshold"] if name in outcome.thresholds else None,
                 "classes": classes or [str(c) for c in range(store.num_classes)],
             }

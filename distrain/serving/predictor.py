@@ -16,6 +16,7 @@ Artifacts directory layout (written by `distrain.serving.artifacts.write_model_a
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -48,8 +49,9 @@ class EnsemblePredictor:
         for job in self.meta["jobs"]:
             ckpt = torch.load(root / "checkpoints" / job["checkpoint"], map_location="cpu", weights_only=True)
             # a factory's job: its arguments ("model_args"); the factory's module must import here
-            model = create_model(job["model"], num_classes=self.meta["num_classes"], in_chans=self.meta["channels"],
-                                 **job.get("model_args", {}))  # fmt: skip
+            make = functools.partial(create_model, job["model"], **job.get("model_args", {}))
+            model = self.task.build_model(make, self.meta["num_classes"], self.meta["channels"],
+                                          tuple(job.get("comparison", ())))  # fmt: skip
             model.load_state_dict(ckpt["model"])
             self.models.append((job["column"], model.eval()))
         self.boosters = []
@@ -72,16 +74,28 @@ class EnsemblePredictor:
             return ImageTransform.from_dict(job["transform"])
         return ImageTransform(self.meta["image_size"], self.meta["channels"])
 
-    def to_batch(self, images, transform: ImageTransform) -> torch.Tensor:
-        """Images of any size -> uint8 [N, C, S, S] by the transform the shards are decoded with, so serving
-        cannot drift from training. `images`: PIL images, uint8 arrays [H, W] or [H, W, C] (a list, each its
-        own size), or one uint8 array [N, H, W(, C)]."""
-        return torch.stack([transform.decode(_as_image(img)) for img in images])
+    def samples(self, inputs) -> list[tuple[Image.Image, ...]]:
+        """Each input sample as its images: PIL images, uint8 arrays [H, W] or [H, W, C] (a list, each its own
+        size), or one uint8 array [N, H, W(, C)]; for a pair task, each sample a pair (a, b) of those, or one
+        array [N, 2, H, W(, C)]."""
+        n = self.task.images_per_sample
+        out = []
+        for item in inputs:
+            parts = (item,) if n == 1 else tuple(item)
+            if len(parts) != n:
+                raise BadInput(f"task {self.task.name} takes {n} images per sample, got {len(parts)}")
+            out.append(tuple(_as_image(part) for part in parts))
+        return out
+
+    def to_batch(self, samples: list[tuple[Image.Image, ...]], transform: ImageTransform) -> torch.Tensor:
+        """Samples of images of any size -> uint8 [N, C, S, S] (a pair's two stacked on channels: [N, 2C, S, S]) by
+        the transform the shards are decoded with, so serving cannot drift from training."""
+        return torch.stack([torch.cat([transform.decode(img) for img in sample]) for sample in samples])
 
     @torch.no_grad()
     def column_probs(self, images) -> np.ndarray:
-        """[M, N, C]: each (model, seed) column's fold-averaged probabilities."""
-        images = [_as_image(img) for img in images]
+        """[M, N, C]: each (model, seed) column's fold-averaged probabilities of the samples `images` holds."""
+        images = self.samples(images)
         columns = self.meta["columns"]
         sums = np.zeros((len(columns), len(images), self.meta["num_classes"]))
         counts = np.zeros(len(columns))
@@ -117,6 +131,9 @@ def predict_folder(predictor: EnsemblePredictor, folder: Path, batch_size: int =
     probabilities [N, num_classes]). Raises BadInput naming a file that is not an image."""
     from distrain.data.pack import IMAGE_EXTENSIONS
 
+    if predictor.task.images_per_sample > 1:
+        raise BadInput(f"{folder}: task {predictor.task.name} takes image pairs: give them to the registered "
+                       "model's predict as (a, b) pairs (a folder of pairs is not read yet)")  # fmt: skip
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
         raise BadInput(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")

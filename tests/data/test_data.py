@@ -212,10 +212,12 @@ def test_one_transform_for_training_evaluation_and_serving(tmp_path):
     from_shard = {sid: img for url in index.urls("cv") for sid, img, _ in _shard_rows(url, transform)}
     from_loader = next(iter(loaders.eval_loader(index.urls("cv"), None, batch_size=8, transform=transform,
                                                 num_workers=0)))  # fmt: skip
+    from distrain.serving.predictor import _as_image
+
     serving = object.__new__(EnsemblePredictor)  # to_batch needs no loaded models
     sid = pack.safe_sample_id("a/photo")
     for image in (Image.open(path), np.asarray(Image.open(path))):
-        served = serving.to_batch([image], transform)[0]
+        served = serving.to_batch([(_as_image(image),)], transform)[0]
         assert served.shape == (3, 24, 24) and torch.equal(served, from_shard[sid])
         assert torch.equal(served, from_loader[0][from_loader[2].index(sid)])
         assert torch.equal(transform.normalise(served[None]), transform.normalise(from_shard[sid][None]))
