@@ -29,7 +29,7 @@ from distrain.tasks import (
 
 Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["cosine", "cosine_restarts", "constant"]
-DataSource = Literal["digits", "digits_binary", "digits_multilabel", "shards"]
+DataSource = Literal["digits", "digits_binary", "digits_multilabel", "digits_pairs", "shards"]
 Interpolation = Literal["", "nearest", "bilinear", "bicubic", "lanczos"]
 """Empty: the model's own (timm's pretrained config)."""
 EraseMode = Literal["pixel", "rand", "const"]
@@ -44,7 +44,9 @@ class DataConfig:
     source: DataSource = "digits"
     """`digits` (scikit-learn's bundled digits, written as shards on first use), `digits_binary` (the same
     images labelled 'is it an 8?': a binary task with 9.7% positives), `digits_multilabel` (each image labelled
-    with its digit's properties: even, large (>= 5), loop, prime) or `shards` (packed with `distrain data pack`)."""
+    with its digit's properties: even, large (>= 5), loop, prime), `digits_pairs` (pairs of them, 'the same
+    digit?', half of them so, for task pair_binary: blocks of 8 images give 10 pairs each and are one group, so no
+    image is in two folds' pairs) or `shards` (packed with `distrain data pack`)."""
     root: str = "data/digits"
     """Directory holding the shards and their `index.json`."""
     image_size: int = 32

@@ -243,6 +243,8 @@ def digits_samples(task: str = DEFAULT_TASK) -> tuple[list[Sample], list[str]]:
 
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    if get_task(task).images_per_sample == 2:
+        return _digit_pair_samples(images, digits.target, task)
     labels, classes = get_task(task).digits_labels(digits.target)
     samples = [
         Sample(sample_id=f"digits-{i:05d}", label=label, ext="png", image_bytes=_png_bytes(img))
@@ -251,11 +253,43 @@ def digits_samples(task: str = DEFAULT_TASK) -> tuple[list[Sample], list[str]]:
     return samples, classes
 
 
+DIGIT_PAIR_BLOCK = 4
+"""Images of each of a block's two digits: a block holds 2 x 4 images, and its pairs never leave it."""
+
+
+def _digit_pair_samples(images: np.ndarray, digits: np.ndarray, task: str) -> tuple[list[Sample], list[str]]:
+    """Pairs of the digits, half of them the same digit, built in blocks of 4 images of one digit and 4 of another
+    (seeded): each block gives 5 same-digit and 5 different-digit pairs of its own images and is one group, so
+    that no image is in the pairs of two folds (or of CV and the holdout). Labelled by the task's `digits_labels`
+    of the pair's two digits."""
+    rng = np.random.default_rng(0)
+    pools = [list(rng.permutation(np.flatnonzero(digits == d))) for d in range(10)]
+    samples, block = [], 0
+    while True:
+        ready = [d for d in range(10) if len(pools[d]) >= DIGIT_PAIR_BLOCK]
+        if len(ready) < 2:
+            break
+        first, second = rng.choice(ready, size=2, replace=False)
+        members = {d: [pools[d].pop() for _ in range(DIGIT_PAIR_BLOCK)] for d in (first, second)}
+        same = [(a, b) for d in members for k, a in enumerate(members[d]) for b in members[d][k + 1 :]]
+        different = [(a, b) for a in members[first] for b in members[second]]
+        for a, b in [same[i] for i in rng.choice(len(same), 5, replace=False)] + [
+            different[i] for i in rng.choice(len(different), 5, replace=False)
+        ]:
+            label = get_task(task).digits_labels(digits[[a, b]])[0][0]
+            samples.append(Sample(sample_id=f"digitpairs-{len(samples):05d}", label=label, ext="png",
+                                  group=f"block-{block:03d}", image_bytes=_png_bytes(images[a]),
+                                  second_bytes=_png_bytes(images[b])))  # fmt: skip
+        block += 1
+    return samples, get_task(task).digits_labels(np.zeros(2, dtype=np.int64))[1]
+
+
 def write_digits(
     out_dir: str | Path, test_fraction: float = 0.2, shard_size: int = 64, task: str = DEFAULT_TASK
 ) -> DatasetIndex:
-    """`distrain data digits`: the digits data set as shards with a fixed stratified holdout. scikit-learn's
-    order already cycles through the classes; it is kept, so results stay comparable across versions."""
+    """`distrain data digits`: the digits data set as shards with a fixed stratified holdout (grouped for pairs).
+    scikit-learn's order already cycles through the classes; it is kept, so results stay comparable across
+    versions."""
     samples, classes = digits_samples(task)
     return write_dataset(samples, out_dir, classes=classes, channels=1, test_fraction=test_fraction,
                          limits=ShardLimits(max_samples=shard_size, min_shards=1), shuffle_seed=None)  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import asdict
@@ -13,7 +14,7 @@ from distrain.ensembles.aggregate import Aggregation, column_weights
 from distrain.names import Ensemble
 from distrain.study.plan import column_key
 from distrain.tasks import get_task
-from distrain.training.models import create_meta_model, model_settings
+from distrain.training.models import create_model, model_settings, on_meta
 
 
 def write_model_artifacts(agg: Aggregation, dest: Path, channels: int, classes: list[str] | None = None) -> Path:
@@ -33,12 +34,13 @@ def write_model_artifacts(agg: Aggregation, dest: Path, channels: int, classes: 
         trained = src.cfg.for_model(model)
         entry = {"id": j["id"], "model": model, "column": column_key(j["model"], j["seed"]), "checkpoint": checkpoint}
         network = None
+        task, comparison = get_task(cfg.task), tuple(trained.model.comparison)
+        if task.images_per_sample > 1:  # a pair task's network: the siamese head it trained with, if any
+            entry["comparison"] = list(comparison)
         if is_factory_name(model):  # rebuilt by importing the factory where served, with the arguments it trained with
             entry["model_args"] = model_settings(trained.model, model)
-            network = create_meta_model(model, num_classes=store.num_classes, in_chans=channels,
-                                        settings=entry["model_args"])  # fmt: skip
-        if get_task(cfg.task).images_per_sample > 1:  # a pair task's network: the siamese head it trained with
-            entry["comparison"] = list(trained.model.comparison)
+            make = functools.partial(create_model, model, **entry["model_args"])
+            network = on_meta(functools.partial(task.build_model, make, store.num_classes, channels, comparison))
         entry["transform"] = resolve_transform(model, trained.data, channels, network).to_dict()
         jobs.append({**entry, "tta": asdict(trained.tta)})
     name = agg.registered_ensemble()

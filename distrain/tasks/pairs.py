@@ -45,6 +45,12 @@ class PairTask:
 class PairBinary(PairTask, Binary):
     name = "pair_binary"
     description = "two images per sample, label 1 the positive relation (e.g. the same class); siamese network"
+    digits_source = "digits_pairs"
+
+    def digits_labels(self, digits: np.ndarray) -> tuple[list[Label], list[str]]:
+        """The demo's labels of digits taken two at a time, (a, b) pairs: 1 for the same digit."""
+        pairs = np.asarray(digits).reshape(-1, 2)
+        return [int(a == b) for a, b in pairs], ["different", "same"]
 
 
 class PairMulticlass(PairTask, Multiclass):

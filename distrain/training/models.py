@@ -8,10 +8,11 @@ and the data-parallel wrapper to what `create_model` returns, in that order.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from distrain.config import Config, ModelConfig
 from distrain.config.lookups import import_factory, is_factory_name
 from distrain.distributed.checkpointing import apply_grad_checkpointing
 from distrain.errors import ConfigError
+from distrain.tasks import get_task
 
 
 def create_model(
@@ -155,11 +157,16 @@ def create_meta_model(name: str, *, num_classes: int, in_chans: int, settings: d
     """`create_model(name, ..., **settings)` without weights in memory (on the meta device), to check a model's
     structure and input size at no cost. A model whose constructor computes on tensors cannot be built there: it is
     built on the CPU (where its own errors, if any, surface as ConfigError)."""
+    return on_meta(functools.partial(create_model, name, num_classes=num_classes, in_chans=in_chans, **settings))
+
+
+def on_meta(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """`build()` on the meta device, or on the CPU when the model's constructor computes on tensors."""
     try:
         with torch.device("meta"):
-            return create_model(name, num_classes=num_classes, in_chans=in_chans, **settings)
+            return build()
     except Exception:
-        return create_model(name, num_classes=num_classes, in_chans=in_chans, **settings)
+        return build()
 
 
 def check_grad_checkpointing(name: str, model: ModelConfig | None = None) -> str:
@@ -227,23 +234,25 @@ def create_ema(model: torch.nn.Module, decay: float, warmup: bool):
 def check_inputs(cfg: Config, in_chans: int, device: torch.device) -> None:
     """Refuse, before any job starts, a model that cannot take the input size (a forward pass on the meta
     device: no memory, no time) and a batch of inputs that alone would fill the device's memory."""
-    memory = device_memory_bytes(device)
+    memory, task = device_memory_bytes(device), get_task(cfg.task)
     for name in cfg.model.names:
         mcfg = cfg.for_model(name)
         sizes = {mcfg.data.image_size, *mcfg.data.image_size_schedule.values()}
         batches = {mcfg.train.batch_size, *mcfg.train.batch_size_schedule.values()}
         # a factory's own errors (it raises, returns no Module) are refused here, where the channels are known
-        model = create_meta_model(name, num_classes=mcfg.data.num_classes, in_chans=in_chans,
-                                  settings=model_settings(mcfg.model, name))  # fmt: skip
+        make = functools.partial(create_model, name, **model_settings(mcfg.model, name))
+        model = on_meta(functools.partial(task.build_model, make, mcfg.data.num_classes, in_chans,
+                                          tuple(mcfg.model.comparison)))  # fmt: skip
+        channels = in_chans * task.images_per_sample  # an image pair's two, stacked on channels
         for size in sorted(sizes):
-            batch_bytes = max(batches) * in_chans * size * size * 4  # float32 inputs, before any activation
+            batch_bytes = max(batches) * channels * size * size * 4  # float32 inputs, before any activation
             if batch_bytes > memory / 4:  # every backbone's activations are many times its input
                 raise ConfigError(
-                    f"data.image_size={size}: one batch of {max(batches)} x {in_chans} x {size} x {size} float32 "
+                    f"data.image_size={size}: one batch of {max(batches)} x {channels} x {size} x {size} float32 "
                     f"inputs is {batch_bytes / 1e9:.3g} GB, more than a quarter of the {memory / 1e9:.3g} GB of "
                     f"{device.type} memory; lower data.image_size or train.batch_size"
                 )
-            _check_forward(name, model, size, in_chans)
+            _check_forward(name, model, size, channels)
 
 
 def _check_forward(name: str, model: torch.nn.Module, size: int, in_chans: int) -> None:
