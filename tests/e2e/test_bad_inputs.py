@@ -210,7 +210,7 @@ REFUSED = {
             "--out",
             str(ws / "packed"),
         ],  # fmt: skip
-        "give exactly one of --images DIR or --csv FILE",
+        "give exactly one of --images DIR, --csv FILE or --npz FILE",
     ),
     "pack: --out already exists": (
         lambda ws: ["data", "pack", "--images", str(ws / "imgs"), "--out", str(ws / "data" / "digits")],
