@@ -117,3 +117,26 @@ def test_a_pair_task_trains_a_siamese_network_and_scores_it_as_binary(packed_pai
     )
     print(f"pair_binary test_resnet: val roc_auc {result.val_score:.4f} after 4 epochs")
     assert result.val_score > 0.6  # "same digit?" is learnable: 4 epochs of 400 pairs at 16 px
+
+
+def test_the_digits_pairs_demo_is_balanced_and_no_image_crosses_a_group(tmp_path):
+    from collections import defaultdict
+
+    from distrain.data.pack import write_digits
+
+    index = write_digits(tmp_path / "pairs", task="pair_binary")
+    assert index.images_per_sample == 2 and index.classes == ["different", "same"]
+    labels = dict(zip(index.sample_ids, index.labels))
+    assert sum(labels.values()) * 2 == len(labels) and len(labels) > 2000  # half of them the same digit
+    groups = dict(zip(index.sample_ids, index.groups))
+    split = dict(zip(index.sample_ids, index.splits))
+    images_of_group = defaultdict(set)
+    for url in index.urls("cv") + index.urls("test"):
+        for ref in shard_samples(url):
+            images_of_group[groups[ref.sample_id]] |= {read_image(ref), read_image(ref, True)}
+    owners = defaultdict(set)
+    for group, images in images_of_group.items():
+        for image in images:
+            owners[image].add(group)
+    assert max(len(g) for g in owners.values()) == 1  # an image's pairs all lie in its one block
+    assert all(len({split[s] for s in groups if groups[s] == g}) == 1 for g in images_of_group)  # blocks never split
