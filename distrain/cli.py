@@ -276,7 +276,15 @@ def _predict(args) -> int:
     source = Path(args.images or args.shards)
     if not source.is_dir():
         raise BadInput(f"predict: not a folder: {source}")
-    names, probs = (predict_folder if args.images else predict_shards)(predictor, source)
+    if args.second_images and not args.images:
+        raise BadInput("predict: --second-images DIR goes with --images DIR (the pairs' first images)")
+    if args.images:
+        second = Path(args.second_images) if args.second_images else None
+        if second is not None and not second.is_dir():
+            raise BadInput(f"predict: not a folder: {second}")
+        names, probs = predict_folder(predictor, source, second=second)
+    else:
+        names, probs = predict_shards(predictor, source)
     write_predictions_csv(Path(args.out), names, probs, predictor.classes, predictor.decide(probs))
     print(f"distrain: wrote {len(names)} predictions ({len(predictor.classes)} classes) to {args.out}")
     return 0
@@ -414,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", required=True)
     r.add_argument("--images", help="a folder of images (searched recursively)")
     r.add_argument("--shards", help="a folder of .tar shards (as `distrain data pack` writes)")
+    r.add_argument("--second-images", help="pair tasks: the folder of each pair's second image, matched by file name")
     r.add_argument("--out", required=True, help="CSV: image, prediction, p_<class> ...")
     r.add_argument("--model-uri", default="", help="a registered model, e.g. models:/distrain-digits/2 (default: "
                                                     "the run directory's own ensemble files)")  # fmt: skip

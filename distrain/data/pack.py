@@ -6,6 +6,7 @@ Label-set samples carry a tuple of class indices; such a data set's index says `
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -42,19 +43,24 @@ class Sample:
     image_bytes: bytes = b""
     path: Optional[Path] = None
     split: str = ""  # "cv" or "test" when the source fixes the holdout; "" leaves it to `holdout_split`
-    second_bytes: bytes = b""  # an image pair's second image (same extension as the first)
+    second_bytes: bytes = b""  # an image pair's second image, in memory (same extension as the first) ...
+    second_path: Optional[Path] = None  # ... or a file
+    second_ext: str = ""  # the second image's extension ("": the first's)
 
     def read(self) -> bytes:
         return self.path.read_bytes() if self.path is not None else self.image_bytes
 
+    def read_second(self) -> bytes:
+        return self.second_path.read_bytes() if self.second_path is not None else self.second_bytes
+
     @property
     def is_pair(self) -> bool:
-        return bool(self.second_bytes)
+        return bool(self.second_bytes) or self.second_path is not None
 
     @property
     def nbytes(self) -> int:
         first = self.path.stat().st_size if self.path is not None else len(self.image_bytes)
-        return first + len(self.second_bytes)
+        return first + (self.second_path.stat().st_size if self.second_path is not None else len(self.second_bytes))
 
 
 @dataclass(frozen=True)
@@ -203,8 +209,9 @@ def _write_shards(samples: Sequence[Sample], directory: Path, split: str, limits
             cls = " ".join(map(str, s.label)) if isinstance(s.label, tuple) else str(s.label)
             record = {"__key__": s.sample_id, s.ext: data, "cls": cls.encode()}
             if s.is_pair:
-                colour.add(_is_colour(s.second_bytes, s))
-                record[f"{SECOND}.{s.ext}"] = s.second_bytes
+                second = s.read_second()
+                colour.add(_is_colour(second, s))
+                record[f"{SECOND}.{s.second_ext or s.ext}"] = second
             sink.write(record)
             count, size = count + 1, size + cost
             bar.update(1)
@@ -334,8 +341,10 @@ def samples_from_csv(csv_path: str | Path, label_sets: bool = False) -> tuple[li
         raise DataError(f"CSV not found: {csv_path}")
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
+    if rows and {"path_a", "path_b", "label"} <= set(rows[0]):
+        return _pairs_from_csv(csv_path, rows)
     if not rows or not {"path", "label"} <= set(rows[0]):
-        raise DataError(f"{csv_path}: expected a header with columns path,label[,group]")
+        raise DataError(f"{csv_path}: expected a header with columns path,label[,group] (pairs: path_a,path_b,label)")
     raw = [[t for t in re.split(r"[\s|;]+", r["label"] or "") if t] if label_sets else [(r["label"] or "").strip()]
            for r in rows]  # fmt: skip
     labels, classes = _label_indices(csv_path, raw)
@@ -351,6 +360,25 @@ def samples_from_csv(csv_path: str | Path, label_sets: bool = False) -> tuple[li
                 path, safe_sample_id(str(Path(row["path"]).with_suffix(""))), label, (row.get("group") or "").strip()
             )
         )
+    return samples, classes
+
+
+def _pairs_from_csv(csv_path: Path, rows: list[dict]) -> tuple[list[Sample], list[str]]:
+    """Image pairs of a CSV with columns path_a,path_b,label[,group]: one label per pair; the sample id is made of
+    both paths."""
+    labels, classes = _label_indices(csv_path, [[(r["label"] or "").strip()] for r in rows])
+    samples = []
+    for row, (label,) in zip(rows, labels):
+        paths = []
+        for key in ("path_a", "path_b"):
+            path = (csv_path.parent / (row[key] or "")).resolve()
+            if not row[key] or not path.is_file():
+                raise DataError(f"{csv_path}: image not found: {row[key]!r} ({key})")
+            paths.append(path)
+        ids = [str(Path(row[k]).with_suffix("")) for k in ("path_a", "path_b")]
+        first = _file_sample(paths[0], safe_sample_id("__".join(ids)), label, (row.get("group") or "").strip())
+        ext = paths[1].suffix.lower().lstrip(".")
+        samples.append(dataclasses.replace(first, second_path=paths[1], second_ext="jpg" if ext == "jpeg" else ext))
     return samples, classes
 
 

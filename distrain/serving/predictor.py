@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -126,27 +127,53 @@ class EnsemblePredictor:
         return self.task.decide(probs, self.meta.get("threshold"))
 
 
-def predict_folder(predictor: EnsemblePredictor, folder: Path, batch_size: int = 64) -> tuple[list[str], np.ndarray]:
+def predict_folder(
+    predictor: EnsemblePredictor, folder: Path, batch_size: int = 64, second: Optional[Path] = None
+) -> tuple[list[str], np.ndarray]:
     """Every image under `folder` (recursively, sorted), each of any size: (paths relative to `folder`,
-    probabilities [N, num_classes]). Raises BadInput naming a file that is not an image."""
+    probabilities [N, num_classes]). For a pair task, `second` is the folder of each pair's second image, matched
+    by its path relative to the folder without the extension (`a/x.png` with `b/x.jpg`). Raises BadInput naming a
+    file that is not an image or has no partner, or a folder given for the wrong kind of task."""
+    pairs = predictor.task.images_per_sample > 1
+    if pairs != (second is not None):
+        need = "a second folder (--second-images DIR, matched by file name)" if pairs else "one folder of images"
+        raise BadInput(f"{folder}: task {predictor.task.name} takes {need}")
+    paths = _images_under(folder)
+    partners = _partners(paths, folder, second) if pairs else {}
+    probs = []
+    for start in range(0, len(paths), batch_size):
+        batch = paths[start : start + batch_size]
+        samples = [(_open(p), _open(partners[p])) if pairs else _open(p) for p in batch]
+        probs.append(predictor.predict_proba(samples))
+    return [p.relative_to(folder).as_posix() for p in paths], np.concatenate(probs)
+
+
+def _images_under(folder: Path) -> list[Path]:
     from distrain.data.pack import IMAGE_EXTENSIONS
 
-    if predictor.task.images_per_sample > 1:
-        raise BadInput(f"{folder}: task {predictor.task.name} takes image pairs: give them to the registered "
-                       "model's predict as (a, b) pairs (a folder of pairs is not read yet)")  # fmt: skip
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
         raise BadInput(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
-    probs = []
-    for start in range(0, len(paths), batch_size):
-        images = []
-        for path in paths[start : start + batch_size]:
-            try:
-                images.append(Image.open(path))
-            except Exception as e:
-                raise BadInput(f"{path}: not an image PIL can read ({type(e).__name__})") from None
-        probs.append(predictor.predict_proba(images))
-    return [p.relative_to(folder).as_posix() for p in paths], np.concatenate(probs)
+    return paths
+
+
+def _partners(paths: list[Path], folder: Path, second: Path) -> dict[Path, Path]:
+    """Each image's partner in `second`: the image with its relative path, whatever the extension."""
+    by_name = {p.relative_to(second).with_suffix(""): p for p in _images_under(second)}
+    partners = {}
+    for path in paths:
+        partner = by_name.get(path.relative_to(folder).with_suffix(""))
+        if partner is None:
+            raise BadInput(f"{path}: no image of the same name in {second}")
+        partners[path] = partner
+    return partners
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        return Image.open(path)
+    except Exception as e:
+        raise BadInput(f"{path}: not an image PIL can read ({type(e).__name__})") from None
 
 
 def write_predictions_csv(path: Path, names: list[str], probs: np.ndarray, classes: list[str],
@@ -177,6 +204,13 @@ def predict_shards(predictor: EnsemblePredictor, folder: Path, batch_size: int =
     if not urls:
         raise BadInput(f"{folder}: no .tar shards")
     refs = sorted((ref for url in urls for ref in shard_samples(url)), key=lambda ref: ref.sample_id)
-    probs = [predictor.predict_proba([Image.open(io.BytesIO(read_image(ref))) for ref in refs[i : i + batch_size]])
+
+    def sample(ref):  # an image, or a pair's two
+        images = [
+            Image.open(io.BytesIO(read_image(ref, second))) for second in ((False, True) if ref.second else (False,))
+        ]
+        return tuple(images) if ref.second else images[0]
+
+    probs = [predictor.predict_proba([sample(ref) for ref in refs[i : i + batch_size]])
              for i in range(0, len(refs), batch_size)]  # fmt: skip
     return [ref.sample_id for ref in refs], np.concatenate(probs)

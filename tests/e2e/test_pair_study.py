@@ -1,6 +1,7 @@
 """End to end: a study of image pairs ("same digit?", packed from two arrays) trained by the main job with a siamese
 test_resnet, ensembled, registered, and served by the MLflow pyfunc model from pairs of images."""
 
+import csv
 import io
 import json
 import time
@@ -17,7 +18,7 @@ from conftest import digit_pairs, distrain_run, e2e_timeout
 pytestmark = pytest.mark.slow
 
 
-def test_a_pair_study_trains_registers_and_serves_its_holdout_pairs(tmp_path):
+def test_a_pair_study_trains_registers_and_serves_its_holdout_pairs(tmp_path, capsys):
     import mlflow
     import mlflow.pyfunc
 
@@ -50,3 +51,17 @@ def test_a_pair_study_trains_registers_and_serves_its_holdout_pairs(tmp_path):
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     labels = model.predict([tuple(pairs[i]) for i in ids], params={"output": "labels"})  # or (a, b) tuples
     assert labels.shape == (len(ids),) and set(labels.tolist()) <= {0, 1}
+    for side, folder in enumerate(("first", "second")):  # `distrain predict` of two folders matched by file name
+        (tmp_path / folder).mkdir()
+        for i in ids:
+            Image.fromarray(pairs[i][side]).save(tmp_path / folder / f"{i}.png")
+    args = ["predict", "--run-dir", str(run_dir), "--images", str(tmp_path / "first"), "--second-images",
+            str(tmp_path / "second"), "--out", str(tmp_path / "preds.csv")]  # fmt: skip
+    assert cli.main(args) == 0
+    with open(tmp_path / "preds.csv") as f:
+        rows = {r["image"]: [float(r["p_0"]), float(r["p_1"])] for r in csv.DictReader(f)}
+    np.testing.assert_allclose([rows[f"{i}.png"] for i in ids], expected, atol=2e-6)
+    (tmp_path / "second" / f"{ids[0]}.png").unlink()
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    assert f"{ids[0]}.png: no image of the same name in" in capsys.readouterr().err

@@ -140,3 +140,26 @@ def test_the_digits_pairs_demo_is_balanced_and_no_image_crosses_a_group(tmp_path
             owners[image].add(group)
     assert max(len(g) for g in owners.values()) == 1  # an image's pairs all lie in its one block
     assert all(len({split[s] for s in groups if groups[s] == g}) == 1 for g in images_of_group)  # blocks never split
+
+
+def test_a_csv_of_pairs_is_packed_with_both_images_and_a_missing_one_is_one_line(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    rows = ["path_a,path_b,label,group"]
+    for i in range(24):
+        for side in "ab":
+            Image.fromarray(rng.integers(0, 256, (10, 12), dtype=np.uint8)).save(tmp_path / f"{side}{i}.png")
+        rows.append(f"a{i}.png,b{i}.png,{'same' if i % 2 else 'different'},g{i // 2}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    proc = distrain_cli(capsys, "data", "pack", "--csv", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    index = read_index(tmp_path / "out", 2, "pair_binary")
+    assert index.images_per_sample == 2 and index.classes == ["different", "same"] and len(index.sample_ids) == 24
+    ref = next(ref for url in index.urls("cv") for ref in shard_samples(url))
+    i = int(ref.sample_id.split("__")[0][1:])
+    for second, side in ((False, "a"), (True, "b")):
+        decoded = np.asarray(Image.open(io.BytesIO(read_image(ref, second))))
+        np.testing.assert_array_equal(decoded, np.asarray(Image.open(tmp_path / f"{side}{i}.png")))
+    (tmp_path / "b5.png").unlink()
+    proc = distrain_cli(capsys, "data", "pack", "--csv", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "again"))
+    assert proc.returncode == 2 and "image not found: 'b5.png' (path_b)" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "again").exists()
