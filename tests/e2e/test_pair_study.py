@@ -61,6 +61,11 @@ def test_a_pair_study_trains_registers_and_serves_its_holdout_pairs(tmp_path, ca
     with open(tmp_path / "preds.csv") as f:
         rows = {r["image"]: [float(r["p_0"]), float(r["p_1"])] for r in csv.DictReader(f)}
     np.testing.assert_allclose([rows[f"{i}.png"] for i in ids], expected, atol=2e-6)
+    shards = ["predict", "--run-dir", str(run_dir), "--shards", str(out), "--out", str(tmp_path / "shards.csv")]
+    assert cli.main(shards) == 0  # both images of each sample read from the shards
+    with open(tmp_path / "shards.csv") as f:
+        rows = {r["image"]: [float(r["p_0"]), float(r["p_1"])] for r in csv.DictReader(f)}
+    np.testing.assert_allclose([rows[i] for i in ids], expected, atol=2e-6)
     (tmp_path / "second" / f"{ids[0]}.png").unlink()
     capsys.readouterr()
     assert cli.main(args) == 2

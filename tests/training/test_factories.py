@@ -42,9 +42,7 @@ def test_a_factory_that_does_not_import_or_build_a_module_is_one_line(name, mess
 
 
 def test_config_loading_refuses_a_factory_that_does_not_import_and_misplaced_settings():
-    with pytest.raises(
-        ConfigError, match=r"^model.names: 'examples.nosuch:build' does not import \(No module named"
-    ):
+    with pytest.raises(ConfigError, match=r"^model.names: 'examples.nosuch:build' does not import \(No module named"):
         load_config(None, ["model.names=[test_resnet, examples.nosuch:build]"])
     with pytest.raises(ConfigError, match=r"^model.names: 'factories:nope' does not import"):
         load_config(None, ["model.names=[factories:nope]"])
