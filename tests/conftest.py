@@ -104,6 +104,20 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`-n N`), give each worker its own share of the CPUs: the processes a test starts
+    inherit the affinity, so distrain sizes its threads to that share (`distributed.cpus`) instead of every
+    worker running as many threads as the machine has cores. Unpinned, the suite took longer on 2 workers than
+    serially: the end-to-end tests are CPU-bound, and oversubscribed torch threads spin."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker is None or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= count:
+        os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw")) % count :: count])
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+
+
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

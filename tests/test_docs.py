@@ -27,7 +27,7 @@ README = REPO / "README.md"
 QUICKSTART = (
     "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[dev]' && accelerate launch distrain/run.py "
     "--config configs/digits.yaml",
-    ". .venv/bin/activate && python -m pytest -q",
+    ". .venv/bin/activate && python -m pytest -q -n 2 --dist loadfile",
 )
 
 
