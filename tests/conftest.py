@@ -53,6 +53,24 @@ def distrain_cli(capsys, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["distrain", *argv], code, out, err)
 
 
+def cli_in(capsys, monkeypatch, cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    """`distrain_cli` run from `cwd` (the working directory is restored after the test)."""
+    monkeypatch.chdir(cwd)
+    return distrain_cli(capsys, *argv)
+
+
+def run_in(capsys, monkeypatch, cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    """`distrain/run.py <argv>` through its `main`, in this process, from `cwd`: for refusals and runs whose work
+    is already done (a subprocess costs ~5 s of imports). Use with the `fresh_accelerate_state` fixture."""
+    from distrain import run
+
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = run.main(list(argv))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["run.py", *argv], code, out, err)
+
+
 def accelerate_launch(processes: int, script: Path) -> list[str]:
     """`accelerate launch --multi_gpu` of `script` with `processes` processes: real DDP over gloo on CPU."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),

@@ -13,7 +13,7 @@ from distrain.config import ConfigError, TrainConfig
 from distrain.data.pack import write_digits
 from distrain.distributed.zero import load_deepspeed_config
 
-from conftest import REPO, RUN_PY, free_port, run_cmd
+from conftest import REPO, RUN_PY, free_port, run_cmd, run_in
 
 JSONS = sorted((REPO / "launch" / "deepspeed").glob("*.json"))
 
@@ -110,20 +110,10 @@ def test_inconsistent_or_unknown_deepspeed_config_is_refused(tmp_path, changes, 
     assert "\n" not in str(info.value)
 
 
-def test_bad_deepspeed_json_fails_before_training_with_one_line(tmp_path):
+def test_bad_deepspeed_json_fails_before_training_with_one_line(tmp_path, capsys, monkeypatch, fresh_accelerate_state):
     bad = _write(tmp_path, train_micro_batch_size_per_gpu=16)
-    proc = run_cmd(
-        [
-            sys.executable,
-            str(RUN_PY),
-            "train.batch_size=32",
-            f"train.deepspeed={bad}",
-            f"run_root={tmp_path / 'runs'}",
-            f"data.root={tmp_path / 'digits'}",
-        ],
-        tmp_path,
-        timeout=120,
-    )
+    overrides = ["train.batch_size=32", f"train.deepspeed={bad}", f"run_root={tmp_path / 'runs'}"]
+    proc = run_in(capsys, monkeypatch, tmp_path, *overrides, f"data.root={tmp_path / 'digits'}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert lines[-1] == (

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, distrain_run, e2e_timeout, holdout_images, last_line
+from conftest import REPO, distrain_run, e2e_timeout, holdout_images, last_line, run_in
 
 pytestmark = pytest.mark.slow
 
@@ -47,8 +47,10 @@ def test_a_factory_network_trains_registers_and_serves_its_test_predictions(tmp_
         np.testing.assert_allclose(probs, z["probs"], atol=1e-5)
 
 
-def test_a_factory_path_that_does_not_import_exits_2_in_one_line_before_any_work(tmp_path):
-    proc = distrain_run(tmp_path, "model.names=[factories:nope]", *TINY, env=FACTORY_ENV, timeout=e2e_timeout(120))
+def test_a_factory_path_that_does_not_import_exits_2_in_one_line_before_any_work(
+    tmp_path, capsys, monkeypatch, fresh_accelerate_state
+):
+    proc = run_in(capsys, monkeypatch, tmp_path, "model.names=[factories:nope]", *TINY)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert last_line(proc.stderr) == (
         "distrain: error: model.names: 'factories:nope' does not import (module 'factories' has no attribute 'nope')"

@@ -13,7 +13,9 @@ from mlflow.tracking import MlflowClient
 from distrain.config import yaml_load
 from distrain.orchestration.ledger import Ledger, aggregate_id
 
-from conftest import distrain_run, e2e_timeout, holdout_images, last_line, run_cmd
+from conftest import REPO, cli_in, distrain_run, e2e_timeout, holdout_images, last_line, run_cmd, run_in
+
+DIGITS = REPO / "configs" / "digits.yaml"
 
 pytestmark = pytest.mark.slow
 
@@ -115,11 +117,13 @@ def test_grown_study_keeps_one_study_run_with_all_job_runs_and_new_ensemble_runs
         (["cv.seeds=[2]"], "cv.seeds: [1, 2] -> [2]"),  # a finished seed dropped
     ],
 )
-def test_grown_config_changing_what_finished_jobs_depended_on_is_refused(grown, overrides, key):
+def test_grown_config_changing_what_finished_jobs_depended_on_is_refused(
+    grown, overrides, key, capsys, monkeypatch, fresh_accelerate_state
+):
     cwd, *_ = grown
     run_dir = cwd / "runs" / "digits"
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and "mlruns" not in p.parts}
-    proc = distrain_run(cwd, *TINY, *overrides, timeout=e2e_timeout(300))
+    proc = run_in(capsys, monkeypatch, cwd, "--config", str(DIGITS), *TINY, *overrides)
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = last_line(proc.stderr)
     assert "was run with another config" in line and key in line and "grows only by new cv.seeds" in line
@@ -127,13 +131,13 @@ def test_grown_config_changing_what_finished_jobs_depended_on_is_refused(grown, 
     assert after == before  # nothing written
 
 
-def test_aggregate_again_with_a_column_excluded_by_hand(grown):
+def test_aggregate_again_with_a_column_excluded_by_hand(grown, capsys, monkeypatch):
     cwd, *_ = grown
     run_dir = cwd / "runs" / "digits"
-    cli = [sys.executable, "-m", "distrain.cli", "aggregate", "--run-dir", str(run_dir)]
-    refused = run_cmd([*cli, "train.epochs=3"], cwd)
+    cli = ["aggregate", "--run-dir", str(run_dir)]
+    refused = cli_in(capsys, monkeypatch, cwd, *cli, "train.epochs=3")
     assert refused.returncode == 2 and "ensemble.* keys only" in last_line(refused.stderr)
-    proc = run_cmd([*cli, "ensemble.members.exclude=[test_resnet-s1]"], cwd, timeout=e2e_timeout(300))
+    proc = cli_in(capsys, monkeypatch, cwd, *cli, "ensemble.members.exclude=[test_resnet-s1]")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((run_dir / "report.json").read_text())
     details = report["ensemble_details"]
@@ -206,7 +210,7 @@ def test_model_across_run_directories_serves_each_ones_checkpoints(combined):
         np.testing.assert_allclose(probs, z["probs"], atol=1e-5)
 
 
-def test_run_directories_with_different_fold_manifests_are_refused(combined):
+def test_run_directories_with_different_fold_manifests_are_refused(combined, capsys, monkeypatch):
     from distrain.study.folds import FoldManifest, build_fold_manifest
 
     cwd, *_ = combined
@@ -217,11 +221,11 @@ def test_run_directories_with_different_fold_manifests_are_refused(combined):
     theirs = build_fold_manifest(ids, [k % 2 for k in range(len(ids))], 2, 7)  # the same samples, other folds
     assert theirs.hash != ours.hash
     (runs / "other7" / "folds.json").write_text(theirs.to_json())
-    proc = run_cmd(aggregate_cmd("--run-dir", "runs/digits", "--run-dir", "runs/other7"), cwd, e2e_timeout(120))
+    proc = cli_in(capsys, monkeypatch, cwd, *aggregate_cmd("--run-dir", "runs/digits", "--run-dir", "runs/other7")[3:])
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = last_line(proc.stderr)
     assert "different fold manifests" in line and ours.hash[:12] in line and theirs.hash[:12] in line
     assert not (runs / "digits+other7").exists()  # nothing written
-    proc = run_cmd(aggregate_cmd("--run-dir", "runs/digits", "--run-dir", "runs/other", "--out", "runs/other7"),
-                   cwd, e2e_timeout(120))  # fmt: skip
+    argv = aggregate_cmd("--run-dir", "runs/digits", "--run-dir", "runs/other", "--out", "runs/other7")[3:]
+    proc = cli_in(capsys, monkeypatch, cwd, *argv)
     assert proc.returncode == 2 and "a training run directory" in last_line(proc.stderr)

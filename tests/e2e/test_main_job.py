@@ -1,8 +1,6 @@
 """End to end: the README's main job on the default config, its DDP twin, MLflow, and bad input."""
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,7 +10,9 @@ from mlflow.tracking import MlflowClient
 
 from distrain.config import yaml_load
 
-from conftest import REPO, distrain_run, e2e_timeout, holdout_images, last_line, run_cmd
+from conftest import REPO, cli_in, distrain_run, e2e_timeout, holdout_images, last_line, run_in
+
+DIGITS = REPO / "configs" / "digits.yaml"
 
 pytestmark = pytest.mark.slow
 
@@ -168,10 +168,10 @@ def test_mlflow_tree_reads_back(default_run):
     assert "config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
-def test_rerun_on_finished_run_dir_trains_nothing(default_run):
+def test_rerun_on_finished_run_dir_trains_nothing(default_run, capsys, monkeypatch, fresh_accelerate_state):
     cwd, report, seconds, _ = default_run
     start = time.perf_counter()
-    proc = distrain_run(cwd)
+    proc = run_in(capsys, monkeypatch, cwd, "--config", str(DIGITS))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "distrain: job" not in proc.stdout and time.perf_counter() - start < seconds / 2
     assert "distrain: nothing to train: all 10 jobs of runs/digits are done" in proc.stdout  # says why
@@ -180,9 +180,9 @@ def test_rerun_on_finished_run_dir_trains_nothing(default_run):
     assert again["jobs"] == report["jobs"] and again["test"] == report["test"]
 
 
-def test_changed_config_on_existing_run_dir_is_refused(default_run):
+def test_changed_config_on_existing_run_dir_is_refused(default_run, capsys, monkeypatch, fresh_accelerate_state):
     cwd, *_ = default_run
-    proc = distrain_run(cwd, "train.epochs=3")
+    proc = run_in(capsys, monkeypatch, cwd, "--config", str(DIGITS), "train.epochs=3")
     assert proc.returncode == 2
     assert "was run with another config (train.epochs: 8 -> 3)" in last_line(proc.stderr)
 
@@ -227,12 +227,7 @@ def test_bad_input_exits_nonzero_with_one_line_and_leaves_no_work(
         config.write_text("train:\n  epochs: [1,\n")
         proc = distrain_run(tmp_path, *overrides, config=config, timeout=300)
     else:
-        from distrain import run
-
-        monkeypatch.chdir(tmp_path)
-        capsys.readouterr()
-        code = run.main(["--config", str(config), *overrides])
-        proc = subprocess.CompletedProcess(["run.py"], code, *capsys.readouterr())
+        proc = run_in(capsys, monkeypatch, tmp_path, "--config", str(config), *overrides)
     assert proc.returncode == 2
     assert message in last_line(proc.stderr) and last_line(proc.stderr).startswith("distrain: error: ")
     assert "Traceback" not in proc.stderr
@@ -306,7 +301,9 @@ def test_mlflow_has_ensemble_runs_and_review_artifacts(default_run):
     assert float(champion.tags["cv_accuracy"]) == pytest.approx(report["ensembles"][chosen]["cv"], abs=1e-6)
 
 
-def test_stacking_off_still_registers_the_named_ensemble_as_the_new_champion(default_run, tmp_path):
+def test_stacking_off_still_registers_the_named_ensemble_as_the_new_champion(
+    default_run, tmp_path, capsys, monkeypatch
+):
     """Registration does not depend on stacking: aggregating a copy of the finished run again with stacking off
     and `ensemble.register=soft_vote` registers soft_vote (a new version, on the voting run) as `champion`, and
     the served model reproduces the soft vote's holdout probabilities."""
@@ -318,7 +315,7 @@ def test_stacking_off_still_registers_the_named_ensemble_as_the_new_champion(def
     shutil.copytree(cwd / "runs", tmp_path / "runs")
     (tmp_path / "data").symlink_to(cwd / "data")
     args = ["aggregate", "--run-dir", "runs/digits", "ensemble.stacking=false", "ensemble.register=soft_vote"]
-    proc = run_cmd([sys.executable, "-m", "distrain.cli", *args], tmp_path, timeout=300)
+    proc = cli_in(capsys, monkeypatch, tmp_path, *args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = json.loads((tmp_path / "runs" / "digits" / "report.json").read_text())
     assert "stacking" not in again["ensembles"] and again["ensemble_model"]["ensemble"] == "soft_vote"
@@ -337,16 +334,16 @@ def test_stacking_off_still_registers_the_named_ensemble_as_the_new_champion(def
         np.testing.assert_allclose(probs, z["probs"], atol=1e-5)
 
 
-def test_ensemble_command_reruns_without_training(default_run):
+def test_ensemble_command_reruns_without_training(default_run, capsys, monkeypatch):
     cwd, report, *_ = default_run
-    proc = run_cmd([sys.executable, "-m", "distrain.cli", "ensemble", "--run-dir", "runs/digits"], cwd, timeout=300)
+    proc = cli_in(capsys, monkeypatch, cwd, "ensemble", "--run-dir", "runs/digits")
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = json.loads((cwd / "runs" / "digits" / "report.json").read_text())
     assert again["ensembles"] == report["ensembles"]  # deterministic, no training
     assert not any((cwd / "runs" / "digits" / "jobs").glob("*/.*.tmp"))
 
 
-def test_missing_oof_rows_are_named_or_left_out(default_run, tmp_path):
+def test_missing_oof_rows_are_named_or_left_out(default_run, tmp_path, capsys, monkeypatch):
     import shutil
 
     from distrain.study.results import file_digest
@@ -363,12 +360,10 @@ def test_missing_oof_rows_are_named_or_left_out(default_run, tmp_path):
     done = json.loads(done_path.read_text())
     done["files"]["oof.npz"] = file_digest(oof)
     done_path.write_text(json.dumps(done))
-    proc = run_cmd([sys.executable, "-m", "distrain.cli", "ensemble", "--run-dir", "runs/digits"], tmp_path)
+    proc = cli_in(capsys, monkeypatch, tmp_path, "ensemble", "--run-dir", "runs/digits")
     assert proc.returncode == 2
     assert "job test_resnet-s43-f2: OOF has" in last_line(proc.stderr) and "missing e.g." in last_line(proc.stderr)
-    proc = run_cmd(
-        [sys.executable, "-m", "distrain.cli", "ensemble", "--run-dir", "runs/digits", "--allow-partial"], tmp_path
-    )
+    proc = cli_in(capsys, monkeypatch, tmp_path, "ensemble", "--run-dir", "runs/digits", "--allow-partial")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rep = json.loads((tmp_path / "runs" / "digits" / "report.json").read_text())
     assert rep["ensemble_details"]["columns"] == ["test_resnet-s42"]
@@ -376,7 +371,7 @@ def test_missing_oof_rows_are_named_or_left_out(default_run, tmp_path):
     assert "left out: job test_resnet-s43-f2" in proc.stdout
 
 
-def test_predict_writes_one_row_per_image_with_the_ensembles_probabilities(default_run, tmp_path):
+def test_predict_writes_one_row_per_image_with_the_ensembles_probabilities(default_run, tmp_path, capsys, monkeypatch):
     """`distrain predict` on a folder of images of several sizes (the holdout digits at 8x8 among others) and
     on the holdout shards: one row per image; the holdout rows equal the stacking ensemble's test
     probabilities. The registered pyfunc model takes a list of differently sized images too."""
@@ -399,8 +394,9 @@ def test_predict_writes_one_row_per_image_with_the_ensembles_probabilities(defau
         expected = dict(zip(z["sample_ids"].tolist(), z["probs"]))
     for flag, source in (("--images", folder), ("--shards", cwd / "data" / "digits")):
         out = tmp_path / f"preds{flag}.csv"
-        proc = run_cmd([sys.executable, "-m", "distrain.cli", "predict", "--run-dir", "runs/digits", flag, str(source),
-                        "--out", str(out)], cwd, timeout=300)  # fmt: skip
+        proc = cli_in(
+            capsys, monkeypatch, cwd, "predict", "--run-dir", "runs/digits", flag, str(source), "--out", str(out)
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         rows = list(csv.DictReader(out.open()))
         assert list(rows[0]) == ["image", "prediction", *(f"p_{c}" for c in range(10))]

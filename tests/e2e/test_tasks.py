@@ -4,7 +4,6 @@ properties, BCE with Mixup) through OOF, voting, stacking, OOF-tuned thresholds 
 import csv
 import io
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from PIL import Image
 
 from distrain.tasks import get_task
 
-from conftest import REPO, distrain_run, e2e_timeout, run_cmd
+from conftest import REPO, cli_in, distrain_run, e2e_timeout
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +102,9 @@ def test_multilabel_study_keeps_label_rows_and_tunes_a_threshold_per_label(multi
     assert "threshold tuned on OOF" in proc.stdout
 
 
-def test_registered_multilabel_model_and_predict_decide_each_label_at_its_threshold(multilabel_run, tmp_path):
+def test_registered_multilabel_model_and_predict_decide_each_label_at_its_threshold(
+    multilabel_run, tmp_path, capsys, monkeypatch
+):
     import mlflow
     import mlflow.pyfunc
 
@@ -126,8 +127,8 @@ def test_registered_multilabel_model_and_predict_decide_each_label_at_its_thresh
     )
     out = tmp_path / "preds.csv"
     shards = cwd / "data" / "digits-multilabel"
-    proc = run_cmd([sys.executable, "-m", "distrain.cli", "predict", "--run-dir", "runs/digits-multilabel",
-                    "--shards", str(shards), "--out", str(out)], cwd, timeout=300)  # fmt: skip
+    proc = cli_in(capsys, monkeypatch, cwd, "predict", "--run-dir", "runs/digits-multilabel", "--shards", str(shards),
+                  "--out", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["image"]: r for r in csv.DictReader(out.open())}
     for sid, row in zip(ids, decided):

@@ -59,11 +59,13 @@ def wait_for(pattern, log, proc, timeout):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("storage", ["postgresql"])
 def test_two_workers_share_the_trials_a_killed_workers_trial_is_failed_and_the_pruner_stops_some(
     tmp_path, storage, monkeypatch
 ):
-    """PostgreSQL asks for a password, which every worker takes from PGPASSWORD (the URL holds none)."""
+    """On a PostgreSQL server, as a multi-machine sweep runs (the default SQLite file goes through the same
+    Optuna RDB storage: test_a_sweep_on_the_default_sqlite_storage_...). PostgreSQL asks for a password, which
+    every worker takes from PGPASSWORD (the URL holds none)."""
     (tmp_path / "space.yaml").write_text(SPACE)
     monkeypatch.setenv("PGPASSWORD", PG_PASSWORD)  # the workers' environment is this process's (child_env)
     server = postgres_server(password=PG_PASSWORD) if storage == "postgresql" else contextlib.nullcontext("")
@@ -148,3 +150,25 @@ def test_unreachable_storage_is_one_line_and_a_password_is_never_in_the_url(tmp_
     line = last_line(proc.stderr)
     assert proc.returncode == 2 and "sweep.storage: the URL holds a password" in line and "PGPASSWORD" in line
     assert "secret" not in proc.stderr + proc.stdout and not (tmp_path / "runs").exists()
+
+
+def test_a_sweep_on_the_default_sqlite_storage_completes_and_writes_the_best_config(
+    tmp_path, capsys, monkeypatch, fresh_accelerate_state
+):
+    """One worker, in this process, on the SQLite file in the run directory: every trial ends once, and
+    `--write-best` writes a config with the best trial's values."""
+    import optuna
+
+    (tmp_path / "space.yaml").write_text(SPACE)
+    proc = sweep_in_process(capsys, monkeypatch, tmp_path, "train.epochs=1", "--trials", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "digits-sweep"
+    trials = optuna.load_study(study_name="digits-sweep", storage=f"sqlite:///{run_dir}/optuna.db").trials
+    states = [t.state.name for t in trials]
+    assert len(states) == 3 and set(states) <= {"COMPLETE", "PRUNED"} and "COMPLETE" in states, states
+    best = sweep_in_process(capsys, monkeypatch, tmp_path, "train.epochs=1", "--trials", "3", "--write-best",
+                            "best.yaml")  # fmt: skip
+    assert best.returncode == 0, best.stderr[-2000:]
+    summary = json.loads((run_dir / "sweep.json").read_text())
+    assert summary["best"]["value"] == max(t.value for t in trials if t.state.name == "COMPLETE")
+    assert load_config(tmp_path / "best.yaml").optim.lr == pytest.approx(summary["best"]["params"]["optim.lr"])

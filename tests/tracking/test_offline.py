@@ -86,7 +86,7 @@ def test_dead_server_does_not_stall_and_sync_completes_the_tree(tmp_path, capsys
     status = distrain_cli(capsys, "status", "--run-dir", str(tmp_path / "runs" / "down"))
     assert "tracking calls await `distrain sync`" in status.stdout
 
-    early = run_cmd([sys.executable, "-m", "distrain.cli", "sync", "--run-dir", "runs/down"], tmp_path)
+    early = distrain_cli(capsys, "sync", "--run-dir", "runs/down")
     assert early.returncode != 0 and "still unreachable" in early.stderr
 
     with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path, port=port):
@@ -99,9 +99,9 @@ def test_dead_server_does_not_stall_and_sync_completes_the_tree(tmp_path, capsys
         )
         up_s = time.perf_counter() - start
         assert up.returncode == 0, up.stdout + up.stderr
-        sync = run_cmd([sys.executable, "-m", "distrain.cli", "sync", "--run-dir", "runs/down"], tmp_path)
+        sync = distrain_cli(capsys, "sync", "--run-dir", "runs/down")
         assert sync.returncode == 0, sync.stdout + sync.stderr
-        again = run_cmd([sys.executable, "-m", "distrain.cli", "sync", "--run-dir", "runs/down"], tmp_path)
+        again = distrain_cli(capsys, "sync", "--run-dir", "runs/down")
         assert "nothing to sync" in again.stdout  # idempotent: nothing is sent twice
 
         client = MlflowClient(uri)
