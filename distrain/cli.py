@@ -2,6 +2,7 @@
 
 distrain data digits [--out DIR] [--task T]    scikit-learn's digits as WebDataset shards
 distrain data pack (--images DIR | --csv FILE [--multilabel] | --npz FILE [--test FILE] [--images KEY]) --out DIR
+distrain data synth-text --out DIR --images N [--seed S]   synthetic receipts with word polygons (ICDAR-style)
 distrain train --config FILE [a.b=value ...]   the main job (same as distrain/run.py)
 distrain schedule --config FILE --workers W (--procs-per-worker P | --gpus-per-worker G) [a.b=value ...]
                                                W workers on this node, one ledger (--num-machines M
@@ -36,6 +37,8 @@ from distrain.tasks import DEFAULT_TASK, TASKS
 def _data(args) -> int:
     from distrain.data.pack import ShardLimits, write_dataset, write_digits
 
+    if args.what == "synth-text":
+        return _synth_text(args)
     if args.what == "digits":
         index = write_digits(args.out, test_fraction=args.test_fraction, shard_size=args.shard_size or 64,
                              task=args.task)  # fmt: skip
@@ -52,6 +55,24 @@ def _data(args) -> int:
         f"{len(index.classes)} classes, {index.channels} channel(s), {len(index.cv_shards)}+{len(index.test_shards)} "
         f"shards to {index.root}"
     )
+    return 0
+
+
+def _synth_text(args) -> int:
+    """`distrain data synth-text --out DIR --images N`: synthetic receipts with word polygons."""
+    from distrain.data.synth_text import write_synth_text
+
+    try:
+        count = int(args.images or 0)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise BadInput(f"data synth-text: --images N needs a positive number of receipts, got {args.images!r}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise BadInput(f"data synth-text: {out} exists and is not empty")
+    path = write_synth_text(out, count, seed=args.seed)
+    print(f"distrain: wrote {count} synthetic receipts to {out / 'images'} and their word polygons to {path}")
     return 0
 
 
@@ -366,9 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("data", help="write WebDataset shards")
-    d.add_argument("what", choices=["digits", "pack"])
+    d.add_argument("what", choices=["digits", "pack", "synth-text"])
     d.add_argument("--out", default="data/digits", help="output directory (must not exist)")
-    d.add_argument("--images", help="pack: folder with one subfolder per class; with --npz, the image array's key")
+    d.add_argument("--images", help="pack: folder with one subfolder per class; with --npz, the image array's key; "
+                   "synth-text: how many receipts")  # fmt: skip
+    d.add_argument("--seed", type=int, default=0, help="synth-text: receipt i depends only on (seed, i)")
     d.add_argument("--csv", help="pack: CSV with columns path,label[,group]")
     d.add_argument("--npz", help="pack: arrays of images (N x H x W[ x C]) and labels, e.g. train.npz")
     d.add_argument("--test", help="pack --npz: the holdout's npz (same keys); else --test-fraction of the first")
