@@ -1,7 +1,8 @@
 """`distrain` console script: wiring only.
 
 distrain data digits [--out DIR] [--task T]    scikit-learn's digits as WebDataset shards
-distrain data pack (--images DIR | --csv FILE [--multilabel] | --npz FILE [--test FILE] [--images KEY]) --out DIR
+distrain data pack (--images DIR [--detection ANN.json] | --csv FILE [--multilabel] | --npz FILE [--test FILE]
+                   [--images KEY]) --out DIR
 distrain data synth-text --out DIR --images N [--seed S]   synthetic receipts with word polygons (ICDAR-style)
 distrain train --config FILE [a.b=value ...]   the main job (same as distrain/run.py)
 distrain schedule --config FILE --workers W (--procs-per-worker P | --gpus-per-worker G) [a.b=value ...]
@@ -80,6 +81,12 @@ def _samples_to_pack(args) -> tuple[list, list[str]]:
     """The samples `distrain data pack` was pointed at: a folder of class folders, a CSV, or npz arrays."""
     from distrain.data.pack import samples_from_csv, samples_from_folder
 
+    if args.detection:
+        if args.npz or args.csv or not args.images:
+            raise BadInput("data pack: --detection ANN.json goes with --images DIR (the annotated images) only")
+        from distrain.data.detection import samples_from_detection
+
+        return samples_from_detection(args.detection, args.images)
     if sum(map(bool, (args.npz, args.csv, args.images and not args.npz))) != 1:
         raise BadInput("data pack: give exactly one of --images DIR, --csv FILE or --npz FILE")
     if args.label_sets and not args.csv:
@@ -393,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "synth-text: how many receipts")  # fmt: skip
     d.add_argument("--seed", type=int, default=0, help="synth-text: receipt i depends only on (seed, i)")
     d.add_argument("--csv", help="pack: CSV with columns path,label[,group]")
+    d.add_argument("--detection", metavar="ANN.json",
+                   help="pack: text polygons of the --images DIR images (ICDAR-style JSON)")  # fmt: skip
     d.add_argument("--npz", help="pack: arrays of images (N x H x W[ x C]) and labels, e.g. train.npz")
     d.add_argument("--test", help="pack --npz: the holdout's npz (same keys); else --test-fraction of the first")
     d.add_argument("--label", default="y", help="pack --npz: the label array's key (N non-negative integers)")

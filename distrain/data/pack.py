@@ -30,6 +30,9 @@ from distrain.errors import DataError
 from distrain.tasks import DEFAULT_TASK, LABEL_SETS_KEY, Label, get_task, label_set_strata
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+ANNOTATIONS_KEY = "annotations"
+"""The `index.json` key of a data set whose samples carry a dense target (`<sample_id>.json` in the shards)."""
+ANNOTATION_EXT = "json"
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class Sample:
     second_bytes: bytes = b""  # an image pair's second image, in memory (same extension as the first) ...
     second_path: Optional[Path] = None  # ... or a file
     second_ext: str = ""  # the second image's extension ("": the first's)
+    annotation: bytes = b""  # a dense task's target as JSON (text detection: the image's words and polygons)
+    stratum: Optional[int] = None  # what splits stratify on when the label is not a class (e.g. a word-count bucket)
 
     def read(self) -> bytes:
         return self.path.read_bytes() if self.path is not None else self.image_bytes
@@ -133,7 +138,8 @@ def write_dataset(
     if any(s.split for s in samples):  # the source names its holdout (`--npz ... --test`)
         is_test = np.array([s.split == "test" for s in samples])
     else:
-        is_test = holdout_split([s.label for s in samples], [s.group for s in samples], test_fraction, split_seed)
+        strata = [s.label if s.stratum is None else s.stratum for s in samples]
+        is_test = holdout_split(strata, [s.group for s in samples], test_fraction, split_seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -144,11 +150,14 @@ def write_dataset(
                 shards[split] = _write_shards(chosen, tmp, split, limits, colour, bar)
         label_sets = bool(samples) and isinstance(samples[0].label, tuple)
         pairs = {IMAGES_KEY: 2} if samples and samples[0].is_pair else {}
+        dense = {ANNOTATIONS_KEY: True} if samples and samples[0].annotation else {}
         index = {
             "format": INDEX_FORMAT, "channels": channels or (3 if True in colour else 1), "classes": classes,
-            "shards": shards, **({LABEL_SETS_KEY: True} if label_sets else {}), **pairs,
+            "shards": shards, **({LABEL_SETS_KEY: True} if label_sets else {}), **pairs, **dense,
             "samples": [{"sample_id": s.sample_id, "label": list(s.label) if label_sets else s.label,
-                         "group": s.group, "split": "test" if t else "cv"} for s, t in zip(samples, is_test)],
+                         "group": s.group, "split": "test" if t else "cv",
+                         **({"stratum": s.stratum} if s.stratum is not None else {})}
+                        for s, t in zip(samples, is_test)],
         }  # fmt: skip
         (tmp / INDEX_NAME).write_text(json.dumps(index))
         try:
@@ -175,7 +184,8 @@ def _check_samples(samples: Sequence[Sample], classes: list[str]) -> None:
         if not all(0 <= c < len(classes) for c in (s.label if isinstance(s.label, tuple) else (s.label,))):
             raise DataError(f"sample {s.sample_id!r}: label {s.label} outside [0, {len(classes)})")
     distinct = {s.label for s in samples}
-    if len(distinct) < 2:  # a model would learn a constant and score 1.0
+    # a classifier of one label would learn a constant and score 1.0; a dense target varies within its one class
+    if len(distinct) < 2 and not any(s.annotation for s in samples):
         only = next(iter(distinct), None)
         named = [classes[c] for c in only] if isinstance(only, tuple) else classes[only] if only is not None else None
         raise DataError(f"all {len(samples)} samples have the label {named!r}: a classifier needs at least two")
@@ -208,6 +218,8 @@ def _write_shards(samples: Sequence[Sample], directory: Path, split: str, limits
             colour.add(_is_colour(data, s))
             cls = " ".join(map(str, s.label)) if isinstance(s.label, tuple) else str(s.label)
             record = {"__key__": s.sample_id, s.ext: data, "cls": cls.encode()}
+            if s.annotation:
+                record[ANNOTATION_EXT] = s.annotation
             if s.is_pair:
                 second = s.read_second()
                 colour.add(_is_colour(second, s))
