@@ -9,36 +9,11 @@ probability map P and the threshold map T, and the approximate binary map B = 1 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from distrain.tasks.necks import FPN, check_input_size, conv_bn_relu, fpn_levels
+
 DB_K = 50.0
-FPN_STRIDES = (4, 8, 16, 32)
-
-
-def _conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))  # fmt: skip
-
-
-class FPN(nn.Module):
-    """Feature maps at strides 4, 8, 16, 32 -> one [B, inner, H/4, W/4] map (four inner/4 maps concatenated)."""
-
-    def __init__(self, in_channels: list[int], inner: int = 256):
-        super().__init__()
-        if inner % 4:
-            raise ValueError(f"the FPN's inner channels must be divisible by 4, got {inner}")
-        self.lateral = nn.ModuleList(nn.Conv2d(c, inner, 1, bias=False) for c in in_channels)
-        self.smooth = nn.ModuleList(_conv_bn_relu(inner, inner // 4, 3) for _ in in_channels)
-
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        laterals = [conv(f) for conv, f in zip(self.lateral, features)]
-        for i in range(len(laterals) - 1, 0, -1):  # top-down: each coarser map added to the next finer one
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:],
-                                                              mode="nearest")  # fmt: skip
-        size = laterals[0].shape[-2:]
-        outs = [smooth(x) for smooth, x in zip(self.smooth, laterals)]
-        return torch.cat([outs[0], *(F.interpolate(o, size=size, mode="nearest") for o in outs[1:])], dim=1)
 
 
 class DBBranch(nn.Sequential):
@@ -47,7 +22,7 @@ class DBBranch(nn.Sequential):
     def __init__(self, channels: int):
         quarter = channels // 4
         super().__init__(
-            _conv_bn_relu(channels, quarter, 3),
+            conv_bn_relu(channels, quarter, 3),
             nn.ConvTranspose2d(quarter, quarter, 2, stride=2),
             nn.BatchNorm2d(quarter),
             nn.ReLU(inplace=True),
@@ -62,19 +37,13 @@ class DBNet(nn.Module):
 
     def __init__(self, backbone: nn.Module, inner: int = 256, k: float = DB_K):
         super().__init__()
-        reductions = list(backbone.feature_info.reduction())
-        missing = [s for s in FPN_STRIDES if s not in reductions]
-        if missing:
-            raise ValueError(f"a DB backbone needs feature maps at strides {FPN_STRIDES}; it has {reductions}")
-        self.levels = [reductions.index(s) for s in FPN_STRIDES]
-        channels = list(backbone.feature_info.channels())
+        self.levels, channels = fpn_levels(backbone)
         self.backbone, self.k = backbone, k
-        self.neck = FPN([channels[i] for i in self.levels], inner)
+        self.neck = FPN(channels, inner)
         self.probability, self.threshold = DBBranch(inner), DBBranch(inner)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-1] % 32 or images.shape[-2] % 32:
-            raise ValueError(f"DBNet needs image sides that are multiples of 32, got {tuple(images.shape[-2:])}")
+        check_input_size(images)
         features = self.backbone(images)
         fused = self.neck([features[i] for i in self.levels])
         prob, thresh = self.probability(fused).sigmoid(), self.threshold(fused).sigmoid()
