@@ -1,9 +1,10 @@
 """`distrain` console script: wiring only.
 
 distrain data digits [--out DIR] [--task T]    scikit-learn's digits as WebDataset shards
-distrain data pack (--images DIR [--detection ANN.json] | --csv FILE [--multilabel] | --npz FILE [--test FILE]
-                   [--images KEY]) --out DIR
-distrain data synth-text --out DIR --images N [--seed S]   synthetic receipts with word polygons (ICDAR-style)
+distrain data pack (--images DIR [--detection ANN.json | --masks DIR] | --csv FILE [--multilabel]
+                   | --npz FILE [--test FILE] [--images KEY]) --out DIR
+distrain data synth-text|synth-shapes --out DIR --images N [--seed S]
+                                               receipts with word polygons / shapes with class-id masks
 distrain train --config FILE [a.b=value ...]   the main job (same as distrain/run.py)
 distrain schedule --config FILE --workers W (--procs-per-worker P | --gpus-per-worker G) [a.b=value ...]
                                                W workers on this node, one ledger (--num-machines M
@@ -38,8 +39,8 @@ from distrain.tasks import DEFAULT_TASK, TASKS
 def _data(args) -> int:
     from distrain.data.pack import ShardLimits, write_dataset, write_digits
 
-    if args.what == "synth-text":
-        return _synth_text(args)
+    if args.what in ("synth-text", "synth-shapes"):
+        return _synthetic(args)
     if args.what == "digits":
         index = write_digits(args.out, test_fraction=args.test_fraction, shard_size=args.shard_size or 64,
                              task=args.task)  # fmt: skip
@@ -59,21 +60,28 @@ def _data(args) -> int:
     return 0
 
 
-def _synth_text(args) -> int:
-    """`distrain data synth-text --out DIR --images N`: synthetic receipts with word polygons."""
-    from distrain.data.synth_text import write_synth_text
-
+def _synthetic(args) -> int:
+    """`distrain data synth-text|synth-shapes --out DIR --images N`: generated receipts with word polygons, or
+    shapes with class-id masks."""
     try:
         count = int(args.images or 0)
     except ValueError:
         count = 0
     if count < 1:
-        raise BadInput(f"data synth-text: --images N needs a positive number of receipts, got {args.images!r}")
+        raise BadInput(f"data {args.what}: --images N needs a positive number of images, got {args.images!r}")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
-        raise BadInput(f"data synth-text: {out} exists and is not empty")
-    path = write_synth_text(out, count, seed=args.seed)
-    print(f"distrain: wrote {count} synthetic receipts to {out / 'images'} and their word polygons to {path}")
+        raise BadInput(f"data {args.what}: {out} exists and is not empty")
+    if args.what == "synth-text":
+        from distrain.data.synth_text import write_synth_text
+
+        path = write_synth_text(out, count, seed=args.seed)
+        print(f"distrain: wrote {count} synthetic receipts to {out / 'images'} and their word polygons to {path}")
+    else:
+        from distrain.data.synth_shapes import write_synth_shapes
+
+        write_synth_shapes(out, count, seed=args.seed)
+        print(f"distrain: wrote {count} images of shapes to {out / 'images'} and their masks to {out / 'masks'}")
     return 0
 
 
@@ -81,6 +89,12 @@ def _samples_to_pack(args) -> tuple[list, list[str]]:
     """The samples `distrain data pack` was pointed at: a folder of class folders, a CSV, or npz arrays."""
     from distrain.data.pack import samples_from_csv, samples_from_folder
 
+    if args.masks:
+        if args.npz or args.csv or args.detection or not args.images:
+            raise BadInput("data pack: --masks DIR goes with --images DIR (the images of the masks) only")
+        from distrain.data.masks import samples_from_masks
+
+        return samples_from_masks(args.images, args.masks)
     if args.detection:
         if args.npz or args.csv or not args.images:
             raise BadInput("data pack: --detection ANN.json goes with --images DIR (the annotated images) only")
@@ -394,12 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("data", help="write WebDataset shards")
-    d.add_argument("what", choices=["digits", "pack", "synth-text"])
+    d.add_argument("what", choices=["digits", "pack", "synth-text", "synth-shapes"])
     d.add_argument("--out", default="data/digits", help="output directory (must not exist)")
     d.add_argument("--images", help="pack: folder with one subfolder per class; with --npz, the image array's key; "
-                   "synth-text: how many receipts")  # fmt: skip
-    d.add_argument("--seed", type=int, default=0, help="synth-text: receipt i depends only on (seed, i)")
+                   "synth-text / synth-shapes: how many images")  # fmt: skip
+    d.add_argument("--seed", type=int, default=0, help="synth-*: image i depends only on (seed, i)")
     d.add_argument("--csv", help="pack: CSV with columns path,label[,group]")
+    d.add_argument("--masks", metavar="DIR", help="pack: class-id mask PNGs named as the --images DIR images")
     d.add_argument("--detection", metavar="ANN.json",
                    help="pack: text polygons of the --images DIR images (ICDAR-style JSON)")  # fmt: skip
     d.add_argument("--npz", help="pack: arrays of images (N x H x W[ x C]) and labels, e.g. train.npz")

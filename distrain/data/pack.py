@@ -31,8 +31,8 @@ from distrain.tasks import DEFAULT_TASK, LABEL_SETS_KEY, Label, get_task, label_
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ANNOTATIONS_KEY = "annotations"
-"""The `index.json` key of a data set whose samples carry a dense target (`<sample_id>.json` in the shards)."""
-ANNOTATION_EXT = "json"
+"""The `index.json` key of a data set whose samples carry a dense target: its member's extension in the shards
+(`json` for text polygons, `mask.png` for segmentation masks)."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ class Sample:
     second_bytes: bytes = b""  # an image pair's second image, in memory (same extension as the first) ...
     second_path: Optional[Path] = None  # ... or a file
     second_ext: str = ""  # the second image's extension ("": the first's)
-    annotation: bytes = b""  # a dense task's target as JSON (text detection: the image's words and polygons)
+    annotation: bytes = b""  # a dense task's target (text detection: the words as JSON; segmentation: a mask PNG)
+    annotation_ext: str = "json"  # its member name in the shard: `<sample_id>.<annotation_ext>`
     stratum: Optional[int] = None  # what splits stratify on when the label is not a class (e.g. a word-count bucket)
 
     def read(self) -> bytes:
@@ -150,7 +151,7 @@ def write_dataset(
                 shards[split] = _write_shards(chosen, tmp, split, limits, colour, bar)
         label_sets = bool(samples) and isinstance(samples[0].label, tuple)
         pairs = {IMAGES_KEY: 2} if samples and samples[0].is_pair else {}
-        dense = {ANNOTATIONS_KEY: True} if samples and samples[0].annotation else {}
+        dense = {ANNOTATIONS_KEY: samples[0].annotation_ext} if samples and samples[0].annotation else {}
         index = {
             "format": INDEX_FORMAT, "channels": channels or (3 if True in colour else 1), "classes": classes,
             "shards": shards, **({LABEL_SETS_KEY: True} if label_sets else {}), **pairs, **dense,
@@ -219,7 +220,7 @@ def _write_shards(samples: Sequence[Sample], directory: Path, split: str, limits
             cls = " ".join(map(str, s.label)) if isinstance(s.label, tuple) else str(s.label)
             record = {"__key__": s.sample_id, s.ext: data, "cls": cls.encode()}
             if s.annotation:
-                record[ANNOTATION_EXT] = s.annotation
+                record[s.annotation_ext] = s.annotation
             if s.is_pair:
                 second = s.read_second()
                 colour.add(_is_colour(second, s))

@@ -25,7 +25,7 @@ def test_packed_shards_carry_each_images_words(receipts, tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr
     assert "wrote 15 CV + 5 test samples, 1 classes, 3 channel(s)" in proc.stdout
     index = json.loads((tmp_path / "packed" / "index.json").read_text())
-    assert index["annotations"] is True and index["classes"] == ["text"]
+    assert index["annotations"] == "json" and index["classes"] == ["text"]
     assert {s["split"] for s in index["samples"]} == {"cv", "test"} and all("stratum" in s for s in index["samples"])
     truth = {
         e["file"].removesuffix(".jpg"): e["words"]

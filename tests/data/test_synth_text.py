@@ -64,6 +64,6 @@ def test_cli_writes_receipts_and_refuses_a_bad_count_or_a_used_folder(tmp_path, 
     assert ok.returncode == 0 and "wrote 2 synthetic receipts" in ok.stdout
     assert len(json.loads((tmp_path / "r" / ANNOTATIONS).read_text())["images"]) == 2
     bad = distrain_cli(capsys, "data", "synth-text", "--out", str(tmp_path / "s"), "--images", "two")
-    assert bad.returncode == 2 and "--images N needs a positive number of receipts, got 'two'" in last_line(bad.stderr)
+    assert bad.returncode == 2 and "--images N needs a positive number of images, got 'two'" in last_line(bad.stderr)
     used = distrain_cli(capsys, "data", "synth-text", "--out", str(tmp_path / "r"), "--images", "2")
     assert used.returncode == 2 and "exists and is not empty" in last_line(used.stderr)
