@@ -403,10 +403,8 @@ def _schedule(args) -> int:
     return run_local_workers(args.workers, procs, run_args, nodes)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distrain", description="K-fold x seed x backbone training, ensembled, in MLflow")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_data_parser(sub) -> None:
+    """`distrain data digits|pack|synth-text|synth-shapes` and its options."""
     d = sub.add_parser("data", help="write WebDataset shards")
     d.add_argument("what", choices=["digits", "pack", "synth-text", "synth-shapes"])
     d.add_argument("--out", default="data/digits", help="output directory (must not exist)")
@@ -441,6 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="samples per tar shard at most (digits: 64; pack: no limit but --shard-mb)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distrain", description="K-fold x seed x backbone training, ensembled, in MLflow")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    _add_data_parser(sub)
 
     t = sub.add_parser("train", help="run the main job (as distrain/run.py)")
     t.add_argument("args", nargs=argparse.REMAINDER)
