@@ -21,15 +21,21 @@ SECOND = "pair"
 """The extension prefix of an image pair's second image: `<sample_id>.png` and `<sample_id>.pair.png`."""
 
 
+ANNOTATION_EXTS = ("json", "mask.png")
+"""A dense sample's target member: text polygons (`<sample_id>.json`) or a class-id mask (`<sample_id>.mask.png`)."""
+
+
 @dataclass(frozen=True)
 class SampleRef:
-    """One sample's image inside a shard (and an image pair's second image: `second`, its offset and size)."""
+    """One sample's image inside a shard (and an image pair's second image: `second`, its offset and size; a dense
+    sample's target: `annotation`)."""
 
     url: str
     sample_id: str
     offset: int
     size: int
     second: tuple[int, int] | None = None
+    annotation: tuple[int, int] | None = None
 
     def where(self) -> str:
         return f"{self.url}: sample {self.sample_id!r}"
@@ -51,6 +57,7 @@ def shard_samples(url: str) -> list[SampleRef]:
 def _scan(url: str, _size: int, _mtime_ns: int) -> list[SampleRef]:
     refs: dict[str, SampleRef] = {}
     seconds: dict[str, tuple[int, int]] = {}
+    annotations: dict[str, tuple[int, int]] = {}
     seen: dict[str, None] = {}  # every key, in file order
     try:
         for name, offset, size in _tar_files(url):
@@ -61,6 +68,8 @@ def _scan(url: str, _size: int, _mtime_ns: int) -> list[SampleRef]:
                 refs[key] = SampleRef(url, key, offset, size)
             elif image_ext in IMAGE_EXTS and role == SECOND:
                 seconds[key] = (offset, size)
+            elif ext.lower() in ANNOTATION_EXTS:
+                annotations[key] = (offset, size)
     except OSError as e:
         raise DataError(f"{url}: not a readable tar shard ({type(e).__name__}: {e})") from None
     missing = [k for k in seen if k not in refs]
@@ -69,7 +78,12 @@ def _scan(url: str, _size: int, _mtime_ns: int) -> list[SampleRef]:
     if seconds and len(seconds) != len(refs):
         lone = next(k for k in seen if k not in seconds)
         raise DataError(f"{url}: sample {lone!r} has one image where the shard's others have a pair")
-    return [dataclasses.replace(refs[k], second=seconds[k]) if seconds else refs[k] for k in seen]
+    if annotations and len(annotations) != len(refs):
+        bare = next(k for k in seen if k not in annotations)
+        raise DataError(f"{url}: sample {bare!r} has no annotation where the shard's others have one")
+    if not seconds and not annotations:
+        return [refs[k] for k in seen]
+    return [dataclasses.replace(refs[k], second=seconds.get(k), annotation=annotations.get(k)) for k in seen]
 
 
 def _tar_files(url: str) -> Iterator[tuple[str, int, int]]:
@@ -128,9 +142,20 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
+def read_annotation(ref: SampleRef) -> bytes:
+    """A dense sample's target bytes (JSON polygons or a mask PNG)."""
+    if ref.annotation is None:
+        raise DataError(f"{ref.where()}: no annotation (pack dense data with --detection or --masks)")
+    return _read(ref, *ref.annotation)
+
+
 def read_image(ref: SampleRef, second: bool = False) -> bytes:
     """The encoded image bytes of one sample (`second`: its pair's second image)."""
     offset, size = ref.second if second else (ref.offset, ref.size)
+    return _read(ref, offset, size)
+
+
+def _read(ref: SampleRef, offset: int, size: int) -> bytes:
     try:
         with open(ref.url, "rb") as f:
             f.seek(offset)

@@ -4,7 +4,7 @@ warped mask within a pixel; cropped words are clipped and become don't-care when
 import numpy as np
 import pytest
 
-from distrain.tasks.detection.augment import GeometricSettings, augment, clip_regions, fit_to
+from distrain.tasks.detection.augment import GeometricSettings, augment, clip_regions, fit_canvas, scaled
 from distrain.tasks.detection.geometry import TextRegions
 
 WORD = np.array([[40, 50], [150, 42], [154, 80], [44, 88]], dtype=float)  # a slanted quadrilateral
@@ -43,9 +43,10 @@ def test_a_word_mostly_cropped_away_becomes_dont_care_and_one_fully_outside_is_d
     assert clipped.polygons[1][:, 0].min() == 0
 
 
-def test_fit_to_pads_to_multiples_of_32_and_maps_predictions_back():
-    image = np.zeros((300, 200, 3), np.uint8)
-    fitted, transform = fit_to(image, 160)
-    assert fitted.shape == (160, 128, 3) and transform.scale == pytest.approx(160 / 300)
-    back = transform.to_image(TextRegions([WORD * transform.scale]))
+def test_fit_canvas_keeps_the_aspect_and_polygons_scale_back():
+    image = np.full((300, 200, 3), 7, np.uint8)
+    canvas, scale = fit_canvas(image, 160)
+    assert canvas.shape == (160, 160, 3) and scale == pytest.approx(160 / 300)
+    assert (canvas[:, :107] == 7).all() and (canvas[:, 107:] == 0).all()  # 200 x 160 / 300 = 106.7 -> 107 columns
+    back = scaled(scaled(TextRegions([WORD]), scale), 1 / scale)
     np.testing.assert_allclose(back.polygons[0], WORD)

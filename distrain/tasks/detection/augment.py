@@ -5,8 +5,8 @@ a word with less than `min_visible` of its area left becomes don't-care (neither
 nothing left is dropped. Photometric augmentation (colour jitter, blur) does not move anything and is left to
 the image transforms classification uses.
 
-For evaluation, `fit_to` scales an image to fit the network's input (sides multiples of 32) without cropping;
-`FitTransform.to_image` maps predicted polygons back."""
+For evaluation, `fit_canvas` scales an image onto a square canvas without cropping; `scaled` maps polygons
+between the two."""
 
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from distrain.tasks.detection.geometry import TextRegions, polygon_area
-
-STRIDE = 32
 
 
 @dataclass(frozen=True)
@@ -100,26 +98,20 @@ def augment(
     return warped, clip_regions(moved, *out_size, settings.min_visible), warped_mask
 
 
-@dataclass(frozen=True)
-class FitTransform:
-    """How `fit_to` scaled an image: network-input pixels = image pixels * scale (then zero padding)."""
-
-    scale: float
-
-    def to_image(self, regions: TextRegions) -> TextRegions:
-        """Polygons in network-input pixels -> in the original image's pixels."""
-        return TextRegions([p / self.scale for p in regions.polygons], ignore=regions.ignore, scores=regions.scores)
-
-
-def fit_to(image: np.ndarray, size: int) -> tuple[np.ndarray, FitTransform]:
-    """The image scaled so its longer side is `size`, zero-padded at the right and bottom to sides that are
-    multiples of 32 (what DBNet takes), and the transform that maps predictions back."""
+def fit_canvas(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """The image scaled so its longer side is `size`, on a size x size zero canvas (top left), and the scale
+    (canvas pixels = image pixels x scale): every image of an evaluation then gives a map of one shape."""
     import cv2
 
     height, width = image.shape[:2]
     scale = size / max(height, width)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    pad_h, pad_w = -new_h % STRIDE, -new_w % STRIDE
-    padding = ((0, pad_h), (0, pad_w)) + ((0, 0),) * (image.ndim - 2)
-    return np.pad(resized, padding), FitTransform(scale)
+    canvas = np.zeros((size, size) + image.shape[2:], image.dtype)
+    canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h),
+                                        interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)  # fmt: skip
+    return canvas, scale
+
+
+def scaled(regions: TextRegions, factor: float) -> TextRegions:
+    """Polygons scaled by `factor` (image -> canvas pixels, or back with 1 / scale)."""
+    return TextRegions([p * factor for p in regions.polygons], ignore=regions.ignore, scores=regions.scores)
