@@ -1,7 +1,8 @@
 """`distrain data pack` memory: peak RSS packing N images and 4N images (target: 4N <= 1.10 x N), each in a
-fresh process, plus the time per image. Images are JPEGs of varied size around 500x375 in 10 class folders.
+fresh process, plus the time per image. Images are JPEGs of varied size around 500x375 in 10 class folders, or
+with `--detection` synthetic receipts (`distrain data synth-text`) packed with their word polygons.
 
-    python benchmarks/pack.py [--images 500] [--workdir DIR]   (an existing DIR's images are reused)
+    python benchmarks/pack.py [--images 500] [--detection] [--workdir DIR]   (an existing DIR's images are reused)
 
 Last line: one JSON object.
 """
@@ -62,11 +63,21 @@ def make_images(root: Path, count: int, seed: int) -> int:
     return total
 
 
-def pack(images: Path, out: Path) -> tuple[float, float, float]:
+def make_receipts(root: Path, count: int, seed: int) -> int:
+    """`count` synthetic receipts and their annotations.json under root; total image bytes."""
+    from distrain.data.synth_text import write_synth_text
+
+    write_synth_text(root, count, seed=seed)
+    return sum(p.stat().st_size for p in (root / "images").glob("*.jpg"))
+
+
+def pack(images: Path, out: Path, detection: bool = False) -> tuple[float, float, float]:
     """(RSS before packing, peak RSS while packing, both MiB; seconds) of `distrain data pack` in a fresh
     process. Set PYTHONPATH to an older checkout to measure its packing the same way."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", MEASURE, "data", "pack", "--images", str(images), "--out", str(out)],
+    source = ["--images", str(images / "images"), "--detection", str(images / "annotations.json")] if detection \
+        else ["--images", str(images)]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", MEASURE, "data", "pack", *source, "--out", str(out)],
                           capture_output=True, text=True)  # fmt: skip
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-2000:])
@@ -80,20 +91,25 @@ def pack(images: Path, out: Path) -> tuple[float, float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=500)
+    ap.add_argument("--detection", action="store_true", help="synthetic receipts packed with --detection")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="distrain-pack-bench-"))
+    kind = "receipts" if args.detection else "images"
     sizes = {}
     for factor in (1, 4):
-        folder = work / f"x{factor}"
+        folder = work / f"{kind}-x{factor}"
         existing = sorted(folder.rglob("*.jpg")) if folder.is_dir() else []
         if len(existing) == args.images * factor:
             sizes[factor] = sum(p.stat().st_size for p in existing)
+        elif args.detection:
+            sizes[factor] = make_receipts(folder, args.images * factor, seed=factor)
         else:
             sizes[factor] = make_images(folder, args.images * factor, seed=factor)
-        for packed in work.glob(f"packed-x{factor}"):
+        for packed in work.glob(f"packed-{kind}-x{factor}"):
             shutil.rmtree(packed)
-    results = {factor: pack(work / f"x{factor}", work / f"packed-x{factor}") for factor in (1, 4)}
+    results = {factor: pack(work / f"{kind}-x{factor}", work / f"packed-{kind}-x{factor}", args.detection)
+               for factor in (1, 4)}  # fmt: skip
     (base1, peak1, s1), (base4, peak4, s4) = results[1], results[4]
     ratio = peak4 / peak1
     for factor, (base, peak, secs) in results.items():
@@ -101,7 +117,7 @@ def main() -> None:
         print(f"{n} images ({sizes[factor] / 1e6:.0f} MB): RSS {base:.0f} MiB before packing, peak {peak:.0f} MiB "
               f"while packing (+{peak - base:.0f}), {secs / n * 1e3:.2f} ms/image")  # fmt: skip
     print(f"peak RSS while packing, 4x / 1x = {ratio:.3f} (target <= 1.10)")
-    figures = {"benchmark": "pack", "images_1x": args.images, "mb_1x": round(sizes[1] / 1e6, 1),
+    figures = {"benchmark": "pack", "kind": kind, "images_1x": args.images, "mb_1x": round(sizes[1] / 1e6, 1),
                "mb_4x": round(sizes[4] / 1e6, 1), "baseline_mib_1x": round(base1, 1), "peak_mib_1x": round(peak1, 1),
                "baseline_mib_4x": round(base4, 1), "peak_mib_4x": round(peak4, 1), "rss_ratio_4x_1x": round(ratio, 3),
                "ms_per_image_1x": round(s1 / args.images * 1e3, 2),

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-from scipy.optimize import minimize
 
 from distrain.tasks import Task
 
@@ -28,6 +27,8 @@ def fit_vote_weights(probs: np.ndarray, labels: np.ndarray, task: Task) -> np.nd
     def loss_and_grad(w):
         mix = np.clip(w @ p_true, 1e-12, None)
         return -np.log(mix).mean(), -(p_true / mix).mean(axis=1)
+
+    from scipy.optimize import minimize  # here: SciPy's import is slow, and only fitting vote weights needs it
 
     w0 = np.full(m, 1.0 / m)
     res = minimize(

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from distrain.errors import DataError, FoldManifestMismatch
 from distrain.fsutil import atomic_write_text
@@ -85,6 +84,9 @@ def build_fold_manifest(
     if (counts[counts > 0] < n_folds).any():
         rare = int(np.flatnonzero((counts > 0) & (counts < n_folds))[0])
         raise DataError(f"class {rare} has {counts[rare]} samples, fewer than cv.folds={n_folds}")
+    # imported here: scikit-learn takes ~0.8 s, and only the process that builds a new manifest needs it
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
     if groups is not None and any(g not in (None, "") for g in groups):
         g = np.asarray([str(groups[i]) for i in order])
         if len(set(g)) < n_folds:

@@ -82,17 +82,28 @@ def server(tmp_path_factory):
         yield url
 
 
+class BusyLoop:
+    """A process spinning on the CPUs this test may use, until `stop()`."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
 @pytest.fixture
 def cpu_contention():
-    """A busy loop beside the test for its whole length: the storm once left two MLflow runs for one job, and a
-    flaky proxy 7 runs for 6 jobs, only on a loaded machine (a kill or a lost answer between the server's create
-    and the run record), so these tests make the load themselves."""
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    """A busy loop beside the test: the storm once left two MLflow runs for one job, and a flaky proxy 7 runs for 6
+    jobs, only on a loaded machine (a kill or a lost answer between the server's create and the run record), so
+    these tests make the load themselves. A test may stop it once the part it loads is over."""
+    busy = BusyLoop()
     try:
-        yield
+        yield busy
     finally:
-        busy.kill()
-        busy.wait()
+        busy.stop()
 
 
 def test_sigkill_storm_leaves_one_mlflow_run_per_job_with_full_histories(server, tmp_path, cpu_contention):
@@ -115,6 +126,7 @@ def test_sigkill_storm_leaves_one_mlflow_run_per_job_with_full_histories(server,
         victim.wait()
         kills += 1
         workers[workers.index(victim)] = Worker(tmp_path, overrides, f"w{workers.index(victim)}-{kills}")
+    cpu_contention.stop()  # the races it provokes are at kills and restarts; the survivors only finish the study
     assert all(w.wait(timeout=400) == 0 for w in workers), [w.text()[-2000:] for w in workers]
     assert kills >= 10
     run_dir, ids = tmp_path / "runs" / "storm", job_ids(seeds)
