@@ -1,6 +1,7 @@
 """Text-detection samples from an ICDAR-style annotation file (`distrain data pack --detection ANN.json --images
 DIR`): `{"images": [{"file", "words": [{"points": [[x, y], ...], "text", "ignore"}]}]}` (`width` / `height`
-optional: read from the image's header). Every image in DIR must be annotated (an image without words has an
+optional: read from the image's header; an optional `group`, e.g. the store a receipt came from, keeps a group's
+images in one fold and out of the holdout together). Every image in DIR must be annotated (an image without words has an
 entry with `"words": []`) and every entry's file must exist; a polygon with fewer than 3 points, outside its
 image or without area is refused naming the image and the word. Splits stratify on the number of words
 (in up to 5 buckets, quantiles of the data set's counts)."""
@@ -42,7 +43,7 @@ def samples_from_detection(annotations: str | Path, images: str | Path) -> tuple
         counts.append(sum(not w["ignore"] for w in words))
         ext = path.suffix.lower().lstrip(".")
         samples.append(Sample(sample_id=safe_sample_id(str(Path(name).with_suffix(""))), label=0,
-                              ext="jpg" if ext == "jpeg" else ext, path=path,
+                              ext="jpg" if ext == "jpeg" else ext, path=path, group=str(entry.get("group") or ""),
                               annotation=json.dumps({"words": words}).encode()))  # fmt: skip
     strata = word_count_strata(np.asarray(counts))
     return [_with_stratum(s, int(k)) for s, k in zip(samples, strata)], list(DETECTION_CLASSES)

@@ -80,3 +80,20 @@ def test_detection_goes_with_an_image_folder_only(receipts, tmp_path, capsys):
     proc = distrain_cli(capsys, "data", "pack", "--detection", str(receipts / "annotations.json"), "--csv", "x.csv",
                         "--out", str(tmp_path / "out"))  # fmt: skip
     assert proc.returncode == 2 and "--detection ANN.json goes with --images DIR" in last_line(proc.stderr)
+
+
+def test_a_group_keeps_its_receipts_on_one_side_of_the_holdout(receipts, tmp_path, capsys):
+    data = json.loads((receipts / "annotations.json").read_text())
+    for i, entry in enumerate(data["images"]):
+        entry["group"] = f"store-{i // 4}"  # 5 stores of 4 receipts
+    ann = tmp_path / "grouped.json"
+    ann.write_text(json.dumps(data))
+    proc = distrain_cli(capsys, "data", "pack", "--detection", str(ann), "--images", str(receipts / "images"),
+                        "--out", str(tmp_path / "packed"), "--test-fraction", "0.2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    index = json.loads((tmp_path / "packed" / "index.json").read_text())
+    split_of_group = {}
+    for s in index["samples"]:
+        split_of_group.setdefault(s["group"], set()).add(s["split"])
+    assert len(split_of_group) == 5 and all(len(v) == 1 for v in split_of_group.values()), split_of_group
+    assert {"cv", "test"} == set().union(*split_of_group.values())
