@@ -10,7 +10,8 @@ On the holdout the same rules apply to the test maps (a column's test map is the
 and `fold_vote` is the practitioners' "Voting >= 3" of the K fold models of one column: it needs the fold models'
 maps of each holdout image separately, which only the holdout has (an OOF image has one model per column).
 
-Images are streamed one at a time: memory holds M maps of one image, never the store."""
+Images are streamed one at a time: memory holds the M maps of one image and a table of counts, never the
+store's maps."""
 
 from __future__ import annotations
 
@@ -22,7 +23,13 @@ import numpy as np
 from distrain.tasks.detection.geometry import TextRegions
 from distrain.tasks.detection.hmean import DetectionCounts, count_matches
 from distrain.tasks.detection.postprocess import PostprocessSettings, boxes_from_map
-from distrain.tasks.detection.tuning import DEFAULT_GRID, TunedPostprocess, tune_postprocess
+from distrain.tasks.detection.tuning import (
+    DEFAULT_GRID,
+    TunedPostprocess,
+    choose_settings,
+    grid_settings,
+    image_counts,
+)  # fmt: skip
 from distrain.tasks.detection.voting import vote_boxes
 
 MapsOf = Callable[[int], np.ndarray]
@@ -38,29 +45,25 @@ class EnsembleScore:
     tuned: dict | None = None
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, tuned: TunedPostprocess) -> EnsembleScore:
+        return cls(cv=tuned.cv_tuned, cv_default=tuned.cv_default, tuned=tuned.as_dict())
 
-def _tuned(maps: Sequence[np.ndarray], truths, folds, base, grid) -> tuple[EnsembleScore, TunedPostprocess]:
-    tuned = tune_postprocess(list(maps), truths, folds, base, grid)
-    return EnsembleScore(cv=tuned.cv_tuned, cv_default=tuned.cv_default, tuned=tuned.as_dict()), tuned
 
-
-def column_scores(maps_of: MapsOf, n_columns: int, truths: list[TextRegions], folds: np.ndarray,
+def tuned_columns(maps_of: MapsOf, n_columns: int, truths: list[TextRegions], folds: np.ndarray,
                   base: PostprocessSettings = PostprocessSettings(),
-                  grid: dict = DEFAULT_GRID) -> tuple[list[EnsembleScore], list[TunedPostprocess]]:  # fmt: skip
-    """Each column alone: default and honestly tuned CV H-mean."""
-    scores, tunings = [], []
-    for m in range(n_columns):
-        score, tuned = _tuned([maps_of(j)[m] for j in range(len(truths))], truths, folds, base, grid)
-        scores.append(score)
-        tunings.append(tuned)
-    return scores, tunings
-
-
-def map_average(maps_of: MapsOf, truths: list[TextRegions], folds: np.ndarray,
-                base: PostprocessSettings = PostprocessSettings(),
-                grid: dict = DEFAULT_GRID) -> EnsembleScore:  # fmt: skip
-    """The columns' maps averaged per image, then post-processed at honestly tuned settings."""
-    return _tuned([maps_of(j).mean(axis=0) for j in range(len(truths))], truths, folds, base, grid)[0]
+                  grid: dict = DEFAULT_GRID) -> tuple[list[TunedPostprocess], TunedPostprocess]:  # fmt: skip
+    """Every column's and the map average's fold-honest tuning, in one pass over the images: each image's M maps
+    are read once and counted at every setting."""
+    settings = grid_settings(base, grid)
+    tables = np.zeros((n_columns + 1, len(settings), len(truths), 3), np.int64)  # the last: the map average
+    for j, truth in enumerate(truths):
+        maps = maps_of(j)
+        for m in range(n_columns):
+            tables[m, :, j] = image_counts(maps[m], truth, settings)
+        tables[n_columns, :, j] = image_counts(maps.mean(axis=0), truth, settings)
+    tuned = [choose_settings(table, folds, settings) for table in tables]
+    return tuned[:n_columns], tuned[n_columns]
 
 
 def box_vote(maps_of: MapsOf, truths: list[TextRegions], folds: np.ndarray, tunings: list[TunedPostprocess],
@@ -79,11 +82,12 @@ def box_vote(maps_of: MapsOf, truths: list[TextRegions], folds: np.ndarray, tuni
 def detection_ensembles(maps_of: MapsOf, n_columns: int, truths: list[TextRegions], folds: np.ndarray, k: int,
                         base: PostprocessSettings = PostprocessSettings(), grid: dict = DEFAULT_GRID,
                         iou_threshold: float = 0.5) -> dict[str, EnsembleScore]:  # fmt: skip
-    """Every column and both CV ensembles, by name (`column-<m>`, `map_average`, `box_vote`)."""
-    columns, tunings = column_scores(maps_of, n_columns, truths, folds, base, grid)
-    scores = {f"column-{m}": s for m, s in enumerate(columns)}
-    scores["map_average"] = map_average(maps_of, truths, folds, base, grid)
-    scores["box_vote"] = box_vote(maps_of, truths, folds, tunings, k, iou_threshold)
+    """Every column and both CV ensembles, by name (`column-<m>`, `map_average`, `box_vote`): two passes over the
+    images (counting, then voting at the tuned settings)."""
+    columns, average = tuned_columns(maps_of, n_columns, truths, folds, base, grid)
+    scores = {f"column-{m}": EnsembleScore.of(t) for m, t in enumerate(columns)}
+    scores["map_average"] = EnsembleScore.of(average)
+    scores["box_vote"] = box_vote(maps_of, truths, folds, columns, k, iou_threshold)
     return scores
 
 

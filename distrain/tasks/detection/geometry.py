@@ -62,21 +62,22 @@ def _shapes(polygons: list[np.ndarray]):
     return shapely.make_valid(shapes) if len(shapes) and not shapely.is_valid(shapes).all() else shapes
 
 
-def intersection_areas(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
-    """Pairwise intersection areas [len(a), len(b)]. Only pairs whose bounding boxes overlap are intersected
-    (at 600 candidates × 100 words per image, most pairs are far apart)."""
+def _boxes(polygons: list[np.ndarray]) -> np.ndarray:
+    return np.array([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()] for p in polygons])
+
+
+def _intersections(a: list[np.ndarray], b: list[np.ndarray], shapes_a, shapes_b) -> np.ndarray:
+    """Pairwise intersection areas [len(a), len(b)] of two non-empty lists and their shapely shapes. Only pairs
+    whose bounding boxes overlap are intersected (at 600 candidates x 100 words per image, most are far apart)."""
     import shapely
 
-    out = np.zeros((len(a), len(b)))
-    if not len(a) or not len(b):
-        return out
-    box_a = np.array([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()] for p in a])
-    box_b = np.array([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()] for p in b])
+    box_a, box_b = _boxes(a), _boxes(b)
     near = ((box_a[:, None, 0] < box_b[None, :, 2]) & (box_b[None, :, 0] < box_a[:, None, 2])
             & (box_a[:, None, 1] < box_b[None, :, 3]) & (box_b[None, :, 1] < box_a[:, None, 3]))  # fmt: skip
+    out = np.zeros((len(a), len(b)))
     i, j = np.nonzero(near)
     if len(i):
-        out[i, j] = shapely.area(shapely.intersection(_shapes(a)[i], _shapes(b)[j]))
+        out[i, j] = shapely.area(shapely.intersection(shapes_a[i], shapes_b[j]))
     return out
 
 
@@ -84,8 +85,10 @@ def iou_matrix(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[np.ndarray, np
     """(IoU [len(a), len(b)], intersection areas) of two lists of polygons."""
     import shapely
 
-    inter = intersection_areas(a, b)
-    area_a = shapely.area(_shapes(a)) if len(a) else np.zeros(0)
-    area_b = shapely.area(_shapes(b)) if len(b) else np.zeros(0)
-    union = area_a[:, None] + area_b[None, :] - inter
+    if not len(a) or not len(b):
+        empty = np.zeros((len(a), len(b)))
+        return empty, empty.copy()
+    shapes_a, shapes_b = _shapes(a), _shapes(b)  # built once: making them valid is the costly part
+    inter = _intersections(a, b, shapes_a, shapes_b)
+    union = shapely.area(shapes_a)[:, None] + shapely.area(shapes_b)[None, :] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0), inter

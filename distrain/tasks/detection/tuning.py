@@ -44,17 +44,24 @@ def grid_settings(base: PostprocessSettings, grid: dict[str, tuple]) -> list[Pos
     return [base] + [c for c in combos if c != base]
 
 
+def image_counts(prob: np.ndarray, truth: TextRegions, settings: list[PostprocessSettings],
+                 scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:  # fmt: skip
+    """[len(settings), 3] counts (matched, words, detections) of one image's map at every setting."""
+    rows = []
+    for setting in settings:
+        c = count_matches(truth, boxes_from_map(prob, setting, scale))
+        rows.append((c.matched, c.words, c.detections))
+    return np.asarray(rows, np.int64)
+
+
 def count_table(
     maps: list[np.ndarray], truths: list[TextRegions], settings: list[PostprocessSettings],
     scale: list[tuple[float, float]] | None = None,
 ) -> np.ndarray:  # fmt: skip
     """[len(settings), len(maps), 3] int counts (matched, words, detections) of every setting on every image."""
-    table = np.zeros((len(settings), len(maps), 3), np.int64)
-    for j, (prob, truth) in enumerate(zip(maps, truths)):
-        for i, setting in enumerate(settings):
-            c = count_matches(truth, boxes_from_map(prob, setting, scale[j] if scale else (1.0, 1.0)))
-            table[i, j] = (c.matched, c.words, c.detections)
-    return table
+    columns = [image_counts(prob, truth, settings, scale[j] if scale else (1.0, 1.0))
+               for j, (prob, truth) in enumerate(zip(maps, truths))]  # fmt: skip
+    return np.stack(columns, axis=1) if columns else np.zeros((len(settings), 0, 3), np.int64)
 
 
 def hmean_of(counts: np.ndarray) -> np.ndarray:
@@ -73,9 +80,14 @@ def tune_postprocess(
 ) -> TunedPostprocess:  # fmt: skip
     """Tune on OOF maps (one per CV image, `folds[j]` the fold that held image j out). Ties go to the earlier
     setting in the grid (the default first)."""
-    folds = np.asarray(folds)
     settings = grid_settings(base, grid)
-    table = count_table(maps, truths, settings, scale)
+    return choose_settings(count_table(maps, truths, settings, scale), folds, settings)
+
+
+def choose_settings(table: np.ndarray, folds: np.ndarray, settings: list[PostprocessSettings]) -> TunedPostprocess:
+    """The fold-honest choice from a `count_table` over `settings` (the default first): fold k's settings score
+    best on the other folds' images; the final ones on all of them."""
+    folds = np.asarray(folds)
     honest = np.zeros(3, np.int64)
     per_fold = {}
     for k in np.unique(folds).tolist():
