@@ -80,7 +80,7 @@ class DataConfig:
 
     def __post_init__(self):
         require(self.image_size >= 8, "data.image_size", self.image_size, ">= 8")
-        require(self.num_classes >= 2, "data.num_classes", self.num_classes, ">= 2")
+        require(self.num_classes >= 1, "data.num_classes", self.num_classes, ">= 1")  # the task asks for more
         require(self.num_workers >= -1, "data.num_workers", self.num_workers, ">= 0, or -1 for one per CPU")
         require(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, ">= 1")
         require(self.cache_mb >= 0, "data.cache_mb", self.cache_mb, ">= 0")
@@ -404,6 +404,8 @@ class EnsembleConfig:
     """'At least k of n' voting: k = ceil(vote_fraction * n) members must agree (0.6 of 5 = 3 of 5)."""
     vote_threshold: float = 0.5
     """A member votes for a class when its probability reaches this threshold."""
+    box_iou: float = 0.5
+    """Text detection's box voting: boxes of different models are one box at this IoU or more."""
     learning_rate: float = 0.1
     """Meta-learner learning rate."""
     num_leaves: int = 15
@@ -683,6 +685,22 @@ def _check_task_fit(cfg: Config, where: str) -> None:
                  f"0 unless train.loss is focal on a {' or '.join(with_positives)} task")  # fmt: skip
     if tc.pos_weight != 1.0:
         require(tc.loss == "bce", f"{where}train.pos_weight", tc.pos_weight, "1 unless train.loss is bce")
+    if task.dense:
+        _check_dense_fit(cfg, where)
+
+
+def _check_dense_fit(cfg: Config, where: str) -> None:
+    """A dense task's samples are images with per-pixel targets: nothing that mixes or erases images, no
+    flipped views, and sides the network's stride-32 features divide."""
+    name, ac = cfg.task, cfg.augment
+    for key, value in (("augment.mixup", ac.mixup), ("augment.cutmix", ac.cutmix), ("augment.re_prob", ac.re_prob)):
+        require(not value, f"{where}{key}", value, f"0 for task: {name} (its targets are per pixel)")
+    require(not (cfg.tta.hflip or cfg.tta.vflip or cfg.tta.scales), f"{where}tta", dataclasses.asdict(cfg.tta),
+             f"off for task: {name}")  # fmt: skip
+    for size in (cfg.data.image_size, *cfg.data.image_size_schedule.values()):
+        require(size % 32 == 0, f"{where}data.image_size", size, f"a multiple of 32 for task: {name}")
+    require(cfg.train.label_smoothing == 0, f"{where}train.label_smoothing", cfg.train.label_smoothing,
+             f"0 for task: {name}")  # fmt: skip
 
 
 _OVERRIDABLE = ("optim.", "train.", "augment.", "tta.", "data.image_size", "data.image_size_schedule",

@@ -9,7 +9,7 @@ pixels."""
 from __future__ import annotations
 
 import io
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,12 +22,15 @@ from distrain.errors import DataError
 from distrain.tasks.detection.augment import GeometricSettings, augment, fit_canvas, scaled
 from distrain.tasks.detection.geometry import TextRegions
 from distrain.tasks.detection.targets import db_targets
+from distrain.tasks.detection.task import BACKGROUND, DONT_CARE, TEXT, map_side
+
+DenseDecoder = Callable[[SampleRef, int], tuple[torch.Tensor, torch.Tensor]]
+"""(sample, pass over the data) -> (uint8 image [3, S, S], the sample's target or label row)."""
 
 
 def text_regions(annotation: bytes) -> TextRegions:
     """The words of a packed detection sample (`{"words": [{"points", "text", "ignore"}]}`)."""
-    words = json.loads(annotation)["words"]
-    return TextRegions([w["points"] for w in words], ignore=np.array([bool(w["ignore"]) for w in words], bool))
+    return TextRegions.from_json(annotation)
 
 
 def _rgb(ref: SampleRef) -> np.ndarray:
@@ -61,3 +64,38 @@ def train_detection_sample(ref: SampleRef, size: int, stream_seed: int, pass_ind
     image, words, _ = augment(rng, _rgb(ref), text_regions(read_annotation(ref)), (size, size), settings)
     return DetectionSample(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous(),
                            torch.from_numpy(db_targets(words, size, size).stacked()), 1.0)  # fmt: skip
+
+
+def label_row(targets: torch.Tensor) -> torch.Tensor:
+    """DB targets [4, S, S] -> the evaluation label row on the stored grid (`tasks.detection.task`), flattened
+    uint8: text where most of a cell is shrunk kernel, don't-care where most of it is masked out."""
+    side = map_side(targets.shape[-1])
+    pooled = torch.nn.functional.adaptive_avg_pool2d(targets[None, :2], side)[0]
+    row = torch.full((side, side), BACKGROUND, dtype=torch.uint8)
+    row[pooled[0] >= 0.5] = TEXT
+    row[pooled[1] < 0.5] = DONT_CARE
+    return row.flatten()
+
+
+def dense_train_decoder(annotation: str, size: int, stream_seed: int, augmented: bool) -> DenseDecoder:
+    """The training decoder of samples carrying `annotation` ("json": text regions): the image and its DB targets,
+    a seeded random affine crop when `augmented` (else the evaluation canvas)."""
+    _check_annotation(annotation)
+    if not augmented:
+        return lambda ref, _pass: _as_pair(eval_detection_sample(ref, size), labels=False)
+    return lambda ref, pass_index: _as_pair(train_detection_sample(ref, size, stream_seed, pass_index), labels=False)
+
+
+def dense_eval_decoder(annotation: str, size: int) -> DenseDecoder:
+    """The evaluation decoder: the image on the canvas and its label row."""
+    _check_annotation(annotation)
+    return lambda ref, _pass: _as_pair(eval_detection_sample(ref, size), labels=True)
+
+
+def _as_pair(sample: DetectionSample, labels: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return sample.image, label_row(sample.targets) if labels else sample.targets
+
+
+def _check_annotation(annotation: str) -> None:
+    if annotation != "json":
+        raise DataError(f"no decoder for samples annotated with {annotation!r} (text regions: 'json')")

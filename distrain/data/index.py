@@ -23,6 +23,9 @@ INDEX_NAME = "index.json"
 INDEX_FORMAT = "distrain-shards/1"
 IMAGES_KEY = "images_per_sample"
 """The `index.json` key of a data set of image pairs (2); absent: one image per sample."""
+ANNOTATIONS_KEY = "annotations"
+"""The `index.json` key of a dense data set: the extension of each sample's annotation member ("json": text regions,
+"mask.png": a class-id mask); absent: the label is the target."""
 
 
 def multi_hot(classes: tuple[int, ...], n: int) -> tuple[int, ...]:
@@ -45,6 +48,7 @@ class DatasetIndex:
     splits: list[str]  # "cv" or "test" per sample
     label_sets: bool = False
     images_per_sample: int = 1
+    annotations: str = ""
 
     def split_ids(self, split: str) -> list[str]:
         return [s for s, sp in zip(self.sample_ids, self.splits) if sp == split]
@@ -99,6 +103,7 @@ def _index_from_json(root: Path, d: dict) -> DatasetIndex:
         splits=[s["split"] for s in samples],
         label_sets=label_sets,
         images_per_sample=int(d.get(IMAGES_KEY, 1)),
+        annotations=str(d.get(ANNOTATIONS_KEY, "")),
     )
 
 
@@ -112,6 +117,10 @@ def _check_index(index: DatasetIndex, num_classes: Optional[int], task: Optional
     if task is not None and index.images_per_sample != get_task(task).images_per_sample:
         raise DataError(f"data path {root}: task {task} takes {get_task(task).images_per_sample} image(s) per sample; "
                         f"{INDEX_NAME} says {index.images_per_sample}")  # fmt: skip
+    if task is not None and index.annotations != get_task(task).annotation:
+        has = f"annotations {index.annotations!r}" if index.annotations else "no annotations"
+        need = f"{get_task(task).annotation!r} annotations" if get_task(task).annotation else "no annotations"
+        raise DataError(f"data path {root}: task {task} takes samples with {need}; {INDEX_NAME} says {has}")
     for name in index.cv_shards + index.test_shards:
         if not (root / name).is_file():
             raise DataError(f"data path {root}: shard {name} listed in {INDEX_NAME} is missing")

@@ -30,8 +30,9 @@ from distrain.data.shards import SampleRef, read_image, shard_samples
 from distrain.data.transforms import ImageTransform
 from distrain.errors import DataError
 
-Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # uint8 images [B, C, S, S], labels [B], sample ids
+Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # uint8 images [B, C, S, S], labels [B] (or targets), ids
 Decoder = Callable[[SampleRef, int], torch.Tensor]  # (sample, pass over the data) -> uint8 [C, S, S]
+"""A dense task's decoder returns (image, target) instead (`distrain.data.dense`): its targets replace the labels."""
 
 # Evaluation-decoded images, per process: (shard, sample id, transform.decode_key) -> uint8 tensor. Filled only
 # when the whole data set fits in data.cache_mb (`fits_in_cache`): every job of a run reads the same shards.
@@ -57,20 +58,21 @@ def _decoded(decode: Decoder):
 
     def stage(batches: Iterable[list]) -> Iterator[Batch]:
         for rows in batches:
-            images = []
+            images, targets = [], []
             with isolated_rng():
                 for ref, _label, pass_index in rows:
                     try:
-                        images.append(decode(ref, pass_index))
+                        decoded = decode(ref, pass_index)
                     except DataError:
                         raise
                     except Exception as e:
                         raise DataError(f"{ref.where()}: image cannot be decoded ({type(e).__name__}: {e})") from None
-            yield (
-                torch.stack(images),
-                torch.tensor([r[1] for r in rows], dtype=torch.long),
-                [r[0].sample_id for r in rows],
-            )
+                    if isinstance(decoded, tuple):  # a dense sample: its target replaces the index's label
+                        decoded, target = decoded
+                        targets.append(target)
+                    images.append(decoded)
+            labels = torch.stack(targets) if targets else torch.tensor([r[1] for r in rows], dtype=torch.long)
+            yield torch.stack(images), labels, [r[0].sample_id for r in rows]
             if torch.utils.data.get_worker_info() is not None:
                 release_freed_memory()  # in a worker only: in the training process it would hand back the memory
                 # the next step's tensors are about to reuse (training throughput fell by a third)
@@ -226,16 +228,18 @@ def train_loader(urls: Sequence[str], labels: dict[str, int], *, batch_size: int
 
 
 def eval_loader(urls: Sequence[str], labels: Optional[dict[str, int]], *, batch_size: int, transform: ImageTransform,
-                num_workers: int, pin_memory: bool = False, cache: bool = False) -> DataLoader:  # fmt: skip
+                num_workers: int, pin_memory: bool = False, cache: bool = False,
+                decode: Optional[Decoder] = None) -> DataLoader:  # fmt: skip
     """One pass over this rank's share of `urls` (all of it in one process), each sample of `labels` exactly
-    once (every sample, with label -1, when `labels` is None)."""
+    once (every sample, with label -1, when `labels` is None). `decode`: a dense task's (default: the transform's
+    `eval_decoder`)."""
     pipeline = wds.DataPipeline(
         lambda: iter([{"url": url, "pass": 0} for url in urls]),
         wds.split_by_node,
         wds.split_by_worker,
         _records(labels),
         wds.batched(batch_size, collation_fn=list, partial=True),
-        _decoded(eval_decoder(transform, cache)),
+        _decoded(decode or eval_decoder(transform, cache)),
     )
     return _loader(pipeline, num_workers, 0, pin_memory)
 

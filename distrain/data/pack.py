@@ -24,13 +24,20 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from distrain.console import is_terminal
-from distrain.data.index import IMAGES_KEY, INDEX_FORMAT, INDEX_NAME, DatasetIndex, multi_hot, read_index
+from distrain.data.index import (
+    ANNOTATIONS_KEY,
+    IMAGES_KEY,
+    INDEX_FORMAT,
+    INDEX_NAME,
+    DatasetIndex,
+    multi_hot,
+    read_index,
+)
 from distrain.data.shards import SECOND
 from distrain.errors import DataError
 from distrain.tasks import DEFAULT_TASK, LABEL_SETS_KEY, Label, get_task, label_set_strata
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-ANNOTATIONS_KEY = "annotations"
 """The `index.json` key of a data set whose samples carry a dense target: its member's extension in the shards
 (`json` for text polygons, `mask.png` for segmentation masks)."""
 

@@ -126,10 +126,11 @@ def format_table(report: Report) -> str:
     if report.ensembles:
         lines += ["", f"{'ensemble':<32} {'CV ' + m:>14} {'test ' + m:>14}"]
         for name, s in report.ensembles.items():
-            test = f"{s['test']:.4f}" if s["test"] is not None else "-"
-            lines.append(f"{name:<32} {s['cv']:>14.4f} {test:>14}")
+            cv, test = (f"{s[k]:.4f}" if s[k] is not None else "-" for k in ("cv", "test"))
+            lines.append(f"{name:<32} {cv:>14} {test:>14}")
         for name, why in report.ensemble_details.get("skipped", {}).items():
             lines.append(f"{name:<32} {'skipped: ' + why}")
+    lines += _postprocess_lines(report.ensemble_details.get("postprocess"))
     if report.thresholds:
         named = {f"{name} ({format_threshold(t['threshold'])})": t for name, t in report.thresholds.items()}
         width = max(32, *map(len, named))
@@ -138,6 +139,19 @@ def format_table(report: Report) -> str:
             test = f"{t['test_at_0.5']:.4f} / {t['test_tuned']:.4f}" if t["test_tuned"] is not None else "-"
             lines.append(f"{label:<{width}} {t['cv_at_0.5']:>10.4f} / {t['cv_tuned']:.4f} {test:>22}")
     return "\n".join(lines)
+
+
+def _postprocess_lines(postprocess: dict | None) -> list[str]:
+    """A dense task's post-processing tuned on OOF: CV at the default settings and tuned (fold-honest)."""
+    if not postprocess:
+        return []
+    header = f"{'post-processing tuned on OOF':<32} {'CV default':>14} {'CV tuned':>14}"
+    lines = ["", header + "  final thresh / box / unclip"]
+    for name, t in postprocess.items():
+        f = t["final"]
+        lines.append(f"{name:<32} {t['cv_default']:>14.4f} {t['cv_tuned']:>14.4f}  "
+                     f"{f['thresh']:.2f} / {f['box_thresh']:.2f} / {f['unclip_ratio']:.1f}")  # fmt: skip
+    return lines
 
 
 def format_threshold(threshold: float | list[float]) -> str:

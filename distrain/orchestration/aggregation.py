@@ -13,16 +13,21 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from distrain.config import Config
 from distrain.ensembles.aggregate import Aggregation, Source, compute_aggregation, write_ensemble_files
 from distrain.ensembles.report import Report, format_table
 from distrain.ensembles.store import SampleTruth
 from distrain.errors import Preempted
+from distrain.fsutil import atomic_write_json, atomic_write_text
 from distrain.names import VOTES, Ensemble
 from distrain.study.plan import plan_id
+from distrain.tasks import get_task
 from distrain.tracking.base import Tracker
+
+if TYPE_CHECKING:
+    from distrain.ensembles.dense import DenseAggregation
 
 
 def _no_op() -> None:
@@ -56,9 +61,16 @@ def aggregate_study(
     sources = sources or [Source(run_dir, cfg)]
     mlflow_info = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
                    "parent_run_id": tracker.parent_run_id}  # fmt: skip
-    agg = compute_aggregation(cfg, sources, truth, failed, allow_partial or bool(failed), mlflow_info)
-    guards.stop_point()
-    publish(agg, run_dir, tracker, guards.fence)
+    if get_task(cfg.task).dense:
+        from distrain.ensembles.dense import compute_dense_aggregation  # late: OpenCV, shapely, pyclipper
+
+        agg = compute_dense_aggregation(cfg, sources, truth, failed, allow_partial or bool(failed), mlflow_info)
+        guards.stop_point()
+        publish_dense(agg, run_dir, tracker, guards.fence)
+    else:
+        agg = compute_aggregation(cfg, sources, truth, failed, allow_partial or bool(failed), mlflow_info)
+        guards.stop_point()
+        publish(agg, run_dir, tracker, guards.fence)
     guards.fence()
     ended = {j["id"]: "FINISHED" for j in agg.report.jobs} | {f["id"]: "FAILED" for f in failed}
     tracker.close_job_runs(ended)
@@ -90,6 +102,32 @@ def publish(agg: Aggregation, run_dir: Path, tracker: Tracker, fence: Callable[[
         tracker.end_run(run_id)
 
 
+def publish_dense(agg: DenseAggregation, run_dir: Path, tracker: Tracker, fence: Callable[[], None]) -> None:
+    """A dense task's review: the tuned post-processing (ensemble/postprocess.json), the summary, report.json, the
+    study run's metrics and one run for the ensembles. No model is registered yet (the report says none)."""
+    from distrain.ensembles.report import format_table
+
+    out = run_dir / "ensemble"
+    out.mkdir(parents=True, exist_ok=True)
+    fence()
+    atomic_write_json(out / "postprocess.json", agg.postprocess)
+    atomic_write_text(out / "summary.md", f"# {agg.cfg.experiment}\n\n```\n{format_table(agg.report)}\n```\n")
+    fence()
+    report_path = agg.report.write(run_dir)
+    fence()
+    parent = tracker.parent_run_id
+    tracker.log_metrics(parent, _summary_metrics(agg.report), step=len(agg.report.jobs))
+    for f in (out / "postprocess.json", out / "summary.md"):
+        tracker.log_artifact(parent, f, "review")
+    tracker.log_artifact(parent, report_path)
+    plan = {"distrain.plan": plan_id(agg.job_ids()), "distrain.ensemble": agg.settings_id()}
+    ec = agg.cfg.ensemble
+    stage = tracker.child_run("voting", {"ensemble.vote_fraction": ec.vote_fraction, "ensemble.box_iou": ec.box_iou},
+                              plan)  # fmt: skip
+    tracker.log_metrics(stage, _stage_metrics(agg.report, tuple(agg.report.ensembles)), step=0)
+    tracker.end_run(stage)
+
+
 def log_review(tracker: Tracker, agg: Aggregation, review_files: list[Path], report_path: Path) -> dict[str, str]:
     """The study run's summary metrics (one point per aggregation: a grown study adds one) and review artifacts,
     and a run per ensemble stage (voting; stacking when built) with its settings and scores. Returns the stage
@@ -119,9 +157,9 @@ def _summary_metrics(report: Report) -> dict[str, float]:
     if report.test["fold_average"] is not None:
         summary[f"test_{metric}_fold_average"] = report.test["fold_average"]
     for name, s in report.ensembles.items():
-        summary[f"{name}_cv"] = s["cv"]
-        if s["test"] is not None:
-            summary[f"{name}_test"] = s["test"]
+        for split in ("cv", "test"):
+            if s[split] is not None:
+                summary[f"{name}_{split}"] = s[split]
     return summary
 
 

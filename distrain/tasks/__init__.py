@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from distrain.tasks.base import COMPARISONS, LABEL_SETS_KEY, Label, LossSettings, MetaTarget, Task
 from distrain.tasks.classification import Binary, Multiclass, Multilabel, label_set_strata
+from distrain.tasks.detection.task import TextDetection
 from distrain.tasks.metrics import METRICS, MetricSpec, Threshold, best_index, improves, overfit_gap
 from distrain.tasks.pairs import PairBinary, PairMulticlass
 
@@ -39,7 +40,7 @@ def task_of_digits_source(source: str) -> Task | None:
     return next((t for t in TASKS.values() if t.digits_source == source), None)
 
 
-for _task in (Multiclass(), Binary(), Multilabel(), PairBinary(), PairMulticlass()):
+for _task in (Multiclass(), Binary(), Multilabel(), PairBinary(), PairMulticlass(), TextDetection()):
     register_task(_task)
 
 __all__ = [

@@ -80,13 +80,23 @@ class Task(ABC):
     """Images a sample holds (2 for an image pair); the loaders hand them to the model stacked on channels."""
     digits_source: ClassVar[Optional[str]] = None
     """The `data.source` of the bundled demo data labelled for this task (scikit-learn's digits), if any."""
+    annotation: ClassVar[str] = ""
+    """What a sample carries besides its image(s) and label, as its shard member's extension: "" nothing (the label
+    is the target), "json" the text regions of a detection sample. A dense task's loaders decode it into the
+    training target and the evaluation label row, and its predictions are maps (`dense`)."""
     description: ClassVar[str]
+
+    @property
+    def dense(self) -> bool:
+        """Its samples carry annotations and its predictions are per-pixel maps, not rows of class probabilities:
+        no Mixup / CutMix, random erasing or TTA; its ensembles are its own (`dense_ensembles`)."""
+        return bool(self.annotation)
 
     # -- configuration and data --------------------------------------------------------------------------------
 
     def config_problems(self, num_classes: int) -> list[str]:
-        """What is wrong with `data.num_classes` for this task (nothing by default)."""
-        return []
+        """What is wrong with `data.num_classes` for this task (default: fewer than 2 classes)."""
+        return [] if num_classes >= 2 else [f"data.num_classes: invalid value {num_classes} (expected >= 2)"]
 
     @abstractmethod
     def digits_labels(self, digits: np.ndarray) -> tuple[list[Label], list[str]]:

@@ -37,6 +37,12 @@ METRICS: dict[str, MetricSpec] = {
     "average_precision": MetricSpec(True, True, "area under the precision-recall curve of p(positive)"),
     "map": MetricSpec(True, True, "mean over labels of the average precision (mAP)"),
     "log_loss": MetricSpec(False, True, "cross-entropy of the probabilities (lower is better)"),
+    "pixel_f1": MetricSpec(
+        True,
+        False,
+        "text detection: F1 of the probability map at 0.5 against the shrunk words' "
+        "pixels (don't-care pixels left out); the per-epoch score, cheap enough for every epoch",
+    ),
 }
 """Every metric distrain scores; each task says which of them fit it (`Task.metrics`)."""
 

@@ -39,7 +39,7 @@ def predict(
             break
         with accelerator.autocast():
             probs = tta.probs(model, transform.normalise(images.to(accelerator.device)), activate).cpu().numpy()
-        rows.extend(zip(ids, probs, labels.tolist()))
+        rows.extend(zip(ids, probs, labels.numpy()))  # a class index, a 0/1 row, or a dense task's label row
     model.train(was_training)
     rows = gather_rows(accelerator, rows)
     rows.sort(key=lambda r: r[0])
@@ -48,7 +48,7 @@ def predict(
     return Predictions(
         sample_ids=[r[0] for r in rows],
         probs=np.stack([r[1] for r in rows]).astype(np.float32),
-        labels=np.asarray([r[2] for r in rows], dtype=np.int64),
+        labels=np.stack([r[2] for r in rows]),
     )
 
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from distrain.config import Config, SchedulerConfig
 from distrain.console import is_terminal
 from distrain.data.augment import BatchAugment
+from distrain.data.dense import dense_eval_decoder, dense_train_decoder
 from distrain.data.index import DatasetIndex
 from distrain.data.loaders import default_workers, eval_loader, fits_in_cache, train_decoder, train_loader
 from distrain.data.transforms import TestTimeAugment, resolve_transform
@@ -470,7 +471,10 @@ class JobTrainer:
         plan, dc = self.plan[epoch], self.cfg.data
         seed = self.job.seed * 100 + self.job.fold + 7919 * first  # phase 0: the stream a job without phases has
         transform = dataclasses.replace(self.transform, image_size=plan.image_size)
-        decode = train_decoder(transform, self.cfg.augment, seed, self.cache and plan.image_size == dc.image_size)
+        if self.task.dense:  # the sample's annotation becomes its target (DB maps), moved with the image
+            decode = dense_train_decoder(self.index.annotations, plan.image_size, seed, self.cfg.augment.enabled)
+        else:
+            decode = train_decoder(transform, self.cfg.augment, seed, self.cache and plan.image_size == dc.image_size)
         loader = train_loader(self.index.urls("cv"), self.train_labels, batch_size=plan.batch_size, decode=decode,
                               shuffle_buffer=dc.shuffle_buffer, seed=seed, start_batch=start_batch,
                               num_workers=self.loader_kw["num_workers"])  # fmt: skip
@@ -480,8 +484,9 @@ class JobTrainer:
                      f"batch size {plan.batch_size}")  # fmt: skip
 
     def _eval_loader(self, split: str, labels: dict[str, int]):
+        decode = dense_eval_decoder(self.index.annotations, self.cfg.data.image_size) if self.task.dense else None
         return eval_loader(self.index.urls(split), labels, batch_size=self.cfg.train.batch_size * 2,
-                           transform=self.transform, cache=self.cache, **self.loader_kw)  # fmt: skip
+                           transform=self.transform, cache=self.cache, decode=decode, **self.loader_kw)  # fmt: skip
 
     def _predict(self, model: torch.nn.Module, loader) -> Predictions:
         """Predictions of `model`; during an epoch's evaluation a stop request ends the pass early and the job

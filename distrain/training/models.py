@@ -36,6 +36,7 @@ def create_model(
     pretrained: bool = False,
     pretrained_file: str = "",
     factory_args: dict[str, Any] | None = None,
+    **architecture: Any,
 ) -> torch.nn.Module:
     """A timm classifier: random init, timm's pretrained weights (`pretrained`, from the Hugging Face hub
     cache), or a local checkpoint (`pretrained_file`). timm re-makes the classifier when `num_classes`
@@ -45,18 +46,26 @@ def create_model(
 
     A `package.module:function` name is the user's own factory, called as `function(num_classes=num_classes,
     in_chans=in_chans, **kwargs)`: kwargs are drop_rate / drop_path_rate where non-zero, then `factory_args`
-    (model.factory_args[name]). See `create_factory_model`."""
+    (model.factory_args[name]). See `create_factory_model`.
+
+    `architecture`: keyword arguments of the network's shape, given to timm and to a factory alike; a dense task's
+    backbone is built with `features_only=True` (timm's feature-map extractor; a factory returns a module with a
+    timm-style `feature_info`)."""
     if is_factory_name(name):
         if pretrained and not pretrained_file:
             raise ConfigError(f"model.pretrained: {name!r} is your own factory: there are no hub weights for it; "
                               "set model.pretrained_file to a state dict instead")  # fmt: skip
         kwargs = {k: v for k, v in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)) if v}
         model = create_factory_model(name, num_classes=num_classes, in_chans=in_chans,
-                                     kwargs={**kwargs, **(factory_args or {})})  # fmt: skip
+                                     kwargs={**kwargs, **architecture, **(factory_args or {})})  # fmt: skip
         if pretrained_file:
             load_factory_weights(model, name, pretrained_file)
         return model
-    regularisation = {"drop_rate": drop_rate, **({"drop_path_rate": drop_path_rate} if drop_path_rate else {})}
+    regularisation = {
+        "drop_rate": drop_rate,
+        **({"drop_path_rate": drop_path_rate} if drop_path_rate else {}),
+        **architecture,
+    }
     if not (pretrained or pretrained_file):
         try:
             return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **regularisation)

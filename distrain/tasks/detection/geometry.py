@@ -30,6 +30,14 @@ class TextRegions:
     def __len__(self) -> int:
         return len(self.polygons)
 
+    @classmethod
+    def from_json(cls, annotation: bytes | str) -> TextRegions:
+        """The words of a packed detection sample (`{"words": [{"points", "text", "ignore"}]}`)."""
+        import json
+
+        words = json.loads(annotation)["words"]
+        return cls([w["points"] for w in words], ignore=np.array([bool(w["ignore"]) for w in words], bool))
+
 
 def polygon_problem(polygon: np.ndarray, width: int, height: int) -> str | None:
     """Why `polygon` cannot be a text region of a width × height image, or None: fewer than 3 points,
