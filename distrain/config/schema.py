@@ -21,6 +21,7 @@ from distrain.tasks import (
     DEFAULT_TASK,
     METRICS,
     TASKS,
+    HeadSettings,
     LossSettings,
     get_task,
     known_losses,
@@ -29,7 +30,7 @@ from distrain.tasks import (
 
 Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["cosine", "cosine_restarts", "constant"]
-DataSource = Literal["digits", "digits_binary", "digits_multilabel", "digits_pairs", "shards"]
+DataSource = Literal["digits", "digits_binary", "digits_multilabel", "digits_pairs", "synth_text", "shards"]
 Interpolation = Literal["", "nearest", "bilinear", "bicubic", "lanczos"]
 """Empty: the model's own (timm's pretrained config)."""
 EraseMode = Literal["pixel", "rand", "const"]
@@ -46,7 +47,8 @@ class DataConfig:
     images labelled 'is it an 8?': a binary task with 9.7% positives), `digits_multilabel` (each image labelled
     with its digit's properties: even, large (>= 5), loop, prime), `digits_pairs` (pairs of them, 'the same
     digit?', half of them so, for task pair_binary: blocks of 8 images give 10 pairs each and are one group, so no
-    image is in two folds' pairs) or `shards` (packed with `distrain data pack`)."""
+    image is in two folds' pairs), `synth_text` (240 generated receipts with word polygons, for text detection,
+    packed on first use) or `shards` (packed with `distrain data pack`)."""
     root: str = "data/digits"
     """Directory holding the shards and their `index.json`."""
     image_size: int = 32
@@ -215,6 +217,13 @@ class ModelConfig:
     """Pair tasks: how the siamese head compares the two images' embeddings a and b, any of abs_diff (|a-b|),
     concat ([a, b]), product (a*b), cosine (cos(a, b)), l2 (||a-b||) and residual (a residual block on the fused
     features); empty: the network (your factory's) takes the pair itself, stacked on channels."""
+    neck_channels: int = 256
+    """Dense tasks: channels of the FPN neck and of the head's branches (256 as MMOCR's DBNet; 64 makes a tiny
+    backbone's network 4x faster on a CPU)."""
+
+    def head_settings(self) -> HeadSettings:
+        """What the task puts on the network (`Task.build_model`)."""
+        return HeadSettings(tuple(self.comparison), self.neck_channels)
 
     def __post_init__(self):
         require(len(self.names) >= 1, "model.names", self.names, "at least one model")
@@ -665,6 +674,9 @@ def _check_schedule(key: str, schedule: dict[int, int], epochs: int, smallest: i
 
 def _check_digits_source(task_name: str, data: DataConfig) -> None:
     """A bundled digits source is labelled for one task, with its number of classes."""
+    if data.source == "synth_text":  # generated receipts with word polygons
+        require(get_task(task_name).annotation == "json", "data.source", data.source, "a source of "
+                 f"images without text regions for task: {task_name} (synth_text is for text detection)")  # fmt: skip
     task = task_of_digits_source(data.source)
     if task is None:
         return

@@ -21,7 +21,7 @@ from distrain.data.shards import SampleRef, read_annotation, read_image
 from distrain.errors import DataError
 from distrain.tasks.detection.augment import GeometricSettings, augment, fit_canvas, scaled
 from distrain.tasks.detection.geometry import TextRegions
-from distrain.tasks.detection.targets import db_targets
+from distrain.tasks.detection.targets import MIN_TEXT_SIZE, db_targets
 from distrain.tasks.detection.task import BACKGROUND, DONT_CARE, TEXT, map_side
 
 DenseDecoder = Callable[[SampleRef, int], tuple[torch.Tensor, torch.Tensor]]
@@ -54,7 +54,7 @@ def eval_detection_sample(ref: SampleRef, size: int) -> DetectionSample:
     canvas, scale = fit_canvas(_rgb(ref), size)
     words = text_regions(read_annotation(ref))
     return DetectionSample(torch.from_numpy(canvas).permute(2, 0, 1).contiguous(),
-                           torch.from_numpy(db_targets(scaled(words, scale), size, size).stacked()), scale)  # fmt: skip
+                           torch.from_numpy(_targets(scaled(words, scale), size)), scale)  # fmt: skip
 
 
 def train_detection_sample(ref: SampleRef, size: int, stream_seed: int, pass_index: int,
@@ -63,7 +63,16 @@ def train_detection_sample(ref: SampleRef, size: int, stream_seed: int, pass_ind
     rng = np.random.default_rng(sample_seed(stream_seed, pass_index, ref.sample_id))
     image, words, _ = augment(rng, _rgb(ref), text_regions(read_annotation(ref)), (size, size), settings)
     return DetectionSample(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous(),
-                           torch.from_numpy(db_targets(words, size, size).stacked()), 1.0)  # fmt: skip
+                           torch.from_numpy(_targets(words, size)), 1.0)  # fmt: skip
+
+
+def min_text_size(size: int) -> float:
+    """MMOCR's 8 px smallest trainable word at 640 px crops, scaled to the decoding size (2.4 px at 192)."""
+    return MIN_TEXT_SIZE * size / 640
+
+
+def _targets(words: TextRegions, size: int) -> np.ndarray:
+    return db_targets(words, size, size, min_text_size=min_text_size(size)).stacked()
 
 
 def label_row(targets: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,12 @@ def holdout_split(labels: Sequence[Label], groups: Sequence[str], test_fraction:
         if labels and isinstance(labels[0], tuple):
             n_labels = 1 + max((c for y in labels for c in y), default=0)
             labels = label_set_strata(np.asarray([multi_hot(y, n_labels) for y in labels]), 2)
+        counts = Counter(labels)  # a stratum of one sample (a rare word-count bucket) joins the largest
+        largest = counts.most_common(1)[0][0]
+        labels = [y if counts[y] > 1 else largest for y in labels]
+        n_test = int(np.ceil(test_fraction * n))
+        if len(set(labels)) > min(n_test, n - n_test):  # too few samples to put every stratum on both sides
+            labels = None
         _, test_idx = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
     is_test[test_idx] = True
     return is_test

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from distrain.errors import DataError
+
 ANNOTATIONS = "annotations.json"
 ITEMS = ("MILK", "BREAD", "EGGS", "COFFEE", "TEA", "RICE", "APPLES", "CHEESE", "BUTTER", "WATER", "SOAP",
          "PASTA", "SUGAR", "SALT", "JUICE", "OIL", "BEANS", "FLOUR", "HONEY", "NOODLES")  # fmt: skip
@@ -130,3 +132,30 @@ def write_synth_text(out_dir: str | Path, n_images: int, seed: int = 0, style: R
     tmp.write_text(json.dumps({"images": entries}))
     tmp.replace(path)
     return path
+
+
+SOURCE_IMAGES = 240
+"""Receipts of the `data.source: synth_text` demo (seed 0; a fifth held out)."""
+
+
+def ensure_synth_text(out_dir: str | Path, images: int = SOURCE_IMAGES) -> None:
+    """Pack `images` synthetic receipts (seed 0, 20% holdout) into `out_dir` unless a complete copy is there; as
+    `ensure_digits`, safe when several processes start together on one disk."""
+    import tempfile
+
+    from distrain.data.detection import samples_from_detection
+    from distrain.data.index import INDEX_NAME
+    from distrain.data.pack import write_dataset
+
+    out = Path(out_dir)
+    if (out / INDEX_NAME).exists():
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as raw:
+        annotations = write_synth_text(raw, images)
+        samples, classes = samples_from_detection(annotations, Path(raw) / "images")
+        try:
+            write_dataset(samples, out, classes=classes, test_fraction=0.2)
+        except DataError:
+            if not (out / INDEX_NAME).exists():  # not a lost race: a directory without an index is in the way
+                raise

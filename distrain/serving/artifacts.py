@@ -34,13 +34,13 @@ def write_model_artifacts(agg: Aggregation, dest: Path, channels: int, classes: 
         trained = src.cfg.for_model(model)
         entry = {"id": j["id"], "model": model, "column": column_key(j["model"], j["seed"]), "checkpoint": checkpoint}
         network = None
-        task, comparison = get_task(cfg.task), tuple(trained.model.comparison)
+        task, head = get_task(cfg.task), trained.model.head_settings()
         if task.images_per_sample > 1:  # a pair task's network: the siamese head it trained with, if any
-            entry["comparison"] = list(comparison)
+            entry["comparison"] = list(head.comparison)
         if is_factory_name(model):  # rebuilt by importing the factory where served, with the arguments it trained with
             entry["model_args"] = model_settings(trained.model, model)
             make = functools.partial(create_model, model, **entry["model_args"])
-            network = on_meta(functools.partial(task.build_model, make, store.num_classes, channels, comparison))
+            network = on_meta(functools.partial(task.build_model, make, store.num_classes, channels, head))
         entry["transform"] = resolve_transform(model, trained.data, channels, network).to_dict()
         jobs.append({**entry, "tta": asdict(trained.tta)})
     name = agg.registered_ensemble()

@@ -27,7 +27,7 @@ from PIL import Image
 
 from distrain.data.transforms import ImageTransform, TestTimeAugment
 from distrain.errors import BadInput
-from distrain.tasks import DEFAULT_TASK, Task, get_task
+from distrain.tasks import DEFAULT_TASK, HeadSettings, Task, get_task
 from distrain.training.models import create_model
 
 
@@ -51,8 +51,8 @@ class EnsemblePredictor:
             ckpt = torch.load(root / "checkpoints" / job["checkpoint"], map_location="cpu", weights_only=True)
             # a factory's job: its arguments ("model_args"); the factory's module must import here
             make = functools.partial(create_model, job["model"], **job.get("model_args", {}))
-            model = self.task.build_model(make, self.meta["num_classes"], self.meta["channels"],
-                                          tuple(job.get("comparison", ())))  # fmt: skip
+            head = HeadSettings(tuple(job.get("comparison", ())), job.get("neck_channels", HeadSettings.neck_channels))
+            model = self.task.build_model(make, self.meta["num_classes"], self.meta["channels"], head)
             model.load_state_dict(ckpt["model"])
             self.models.append((job["column"], model.eval()))
         self.boosters = []

@@ -3,7 +3,7 @@ of problem, registered by name. `get_task(cfg.task)` is how the rest of distrain
 
 from __future__ import annotations
 
-from distrain.tasks.base import COMPARISONS, LABEL_SETS_KEY, Label, LossSettings, MetaTarget, Task
+from distrain.tasks.base import COMPARISONS, LABEL_SETS_KEY, HeadSettings, Label, LossSettings, MetaTarget, Task
 from distrain.tasks.classification import Binary, Multiclass, Multilabel, label_set_strata
 from distrain.tasks.detection.task import TextDetection
 from distrain.tasks.metrics import METRICS, MetricSpec, Threshold, best_index, improves, overfit_gap
@@ -44,7 +44,7 @@ for _task in (Multiclass(), Binary(), Multilabel(), PairBinary(), PairMulticlass
     register_task(_task)
 
 __all__ = [
-    "COMPARISONS", "DEFAULT_TASK", "LABEL_SETS_KEY", "METRICS", "TASKS", "Label", "LossSettings", "MetaTarget",
-    "MetricSpec", "Task", "Threshold", "best_index", "get_task", "improves", "known_losses", "label_set_strata",
-    "overfit_gap", "register_task", "task_of_digits_source",
+    "COMPARISONS", "DEFAULT_TASK", "HeadSettings", "LABEL_SETS_KEY", "METRICS", "TASKS", "Label", "LossSettings",
+    "MetaTarget", "MetricSpec", "Task", "Threshold", "best_index", "get_task", "improves", "known_losses",
+    "label_set_strata", "overfit_gap", "register_task", "task_of_digits_source",
 ]  # fmt: skip

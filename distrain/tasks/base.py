@@ -46,6 +46,15 @@ class LossSettings:
 
 
 @dataclass(frozen=True)
+class HeadSettings:
+    """The model section's settings of what a task puts on the network: how a pair task's siamese head compares
+    the two embeddings (`model.comparison`), the channels of a dense task's neck and head (`model.neck_channels`)."""
+
+    comparison: tuple[str, ...] = ()
+    neck_channels: int = 256
+
+
+@dataclass(frozen=True)
 class MetaTarget:
     """One LightGBM meta-model target of stacking, with `classes` values: the labels themselves, whose
     probabilities fill every output column (`column` None), or label column `column` of 0/1 label rows, whose
@@ -154,11 +163,10 @@ class Task(ABC):
     # -- training (torch) --------------------------------------------------------------------------------------
 
     def build_model(
-        self, make: Callable[..., torch.nn.Module], num_classes: int, in_chans: int, comparison: tuple[str, ...] = ()
+        self, make: Callable[..., torch.nn.Module], num_classes: int, in_chans: int, head: HeadSettings = HeadSettings()
     ) -> torch.nn.Module:
         """The network for this task from `make(num_classes=, in_chans=)` (a timm model or a factory's, by name;
-        `in_chans` per image). `comparison`: how a pair task compares its images' embeddings (`model.comparison`).
-        Default: the network itself."""
+        `in_chans` per image) and the `head` settings. Default: the network itself."""
         return make(num_classes=num_classes, in_chans=in_chans)
 
     @abstractmethod

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from distrain.tasks.base import Label
+from distrain.tasks.base import HeadSettings, Label
 from distrain.tasks.classification import Binary, Multiclass
 
 if TYPE_CHECKING:
@@ -30,13 +30,13 @@ class PairTask:
     digits_source = None
 
     def build_model(
-        self, make: Callable[..., torch.nn.Module], num_classes: int, in_chans: int, comparison: tuple[str, ...] = ()
+        self, make: Callable[..., torch.nn.Module], num_classes: int, in_chans: int, head: HeadSettings = HeadSettings()
     ) -> torch.nn.Module:
-        if not comparison:  # the network takes the stacked pair itself
+        if not head.comparison:  # the network takes the stacked pair itself
             return make(num_classes=num_classes, in_chans=2 * in_chans)
         from distrain.tasks.siamese import SiameseNet
 
-        return SiameseNet(make(num_classes=0, in_chans=in_chans), num_classes, comparison)
+        return SiameseNet(make(num_classes=0, in_chans=in_chans), num_classes, head.comparison)
 
     def digits_labels(self, digits: np.ndarray) -> tuple[list[Label], list[str]]:
         raise NotImplementedError(f"task {self.name} has no one-image digits demo (pairs are packed from arrays)")

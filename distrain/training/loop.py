@@ -242,7 +242,7 @@ class JobTrainer:
         mc = cfg.model
         make = functools.partial(create_model, job.model, pretrained=mc.pretrained, pretrained_file=mc.pretrained_file,
                                  **model_settings(mc, job.model))  # fmt: skip
-        model = self.task.build_model(make, dc.num_classes, index.channels, tuple(mc.comparison))
+        model = self.task.build_model(make, dc.num_classes, index.channels, mc.head_settings())
         cuda_ddp = accelerator.device.type == "cuda" and not runtime.deepspeed_config_path(tc)
         optimizer = create_optimizer(model, cfg.optim, fused=tc.fused_optimizer and cuda_ddp)
         self.plan = [EpochPlan.of(cfg, epoch) for epoch in range(tc.epochs)]  # progressive resolution, if any

@@ -251,7 +251,7 @@ def check_inputs(cfg: Config, in_chans: int, device: torch.device) -> None:
         # a factory's own errors (it raises, returns no Module) are refused here, where the channels are known
         make = functools.partial(create_model, name, **model_settings(mcfg.model, name))
         model = on_meta(functools.partial(task.build_model, make, mcfg.data.num_classes, in_chans,
-                                          tuple(mcfg.model.comparison)))  # fmt: skip
+                                          mcfg.model.head_settings()))  # fmt: skip
         channels = in_chans * task.images_per_sample  # an image pair's two, stacked on channels
         for size in sorted(sizes):
             batch_bytes = max(batches) * channels * size * size * 4  # float32 inputs, before any activation

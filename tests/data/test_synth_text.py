@@ -67,3 +67,15 @@ def test_cli_writes_receipts_and_refuses_a_bad_count_or_a_used_folder(tmp_path, 
     assert bad.returncode == 2 and "--images N needs a positive number of images, got 'two'" in last_line(bad.stderr)
     used = distrain_cli(capsys, "data", "synth-text", "--out", str(tmp_path / "r"), "--images", "2")
     assert used.returncode == 2 and "exists and is not empty" in last_line(used.stderr)
+
+
+def test_the_synth_text_source_is_packed_once_for_text_detection(tmp_path):
+    from distrain.data.index import read_index
+    from distrain.data.synth_text import ensure_synth_text
+
+    ensure_synth_text(tmp_path / "data", images=10)
+    index = read_index(tmp_path / "data", 1, "text_detection")
+    assert len(index.sample_ids) == 10 and len(index.split_ids("test")) == 2 and index.annotations == "json"
+    stamp = (tmp_path / "data" / "index.json").stat().st_mtime_ns
+    ensure_synth_text(tmp_path / "data", images=10)  # a complete copy is kept
+    assert (tmp_path / "data" / "index.json").stat().st_mtime_ns == stamp

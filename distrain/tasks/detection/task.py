@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from distrain.tasks.base import Label, LossSettings, MetaTarget, Task
+from distrain.tasks.base import HeadSettings, Label, LossSettings, MetaTarget, Task
 from distrain.tasks.metrics import Threshold
 
 if TYPE_CHECKING:
@@ -81,12 +81,12 @@ class TextDetection(Task):
         return []
 
     def build_model(
-        self, make: Callable[..., torch.nn.Module], num_classes: int, in_chans: int, comparison: tuple[str, ...] = ()
+        self, make: Callable[..., torch.nn.Module], num_classes: int, in_chans: int, head: HeadSettings = HeadSettings()
     ) -> torch.nn.Module:
-        """DBNet on `make`'s backbone built with `features_only=True`."""
+        """DBNet on `make`'s backbone built with `features_only=True`, its neck and head `head.neck_channels` wide."""
         from distrain.tasks.detection.network import DBNet
 
-        return DBNet(make(num_classes=0, in_chans=in_chans, features_only=True))
+        return DBNet(make(num_classes=0, in_chans=in_chans, features_only=True), inner=head.neck_channels)
 
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         """DBNet's output [B, 3, S, S] -> the probability maps on the stored grid, flattened [B, side²]."""
