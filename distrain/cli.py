@@ -19,7 +19,7 @@ distrain retry --run-dir DIR [--job ID ...]    jobs failed for good pending agai
 distrain sync --run-dir DIR                    send tracking buffered while MLflow was down
 distrain k8s render --config FILE --workers N [--gpus-per-worker G] [--mode indexed|queue|multinode] --out DIR
                                                Kubernetes manifests (kustomize) from the config
-distrain predict --run-dir DIR (--images DIR | --shards DIR) --out FILE.csv [--model-uri URI]
+distrain predict --run-dir DIR (--images DIR | --shards DIR) --out FILE.csv [--model-uri URI] (detection: FILE.json)
                                                the ensemble on unlabelled images of any size
 """
 
@@ -32,8 +32,9 @@ from pathlib import Path
 
 from distrain.console import route_library_output
 from distrain.errors import BadInput, Preempted, exit_with_line, refuse, storage_error
+from distrain.fsutil import atomic_write_json
 from distrain.names import AttemptEnd, JobStatus
-from distrain.tasks import DEFAULT_TASK, TASKS
+from distrain.tasks import DEFAULT_TASK, TASKS, get_task
 
 
 def _data(args) -> int:
@@ -305,6 +306,8 @@ def _predict(args) -> int:
     if bool(args.images) == bool(args.shards):
         raise BadInput("predict: give exactly one of --images DIR or --shards DIR")
     route_library_output(run_dir)
+    if get_task(cfg.task).dense:
+        return _predict_dense(args, run_dir, cfg)
     if args.model_uri:
         from distrain.serving.pyfunc import load_registered_predictor
 
@@ -329,6 +332,24 @@ def _predict(args) -> int:
         names, probs = predict_shards(predictor, source)
     write_predictions_csv(Path(args.out), names, probs, predictor.classes, predictor.decide(probs))
     print(f"distrain: wrote {len(names)} predictions ({len(predictor.classes)} classes) to {args.out}")
+    return 0
+
+
+def _predict_dense(args, run_dir: Path, cfg) -> int:
+    """`distrain predict` of a text-detection study: the fold models' voted boxes of every image, as JSON."""
+    from distrain.serving.detection import DetectionPredictor, predict_detection_folder
+
+    if not args.images or args.model_uri or args.second_images:
+        raise BadInput("predict: a text-detection study predicts --images DIR (no --shards, --model-uri or pairs)")
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise BadInput(f"predict: not a folder: {folder}")
+    predictor = DetectionPredictor(run_dir, cfg)
+    out = predict_detection_folder(predictor, folder)
+    atomic_write_json(Path(args.out), out)
+    words = sum(len(e["words"]) for e in out["images"])
+    print(f"distrain: wrote {words} text boxes of {len(out['images'])} images to {args.out} (>= {predictor.k} of "
+          f"{len(predictor.models)} fold models of {predictor.column})")  # fmt: skip
     return 0
 
 

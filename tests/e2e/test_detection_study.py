@@ -17,7 +17,7 @@ from distrain.data.pack import write_dataset
 from distrain.data.synth_text import write_synth_text
 from distrain.ensembles.dense import votes_needed
 
-from conftest import REPO, RUN_PY, child_env, distrain_run, e2e_timeout, run_cmd
+from conftest import REPO, RUN_PY, child_env, cli_in, distrain_run, e2e_timeout, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -139,3 +139,28 @@ def _steps_per_epoch(run_dir) -> int:
     """Training steps of the resumed job's epoch (its fold's training samples / batch size 2)."""
     folds = json.loads((run_dir / "folds.json").read_text())
     return sum(1 for f in folds["fold_of_sample"].values() if f != 0) // 2
+
+
+def test_predict_writes_every_images_voted_boxes_and_reproduces_the_holdout_score(study, tmp_path, capsys, monkeypatch):
+    from distrain.tasks.detection.geometry import TextRegions
+    from distrain.tasks.detection.hmean import hmean_counts
+
+    cwd, run_dir, report, _ = study
+    index = json.loads((cwd / "data" / "synth_text" / "index.json").read_text())
+    holdout = {s["sample_id"] for s in index["samples"] if s["split"] == "test"}
+    folder = tmp_path / "holdout"
+    folder.mkdir()
+    for name in holdout:
+        (folder / f"{name}.jpg").write_bytes((cwd / "raw" / "images" / f"{name}.jpg").read_bytes())
+    proc = cli_in(capsys, monkeypatch, cwd, "predict", "--run-dir", str(run_dir), "--images", str(folder),
+                  "--out", str(tmp_path / "boxes.json"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    entries = json.loads((tmp_path / "boxes.json").read_text())["images"]
+    assert sorted(e["file"] for e in entries) == sorted(f"{n}.jpg" for n in holdout)
+    truth = {e["file"]: e for e in json.loads((cwd / "raw" / "annotations.json").read_text())["images"]}
+    truths = [TextRegions.from_json(json.dumps(truth[e["file"]])) for e in entries]
+    found = [TextRegions([w["points"] for w in e["words"]]) for e in entries]
+    assert hmean_counts(truths, found).hmean == pytest.approx(report["ensembles"]["fold_vote"]["test"], abs=1e-9)
+    bad = cli_in(capsys, monkeypatch, cwd, "predict", "--run-dir", str(run_dir), "--shards", str(folder),
+                 "--out", str(tmp_path / "x.json"))  # fmt: skip
+    assert bad.returncode == 2 and "a text-detection study predicts --images DIR" in bad.stderr
