@@ -339,12 +339,18 @@ def _predict_dense(args, run_dir: Path, cfg) -> int:
     """`distrain predict` of a text-detection study: the fold models' voted boxes of every image, as JSON."""
     from distrain.serving.detection import DetectionPredictor, predict_detection_folder
 
-    if not args.images or args.model_uri or args.second_images:
-        raise BadInput("predict: a text-detection study predicts --images DIR (no --shards, --model-uri or pairs)")
+    if not args.images or args.second_images:
+        raise BadInput("predict: a text-detection study predicts --images DIR (no --shards, no pairs)")
     folder = Path(args.images)
     if not folder.is_dir():
         raise BadInput(f"predict: not a folder: {folder}")
-    predictor = DetectionPredictor(run_dir, cfg)
+    if args.model_uri:
+        from distrain.serving.pyfunc import load_registered_predictor
+        from distrain.tracking.base import resolve_tracking_uri
+
+        predictor = load_registered_predictor(args.model_uri, resolve_tracking_uri(cfg.tracking.uri, run_dir.parent))
+    else:
+        predictor = DetectionPredictor(run_dir / "ensemble" / "model")
     out = predict_detection_folder(predictor, folder)
     atomic_write_json(Path(args.out), out)
     words = sum(len(e["words"]) for e in out["images"])

@@ -136,6 +136,15 @@ def pytest_configure(config):
         torch.set_num_threads(len(os.sched_getaffinity(0)))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules with end-to-end (`slow`) tests first, in their own order, then the rest: under `--dist loadfile`
+    each worker takes the next module when it is free, and each is pinned to its own CPU, so a long module taken
+    last would leave the other CPU idle for its whole length."""
+    heavy = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (item.module.__name__ not in heavy, order[id(item)]))
+
+
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -30,7 +30,9 @@ from distrain.tasks import (
 
 Precision = Literal["no", "fp16", "bf16"]
 Schedule = Literal["cosine", "cosine_restarts", "constant"]
-DataSource = Literal["digits", "digits_binary", "digits_multilabel", "digits_pairs", "synth_text", "shards"]
+DataSource = Literal[
+    "digits", "digits_binary", "digits_multilabel", "digits_pairs", "synth_text", "synth_shapes", "shards"
+]
 Interpolation = Literal["", "nearest", "bilinear", "bicubic", "lanczos"]
 """Empty: the model's own (timm's pretrained config)."""
 EraseMode = Literal["pixel", "rand", "const"]
@@ -48,7 +50,8 @@ class DataConfig:
     with its digit's properties: even, large (>= 5), loop, prime), `digits_pairs` (pairs of them, 'the same
     digit?', half of them so, for task pair_binary: blocks of 8 images give 10 pairs each and are one group, so no
     image is in two folds' pairs), `synth_text` (240 generated receipts with word polygons, for text detection,
-    packed on first use) or `shards` (packed with `distrain data pack`)."""
+    packed on first use), `synth_shapes` (240 generated images of shapes with their masks, 4 classes, for
+    segmentation, packed on first use) or `shards` (packed with `distrain data pack`)."""
     root: str = "data/digits"
     """Directory holding the shards and their `index.json`."""
     image_size: int = 32
@@ -674,9 +677,10 @@ def _check_schedule(key: str, schedule: dict[int, int], epochs: int, smallest: i
 
 def _check_digits_source(task_name: str, data: DataConfig) -> None:
     """A bundled digits source is labelled for one task, with its number of classes."""
-    if data.source == "synth_text":  # generated receipts with word polygons
-        require(get_task(task_name).annotation == "json", "data.source", data.source, "a source of "
-                 f"images without text regions for task: {task_name} (synth_text is for text detection)")  # fmt: skip
+    generated = {"synth_text": "json", "synth_shapes": "mask.png"}  # the annotations each generated source has
+    if data.source in generated:
+        require(get_task(task_name).annotation == generated[data.source], "data.source", data.source,
+                 f"a source whose samples task: {task_name} takes")  # fmt: skip
     task = task_of_digits_source(data.source)
     if task is None:
         return

@@ -17,12 +17,14 @@ import torch
 from PIL import Image
 
 from distrain.data.augment import sample_seed
+from distrain.data.masks import MASK_EXT
 from distrain.data.shards import SampleRef, read_annotation, read_image
 from distrain.errors import DataError
 from distrain.tasks.detection.augment import GeometricSettings, augment, fit_canvas, scaled
 from distrain.tasks.detection.geometry import TextRegions
 from distrain.tasks.detection.targets import MIN_TEXT_SIZE, db_targets
 from distrain.tasks.detection.task import BACKGROUND, DONT_CARE, TEXT, map_side
+from distrain.tasks.semantic import fit_mask, grid_side, label_grid
 
 DenseDecoder = Callable[[SampleRef, int], tuple[torch.Tensor, torch.Tensor]]
 """(sample, pass over the data) -> (uint8 image [3, S, S], the sample's target or label row)."""
@@ -86,19 +88,57 @@ def label_row(targets: torch.Tensor) -> torch.Tensor:
     return row.flatten()
 
 
+def _mask(ref: SampleRef) -> np.ndarray:
+    with Image.open(io.BytesIO(read_annotation(ref))) as mask:
+        return np.asarray(mask)
+
+
+def eval_mask_sample(ref: SampleRef, size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The evaluation decoding of a segmentation sample: image and mask on the size x size canvas."""
+    canvas, _ = fit_canvas(_rgb(ref), size)
+    return torch.from_numpy(canvas).permute(2, 0, 1).contiguous(), fit_mask(_mask(ref), size)
+
+
+def train_mask_sample(
+    ref: SampleRef, size: int, stream_seed: int, pass_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training decoding of a segmentation sample: one random affine of image and mask (nearest, 0 outside)."""
+    rng = np.random.default_rng(sample_seed(stream_seed, pass_index, ref.sample_id))
+    image, _, mask = augment(rng, _rgb(ref), TextRegions(), (size, size), GeometricSettings(), mask=_mask(ref))
+    return (torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous(),
+            torch.from_numpy(np.ascontiguousarray(mask)).long())  # fmt: skip
+
+
 def dense_train_decoder(annotation: str, size: int, stream_seed: int, augmented: bool) -> DenseDecoder:
-    """The training decoder of samples carrying `annotation` ("json": text regions): the image and its DB targets,
-    a seeded random affine crop when `augmented` (else the evaluation canvas)."""
+    """The training decoder of samples carrying `annotation` ("json": text regions, "mask.png": class-id masks):
+    the image and its target (DB maps, or the mask), a seeded random affine crop when `augmented` (else the
+    evaluation canvas)."""
     _check_annotation(annotation)
+    if annotation == MASK_EXT:
+        if not augmented:
+            return lambda ref, _pass: _long_mask(eval_mask_sample(ref, size))
+        return lambda ref, pass_index: train_mask_sample(ref, size, stream_seed, pass_index)
     if not augmented:
         return lambda ref, _pass: _as_pair(eval_detection_sample(ref, size), labels=False)
     return lambda ref, pass_index: _as_pair(train_detection_sample(ref, size, stream_seed, pass_index), labels=False)
 
 
-def dense_eval_decoder(annotation: str, size: int) -> DenseDecoder:
+def dense_eval_decoder(annotation: str, size: int, num_classes: int) -> DenseDecoder:
     """The evaluation decoder: the image on the canvas and its label row."""
     _check_annotation(annotation)
+    if annotation == MASK_EXT:
+        side = grid_side(size, num_classes)
+
+        def decode(ref: SampleRef, _pass: int) -> tuple[torch.Tensor, torch.Tensor]:
+            image, mask = eval_mask_sample(ref, size)
+            return image, torch.from_numpy(np.ascontiguousarray(label_grid(mask, side))).flatten()
+
+        return decode
     return lambda ref, _pass: _as_pair(eval_detection_sample(ref, size), labels=True)
+
+
+def _long_mask(sample: tuple[torch.Tensor, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    return sample[0], torch.from_numpy(sample[1]).long()
 
 
 def _as_pair(sample: DetectionSample, labels: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,5 +146,6 @@ def _as_pair(sample: DetectionSample, labels: bool) -> tuple[torch.Tensor, torch
 
 
 def _check_annotation(annotation: str) -> None:
-    if annotation != "json":
-        raise DataError(f"no decoder for samples annotated with {annotation!r} (text regions: 'json')")
+    if annotation not in ("json", MASK_EXT):
+        raise DataError(f"no decoder for samples annotated with {annotation!r} (text regions 'json', masks "
+                        f"{MASK_EXT!r})")  # fmt: skip

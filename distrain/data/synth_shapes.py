@@ -48,3 +48,31 @@ def write_synth_shapes(out_dir: str | Path, n_images: int, seed: int = 0, size: 
         image.save(out / "images" / f"shapes-{i:05d}.png")
         mask.save(out / "masks" / f"shapes-{i:05d}.png")
     return out
+
+
+SOURCE_IMAGES = 240
+"""Images of the `data.source: synth_shapes` demo (seed 0; a fifth held out)."""
+
+
+def ensure_synth_shapes(out_dir: str | Path, images: int = SOURCE_IMAGES) -> None:
+    """Pack `images` generated shape images with their masks (seed 0, 20% holdout) into `out_dir` unless a complete
+    copy is there; as `ensure_digits`, safe when several processes start together on one disk."""
+    import tempfile
+
+    from distrain.data.index import INDEX_NAME
+    from distrain.data.masks import samples_from_masks
+    from distrain.data.pack import write_dataset
+    from distrain.errors import DataError
+
+    out = Path(out_dir)
+    if (out / INDEX_NAME).exists():
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as raw:
+        write_synth_shapes(raw, images)
+        samples, classes = samples_from_masks(Path(raw) / "images", Path(raw) / "masks", SHAPE_CLASSES)
+        try:
+            write_dataset(samples, out, classes=classes, test_fraction=0.2)
+        except DataError:
+            if not (out / INDEX_NAME).exists():  # not a lost race: a directory without an index is in the way
+                raise

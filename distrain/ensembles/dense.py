@@ -22,6 +22,7 @@ import io
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -55,6 +56,9 @@ class DenseAggregation:
     report: Report
     sources: list[Source]
     postprocess: dict[str, dict]
+    worst: list[dict]
+    """The best column's OOF images with the lowest H-mean at its fold-honest settings: {sample_id, hmean, truth,
+    found} (polygons on the maps' grid), for the review."""
 
     def settings_id(self) -> str:
         settings = {"ensemble": asdict(self.cfg.ensemble), "columns": self.report.ensemble_details["columns"]}
@@ -129,7 +133,42 @@ def compute_dense_aggregation(cfg: Config, sources: list[Source], truth: SampleT
         "left_out": store.left_out,
         "skipped": {} if store.test_ids else {"fold_vote": "no holdout images"},
     }
-    return DenseAggregation(cfg, report, sources, postprocess)
+    worst = worst_images(oof[best], cv_truths, store.folds, columns[best], store.sample_ids)
+    return DenseAggregation(cfg, report, sources, postprocess, worst)
+
+
+def worst_images(maps: np.ndarray, truths: list[TextRegions], folds: np.ndarray, tuned: TunedPostprocess,
+                 sample_ids: list[str], n: int = 4) -> list[dict]:  # fmt: skip
+    """The `n` images of one column's OOF maps with the lowest H-mean, each at its fold's tuned settings."""
+    rows = []
+    for j, truth in enumerate(truths):
+        found = boxes_from_map(maps[j], tuned.per_fold[int(folds[j])])
+        rows.append({"sample_id": sample_ids[j], "hmean": count_matches(truth, found).hmean, "truth": truth,
+                     "found": found})  # fmt: skip
+    return sorted(rows, key=lambda r: (r["hmean"], r["sample_id"]))[:n]
+
+
+def draw_worst_images(agg: DenseAggregation, out_dir: Path) -> list[Path]:
+    """Each of `agg.worst` as a PNG in `out_dir`: the image with its words (green; don't-care grey) and the boxes
+    found (red), worst first."""
+    from PIL import ImageDraw
+
+    for old in out_dir.glob("worst-*.png"):  # a previous aggregation's
+        old.unlink()
+    refs = {r.sample_id: r for url in read_index(agg.cfg.data.root).urls("cv") for r in shard_samples(url)}
+    side, paths = map_side(agg.cfg.data.image_size), []
+    for rank, row in enumerate(agg.worst):
+        with Image.open(io.BytesIO(read_image(refs[row["sample_id"]]))) as opened:
+            image = opened.convert("RGB")
+        back, draw = max(image.size) / side, ImageDraw.Draw(image)
+        for polygon, ignore in zip(row["truth"].polygons, row["truth"].ignore):
+            draw.polygon([tuple(p) for p in polygon * back], outline=(150, 150, 150) if ignore else (0, 170, 0))
+        for polygon in row["found"].polygons:
+            draw.polygon([tuple(p) for p in polygon * back], outline=(220, 0, 0))
+        path = out_dir / f"worst-{rank}-{row['sample_id']}-hmean-{row['hmean']:.2f}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
 
 
 def _report(cfg: Config, store: OOFStore, test_by_job: np.ndarray | None, side: int, cv_truths: list[TextRegions],

@@ -28,6 +28,7 @@ from distrain.tracking.base import Tracker
 
 if TYPE_CHECKING:
     from distrain.ensembles.dense import DenseAggregation
+    from distrain.ensembles.masks import MaskAggregation
 
 
 def _no_op() -> None:
@@ -62,9 +63,7 @@ def aggregate_study(
     mlflow_info = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
                    "parent_run_id": tracker.parent_run_id}  # fmt: skip
     if get_task(cfg.task).dense:
-        from distrain.ensembles.dense import compute_dense_aggregation  # late: OpenCV, shapely, pyclipper
-
-        agg = compute_dense_aggregation(cfg, sources, truth, failed, allow_partial or bool(failed), mlflow_info)
+        agg = _compute_dense(cfg, sources, truth, failed, allow_partial or bool(failed), mlflow_info)
         guards.stop_point()
         publish_dense(agg, run_dir, tracker, guards.fence)
     else:
@@ -102,22 +101,41 @@ def publish(agg: Aggregation, run_dir: Path, tracker: Tracker, fence: Callable[[
         tracker.end_run(run_id)
 
 
-def publish_dense(agg: DenseAggregation, run_dir: Path, tracker: Tracker, fence: Callable[[], None]) -> None:
-    """A dense task's review: the tuned post-processing (ensemble/postprocess.json), the summary, report.json, the
-    study run's metrics and one run for the ensembles. No model is registered yet (the report says none)."""
+def _compute_dense(cfg: Config, sources: list[Source], truth: SampleTruth, failed: list[dict], allow_partial: bool,
+                   mlflow_info: dict) -> DenseAggregation | MaskAggregation:  # fmt: skip
+    """A dense study's aggregation: of boxes (text regions) or of masks."""
+    if get_task(cfg.task).annotation == "json":
+        from distrain.ensembles.dense import compute_dense_aggregation  # late: OpenCV, shapely, pyclipper
+
+        return compute_dense_aggregation(cfg, sources, truth, failed, allow_partial, mlflow_info)
+    from distrain.ensembles.masks import compute_mask_aggregation
+
+    return compute_mask_aggregation(cfg, sources, truth, failed, allow_partial, mlflow_info)
+
+
+def publish_dense(agg: DenseAggregation | MaskAggregation, run_dir: Path, tracker: Tracker,
+                  fence: Callable[[], None]) -> None:  # fmt: skip
+    """A dense task's review: the summary, report.json, the study run's metrics and one run for the ensembles;
+    for text detection also the tuned post-processing (ensemble/postprocess.json), the worst OOF images drawn, and
+    the voting fold models' files (ensemble/model/), registered as an MLflow model when `ensemble.register_model`
+    is on."""
+    from distrain.ensembles.dense import DenseAggregation, draw_worst_images
     from distrain.ensembles.report import format_table
 
-    out = run_dir / "ensemble"
+    out, detection = run_dir / "ensemble", isinstance(agg, DenseAggregation)
     out.mkdir(parents=True, exist_ok=True)
     fence()
-    atomic_write_json(out / "postprocess.json", agg.postprocess)
     atomic_write_text(out / "summary.md", f"# {agg.cfg.experiment}\n\n```\n{format_table(agg.report)}\n```\n")
+    review = [out / "summary.md"]
+    if detection:
+        atomic_write_json(out / "postprocess.json", agg.postprocess)
+        review += [out / "postprocess.json", *draw_worst_images(agg, out)]
     fence()
     report_path = agg.report.write(run_dir)
     fence()
     parent = tracker.parent_run_id
     tracker.log_metrics(parent, _summary_metrics(agg.report), step=len(agg.report.jobs))
-    for f in (out / "postprocess.json", out / "summary.md"):
+    for f in review:
         tracker.log_artifact(parent, f, "review")
     tracker.log_artifact(parent, report_path)
     plan = {"distrain.plan": plan_id(agg.job_ids()), "distrain.ensemble": agg.settings_id()}
@@ -125,7 +143,25 @@ def publish_dense(agg: DenseAggregation, run_dir: Path, tracker: Tracker, fence:
     stage = tracker.child_run("voting", {"ensemble.vote_fraction": ec.vote_fraction, "ensemble.box_iou": ec.box_iou},
                               plan)  # fmt: skip
     tracker.log_metrics(stage, _stage_metrics(agg.report, tuple(agg.report.ensembles)), step=0)
+    if detection:
+        _detection_model(agg, run_dir, tracker, stage, fence)
+    elif ec.register_model:
+        print(f"distrain: task {agg.cfg.task}: no model is registered (serving it is not built yet)", flush=True)
     tracker.end_run(stage)
+
+
+def _detection_model(agg: DenseAggregation, run_dir: Path, tracker: Tracker, stage: str,
+                     fence: Callable[[], None]) -> None:  # fmt: skip
+    """The voting fold models' files, which `distrain predict` loads, registered when asked."""
+    from distrain.serving.detection import register_detection_model, write_detection_model  # late: torch, timm
+
+    fence()
+    model_dir = write_detection_model(run_dir, agg.cfg, agg.report, run_dir / "ensemble" / "model")
+    if agg.cfg.ensemble.register_model and tracker.can_register_models:
+        fence()
+        agg.report.ensemble_model = register_detection_model(agg, tracker, model_dir, stage)
+        fence()
+        tracker.log_artifact(tracker.parent_run_id, agg.report.write(run_dir))
 
 
 def log_review(tracker: Tracker, agg: Aggregation, review_files: list[Path], report_path: Path) -> dict[str, str]:

@@ -26,6 +26,7 @@ from distrain.console import route_library_output
 from distrain.data.index import DatasetIndex, read_index
 from distrain.data.loaders import check_shard_count
 from distrain.data.pack import ensure_digits
+from distrain.data.synth_shapes import ensure_synth_shapes
 from distrain.data.synth_text import ensure_synth_text
 from distrain.distributed import runtime
 from distrain.distributed.ranks import Ranks
@@ -139,6 +140,8 @@ def prepare_data(cfg: Config, accelerator: Accelerator, ranks: Ranks) -> tuple[D
         ranks.per_node(lambda: ensure_digits(cfg.data.root, cfg.task))
     elif cfg.data.source == "synth_text":
         ranks.per_node(lambda: ensure_synth_text(cfg.data.root))
+    elif cfg.data.source == "synth_shapes":
+        ranks.per_node(lambda: ensure_synth_shapes(cfg.data.root))
     index = read_index(cfg.data.root, cfg.data.num_classes, cfg.task)  # every rank: same check, same error
     check_shard_count(index.cv_shards, accelerator.num_processes, cfg.data.num_workers, f"{cfg.data.root} cv split")
     cv_ids = index.split_ids("cv")

@@ -5,12 +5,15 @@ The fold models of the column the aggregation chose (`report.json`: `ensemble_de
 predict the image fitted into the `data.image_size` canvas; each map (on the stored grid) is post-processed at the
 settings tuned on that column's OOF maps (`ensemble/postprocess.json`), and a box is kept where at least k of the
 K fold models found it (`fold_vote`: k = ceil(ensemble.vote_fraction x K), "3 of 5"), fused, and scaled back to the
-image's pixels. `distrain predict` writes the boxes as the `--detection` annotation format."""
+image's pixels. The files are self-contained (`ensemble/model/`: meta.json and the checkpoints), registered in MLflow
+as `DetectionPyfunc`; `distrain predict` writes the boxes as the `--detection` annotation format."""
 
 from __future__ import annotations
 
 import functools
 import json
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +21,12 @@ import torch
 from PIL import Image
 
 from distrain.config import Config
-from distrain.data.transforms import resolve_transform
+from distrain.data.transforms import ImageTransform, resolve_transform
 from distrain.ensembles.report import Report
 from distrain.errors import BadInput
+from distrain.fsutil import atomic_write_json
 from distrain.study.plan import column_key
-from distrain.tasks import get_task
+from distrain.tasks import HeadSettings, get_task
 from distrain.tasks.detection.augment import fit_canvas, scaled
 from distrain.tasks.detection.geometry import TextRegions
 from distrain.tasks.detection.postprocess import PostprocessSettings, boxes_from_map
@@ -30,30 +34,57 @@ from distrain.tasks.detection.task import map_side
 from distrain.tasks.detection.voting import vote_boxes
 from distrain.training.models import create_model, model_settings
 
+CHANNELS = 3
+"""Detection images are decoded as RGB."""
+
+
+MODEL_FORMAT = "distrain-detection/1"
+
+
+def write_detection_model(run_dir: Path, cfg: Config, report: Report, dest: Path) -> Path:
+    """The files `DetectionPredictor` loads, in `dest`: the voting column's fold checkpoints and meta.json (the
+    column, k of K, the IoU, the post-processing tuned on its OOF maps, each job's network and preprocessing)."""
+    vote = report.ensemble_details.get("fold_vote") or {}
+    column = vote.get("column") or report.ensemble_details["best_single_column"]
+    tuned = json.loads((run_dir / "ensemble" / "postprocess.json").read_text())[column]
+    jobs = [j for j in report.jobs if column_key(j["model"], j["seed"]) == column]
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "checkpoints").mkdir(parents=True)
+    entries = []
+    for job in jobs:
+        trained = cfg.for_model(job["model"])
+        shutil.copyfile(run_dir / "jobs" / job["id"] / "best.pt", dest / "checkpoints" / f"{job['id']}.pt")
+        entries.append({"id": job["id"], "model": job["model"], "checkpoint": f"{job['id']}.pt",
+                        "model_args": model_settings(trained.model, job["model"]),
+                        "head": asdict(trained.model.head_settings()),
+                        "transform": resolve_transform(job["model"], trained.data, CHANNELS).to_dict()})  # fmt: skip
+    meta = {"format": MODEL_FORMAT, "task": cfg.task, "column": column, "k": int(vote.get("k", len(jobs))),
+            "iou": float(vote.get("iou", cfg.ensemble.box_iou)), "settings": tuned["final"],
+            "image_size": cfg.data.image_size, "num_classes": cfg.data.num_classes, "jobs": entries}  # fmt: skip
+    atomic_write_json(dest / "meta.json", meta)
+    return dest
+
 
 class DetectionPredictor:
-    """The fold models of a finished text-detection study, voting."""
+    """The fold models of a text-detection study's voting column, from the files `write_detection_model` wrote."""
 
-    def __init__(self, run_dir: Path, cfg: Config):
-        report = Report.read(run_dir)
-        if report is None or not (run_dir / "ensemble" / "postprocess.json").is_file():
-            raise BadInput(f"{run_dir}: no report.json / ensemble/postprocess.json (the study has not aggregated)")
-        vote = report.ensemble_details.get("fold_vote") or {}
-        self.column = vote.get("column") or report.ensemble_details["best_single_column"]
-        tuned = json.loads((run_dir / "ensemble" / "postprocess.json").read_text())[self.column]
-        self.settings = PostprocessSettings(**tuned["final"])
-        self.iou = float(vote.get("iou", cfg.ensemble.box_iou))
-        jobs = [j for j in report.jobs if column_key(j["model"], j["seed"]) == self.column]
-        self.k = int(vote.get("k", len(jobs)))
-        self.size, self.task = cfg.data.image_size, get_task(cfg.task)
-        self.models = [self._load(run_dir, cfg, job) for job in jobs]
-        self.transform = resolve_transform(jobs[0]["model"], cfg.for_model(jobs[0]["model"]).data, 3, self.models[0])
+    def __init__(self, model_dir: str | Path):
+        root = Path(model_dir)
+        if not (root / "meta.json").is_file():
+            raise BadInput(f"{root}: no detection model (meta.json); the study has not aggregated")
+        self.meta = json.loads((root / "meta.json").read_text())
+        self.task, self.size = get_task(self.meta["task"]), int(self.meta["image_size"])
+        self.settings = PostprocessSettings(**self.meta["settings"])
+        self.k, self.iou, self.column = int(self.meta["k"]), float(self.meta["iou"]), self.meta["column"]
+        self.models = [self._load(root, job) for job in self.meta["jobs"]]
+        self.transform = ImageTransform.from_dict(self.meta["jobs"][0]["transform"])
 
-    def _load(self, run_dir: Path, cfg: Config, job: dict) -> torch.nn.Module:
-        trained = cfg.for_model(job["model"])
-        make = functools.partial(create_model, job["model"], **model_settings(trained.model, job["model"]))
-        model = self.task.build_model(make, cfg.data.num_classes, 3, trained.model.head_settings())
-        checkpoint = torch.load(run_dir / "jobs" / job["id"] / "best.pt", map_location="cpu", weights_only=True)
+    def _load(self, root: Path, job: dict) -> torch.nn.Module:
+        make = functools.partial(create_model, job["model"], **job["model_args"])
+        head = HeadSettings(tuple(job["head"]["comparison"]), int(job["head"]["neck_channels"]))
+        model = self.task.build_model(make, self.meta["num_classes"], CHANNELS, head)
+        checkpoint = torch.load(root / "checkpoints" / job["checkpoint"], map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["model"])
         return model.eval()
 
@@ -73,6 +104,30 @@ class DetectionPredictor:
         members = [boxes_from_map(m, self.settings) for m in maps]
         return scaled(vote_boxes(members, self.k, self.iou), 1.0 / scale)
 
+    def predict_words(self, images) -> list[list[dict]]:
+        """Each image's words ({"points", "score"}): PIL images or uint8 arrays [H, W(, C)] of any size."""
+        out = []
+        for item in images:
+            image = item if isinstance(item, Image.Image) else Image.fromarray(np.asarray(item, dtype=np.uint8))
+            found = self.detect(image)
+            out.append([{"points": np.round(p, 1).tolist(), "score": round(float(s), 4)}
+                        for p, s in zip(found.polygons, found.scores)])  # fmt: skip
+        return out
+
+
+PYFUNC = "distrain.serving.pyfunc:DetectionPyfunc"
+
+
+def register_detection_model(agg, tracker, model_dir: Path, run_id: str) -> dict:
+    """Log and register `model_dir` on the MLflow run `run_id` as `ensemble.model_name` (else
+    `distrain-<experiment>`); returns report.json's `ensemble_model` entry."""
+    from distrain.tracking.base import model_entry
+
+    name = agg.cfg.ensemble.model_name or f"distrain-{agg.cfg.experiment}"
+    tags = {"distrain.ensemble": "fold_vote", "test_hmean": str(agg.report.ensembles["fold_vote"]["test"])}
+    version = tracker.log_ensemble_model(run_id, model_dir, name, PYFUNC, tags)
+    return {**model_entry(name, version), "ensemble": "fold_vote"}
+
 
 def predict_detection_folder(predictor: DetectionPredictor, folder: Path) -> dict:
     """Every image under `folder` (recursively, sorted) as an entry of the `--detection` annotation format, each word
@@ -82,11 +137,10 @@ def predict_detection_folder(predictor: DetectionPredictor, folder: Path) -> dic
         try:
             with Image.open(path) as image:
                 image.load()
-                found = predictor.detect(image)
+                (words,) = predictor.predict_words([image])
                 width, height = image.size
         except (OSError, Image.DecompressionBombError) as e:
             raise BadInput(f"{path}: not an image ({type(e).__name__})") from None
-        words = [{"points": np.round(p, 1).tolist(), "score": round(float(s), 4), "text": "", "ignore": False}
-                 for p, s in zip(found.polygons, found.scores)]  # fmt: skip
+        words = [{**w, "text": "", "ignore": False} for w in words]
         entries.append({"file": str(path.relative_to(folder)), "width": width, "height": height, "words": words})
     return {"images": entries}

@@ -56,9 +56,28 @@ with _without_type_hint_notice():
                 raise ValueError(f"params.output: {output!r} (expected 'probabilities' or 'labels')")
             return self.predictor.decide(probs) if output == "labels" else probs
 
+    class DetectionPyfunc(DistrainPyfunc):
+        """MLflow pyfunc of a text-detection study: `predict(images)` returns each image's words, a list of
+        {"points": [[x, y] x 4], "score"} in its pixels (the voting fold models of `serving.detection`)."""
+
+        def load_context(self, context):
+            from distrain.serving.detection import DetectionPredictor
+
+            self.predictor = DetectionPredictor(context.artifacts["ensemble"])
+
+        @staticmethod
+        def signature():
+            from mlflow.models import ModelSignature
+
+            return ModelSignature(inputs=None)
+
+        def predict(self, context, model_input, params=None):
+            return self.predictor.predict_words(model_input)
+
 
 def load_registered_predictor(model_uri: str, tracking_uri: str) -> EnsemblePredictor:
-    """The ensemble behind a registered model (e.g. `models:/distrain-digits/3`), downloaded by MLflow."""
+    """The ensemble behind a registered model (e.g. `models:/distrain-digits/3`), downloaded by MLflow (a
+    text-detection study's: its `DetectionPredictor`)."""
     mlflow.set_tracking_uri(tracking_uri)
     with _without_type_hint_notice():
         model = mlflow.pyfunc.load_model(model_uri)

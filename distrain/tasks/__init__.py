@@ -8,6 +8,7 @@ from distrain.tasks.classification import Binary, Multiclass, Multilabel, label_
 from distrain.tasks.detection.task import TextDetection
 from distrain.tasks.metrics import METRICS, MetricSpec, Threshold, best_index, improves, overfit_gap
 from distrain.tasks.pairs import PairBinary, PairMulticlass
+from distrain.tasks.semantic import Segmentation
 
 TASKS: dict[str, Task] = {}
 """The registered tasks by name."""
@@ -40,7 +41,7 @@ def task_of_digits_source(source: str) -> Task | None:
     return next((t for t in TASKS.values() if t.digits_source == source), None)
 
 
-for _task in (Multiclass(), Binary(), Multilabel(), PairBinary(), PairMulticlass(), TextDetection()):
+for _task in (Multiclass(), Binary(), Multilabel(), PairBinary(), PairMulticlass(), TextDetection(), Segmentation()):
     register_task(_task)
 
 __all__ = [

@@ -37,6 +37,10 @@ METRICS: dict[str, MetricSpec] = {
     "average_precision": MetricSpec(True, True, "area under the precision-recall curve of p(positive)"),
     "map": MetricSpec(True, True, "mean over labels of the average precision (mAP)"),
     "log_loss": MetricSpec(False, True, "cross-entropy of the probabilities (lower is better)"),
+    "miou": MetricSpec(True, False, "segmentation: mean over the classes present of the IoU of their pixels"),
+    "fscore": MetricSpec(
+        True, False, "segmentation: mean over the classes present of the F-score (Dice) of their pixels"
+    ),
     "pixel_f1": MetricSpec(
         True,
         False,

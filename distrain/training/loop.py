@@ -484,7 +484,8 @@ class JobTrainer:
                      f"batch size {plan.batch_size}")  # fmt: skip
 
     def _eval_loader(self, split: str, labels: dict[str, int]):
-        decode = dense_eval_decoder(self.index.annotations, self.cfg.data.image_size) if self.task.dense else None
+        dc = self.cfg.data
+        decode = dense_eval_decoder(self.index.annotations, dc.image_size, dc.num_classes) if self.task.dense else None
         return eval_loader(self.index.urls(split), labels, batch_size=self.cfg.train.batch_size * 2,
                            transform=self.transform, cache=self.cache, decode=decode, **self.loader_kw)  # fmt: skip
 

@@ -79,8 +79,11 @@ def test_mlflow_holds_the_study_metrics_and_the_review(study):
     parent = client.get_run(report["mlflow"]["parent_run_id"])
     assert parent.data.metrics["box_vote_cv"] == pytest.approx(report["ensembles"]["box_vote"]["cv"])
     assert parent.data.metrics["fold_vote_test"] == pytest.approx(report["ensembles"]["fold_vote"]["test"])
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "review")} == {
-        "review/postprocess.json", "review/summary.md"}  # fmt: skip
+    review = {a.path for a in client.list_artifacts(parent.info.run_id, "review")}
+    worst = sorted(p for p in review if p.startswith("review/worst-"))
+    assert review - set(worst) == {"review/postprocess.json", "review/summary.md"} and len(worst) == 4
+    scores = [float(p.rsplit("-", 1)[1].removesuffix(".png")) for p in worst]  # worst-<rank>-<id>-hmean-<h>.png
+    assert scores == sorted(scores) and scores[0] <= report["ensembles"]["best_single"]["cv"]
 
 
 def test_two_ddp_processes_give_the_same_fold_manifest_and_a_complete_oof(study, tmp_path):
@@ -141,7 +144,9 @@ def _steps_per_epoch(run_dir) -> int:
     return sum(1 for f in folds["fold_of_sample"].values() if f != 0) // 2
 
 
-def test_predict_writes_every_images_voted_boxes_and_reproduces_the_holdout_score(study, tmp_path, capsys, monkeypatch):
+def test_predict_and_the_registered_model_give_the_voted_boxes_that_scored_the_holdout(
+    study, tmp_path, capsys, monkeypatch
+):
     from distrain.tasks.detection.geometry import TextRegions
     from distrain.tasks.detection.hmean import hmean_counts
 
@@ -161,6 +166,18 @@ def test_predict_writes_every_images_voted_boxes_and_reproduces_the_holdout_scor
     truths = [TextRegions.from_json(json.dumps(truth[e["file"]])) for e in entries]
     found = [TextRegions([w["points"] for w in e["words"]]) for e in entries]
     assert hmean_counts(truths, found).hmean == pytest.approx(report["ensembles"]["fold_vote"]["test"], abs=1e-9)
+    import mlflow
+    import mlflow.pyfunc
+    from PIL import Image
+
+    mlflow.set_tracking_uri(report["mlflow"]["tracking_uri"])  # the registered model gives the same boxes
+    served = mlflow.pyfunc.load_model(report["ensemble_model"]["uri"])
+    images = [Image.open(folder / e["file"]) for e in entries]
+    assert served.predict(images) == [[{k: w[k] for k in ("points", "score")} for w in e["words"]] for e in entries]
     bad = cli_in(capsys, monkeypatch, cwd, "predict", "--run-dir", str(run_dir), "--shards", str(folder),
                  "--out", str(tmp_path / "x.json"))  # fmt: skip
     assert bad.returncode == 2 and "a text-detection study predicts --images DIR" in bad.stderr
+    assert (
+        report["ensemble_model"]["name"] == "distrain-synth_text"
+        and report["ensemble_model"]["ensemble"] == "fold_vote"
+    )

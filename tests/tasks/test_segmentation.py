@@ -6,16 +6,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from distrain.tasks.segmentation import (
-    IGNORE_INDEX,
-    CEDiceLoss,
-    SegLossWeights,
-    SegNet,
-    confusion,
-    k_of_n_pixels,
-    mean_of_maps,
-    segmentation_scores,
-)  # fmt: skip
+from distrain.tasks.segmentation import IGNORE_INDEX, CEDiceLoss, SegLossWeights, SegNet
+from distrain.tasks.semantic import confusion, k_of_n_pixels, mean_of_maps, segmentation_scores
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "test_convnext"])
