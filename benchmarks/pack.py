@@ -1,6 +1,7 @@
 """`distrain data pack` memory: peak RSS packing N images and 4N images (target: 4N <= 1.10 x N), each in a
 fresh process, plus the time per image. Images are JPEGs of varied size around 500x375 in 10 class folders, or
-with `--detection` synthetic receipts (`distrain data synth-text`) packed with their word polygons.
+with `--detection` synthetic receipts (`distrain data synth-text`, 250 drawn, the rest hard links under their own
+names) packed with their word polygons from one annotations.json.
 
     python benchmarks/pack.py [--images 500] [--detection] [--workdir DIR]   (an existing DIR's images are reused)
 
@@ -63,11 +64,24 @@ def make_images(root: Path, count: int, seed: int) -> int:
     return total
 
 
-def make_receipts(root: Path, count: int, seed: int) -> int:
-    """`count` synthetic receipts and their annotations.json under root; total image bytes."""
+def make_receipts(root: Path, count: int, seed: int, unique: int = 250) -> int:
+    """`count` synthetic receipts and their annotations.json under root; total image bytes. Beyond `unique` of
+    them (drawing one takes ~0.2 s), receipt i is a hard link to receipt i % unique under its own name, with its
+    own entry: packing still reads, checks and writes every one."""
     from distrain.data.synth_text import write_synth_text
 
-    write_synth_text(root, count, seed=seed)
+    drawn = root / "drawn"
+    write_synth_text(drawn, min(count, unique), seed=seed)
+    entries = json.loads((drawn / "annotations.json").read_text())["images"]
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(count):
+        source = entries[i % len(entries)]
+        name = f"receipt-{i:06d}.jpg"
+        (root / "images" / name).hardlink_to(drawn / "images" / source["file"])
+        out.append({**source, "file": name})
+    (root / "annotations.json").write_text(json.dumps({"images": out}))
+    shutil.rmtree(drawn / "images")  # the links keep the files
     return sum(p.stat().st_size for p in (root / "images").glob("*.jpg"))
 
 

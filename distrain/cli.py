@@ -19,7 +19,7 @@ distrain retry --run-dir DIR [--job ID ...]    jobs failed for good pending agai
 distrain sync --run-dir DIR                    send tracking buffered while MLflow was down
 distrain k8s render --config FILE --workers N [--gpus-per-worker G] [--mode indexed|queue|multinode] --out DIR
                                                Kubernetes manifests (kustomize) from the config
-distrain predict --run-dir DIR (--images DIR | --shards DIR) --out FILE.csv [--model-uri URI] (detection: FILE.json)
+distrain predict --run-dir DIR (--images DIR | --shards DIR) --out FILE.csv|FILE.json|DIR [--model-uri URI]
                                                the ensemble on unlabelled images of any size
 """
 
@@ -336,11 +336,12 @@ def _predict(args) -> int:
 
 
 def _predict_dense(args, run_dir: Path, cfg) -> int:
-    """`distrain predict` of a text-detection study: the fold models' voted boxes of every image, as JSON."""
+    """`distrain predict` of a dense study: a text-detection study's voted boxes of every image as JSON (--out
+    FILE.json), a segmentation study's masks as PNGs (--out DIR)."""
     from distrain.serving.detection import DetectionPredictor, predict_detection_folder
 
     if not args.images or args.second_images:
-        raise BadInput("predict: a text-detection study predicts --images DIR (no --shards, no pairs)")
+        raise BadInput(f"predict: a {cfg.task} study predicts --images DIR (no --shards, no pairs)")
     folder = Path(args.images)
     if not folder.is_dir():
         raise BadInput(f"predict: not a folder: {folder}")
@@ -349,8 +350,18 @@ def _predict_dense(args, run_dir: Path, cfg) -> int:
         from distrain.tracking.base import resolve_tracking_uri
 
         predictor = load_registered_predictor(args.model_uri, resolve_tracking_uri(cfg.tracking.uri, run_dir.parent))
-    else:
+    elif get_task(cfg.task).annotation == "json":
         predictor = DetectionPredictor(run_dir / "ensemble" / "model")
+    else:
+        from distrain.serving.masks import MaskPredictor
+
+        predictor = MaskPredictor(run_dir / "ensemble" / "model")
+    if not isinstance(predictor, DetectionPredictor):  # a segmentation study's masks: one PNG per image
+        from distrain.serving.masks import predict_mask_folder
+
+        count = predict_mask_folder(predictor, folder, Path(args.out))
+        print(f"distrain: wrote {count} masks to {args.out}/ ({predictor.meta['ensemble']})")
+        return 0
     out = predict_detection_folder(predictor, folder)
     atomic_write_json(Path(args.out), out)
     words = sum(len(e["words"]) for e in out["images"])

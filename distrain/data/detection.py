@@ -9,6 +9,7 @@ image or without area is refused naming the image and the word. Splits stratify 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,26 +26,28 @@ WORD_BUCKETS = 5
 def samples_from_detection(annotations: str | Path, images: str | Path) -> tuple[list[Sample], list[str]]:
     """One sample per annotated image, its words as the sample's JSON annotation; classes: ["text"]."""
     annotations, images = Path(annotations), Path(images)
-    entries = _read_entries(annotations)
+    if not annotations.is_file():
+        raise DataError(f"annotation file not found: {annotations}")
     if not images.is_dir():
         raise DataError(f"image folder not found: {images}")
     on_disk = {p.relative_to(images).as_posix() for p in images.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS}
-    named = [str(e.get("file", "")) for e in entries]
-    unannotated = sorted(on_disk - set(named))
-    if unannotated:
-        raise DataError(f"{images / unannotated[0]}: no entry in {annotations} ({len(unannotated)} image(s) "
-                        "without annotation; an image without text needs 'words': [])")  # fmt: skip
-    samples, counts = [], []
-    for entry, name in zip(entries, named):
+    samples, counts, named = [], [], set()
+    for entry in _entries(annotations):  # streamed: memory holds one entry's words at a time, not the whole file
+        name = str(entry.get("file", ""))
         path = images / name
         if name not in on_disk:
             raise DataError(f"{annotations}: image {name!r} not found in {images}")
+        named.add(name)
         words = _checked_words(entry, path)
         counts.append(sum(not w["ignore"] for w in words))
         ext = path.suffix.lower().lstrip(".")
         samples.append(Sample(sample_id=safe_sample_id(str(Path(name).with_suffix(""))), label=0,
                               ext="jpg" if ext == "jpeg" else ext, path=path, group=str(entry.get("group") or ""),
                               annotation=json.dumps({"words": words}).encode()))  # fmt: skip
+    unannotated = sorted(on_disk - named)
+    if unannotated:
+        raise DataError(f"{images / unannotated[0]}: no entry in {annotations} ({len(unannotated)} image(s) "
+                        "without annotation; an image without text needs 'words': [])")  # fmt: skip
     strata = word_count_strata(np.asarray(counts))
     return [_with_stratum(s, int(k)) for s, k in zip(samples, strata)], list(DETECTION_CLASSES)
 
@@ -63,17 +66,27 @@ def _with_stratum(sample: Sample, stratum: int) -> Sample:
     return dataclasses.replace(sample, stratum=stratum)
 
 
-def _read_entries(annotations: Path) -> list[dict]:
-    if not annotations.is_file():
-        raise DataError(f"annotation file not found: {annotations}")
+def _entries(annotations: Path) -> Iterator[dict]:
+    """The image entries of `{"images": [...]}`, one at a time (ijson); DataError for a file of another shape."""
+    import ijson
+
+    shape = f'{annotations}: expected {{"images": [{{"file": ..., "words": [...]}}, ...]}}'
+    found = False
     try:
-        data = json.loads(annotations.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        with open(annotations, "rb") as f:
+            for entry in ijson.items(f, "images.item", use_float=True):
+                if not isinstance(entry, dict):
+                    raise DataError(shape)
+                found = True
+                yield entry
+            if not found:  # no entries: an empty list, or no "images" list at all
+                f.seek(0)
+                if not any(isinstance(images, list) for images in ijson.items(f, "images")):
+                    raise DataError(shape)
+    except ijson.JSONError as e:
+        raise DataError(f"{annotations}: not JSON ({str(e).splitlines()[0][:200]})") from None
+    except UnicodeDecodeError as e:
         raise DataError(f"{annotations}: not JSON ({e})") from None
-    entries = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise DataError(f'{annotations}: expected {{"images": [{{"file": ..., "words": [...]}}, ...]}}')
-    return entries
 
 
 def _checked_words(entry: dict, path: Path) -> list[dict]:

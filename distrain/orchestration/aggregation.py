@@ -143,25 +143,30 @@ def publish_dense(agg: DenseAggregation | MaskAggregation, run_dir: Path, tracke
     stage = tracker.child_run("voting", {"ensemble.vote_fraction": ec.vote_fraction, "ensemble.box_iou": ec.box_iou},
                               plan)  # fmt: skip
     tracker.log_metrics(stage, _stage_metrics(agg.report, tuple(agg.report.ensembles)), step=0)
-    if detection:
-        _detection_model(agg, run_dir, tracker, stage, fence)
-    elif ec.register_model:
-        print(f"distrain: task {agg.cfg.task}: no model is registered (serving it is not built yet)", flush=True)
+    _dense_model(agg, run_dir, tracker, stage, fence, detection)
     tracker.end_run(stage)
 
 
-def _detection_model(agg: DenseAggregation, run_dir: Path, tracker: Tracker, stage: str,
-                     fence: Callable[[], None]) -> None:  # fmt: skip
-    """The voting fold models' files, which `distrain predict` loads, registered when asked."""
-    from distrain.serving.detection import register_detection_model, write_detection_model  # late: torch, timm
+def _dense_model(agg: DenseAggregation | MaskAggregation, run_dir: Path, tracker: Tracker, stage: str,
+                 fence: Callable[[], None], detection: bool) -> None:  # fmt: skip
+    """The served ensemble's files (ensemble/model/, which `distrain predict` loads): the voting fold models of a
+    detection study, a segmentation study's best-on-CV map ensemble; registered when asked."""
+    from distrain.serving import detection as boxes  # late: torch, timm
+    from distrain.serving import masks
+    from distrain.serving.dense import register_dense_model
 
     fence()
-    model_dir = write_detection_model(run_dir, agg.cfg, agg.report, run_dir / "ensemble" / "model")
-    if agg.cfg.ensemble.register_model and tracker.can_register_models:
+    cfg, report, dest = agg.cfg, agg.report, run_dir / "ensemble" / "model"
+    if detection:
+        model_dir, pyfunc, name = boxes.write_detection_model(run_dir, cfg, report, dest), boxes.PYFUNC, "fold_vote"
+    else:
+        model_dir, pyfunc = masks.write_mask_model(run_dir, cfg, report, dest), masks.PYFUNC
+        name = masks.served_ensemble(report)  # the best on CV of best_single and mean_of_maps
+    if cfg.ensemble.register_model and tracker.can_register_models:
         fence()
-        agg.report.ensemble_model = register_detection_model(agg, tracker, model_dir, stage)
+        report.ensemble_model = register_dense_model(cfg, report, tracker, model_dir, stage, pyfunc, name)
         fence()
-        tracker.log_artifact(tracker.parent_run_id, agg.report.write(run_dir))
+        tracker.log_artifact(tracker.parent_run_id, report.write(run_dir))
 
 
 def log_review(tracker: Tracker, agg: Aggregation, review_files: list[Path], report_path: Path) -> dict[str, str]:

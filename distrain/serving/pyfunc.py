@@ -67,12 +67,28 @@ with _without_type_hint_notice():
 
         @staticmethod
         def signature():
-            from mlflow.models import ModelSignature
-
-            return ModelSignature(inputs=None)
+            """None: images of any size go in, and there is no parameter."""
+            return None
 
         def predict(self, context, model_input, params=None):
             return self.predictor.predict_words(model_input)
+
+    class MaskPyfunc(DistrainPyfunc):
+        """MLflow pyfunc of a segmentation study: `predict(images)` returns each image's class-id mask (uint8
+        [H, W], its size; `serving.masks`)."""
+
+        def load_context(self, context):
+            from distrain.serving.masks import MaskPredictor
+
+            self.predictor = MaskPredictor(context.artifacts["ensemble"])
+
+        @staticmethod
+        def signature():
+            """None: images of any size go in, and there is no parameter."""
+            return None
+
+        def predict(self, context, model_input, params=None):
+            return self.predictor.predict_masks(model_input)
 
 
 def load_registered_predictor(model_uri: str, tracking_uri: str) -> EnsemblePredictor:

@@ -176,7 +176,7 @@ def test_predict_and_the_registered_model_give_the_voted_boxes_that_scored_the_h
     assert served.predict(images) == [[{k: w[k] for k in ("points", "score")} for w in e["words"]] for e in entries]
     bad = cli_in(capsys, monkeypatch, cwd, "predict", "--run-dir", str(run_dir), "--shards", str(folder),
                  "--out", str(tmp_path / "x.json"))  # fmt: skip
-    assert bad.returncode == 2 and "a text-detection study predicts --images DIR" in bad.stderr
+    assert bad.returncode == 2 and "a text_detection study predicts --images DIR" in bad.stderr
     assert (
         report["ensemble_model"]["name"] == "distrain-synth_text"
         and report["ensemble_model"]["ensemble"] == "fold_vote"
