@@ -56,14 +56,18 @@ with _without_type_hint_notice():
                 raise ValueError(f"params.output: {output!r} (expected 'probabilities' or 'labels')")
             return self.predictor.decide(probs) if output == "labels" else probs
 
-    class DetectionPyfunc(DistrainPyfunc):
-        """MLflow pyfunc of a text-detection study: `predict(images)` returns each image's words, a list of
-        {"points": [[x, y] x 4], "score"} in its pixels (the voting fold models of `serving.detection`)."""
+    class DensePyfunc(DistrainPyfunc):
+        """A dense study's served model: `predict(images)` returns one prediction per image, made by the predictor
+        class `predictor_path` ("module:Class") names, through its method `output`."""
+
+        predictor_path = ""
+        output = ""
 
         def load_context(self, context):
-            from distrain.serving.detection import DetectionPredictor
+            import importlib
 
-            self.predictor = DetectionPredictor(context.artifacts["ensemble"])
+            module, name = self.predictor_path.split(":")
+            self.predictor = getattr(importlib.import_module(module), name)(context.artifacts["ensemble"])
 
         @staticmethod
         def signature():
@@ -71,24 +75,18 @@ with _without_type_hint_notice():
             return None
 
         def predict(self, context, model_input, params=None):
-            return self.predictor.predict_words(model_input)
+            return getattr(self.predictor, self.output)(model_input)
 
-    class MaskPyfunc(DistrainPyfunc):
-        """MLflow pyfunc of a segmentation study: `predict(images)` returns each image's class-id mask (uint8
-        [H, W], its size; `serving.masks`)."""
+    class DetectionPyfunc(DensePyfunc):
+        """A text-detection study's: each image's words, a list of {"points": [[x, y] x 4], "score"} in its pixels
+        (the voting fold models of `serving.detection`)."""
 
-        def load_context(self, context):
-            from distrain.serving.masks import MaskPredictor
+        predictor_path, output = "distrain.serving.detection:DetectionPredictor", "predict_words"
 
-            self.predictor = MaskPredictor(context.artifacts["ensemble"])
+    class MaskPyfunc(DensePyfunc):
+        """A segmentation study's: each image's class-id mask (uint8 [H, W], its size; `serving.masks`)."""
 
-        @staticmethod
-        def signature():
-            """None: images of any size go in, and there is no parameter."""
-            return None
-
-        def predict(self, context, model_input, params=None):
-            return self.predictor.predict_masks(model_input)
+        predictor_path, output = "distrain.serving.masks:MaskPredictor", "predict_masks"
 
 
 def load_registered_predictor(model_uri: str, tracking_uri: str) -> EnsemblePredictor:
