@@ -29,3 +29,13 @@ def not_a_module(num_classes, in_chans, **kwargs):
 
 def boom(num_classes, in_chans, **kwargs):
     raise RuntimeError("no such layer")
+
+
+def pyramid(num_classes, in_chans, features_only=False, **kwargs):
+    """Your own backbone for a dense task: with `features_only`, a module giving stride 4..32 feature maps and a
+    timm-style `feature_info` (here timm's own extractor of `test_resnet`)."""
+    import timm
+
+    if not features_only:
+        return tiny(num_classes, in_chans)
+    return timm.create_model("test_resnet", features_only=True, in_chans=in_chans, **kwargs)

@@ -75,3 +75,19 @@ def test_an_index_is_refused_by_a_task_whose_samples_it_does_not_hold(tmp_path):
         DataError, match="task multiclass takes samples with no annotations; index.json says annotations"
     ):
         read_index(tmp_path / "shards", None, "multiclass")
+
+
+@pytest.mark.parametrize("task_name", ["text_detection", "segmentation"])
+def test_your_own_factory_builds_a_dense_network_when_asked_for_features(task_name):
+    import functools
+
+    from distrain.tasks import HeadSettings
+    from distrain.training.models import create_model
+
+    task = get_task(task_name)
+    make = functools.partial(create_model, "factories:pyramid")
+    classes = 1 if task_name == "text_detection" else 4
+    model = task.build_model(make, classes, 3, HeadSettings(neck_channels=16))
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 3 if task_name == "text_detection" else classes, 64, 64)  # DBNet: P, T, B maps
+    assert task.activate(out).shape == (2, 64 * 64 if task_name == "text_detection" else classes * 64 * 64)
