@@ -1,7 +1,7 @@
 """`distrain` console script: wiring only.
 
 distrain data digits [--out DIR] [--task T]    scikit-learn's digits as WebDataset shards
-distrain data pack (--images DIR [--detection ANN.json | --masks DIR] | --csv FILE [--multilabel]
+distrain data pack (--images DIR [--detection ANN.json | --masks DIR [--groups CSV]] | --csv FILE [--multilabel]
                    | --npz FILE [--test FILE] [--images KEY]) --out DIR
 distrain data synth-text|synth-shapes --out DIR --images N [--seed S]
                                                receipts with word polygons / shapes with class-id masks
@@ -93,9 +93,12 @@ def _samples_to_pack(args) -> tuple[list, list[str]]:
     if args.masks:
         if args.npz or args.csv or args.detection or not args.images:
             raise BadInput("data pack: --masks DIR goes with --images DIR (the images of the masks) only")
+    elif args.groups:
+        raise BadInput("data pack: --groups CSV goes with --masks DIR (detection entries carry their own group)")
+    if args.masks:
         from distrain.data.masks import samples_from_masks
 
-        return samples_from_masks(args.images, args.masks)
+        return samples_from_masks(args.images, args.masks, groups=args.groups)
     if args.detection:
         if args.npz or args.csv or not args.images:
             raise BadInput("data pack: --detection ANN.json goes with --images DIR (the annotated images) only")
@@ -451,6 +454,7 @@ def _add_data_parser(sub) -> None:
     d.add_argument("--seed", type=int, default=0, help="synth-*: image i depends only on (seed, i)")
     d.add_argument("--csv", help="pack: CSV with columns path,label[,group]")
     d.add_argument("--masks", metavar="DIR", help="pack: class-id mask PNGs named as the --images DIR images")
+    d.add_argument("--groups", metavar="CSV", help="pack --masks: image,group rows (a group shares a fold)")
     d.add_argument("--detection", metavar="ANN.json",
                    help="pack: text polygons of the --images DIR images (ICDAR-style JSON)")  # fmt: skip
     d.add_argument("--npz", help="pack: arrays of images (N x H x W[ x C]) and labels, e.g. train.npz")

@@ -18,13 +18,16 @@ IGNORE_ID = 255
 MASK_EXT = "mask.png"
 
 
-def samples_from_masks(images: str | Path, masks: str | Path,
-                       class_names: list[str] | None = None) -> tuple[list[Sample], list[str]]:  # fmt: skip
-    """One sample per image, its mask's bytes as the annotation; the classes found (or `class_names`)."""
+def samples_from_masks(images: str | Path, masks: str | Path, class_names: list[str] | None = None,
+                       groups: str | Path | None = None) -> tuple[list[Sample], list[str]]:  # fmt: skip
+    """One sample per image, its mask's bytes as the annotation; the classes found (or `class_names`). `groups`: a
+    CSV of `image,group` rows (the image's path under `images`) naming every image's group (a scene, a patient):
+    a group's images stay on one side of the holdout and in one fold."""
     images, masks = Path(images), Path(masks)
     for folder, what in ((images, "image"), (masks, "mask")):
         if not folder.is_dir():
             raise DataError(f"{what} folder not found: {folder}")
+    group_of = read_groups(Path(groups)) if groups else None
     samples, top = [], 0
     for path in sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
         rel = path.relative_to(images).with_suffix("")
@@ -34,8 +37,12 @@ def samples_from_masks(images: str | Path, masks: str | Path,
         top = max(top, int(labelled.max(initial=0)))
         counts = np.bincount(labelled[labelled > 0].astype(np.int64))
         ext = path.suffix.lower().lstrip(".")
+        name = path.relative_to(images).as_posix()
+        if group_of is not None and name not in group_of:
+            raise DataError(f"{path}: no row in {groups} (every image needs its group)")
         samples.append(Sample(sample_id=safe_sample_id(str(rel)), label=0, ext="jpg" if ext == "jpeg" else ext,
                               path=path, annotation=mask_path.read_bytes(), annotation_ext=MASK_EXT,
+                              group=group_of[name] if group_of is not None else "",
                               stratum=int(counts.argmax()) if counts.size else 0))  # fmt: skip
     classes = class_names or [str(c) for c in range(top + 1)]
     if top >= len(classes):
@@ -59,3 +66,24 @@ def _mask_ids(image_path: Path, mask_path: Path) -> np.ndarray:
         raise DataError(f"{image_path}: mask {mask_path.name} is {mask_size[0]}x{mask_size[1]}, "
                         f"the image {size[0]}x{size[1]}")  # fmt: skip
     return ids
+
+
+def read_groups(path: Path) -> dict[str, str]:
+    """`image,group` rows of a CSV (a header row of exactly that is skipped) -> {image: group}. DataError naming the
+    row for a missing file, a row without both values, or an image named twice."""
+    import csv
+
+    if not path.is_file():
+        raise DataError(f"groups file not found: {path}")
+    groups: dict[str, str] = {}
+    with open(path, newline="") as f:
+        for line, row in enumerate(csv.reader(f), start=1):
+            if line == 1 and [c.strip() for c in row] == ["image", "group"]:
+                continue
+            if len(row) != 2 or not row[0].strip() or not row[1].strip():
+                raise DataError(f"{path}:{line}: expected 'image,group', got {','.join(row)!r}")
+            image = row[0].strip()
+            if image in groups:
+                raise DataError(f"{path}:{line}: image {image!r} named twice")
+            groups[image] = row[1].strip()
+    return groups

@@ -67,3 +67,28 @@ def test_bad_masks_are_refused_in_one_line(shapes, tmp_path, capsys, damage, mes
 def test_synth_shapes_cli(tmp_path, capsys):
     proc = distrain_cli(capsys, "data", "synth-shapes", "--out", str(tmp_path / "s"), "--images", "3")
     assert proc.returncode == 0 and len(list((tmp_path / "s" / "masks").glob("*.png"))) == 3
+
+
+def test_groups_keep_a_groups_images_on_one_side_of_the_holdout_and_bad_rows_are_refused(shapes, tmp_path, capsys):
+    names = sorted(p.name for p in (shapes / "images").glob("*.png"))
+    rows = ["image,group"] + [f"{name},scene{i // 4}" for i, name in enumerate(names)]  # 4 scenes of 4 images
+    (tmp_path / "groups.csv").write_text("\n".join(rows) + "\n")
+    proc = distrain_cli(capsys, "data", "pack", "--images", str(shapes / "images"), "--masks", str(shapes / "masks"),
+                        "--groups", str(tmp_path / "groups.csv"), "--out", str(tmp_path / "packed"),
+                        "--test-fraction", "0.25")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    samples = json.loads((tmp_path / "packed" / "index.json").read_text())["samples"]
+    split_of_group = {}
+    for s in samples:
+        split_of_group.setdefault(s["group"], set()).add(s["split"])
+    assert sorted(split_of_group) == [f"scene{g}" for g in range(4)]
+    assert all(len(splits) == 1 for splits in split_of_group.values()) and {"test"} in split_of_group.values()
+    (tmp_path / "short.csv").write_text("\n".join(rows[:-1]) + "\n")  # the last image has no row
+    bad = distrain_cli(capsys, "data", "pack", "--images", str(shapes / "images"), "--masks", str(shapes / "masks"),
+                       "--groups", str(tmp_path / "short.csv"), "--out", str(tmp_path / "out2"))  # fmt: skip
+    assert bad.returncode == 2 and f"{names[-1]}: no row in" in last_line(bad.stderr)
+    assert not (tmp_path / "out2").exists()
+    (tmp_path / "twice.csv").write_text(f"{names[0]},a\n{names[0]},b\n")
+    bad = distrain_cli(capsys, "data", "pack", "--images", str(shapes / "images"), "--masks", str(shapes / "masks"),
+                       "--groups", str(tmp_path / "twice.csv"), "--out", str(tmp_path / "out3"))  # fmt: skip
+    assert bad.returncode == 2 and "twice.csv:2: image" in last_line(bad.stderr) and "named twice" in bad.stderr
