@@ -21,6 +21,8 @@ distrain k8s render --config FILE --workers N [--gpus-per-worker G] [--mode inde
                                                Kubernetes manifests (kustomize) from the config
 distrain predict --run-dir DIR (--images DIR | --shards DIR) --out FILE.csv|FILE.json|DIR [--model-uri URI]
                                                the ensemble on unlabelled images of any size
+distrain adversarial --run-dir DIR [--against test|DIR]
+                                               do the holdout's (a folder's) images look like the CV images?
 """
 
 from __future__ import annotations
@@ -373,6 +375,37 @@ def _predict_dense(args, run_dir: Path, cfg) -> int:
     return 0
 
 
+def _adversarial(args) -> int:
+    """`distrain adversarial`: the study's CV images against its holdout or a folder; report, review and MLflow."""
+    from distrain.ensembles.report import Report
+    from distrain.orchestration import phases
+    from distrain.serving.adversarial import run_adversarial
+
+    run_dir = Path(args.run_dir)
+    cfg, report = phases.load_run_dir(run_dir), Report.read(run_dir)
+    against = None if args.against == "test" else Path(args.against)
+    if report is None or not (run_dir / "ensemble" / "model" / "meta.json").is_file():
+        raise BadInput(f"{run_dir}: no report.json and ensemble model (the study has not aggregated with "
+                       f"ensemble.register_model)")  # fmt: skip
+    if against is not None and not against.is_dir():
+        raise BadInput(f"adversarial: not a folder: {against}")
+    route_library_output(run_dir)
+    result = run_adversarial(run_dir, Path(cfg.data.root), report.ensemble_details["best_single_column"], against)
+    name = "adversarial-test.json" if against is None else f"adversarial-{against.name}.json"
+    path = run_dir / "ensemble" / name
+    atomic_write_json(path, result)
+    tracker = phases.open_tracker(cfg, run_dir)
+    tracker.log_metrics(tracker.parent_run_id, {f"adversarial_auc_{path.stem.split('-', 1)[1]}": result["auc"]}, 0)
+    tracker.log_artifact(tracker.parent_run_id, path, "review")
+    print(f"distrain: adversarial validation, CV ({result['n_cv']}) vs {result['against']} ({result['n_other']}), "
+          f"embeddings of {result['embedding']}: ROC AUC {result['auc']:.4f} (per-fold std {result['auc_fold_std']:.4f}"
+          f"; 0.5: alike, 1: told apart)")  # fmt: skip
+    print("CV images most unlike it: " + ", ".join(f"{r['sample_id']} ({r['p_other']:.3f})"
+                                                 for r in result["most_unlike_other"][:5]))  # fmt: skip
+    print(f"distrain: wrote {path}")
+    return 0
+
+
 def _k8s(args) -> int:
     from distrain.config import load_config
     from distrain.deploy.k8s import MIN_KUBERNETES, RenderOptions, dns_name, render
@@ -521,6 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model-uri", default="", help="a registered model, e.g. models:/distrain-digits/2 (default: "
                                                     "the run directory's own ensemble files)")  # fmt: skip
 
+    a = sub.add_parser("adversarial", help="adversarial validation: can the study's embeddings tell CV images from "
+                                          "the holdout (or a folder)?")  # fmt: skip
+    a.add_argument("--run-dir", required=True)
+    a.add_argument("--against", default="test", help="'test' (the holdout) or a folder of images")
+
     sw = sub.add_parser("sweep", help="an Optuna sweep worker: trials claimed from the sweep's ledger")
     sw.add_argument("--config", default=None)
     sw.add_argument("--space", required=True, help="search space YAML: config key -> {low, high, log} or {choices}")
@@ -618,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         "schedule": _schedule,
         "sweep": _sweep,
         "predict": _predict,
+        "adversarial": _adversarial,
         "k8s": _k8s,
     }
     try:

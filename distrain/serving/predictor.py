@@ -138,7 +138,7 @@ def predict_folder(
     if pairs != (second is not None):
         need = "a second folder (--second-images DIR, matched by file name)" if pairs else "one folder of images"
         raise BadInput(f"{folder}: task {predictor.task.name} takes {need}")
-    paths = _images_under(folder)
+    paths = images_under(folder)
     partners = _partners(paths, folder, second) if pairs else {}
     probs = []
     for start in range(0, len(paths), batch_size):
@@ -148,7 +148,7 @@ def predict_folder(
     return [p.relative_to(folder).as_posix() for p in paths], np.concatenate(probs)
 
 
-def _images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path) -> list[Path]:
     from distrain.data.pack import IMAGE_EXTENSIONS
 
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -159,7 +159,7 @@ def _images_under(folder: Path) -> list[Path]:
 
 def _partners(paths: list[Path], folder: Path, second: Path) -> dict[Path, Path]:
     """Each image's partner in `second`: the image with its relative path, whatever the extension."""
-    by_name = {p.relative_to(second).with_suffix(""): p for p in _images_under(second)}
+    by_name = {p.relative_to(second).with_suffix(""): p for p in images_under(second)}
     partners = {}
     for path in paths:
         partner = by_name.get(path.relative_to(folder).with_suffix(""))

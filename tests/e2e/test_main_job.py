@@ -491,3 +491,35 @@ def test_an_image_that_cannot_be_decoded_stops_the_run_naming_shard_and_sample(t
     assert "Traceback" not in proc.stderr
     ends = list((tmp_path / "runs" / "digits").rglob("attempt-*.end"))
     assert len(ends) == 1 and json.loads(ends[0].read_text())["status"] == "failed"
+
+
+def test_adversarial_validation_finds_the_holdout_alike_and_inverted_digits_apart(default_run, tmp_path, capsys,
+                                                                                    monkeypatch):  # fmt: skip
+    import io
+
+    from PIL import Image, ImageOps
+
+    from distrain.data.index import read_index
+    from distrain.data.shards import read_image, shard_samples
+
+    cwd, report, *_ = default_run
+    alike = cli_in(capsys, monkeypatch, cwd, "adversarial", "--run-dir", "runs/digits")
+    assert alike.returncode == 0, alike.stderr[-2000:]
+    holdout = json.loads((cwd / "runs" / "digits" / "ensemble" / "adversarial-test.json").read_text())
+    assert abs(holdout["auc"] - 0.5) <= 0.05 and holdout["n_other"] == 360 and holdout["n_cv"] == 1437
+    assert len(holdout["most_unlike_other"]) == 10
+    inverted = tmp_path / "inverted"  # the holdout's digits, white on black
+    inverted.mkdir()
+    for url in read_index(cwd / "data" / "digits").urls("test"):
+        for ref in shard_samples(url):
+            ImageOps.invert(Image.open(io.BytesIO(read_image(ref))).convert("L")).save(
+                inverted / f"{ref.sample_id}.png"
+            )
+    apart = cli_in(capsys, monkeypatch, cwd, "adversarial", "--run-dir", "runs/digits", "--against", str(inverted))
+    assert apart.returncode == 0, apart.stderr[-2000:]
+    assert json.loads((cwd / "runs" / "digits" / "ensemble" / "adversarial-inverted.json").read_text())["auc"] > 0.9
+    parent = MlflowClient(report["mlflow"]["tracking_uri"]).get_run(report["mlflow"]["parent_run_id"])
+    assert parent.data.metrics["adversarial_auc_test"] == pytest.approx(holdout["auc"])
+    assert parent.data.metrics["adversarial_auc_inverted"] > 0.9
+    missing = cli_in(capsys, monkeypatch, cwd, "adversarial", "--run-dir", "runs/digits", "--against", "nowhere")
+    assert missing.returncode == 2 and "adversarial: not a folder: nowhere" in last_line(missing.stderr)
