@@ -92,12 +92,11 @@ def _samples_to_pack(args) -> tuple[list, list[str]]:
     """The samples `distrain data pack` was pointed at: a folder of class folders, a CSV, or npz arrays."""
     from distrain.data.pack import samples_from_csv, samples_from_folder
 
+    if args.groups and not args.masks:
+        raise BadInput("data pack: --groups CSV goes with --masks DIR (detection entries carry their own group)")
     if args.masks:
         if args.npz or args.csv or args.detection or not args.images:
             raise BadInput("data pack: --masks DIR goes with --images DIR (the images of the masks) only")
-    elif args.groups:
-        raise BadInput("data pack: --groups CSV goes with --masks DIR (detection entries carry their own group)")
-    if args.masks:
         from distrain.data.masks import samples_from_masks
 
         return samples_from_masks(args.images, args.masks, groups=args.groups)

@@ -122,15 +122,39 @@ class Aggregation:
         return soft_vote(self.store.test, np.asarray(column_weights(chosen, self.store.columns, outcome)))
 
     def settings_id(self) -> str:
-        """A short name of what the ensembles were built from besides the plan: the ensemble settings (members,
-        registered ensemble, stacking's) and the columns that made it (failed or left-out jobs drop theirs).
-        Ensemble runs are reused only for the same plan and settings id: MLflow keeps a run's first params."""
-        settings = {"ensemble": asdict(self.cfg.ensemble), "columns": self.store.columns}
-        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return ensemble_settings_id(self.cfg, self.store.columns)
 
     def job_ids(self) -> list[str]:
-        """Every planned job of the sources (prefixed), trained or not: the plan the aggregation reports."""
-        return [src.prefix + j.id for src in self.sources for j in expand_plan(src.cfg)]
+        return planned_job_ids(self.sources)
+
+
+@dataclass
+class MapAggregation:
+    """What a dense task's aggregation computed (`ensembles.dense`, `ensembles.masks`): the report of the maps'
+    ensembles and the run directories ensembled."""
+
+    cfg: Config
+    report: Report
+    sources: list[Source]
+
+    def settings_id(self) -> str:
+        return ensemble_settings_id(self.cfg, self.report.ensemble_details["columns"])
+
+    def job_ids(self) -> list[str]:
+        return planned_job_ids(self.sources)
+
+
+def ensemble_settings_id(cfg: Config, columns: list[str]) -> str:
+    """A short name of what the ensembles were built from besides the plan: the ensemble settings (members,
+    registered ensemble, stacking's) and the columns that made it (failed or left-out jobs drop theirs). Ensemble
+    runs are reused only for the same plan and settings id: MLflow keeps a run's first params."""
+    settings = {"ensemble": asdict(cfg.ensemble), "columns": columns}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def planned_job_ids(sources: list[Source]) -> list[str]:
+    """Every planned job of the sources (prefixed), trained or not: the plan the aggregation reports."""
+    return [src.prefix + j.id for src in sources for j in expand_plan(src.cfg)]
 
 
 def compute_aggregation(

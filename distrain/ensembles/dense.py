@@ -17,11 +17,9 @@ its probability rows.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +28,12 @@ from PIL import Image
 from distrain.config import Config
 from distrain.data.index import read_index
 from distrain.data.shards import read_annotation, read_image, shard_samples
-from distrain.ensembles.aggregate import Source, load_store
+from distrain.ensembles.aggregate import MapAggregation, Source, load_store
 from distrain.ensembles.report import Report
 from distrain.ensembles.store import OOFStore, SampleTruth
 from distrain.errors import EnsembleError
 from distrain.names import JobStatus
-from distrain.study.plan import column_key, expand_plan
+from distrain.study.plan import column_key
 from distrain.tasks.detection.augment import scaled
 from distrain.tasks.detection.ensembles import box_vote, tuned_columns
 from distrain.tasks.detection.geometry import TextRegions
@@ -49,23 +47,14 @@ METRIC = "hmean"
 
 
 @dataclass
-class DenseAggregation:
-    """What a dense task's aggregation computed: the report (metric H-mean) and the tuned post-processing."""
+class DenseAggregation(MapAggregation):
+    """A text-detection study's aggregation: the report (metric H-mean), the tuned post-processing and the worst
+    OOF images."""
 
-    cfg: Config
-    report: Report
-    sources: list[Source]
     postprocess: dict[str, dict]
     worst: list[dict]
     """The best column's OOF images with the lowest H-mean at its fold-honest settings: {sample_id, hmean, truth,
     found} (polygons on the maps' grid), for the review."""
-
-    def settings_id(self) -> str:
-        settings = {"ensemble": asdict(self.cfg.ensemble), "columns": self.report.ensemble_details["columns"]}
-        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-    def job_ids(self) -> list[str]:
-        return [src.prefix + j.id for src in self.sources for j in expand_plan(src.cfg)]
 
 
 def read_truths(cfg: Config) -> dict[str, TextRegions]:
@@ -107,11 +96,11 @@ def compute_dense_aggregation(cfg: Config, sources: list[Source], truth: SampleT
     test_truths = [truths[s] for s in store.test_ids]
     m = len(store.columns)
     oof = store.oof.reshape(m, len(store.sample_ids), side, side)
-    columns, average = tuned_columns(lambda j: oof[:, j], m, cv_truths, store.folds)
+    columns, average, default_counts = tuned_columns(lambda j: oof[:, j], m, cv_truths, store.folds)
     k = votes_needed(ec.vote_fraction, m)
     voted = box_vote(lambda j: oof[:, j], cv_truths, store.folds, columns, k, ec.box_iou)
     best = int(np.argmax([c.cv_tuned for c in columns]))
-    report = _report(cfg, store, test_by_job, side, cv_truths, test_truths, mlflow_info)
+    report = _report(cfg, store, test_by_job, side, default_counts, test_truths, mlflow_info)
     report.failed_jobs = list(failed_jobs)
     tests = _holdout(cfg, store, test_by_job, side, test_truths, columns, average, best, k)
     report.ensembles = {
@@ -171,19 +160,18 @@ def draw_worst_images(agg: DenseAggregation, out_dir: Path) -> list[Path]:
     return paths
 
 
-def _report(cfg: Config, store: OOFStore, test_by_job: np.ndarray | None, side: int, cv_truths: list[TextRegions],
+def _report(cfg: Config, store: OOFStore, test_by_job: np.ndarray | None, side: int, default_counts: np.ndarray,
             test_truths: list[TextRegions], mlflow_info: dict) -> Report:  # fmt: skip
-    """Jobs at the default post-processing: H-mean of each job's own fold and of its holdout maps."""
-    base, position = PostprocessSettings(), {s: j for j, s in enumerate(store.sample_ids)}
-    rows = []
+    """Jobs at the default post-processing: H-mean of each job's own fold (from `default_counts` [M, n, 3], each
+    column's counts of every CV image at the default settings) and of its holdout maps."""
+    base, rows = PostprocessSettings(), []
     for i, job in enumerate(store.jobs):
         column = store.columns.index(column_key(job["model"], job["seed"]))
-        own = [position[s] for s in store.sample_ids if store.folds[position[s]] == job["fold"]]
-        maps = store.oof[column, own].reshape(-1, side, side)
+        own = DetectionCounts(*(int(c) for c in default_counts[column, store.folds == job["fold"]].sum(axis=0)))
         test = (_hmean(test_by_job[i].reshape(-1, side, side), test_truths, base)
                 if test_by_job is not None else None)  # fmt: skip
         rows.append({"id": job["id"], "model": job["model"], "seed": job["seed"], "fold": job["fold"],
-                     "status": JobStatus.DONE, "val_score": _hmean(maps, [cv_truths[j] for j in own], base),
+                     "status": JobStatus.DONE, "val_score": own.hmean,
                      "val_pixel_f1": float(job["val_score"]), "best_epoch": job["best_epoch"],
                      "best_source": job.get("best_source", "raw"), "test_score": test})  # fmt: skip
     scores = np.array([r["val_score"] for r in rows])

@@ -11,10 +11,7 @@ the stored class-probability maps, against the masks read from the shards on the
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
@@ -22,29 +19,16 @@ from PIL import Image
 from distrain.config import Config
 from distrain.data.index import read_index
 from distrain.data.shards import read_annotation, shard_samples
-from distrain.ensembles.aggregate import Source, load_store
+from distrain.ensembles.aggregate import MapAggregation, Source, load_store
 from distrain.ensembles.dense import votes_needed
 from distrain.ensembles.report import Report
 from distrain.ensembles.store import OOFStore, SampleTruth
 from distrain.names import JobStatus
-from distrain.study.plan import column_key, expand_plan
+from distrain.study.plan import column_key
 from distrain.tasks.semantic import fit_mask, grid_side, k_of_n_pixels, label_grid, mask_scores
 
-
-@dataclass
-class MaskAggregation:
-    """What a segmentation study's aggregation computed: the report."""
-
-    cfg: Config
-    report: Report
-    sources: list[Source]
-
-    def settings_id(self) -> str:
-        settings = {"ensemble": asdict(self.cfg.ensemble), "columns": self.report.ensemble_details["columns"]}
-        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-    def job_ids(self) -> list[str]:
-        return [src.prefix + j.id for src in self.sources for j in expand_plan(src.cfg)]
+MaskAggregation = MapAggregation
+"""A segmentation study's aggregation: the report."""
 
 
 def read_label_rows(cfg: Config) -> dict[str, np.ndarray]:

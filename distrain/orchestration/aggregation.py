@@ -13,10 +13,10 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from distrain.config import Config
-from distrain.ensembles.aggregate import Aggregation, Source, compute_aggregation, write_ensemble_files
+from distrain.ensembles.aggregate import Aggregation, MapAggregation, Source, compute_aggregation, write_ensemble_files
 from distrain.ensembles.report import Report, format_table
 from distrain.ensembles.store import SampleTruth
 from distrain.errors import Preempted
@@ -25,10 +25,6 @@ from distrain.names import VOTES, Ensemble
 from distrain.study.plan import plan_id
 from distrain.tasks import get_task
 from distrain.tracking.base import Tracker
-
-if TYPE_CHECKING:
-    from distrain.ensembles.dense import DenseAggregation
-    from distrain.ensembles.masks import MaskAggregation
 
 
 def _no_op() -> None:
@@ -102,7 +98,7 @@ def publish(agg: Aggregation, run_dir: Path, tracker: Tracker, fence: Callable[[
 
 
 def _compute_dense(cfg: Config, sources: list[Source], truth: SampleTruth, failed: list[dict], allow_partial: bool,
-                   mlflow_info: dict) -> DenseAggregation | MaskAggregation:  # fmt: skip
+                   mlflow_info: dict) -> MapAggregation:  # fmt: skip
     """A dense study's aggregation: of boxes (text regions) or of masks."""
     if get_task(cfg.task).annotation == "json":
         from distrain.ensembles.dense import compute_dense_aggregation  # late: OpenCV, shapely, pyclipper
@@ -113,7 +109,7 @@ def _compute_dense(cfg: Config, sources: list[Source], truth: SampleTruth, faile
     return compute_mask_aggregation(cfg, sources, truth, failed, allow_partial, mlflow_info)
 
 
-def publish_dense(agg: DenseAggregation | MaskAggregation, run_dir: Path, tracker: Tracker,
+def publish_dense(agg: MapAggregation, run_dir: Path, tracker: Tracker,
                   fence: Callable[[], None]) -> None:  # fmt: skip
     """A dense task's review: the summary, report.json, the study run's metrics and one run for the ensembles;
     for text detection also the tuned post-processing (ensemble/postprocess.json), the worst OOF images drawn, and
@@ -147,7 +143,7 @@ def publish_dense(agg: DenseAggregation | MaskAggregation, run_dir: Path, tracke
     tracker.end_run(stage)
 
 
-def _dense_model(agg: DenseAggregation | MaskAggregation, run_dir: Path, tracker: Tracker, stage: str,
+def _dense_model(agg: MapAggregation, run_dir: Path, tracker: Tracker, stage: str,
                  fence: Callable[[], None], detection: bool) -> None:  # fmt: skip
     """The served ensemble's files (ensemble/model/, which `distrain predict` loads): the voting fold models of a
     detection study, a segmentation study's best-on-CV map ensemble; registered when asked."""

@@ -91,14 +91,15 @@ class Task(ABC):
     """The `data.source` of the bundled demo data labelled for this task (scikit-learn's digits), if any."""
     annotation: ClassVar[str] = ""
     """What a sample carries besides its image(s) and label, as its shard member's extension: "" nothing (the label
-    is the target), "json" the text regions of a detection sample. A dense task's loaders decode it into the
-    training target and the evaluation label row, and its predictions are maps (`dense`)."""
+    is the target), "json" the text regions of a detection sample, "mask.png" a segmentation mask. A dense task's
+    loaders decode it into the training target and the evaluation label row, and its predictions are maps
+    (`dense`)."""
     description: ClassVar[str]
 
     @property
     def dense(self) -> bool:
         """Its samples carry annotations and its predictions are per-pixel maps, not rows of class probabilities:
-        no Mixup / CutMix, random erasing or TTA; its ensembles are its own (`dense_ensembles`)."""
+        no Mixup / CutMix, random erasing or TTA; its ensembles are its own (`distrain.ensembles.dense`, `.masks`)."""
         return bool(self.annotation)
 
     # -- configuration and data --------------------------------------------------------------------------------

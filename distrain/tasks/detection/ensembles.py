@@ -50,11 +50,13 @@ class EnsembleScore:
         return cls(cv=tuned.cv_tuned, cv_default=tuned.cv_default, tuned=tuned.as_dict())
 
 
-def tuned_columns(maps_of: MapsOf, n_columns: int, truths: list[TextRegions], folds: np.ndarray,
-                  base: PostprocessSettings = PostprocessSettings(),
-                  grid: dict = DEFAULT_GRID) -> tuple[list[TunedPostprocess], TunedPostprocess]:  # fmt: skip
+def tuned_columns(
+    maps_of: MapsOf, n_columns: int, truths: list[TextRegions], folds: np.ndarray,
+    base: PostprocessSettings = PostprocessSettings(), grid: dict = DEFAULT_GRID,
+) -> tuple[list[TunedPostprocess], TunedPostprocess, np.ndarray]:  # fmt: skip
     """Every column's and the map average's fold-honest tuning, in one pass over the images: each image's M maps
-    are read once and counted at every setting."""
+    are read once and counted at every setting. Also each column's counts of every image at `base` [M, n, 3]
+    (matched, words, detections): a job's score at the default settings is the sum over its fold's images."""
     settings = grid_settings(base, grid)
     tables = np.zeros((n_columns + 1, len(settings), len(truths), 3), np.int64)  # the last: the map average
     for j, truth in enumerate(truths):
@@ -63,7 +65,7 @@ def tuned_columns(maps_of: MapsOf, n_columns: int, truths: list[TextRegions], fo
             tables[m, :, j] = image_counts(maps[m], truth, settings)
         tables[n_columns, :, j] = image_counts(maps.mean(axis=0), truth, settings)
     tuned = [choose_settings(table, folds, settings) for table in tables]
-    return tuned[:n_columns], tuned[n_columns]
+    return tuned[:n_columns], tuned[n_columns], tables[:n_columns, 0]  # settings[0] is `base`
 
 
 def box_vote(maps_of: MapsOf, truths: list[TextRegions], folds: np.ndarray, tunings: list[TunedPostprocess],
@@ -84,7 +86,7 @@ def detection_ensembles(maps_of: MapsOf, n_columns: int, truths: list[TextRegion
                         iou_threshold: float = 0.5) -> dict[str, EnsembleScore]:  # fmt: skip
     """Every column and both CV ensembles, by name (`column-<m>`, `map_average`, `box_vote`): two passes over the
     images (counting, then voting at the tuned settings)."""
-    columns, average = tuned_columns(maps_of, n_columns, truths, folds, base, grid)
+    columns, average, _ = tuned_columns(maps_of, n_columns, truths, folds, base, grid)
     scores = {f"column-{m}": EnsembleScore.of(t) for m, t in enumerate(columns)}
     scores["map_average"] = EnsembleScore.of(average)
     scores["box_vote"] = box_vote(maps_of, truths, folds, columns, k, iou_threshold)
