@@ -405,6 +405,16 @@ def _adversarial(args) -> int:
     return 0
 
 
+def _distill(args) -> int:
+    """`distrain distill`: the study's ensemble distilled into one student network (`orchestration.distill`)."""
+    from distrain.orchestration.distill import DistillRequest, run_distill
+
+    seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else ()
+    request = DistillRequest(Path(args.run_dir), args.student, args.temperature, args.alpha, seeds,
+                             not args.no_hard_baseline, args.prepare, tuple(args.overrides))  # fmt: skip
+    return run_distill(request)
+
+
 def _k8s(args) -> int:
     from distrain.config import load_config
     from distrain.deploy.k8s import MIN_KUBERNETES, RenderOptions, dns_name, render
@@ -558,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--run-dir", required=True)
     a.add_argument("--against", default="test", help="'test' (the holdout) or a folder of images")
 
+    _distill_parser(sub)
+
     sw = sub.add_parser("sweep", help="an Optuna sweep worker: trials claimed from the sweep's ledger")
     sw.add_argument("--config", default=None)
     sw.add_argument("--space", required=True, help="search space YAML: config key -> {low, high, log} or {choices}")
@@ -569,6 +581,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     _schedule_parser(sub)
     return p
+
+
+def _distill_parser(sub) -> None:
+    d = sub.add_parser("distill", help="distil a finished study's ensemble into one student network, trained on "
+                                       "the ensemble's out-of-fold probabilities")  # fmt: skip
+    d.add_argument("--run-dir", required=True, help="the teacher study's run directory")
+    d.add_argument("--student", required=True, help="the student's timm model name (or package.module:function)")
+    d.add_argument("--temperature", type=float, default=3.0, help="softening of the soft-target loss (default 3)")
+    d.add_argument("--alpha", type=float, default=0.7, help="weight of the soft-target loss; 1 - alpha: hard labels")
+    d.add_argument("--seeds", default="", help="the student's seeds, comma-separated (default: the study's first)")
+    d.add_argument("--no-hard-baseline", action="store_true", help="skip the hard-label student")
+    d.add_argument(
+        "--prepare",
+        action="store_true",
+        help="write the soft targets and the student studies' configs "
+        "and stop (train them with any launcher, then run again)",
+    )
+    d.add_argument("overrides", nargs="*", help="a.b=value overrides of the student studies, e.g. train.epochs=20")
 
 
 def _run_dir_parsers(sub) -> None:
@@ -656,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         "sweep": _sweep,
         "predict": _predict,
         "adversarial": _adversarial,
+        "distill": _distill,
         "k8s": _k8s,
     }
     try:

@@ -88,6 +88,17 @@ def test_every_shipped_config_parses():
         ("tracking:\n  uri: https://me:s3cret@mlflow.example.com\n", "MLFLOW_TRACKING_PASSWORD"),
         ("sweep:\n  storage: postgresql://me:ab/cd+ef==@db/optuna\n", "sweep.storage: the URL holds a password"),
         ("sweep:\n  storage: postgresql://me@db/optuna?password=s3cret\n", "sweep.storage: the URL holds a"),
+        ("distill:\n  alpha: 1.5\n", "distill.alpha: invalid value 1.5 (expected a weight in [0, 1])"),
+        ("distill:\n  temperature: 0\n", "distill.temperature: invalid value 0.0 (expected > 0)"),
+        (
+            "distill:\n  teacher: t.npz\naugment:\n  mixup: 0.2\n",
+            "distill.teacher: invalid value 't.npz' (expected empty with augment.mixup / augment.cutmix",
+        ),
+        (
+            "task: segmentation\ndata:\n  source: synth_shapes\n  num_classes: 4\ntrain:\n  loss: ce_dice\n"
+            "  metric: miou\ndistill:\n  teacher: t.npz\n",
+            "distill.teacher: invalid value 't.npz' (expected empty: task segmentation predicts maps",
+        ),
     ],
 )
 def test_validation_messages_name_key_and_value(tmp_path, text, message):

@@ -168,6 +168,26 @@ class TTAConfig:
 
 
 @dataclass(kw_only=True)
+class DistillConfig:
+    """Knowledge distillation from a finished study's ensemble: each CV sample's soft target is the ensemble's
+    out-of-fold probability row (from the fold models that never trained on it). `distrain distill` writes this
+    section into the student study it derives; set by hand, it distils from any file of that form."""
+
+    teacher: str = ""
+    """An .npz of soft targets: `sample_ids` and `probs` [n, C], one row per CV sample (holdout samples refused).
+    Empty: no distillation (the hard-label loss alone)."""
+    temperature: float = 3.0
+    """Softening of teacher and student probabilities in the soft-target loss (Hinton et al.; the loss is scaled by
+    T^2 so its gradients keep their size)."""
+    alpha: float = 0.7
+    """Weight of the soft-target loss; 1 - alpha weights the hard-label loss (`train.loss`)."""
+
+    def __post_init__(self):
+        require(self.temperature > 0, "distill.temperature", self.temperature, "> 0")
+        require(0.0 <= self.alpha <= 1.0, "distill.alpha", self.alpha, "a weight in [0, 1]")
+
+
+@dataclass(kw_only=True)
 class CVConfig:
     folds: int = 5
     """Number of cross-validation folds (K)."""
@@ -561,6 +581,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
         require(
@@ -595,6 +616,7 @@ class Config:
             for b in (self.train.batch_size, *self.train.batch_size_schedule.values()):
                 require(b % 2 == 0, "train.batch_size", b,
                          "an even number with augment.mixup / augment.cutmix (timm's Mixup mixes pairs)")  # fmt: skip
+        _check_distill(self)
 
     @property
     def run_dir(self) -> Path:
@@ -673,6 +695,17 @@ def _check_schedule(key: str, schedule: dict[int, int], epochs: int, smallest: i
     require(all(a < b for a, b in zip(starts, starts[1:])), key, schedule, "strictly increasing epochs")
     require(starts[-1] < epochs, key, schedule, f"epochs below train.epochs={epochs}")
     require(all(v >= smallest for v in schedule.values()), key, schedule, f"values >= {smallest}")
+
+
+def _check_distill(cfg: Config) -> None:
+    """Soft targets are rows of class probabilities of whole samples: not a dense task's maps; and Mixup / CutMix
+    would mix the images but not their soft targets."""
+    if not cfg.distill.teacher:
+        return
+    require(not get_task(cfg.task).dense, "distill.teacher", cfg.distill.teacher,
+            f"empty: task {cfg.task} predicts maps, not the probability rows soft targets are")  # fmt: skip
+    require(not cfg.augment.mixes, "distill.teacher", cfg.distill.teacher,
+            "empty with augment.mixup / augment.cutmix (they mix images, not soft targets)")  # fmt: skip
 
 
 def _check_digits_source(task_name: str, data: DataConfig) -> None:

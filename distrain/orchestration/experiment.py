@@ -41,6 +41,7 @@ from distrain.orchestration.worker import WorkerOutcome, WorkerSteps, run_worker
 from distrain.study.folds import FoldManifest, build_fold_manifest
 from distrain.study.plan import Job, expand_plan
 from distrain.study.results import job_dir, job_files_problem
+from distrain.study.soft_targets import read_soft_targets
 from distrain.tasks import get_task
 from distrain.tracking.base import NullTracker, Tracker
 from distrain.training.loop import check_batches_fit
@@ -103,6 +104,9 @@ def start_study(cfg: Config, new_run_dir: bool, shard: Optional[tuple[int, int]]
     index, manifest = prepare_data(cfg, accelerator, ranks)
     check_inputs(cfg, index.channels, accelerator.device)  # every rank: the same check, the same one-line error
     check_batches_fit(cfg, manifest.fold_of_sample, accelerator.num_processes)
+    if cfg.distill.teacher:  # every rank: the same one-line refusal before any job starts
+        read_soft_targets(Path(cfg.distill.teacher), set(manifest.fold_of_sample), set(index.split_ids("test")),
+                          len(index.classes))  # fmt: skip
     if cfg.model.pretrained or cfg.model.pretrained_file:  # each node fills its hub cache once, or refuses
         from distrain.training.models import check_pretrained
 

@@ -78,7 +78,10 @@ def prepare_run_dir(cfg: Config, manifest: FoldManifest, new_run_dir: bool) -> C
     for n in range(2, 1000):
         run_dir = Path(cfg.run_root) / experiment
         saved = run_dir / "config.yaml"
-        grows, refused = growth_differences(yaml_load(saved.read_text()), cfg.to_dict()) if saved.exists() else ([], [])
+        # the saved config read as a Config: sections added to distrain since it was written take their defaults
+        grows, refused = (
+            growth_differences(load_run_dir(run_dir).to_dict(), cfg.to_dict()) if saved.exists() else ([], [])
+        )
         if not refused:
             break
         if not new_run_dir:

@@ -16,6 +16,7 @@ Artifacts directory layout (written by `distrain.serving.artifacts.write_model_a
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from pathlib import Path
@@ -94,14 +95,17 @@ class EnsemblePredictor:
         return torch.stack([torch.cat([transform.decode(img) for img in sample]) for sample in samples])
 
     @torch.no_grad()
-    def column_probs(self, images) -> np.ndarray:
-        """[M, N, C]: each (model, seed) column's fold-averaged probabilities of the samples `images` holds."""
+    def column_probs(self, images, only: Optional[set[str]] = None) -> np.ndarray:
+        """[M, N, C]: each (model, seed) column's fold-averaged probabilities of the samples `images` holds (zeros
+        for a column not in `only`, when given: its networks are not run)."""
         images = self.samples(images)
         columns = self.meta["columns"]
         sums = np.zeros((len(columns), len(images), self.meta["num_classes"]))
         counts = np.zeros(len(columns))
         batches: dict[ImageTransform, torch.Tensor] = {}  # one decoded batch per distinct transform
         for job, (column, model) in zip(self.meta["jobs"], self.models):
+            if only is not None and column not in only:
+                continue
             transform = self.transform_of(job)
             if transform not in batches:
                 batches[transform] = transform.normalise(self.to_batch(images, transform))
@@ -110,16 +114,29 @@ class EnsemblePredictor:
             probs = torch.cat([tta.probs(model, x[i : i + 256], self.task.activate) for i in range(0, len(x), 256)])
             sums[columns.index(column)] += probs.numpy()
             counts[columns.index(column)] += 1
-        return (sums / counts[:, None, None]).astype(np.float32)
+        return (sums / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
 
     def predict_proba(self, images) -> np.ndarray:
+        if not self.boosters:  # a weighted mean: the networks of columns weighted 0 (best_single's others) idle
+            weights = np.asarray(self.meta["weights"])
+            weighted = {c for c, w in zip(self.meta["columns"], weights) if w != 0}
+            return np.tensordot(weights, self.column_probs(images, weighted), axes=1)
         cols = self.column_probs(images)
-        if not self.boosters:
-            return np.tensordot(np.asarray(self.meta["weights"]), cols, axes=1)
         from distrain.ensembles.stacking import predict_stacked, stacking_features
 
         c = self.meta["num_classes"]
         return predict_stacked(self.boosters, stacking_features(cols), self.task.meta_targets(c), c)
+
+    def only_column(self, column: str) -> EnsemblePredictor:
+        """This ensemble's column `column` alone (its fold models averaged): a best single column served."""
+        if column not in self.meta["columns"]:
+            raise BadInput(f"column {column} is not in the ensemble ({', '.join(self.meta['columns'])})")
+        kept = [i for i, (col, _m) in enumerate(self.models) if col == column]
+        single = copy.copy(self)
+        single.meta = {**self.meta, "columns": [column], "jobs": [self.meta["jobs"][i] for i in kept],
+                       "weights": [1.0], "method": "weighted_vote", "ensemble": "best_single"}  # fmt: skip
+        single.models, single.boosters = [self.models[i] for i in kept], []
+        return single
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """The task's decisions of `predict_proba`'s output, at the thresholds tuned on OOF when it has them (class
@@ -196,21 +213,27 @@ def write_predictions_csv(path: Path, names: list[str], probs: np.ndarray, class
 
 def predict_shards(predictor: EnsemblePredictor, folder: Path, batch_size: int = 64) -> tuple[list[str], np.ndarray]:
     """Every sample of the `*.tar` shards under `folder` (sorted by sample id): (sample ids, probabilities)."""
+    urls = sorted(str(p) for p in folder.rglob("*.tar"))
+    if not urls:
+        raise BadInput(f"{folder}: no .tar shards")
+    ids, samples = shard_inputs(urls)
+    probs = [predictor.predict_proba(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+    return ids, np.concatenate(probs)
+
+
+def shard_inputs(urls: list[str]) -> tuple[list[str], list]:
+    """Every sample of the shards `urls`, sorted by sample id: (sample ids, inputs as `predict_proba` takes them:
+    an image, or a pair's two)."""
     import io
 
     from distrain.data.shards import read_image, shard_samples
 
-    urls = sorted(str(p) for p in folder.rglob("*.tar"))
-    if not urls:
-        raise BadInput(f"{folder}: no .tar shards")
     refs = sorted((ref for url in urls for ref in shard_samples(url)), key=lambda ref: ref.sample_id)
 
-    def sample(ref):  # an image, or a pair's two
+    def sample(ref):
         images = [
             Image.open(io.BytesIO(read_image(ref, second))) for second in ((False, True) if ref.second else (False,))
         ]
         return tuple(images) if ref.second else images[0]
 
-    probs = [predictor.predict_proba([sample(ref) for ref in refs[i : i + batch_size]])
-             for i in range(0, len(refs), batch_size)]  # fmt: skip
-    return [ref.sample_id for ref in refs], np.concatenate(probs)
+    return [ref.sample_id for ref in refs], [sample(ref) for ref in refs]

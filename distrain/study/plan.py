@@ -10,10 +10,14 @@ from dataclasses import dataclass
 
 from distrain.config import Config
 
+WHOLE_POOL = -1
+"""The fold of a job outside the plan that trains on every CV sample and validates on none (a distilled student's
+served network, `distrain distill`): its epoch count is chosen on the folds, its result is its last epoch."""
+
 
 @dataclass(frozen=True)
 class Job:
-    """One cell of the plan models x seeds x folds."""
+    """One cell of the plan models x seeds x folds (or a whole-pool job, fold `WHOLE_POOL`)."""
 
     model: str
     seed: int
@@ -21,7 +25,11 @@ class Job:
 
     @property
     def id(self) -> str:
-        return f"{self.column}-f{self.fold}"
+        return f"{self.column}-whole" if self.whole_pool else f"{self.column}-f{self.fold}"
+
+    @property
+    def whole_pool(self) -> bool:
+        return self.fold == WHOLE_POOL
 
     @property
     def column(self) -> str:

@@ -178,6 +178,11 @@ class Task(ABC):
     def create_loss(self, settings: LossSettings) -> torch.nn.Module:
         """The training loss `settings.name` names; it takes hard labels and Mixup / CutMix soft targets."""
 
+    def distillation_loss(self, logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The soft-target loss of the model's logits against a teacher's probability rows at `temperature`
+        (`distill.*`). Tasks without one (a dense task's maps) refuse distillation in the config."""
+        raise NotImplementedError(f"task {self.name} has no soft-target loss")
+
     @abstractmethod
     def batch_correct(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """How many samples of a batch are decided right at the default rule (a 0-dim tensor, no host sync)."""

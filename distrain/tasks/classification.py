@@ -79,6 +79,11 @@ class OneOfClasses(Task):
     def batch_correct(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return (logits.argmax(1) == labels).sum()
 
+    def distillation_loss(self, logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        from distrain.tasks.losses import softmax_distillation
+
+        return softmax_distillation(logits, teacher, temperature)
+
     def validation_loss(self, probs: np.ndarray, labels: np.ndarray) -> float:
         """Cross-entropy of the probabilities."""
         import torch
@@ -220,6 +225,11 @@ class Multilabel(Task):
     def batch_correct(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Samples with every label right (logit > 0)."""
         return ((logits > 0) == labels.bool()).all(dim=1).sum()
+
+    def distillation_loss(self, logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        from distrain.tasks.losses import sigmoid_distillation
+
+        return sigmoid_distillation(logits, teacher, temperature)
 
     def validation_loss(self, probs: np.ndarray, labels: np.ndarray) -> float:
         """The mean binary cross-entropy over every (sample, label)."""

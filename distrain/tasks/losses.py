@@ -98,3 +98,37 @@ class LabelSetLoss(nn.Module):
 def _constant(value: float, device: torch.device) -> torch.Tensor:
     """A scalar loss constant on the device, made once (not a synchronising host-to-device copy per step)."""
     return torch.tensor(value, device=device)
+
+
+def softmax_distillation(logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher_T || student_T) x T^2, the batch mean, of one-of-C rows: teacher_T = softmax(log p / T) (the
+    teacher's probabilities `teacher` [n, C] softened as its logits would be), student_T = softmax(z / T)."""
+    t = temperature
+    log_q = F.log_softmax(teacher.float().clamp_min(1e-8).log() / t, dim=1)
+    log_p = F.log_softmax(logits.float() / t, dim=1)
+    return (log_q.exp() * (log_q - log_p)).sum(dim=1).mean() * t * t
+
+
+def sigmoid_distillation(logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The label-set form: each label's Bernoulli KL(teacher_T || student_T) x T^2, summed over the labels and
+    averaged over the batch, with teacher_T = sigmoid(logit(p) / T) and student_T = sigmoid(z / T)."""
+    t = temperature
+    q = torch.sigmoid(torch.logit(teacher.float().clamp(1e-6, 1 - 1e-6)) / t)
+    cross = F.binary_cross_entropy_with_logits(logits.float() / t, q, reduction="none")
+    entropy = F.binary_cross_entropy(q, q, reduction="none")
+    return (cross - entropy).sum(dim=1).mean() * t * t
+
+
+class Distilled(nn.Module):
+    """(1 - alpha) x the task's hard-label loss + alpha x its soft-target loss against the teacher's rows of the
+    same batch (`teacher=`, handed in per micro-batch)."""
+
+    def __init__(self, hard: nn.Module, soft, alpha: float, temperature: float):
+        super().__init__()
+        self.hard, self.soft, self.alpha, self.temperature = hard, soft, alpha, temperature
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        soft = self.soft(logits, teacher, self.temperature)
+        if self.alpha == 1.0:
+            return soft
+        return (1.0 - self.alpha) * self.hard(logits, target) + self.alpha * soft

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -37,6 +38,7 @@ from distrain.errors import ConfigError, Interrupted, NonFiniteLoss
 from distrain.study.plan import Job
 from distrain.study.results import JobResult, Predictions
 from distrain.tasks import get_task, improves, overfit_gap
+from distrain.tasks.losses import Distilled
 from distrain.training.checkpoint import (
     list_states,
     load_latest_state,
@@ -45,6 +47,7 @@ from distrain.training.checkpoint import (
     save_state,
     set_rng_state,
 )
+from distrain.training.distill import TeacherRows
 from distrain.training.evaluate import check_coverage, predict
 from distrain.training.models import create_ema, create_model, model_settings
 from distrain.training.optim import create_optimizer, create_scheduler
@@ -135,7 +138,7 @@ def fit_job(
     for epoch in epochs:
         row = trainer.evaluate(epoch, trainer.train_epoch(epoch))
         best = trainer.state.best
-        val = row[f"val_{cfg.train.metric}"]
+        val = row.get(f"val_{cfg.train.metric}", float("nan"))  # a whole-pool job validates on nothing
         epochs.set_postfix(val=f"{val:.4f}", best=f"{best.score:.4f}")
         if cfg.train.progress and not trainer.show_progress:  # a log: one plain line per epoch instead
             trainer.log(
@@ -268,16 +271,23 @@ class JobTrainer:
         self.cache = fits_in_cache(len(index.sample_ids), self.transform, dc.cache_mb)
         self.train_batches = None  # started on an epoch's first step, at the resumed position
         self.stream_phase = -1  # the first epoch of the phase whose stream train_batches is
-        # Built once per job: rebuilt every epoch, its DataLoader workers would start again every epoch.
-        self.val_loader = self._eval_loader("cv", {s: cv_labels[s] for s in self.val_ids})
-        # The train side of the train-val gap: the metric on a fixed, un-augmented sample of the training fold
-        # as large as the validation fold (accuracy on augmented batches is not comparable with a val F1).
-        probe = train_probe_ids(train_ids, len(self.val_ids), job)
-        self.train_probe = self._eval_loader("cv", {s: cv_labels[s] for s in probe})
+        self.val_loader = self.train_probe = None  # a whole-pool job validates on nothing
+        if not job.whole_pool:
+            # Built once per job: rebuilt every epoch, its DataLoader workers would start again every epoch.
+            self.val_loader = self._eval_loader("cv", {s: cv_labels[s] for s in self.val_ids})
+            # The train side of the train-val gap: the metric on a fixed, un-augmented sample of the training fold
+            # as large as the validation fold (accuracy on augmented batches is not comparable with a val F1).
+            probe = train_probe_ids(train_ids, len(self.val_ids), job)
+            self.train_probe = self._eval_loader("cv", {s: cv_labels[s] for s in probe})
         self.batch_augment = BatchAugment(self.transform, cfg.augment, num_classes=dc.num_classes,
                                           label_smoothing=tc.label_smoothing, device=accelerator.device,
                                           label_sets=self.task.label_sets)  # fmt: skip
         self.criterion = self.task.create_loss(tc.loss_settings())  # takes Mixup / CutMix soft targets too
+        self.teacher = None
+        if cfg.distill.teacher:  # the teacher's OOF rows of this batch's samples go to the loss with it
+            self.teacher = TeacherRows(Path(cfg.distill.teacher), index, accelerator.device)
+            self.criterion = Distilled(self.criterion, self.task.distillation_loss, cfg.distill.alpha,
+                                       cfg.distill.temperature)  # fmt: skip
         self.nonfinite = _NonFiniteCounter(accelerator.device, tc.max_nonfinite_losses)
         self.evaluating: Optional[int] = None  # the epoch being evaluated, when it is
         self.epoch_local_sums = EpochSums()
@@ -444,13 +454,16 @@ class JobTrainer:
     def _micro_step(self):
         """Draw one micro-batch and train on it; steps the LR schedule when the optimizer stepped."""
         device = self.accelerator.device
-        images, labels, _ids = next(self.train_batches)
+        images, labels, ids = next(self.train_batches)
         self.state.batches += 1
         labels = labels.to(device, non_blocking=True)
         inputs, targets = self.batch_augment(images.to(device, non_blocking=True), labels)
         if self.channels_last:  # the model's layout (`distributed.wrap`): no conversion inside every convolution
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        loss, logits, stepped = self.trainable.micro_step(inputs, targets, self.criterion)
+        criterion = self.criterion
+        if self.teacher is not None:
+            criterion = functools.partial(self.criterion, teacher=self.teacher.of(ids))
+        loss, logits, stepped = self.trainable.micro_step(inputs, targets, criterion)
         if stepped.boundary:
             if stepped.applied:
                 self.scheduler.step()
@@ -514,6 +527,8 @@ class JobTrainer:
 
     def evaluate(self, epoch: int, train: EpochSums) -> dict[str, float]:
         """Score the fold's validation samples, log the epoch's row and keep the best epoch's weights and OOF."""
+        if self.job.whole_pool:
+            return self._keep_last(epoch, train)
         tc, state = self.cfg.train, self.state
         self.evaluating = epoch
         evaluated = self.trainable.eval_model()  # ZeRO: the fp32 weights gathered into a plain model
@@ -541,25 +556,45 @@ class JobTrainer:
             candidates.append(("ema", self.ema.module, ema_val, row[f"val_ema_{tc.metric}"]))
         self.evaluating = None
         state.history.append({"epoch": epoch, **row})
-        if self.tracker is not None:
-
-            def log() -> None:  # a stale owner (frozen past its lease, then woken) must not add a row to the run
-                self.control.fence()
-                self.tracker.log_metrics(self.run_id, row, step=self.control.first_step + epoch)
-
-            runtime.on_primary(self.accelerator, log)
+        self._log_row(epoch, row)
         for source, model, pred, score in candidates:
             if improves(tc.metric, score, state.best.score):
                 state.best.score, state.best.epoch, state.best.oof, state.best.source = score, epoch, pred, source
                 state.best.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         return row
 
+    def _keep_last(self, epoch: int, train: EpochSums) -> dict[str, float]:
+        """A whole-pool job's epoch (nothing to validate on): its training row, and its weights kept as the job's
+        result (its epoch count was chosen on the folds); the EMA's when the job keeps one."""
+        state = self.state
+        row = {"train_loss": train.loss_sum / train.seen, "train_accuracy": train.correct / train.seen,
+               "lr": self.scheduler.get_last_lr()[0], "grad_norm": train.grad_norm_sum / max(1, train.grad_norm_count),
+               "samples_per_s": train.seen / train.seconds, "skipped_steps": state.skipped_steps,
+               "nonfinite_losses": state.nonfinite_losses}  # fmt: skip
+        state.history.append({"epoch": epoch, **row})
+        self._log_row(epoch, row)
+        model, source = (self.ema.module, "ema") if self.ema is not None else (self.trainable.eval_model(), "raw")
+        empty = Predictions([], np.zeros((0, self.cfg.data.num_classes), np.float32), np.zeros(0, np.int64))
+        state.best.epoch, state.best.oof, state.best.source = epoch, empty, source
+        state.best.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return row
+
+    def _log_row(self, epoch: int, row: dict[str, float]) -> None:
+        if self.tracker is None:
+            return
+
+        def log() -> None:  # a stale owner (frozen past its lease, then woken) must not add a row to the run
+            self.control.fence()
+            self.tracker.log_metrics(self.run_id, row, step=self.control.first_step + epoch)
+
+        runtime.on_primary(self.accelerator, log)
+
     def should_stop_early(self, epoch: int, row: dict[str, float]) -> bool:
         """train.patience epochs without a better score, or a train-val gap above train.max_train_val_gap."""
         tc = self.cfg.train
         if tc.patience and epoch - self.state.best.epoch >= tc.patience:
             return True
-        return bool(tc.max_train_val_gap and row["train_val_gap"] > tc.max_train_val_gap)
+        return bool(tc.max_train_val_gap and row.get("train_val_gap", 0.0) > tc.max_train_val_gap)
 
     def finish(self) -> JobResult:
         """Predict the holdout test split with the best epoch's weights and hand back the job's result."""
