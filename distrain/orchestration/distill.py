@@ -1,13 +1,14 @@
 """`distrain distill`: a finished study's ensemble distilled into one network, with honest scores.
 
-    teacher    the registered ensemble (or one named) of the study at `run_dir`; each CV sample's soft target is
-               its weighted mean of the columns' OOF rows, every row from the fold model that did not train on
-               the sample (`ensemble/soft_targets.npz`; holdout samples are never in it)
+    teacher    the registered ensemble of the study at `run_dir`, as soft targets of the CV samples
+               (`ensemble/soft_targets.npz`, `study.soft_targets`; holdout samples are never in it): each sample's
+               out-of-fold row, from the fold models that did not train on it, and each fold's models' rows
     student    a derived study `<experiment>-student` (beside the teacher's run directory, the same folds):
-               the student model on every fold with `distill.*` set, so its OOF and CV score are its own
+               the student model on every fold with `distill.*` set; its fold-m job learns fold m's teacher models'
+               rows (which never saw fold m), so its OOF and CV score are honest
     baseline   the same student on hard labels only (`<experiment>-student-hard`), for the comparison
-    served     each once more on the whole CV pool for the median best epoch of its folds (+1), validated on
-               nothing; the distilled one is registered as `distrain-<experiment>-student`
+    served     each once more on the whole CV pool (the OOF rows as targets) for the median best epoch of its
+               folds (+1), validated on nothing; the distilled one is registered as `distrain-<experiment>-student`
     report     CV and holdout of the teacher, its best single column, the student and the baseline, with each
                one's serving cost (samples/s through the predictor the pyfunc wraps, networks, parameters):
                `<student run dir>/distill.json`, printed, and on the student study's MLflow run
@@ -21,10 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 from distrain.config import Config, config_from_dict, dump_yaml
 from distrain.console import route_library_output
@@ -38,10 +42,11 @@ from distrain.fsutil import atomic_write_json, atomic_write_text
 from distrain.orchestration import phases
 from distrain.study.folds import FoldManifest
 from distrain.study.plan import WHOLE_POOL, Job, column_key
-from distrain.study.soft_targets import write_soft_targets
+from distrain.study.soft_targets import SoftTargets, write_soft_targets
 from distrain.tasks import get_task
 
 SOFT_TARGETS = "soft_targets.npz"
+FOLD_OF_JOB = re.compile(r"-f(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -60,21 +65,29 @@ class DistillRequest:
     """`a.b=value` overrides of the student studies' configs (e.g. train.epochs=20)."""
 
 
-def teacher_soft_targets(cfg: Config, run_dir: Path) -> tuple[list[str], object, str]:
-    """(CV sample ids, the registered ensemble's OOF probabilities [n, C], its name): the weighted mean of the
-    columns' OOF rows with the served weights (a registered stacking model: its weighted vote's weights)."""
+def teacher_soft_targets(cfg: Config, run_dir: Path) -> tuple[SoftTargets, str]:
+    """The registered ensemble's soft targets of the CV samples (`study.soft_targets`) and its name: its weighted
+    mean of the columns' OOF rows, and of each fold's models' rows, with the served weights (a registered stacking
+    model: its weighted vote's weights)."""
+    from distrain.serving.predictor import EnsemblePredictor, shard_inputs
+
     meta_path = run_dir / "ensemble" / "model" / "meta.json"
     if not meta_path.is_file():
         raise BadInput(f"distill: {run_dir} has no registered ensemble (ensemble/model/meta.json); aggregate it first")
-    meta = json.loads(meta_path.read_text())
     index = read_index(cfg.data.root, cfg.data.num_classes, cfg.task)
     manifest = FoldManifest.from_json((run_dir / "folds.json").read_text())
     truth = SampleTruth(manifest.fold_of_sample, {**index.labels_of("cv"), **index.labels_of("test")})
     store, _ = load_store(cfg, [Source(run_dir, cfg)], truth, allow_partial=False)
-    weights = [dict(zip(meta["columns"], meta["weights"])).get(c, 0.0) for c in store.columns]
-    import numpy as np
-
-    return store.sample_ids, soft_vote(store.oof, np.asarray(weights)), meta["ensemble"]
+    predictor = EnsemblePredictor(run_dir / "ensemble" / "model")
+    weight = dict(zip(predictor.meta["columns"], predictor.meta["weights"]))
+    oof = soft_vote(store.oof, np.asarray([weight.get(c, 0.0) for c in store.columns]))
+    ids, samples = shard_inputs(index.urls("cv"))
+    if ids != store.sample_ids:
+        raise BadInput(f"distill: {cfg.data.root}'s CV shards do not hold the study's CV samples")
+    fold_probs = np.zeros((cfg.cv.folds, *oof.shape), np.float32)
+    for job, probs in predictor.job_probs(samples, {c for c, w in weight.items() if w != 0}):
+        fold_probs[int(FOLD_OF_JOB.search(job["id"]).group(1))] += weight[job["column"]] * probs
+    return SoftTargets(ids, oof, fold_probs), predictor.meta["ensemble"]
 
 
 def student_config(teacher: Config, req: DistillRequest, experiment: str, distill: dict) -> Config:
@@ -101,19 +114,22 @@ def whole_pool_epochs(report: Report) -> int:
 
 def prepare(req: DistillRequest) -> tuple[Config, list[Config], str]:
     """The teacher's config, the student studies' configs (distilled first), the teacher ensemble's name; the
-    soft targets written. Refuses a dense or unfinished teacher study, and a bad student, in one line."""
+    soft targets written. Refuses a dense or unfinished teacher study and a bad student, in one line, before
+    anything is written."""
     teacher = phases.load_run_dir(req.run_dir)
     if get_task(teacher.task).dense:
         raise BadInput(f"distill: task {teacher.task} predicts maps, not the probability rows soft targets are")
-    ids, probs, ensemble = teacher_soft_targets(teacher, req.run_dir)
-    path = write_soft_targets(req.run_dir / "ensemble" / SOFT_TARGETS, ids, probs)
-    soft = {"teacher": str(path.resolve()), "temperature": req.temperature, "alpha": req.alpha}
+    path = (req.run_dir / "ensemble" / SOFT_TARGETS).resolve()
+    soft = {"teacher": str(path), "temperature": req.temperature, "alpha": req.alpha}
     configs = [student_config(teacher, req, f"{teacher.experiment}-student", soft)]
     if req.hard_baseline:
         configs.append(student_config(teacher, req, f"{teacher.experiment}-student-hard", {"alpha": 0.0}))
     for cfg in configs:
         if cfg.run_dir.resolve() == req.run_dir.resolve():
             raise ConfigError(f"distill: the student study would be {cfg.run_dir}, the teacher's own")
+    targets, ensemble = teacher_soft_targets(teacher, req.run_dir)
+    write_soft_targets(path, targets)
+    for cfg in configs:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cfg.run_dir / "distill.yaml", dump_yaml(cfg))
     return teacher, configs, ensemble

@@ -106,7 +106,7 @@ def start_study(cfg: Config, new_run_dir: bool, shard: Optional[tuple[int, int]]
     check_batches_fit(cfg, manifest.fold_of_sample, accelerator.num_processes)
     if cfg.distill.teacher:  # every rank: the same one-line refusal before any job starts
         read_soft_targets(Path(cfg.distill.teacher), set(manifest.fold_of_sample), set(index.split_ids("test")),
-                          len(index.classes))  # fmt: skip
+                          len(index.classes), cfg.cv.folds)  # fmt: skip
     if cfg.model.pretrained or cfg.model.pretrained_file:  # each node fills its hub cache once, or refuses
         from distrain.training.models import check_pretrained
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -95,13 +96,11 @@ class EnsemblePredictor:
         return torch.stack([torch.cat([transform.decode(img) for img in sample]) for sample in samples])
 
     @torch.no_grad()
-    def column_probs(self, images, only: Optional[set[str]] = None) -> np.ndarray:
-        """[M, N, C]: each (model, seed) column's fold-averaged probabilities of the samples `images` holds (zeros
-        for a column not in `only`, when given: its networks are not run)."""
+    def job_probs(self, images, only: Optional[set[str]] = None) -> Iterator[tuple[dict, np.ndarray]]:
+        """(meta.json's job entry, [N, C] probabilities) of every network, of the samples `images` holds, each with
+        the preprocessing and TTA its job's OOF and test predictions were made with; only the networks of the
+        columns in `only`, when given."""
         images = self.samples(images)
-        columns = self.meta["columns"]
-        sums = np.zeros((len(columns), len(images), self.meta["num_classes"]))
-        counts = np.zeros(len(columns))
         batches: dict[ImageTransform, torch.Tensor] = {}  # one decoded batch per distinct transform
         for job, (column, model) in zip(self.meta["jobs"], self.models):
             if only is not None and column not in only:
@@ -109,11 +108,19 @@ class EnsemblePredictor:
             transform = self.transform_of(job)
             if transform not in batches:
                 batches[transform] = transform.normalise(self.to_batch(images, transform))
-            x = batches[transform]
-            tta = TestTimeAugment.from_dict(job.get("tta"))  # as the job's OOF and test predictions were made
+            x, tta = batches[transform], TestTimeAugment.from_dict(job.get("tta"))
             probs = torch.cat([tta.probs(model, x[i : i + 256], self.task.activate) for i in range(0, len(x), 256)])
-            sums[columns.index(column)] += probs.numpy()
-            counts[columns.index(column)] += 1
+            yield job, probs.numpy()
+
+    def column_probs(self, images, only: Optional[set[str]] = None) -> np.ndarray:
+        """[M, N, C]: each (model, seed) column's fold-averaged probabilities of the samples `images` holds (zeros
+        for a column not in `only`, when given: its networks are not run)."""
+        columns = self.meta["columns"]
+        sums = np.zeros((len(columns), len(self.samples(images)), self.meta["num_classes"]))
+        counts = np.zeros(len(columns))
+        for job, probs in self.job_probs(images, only):
+            sums[columns.index(job["column"])] += probs
+            counts[columns.index(job["column"])] += 1
         return (sums / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
 
     def predict_proba(self, images) -> np.ndarray:

@@ -285,7 +285,7 @@ class JobTrainer:
         self.criterion = self.task.create_loss(tc.loss_settings())  # takes Mixup / CutMix soft targets too
         self.teacher = None
         if cfg.distill.teacher:  # the teacher's OOF rows of this batch's samples go to the loss with it
-            self.teacher = TeacherRows(Path(cfg.distill.teacher), index, accelerator.device)
+            self.teacher = TeacherRows(Path(cfg.distill.teacher), index, cfg.cv.folds, job.fold, accelerator.device)
             self.criterion = Distilled(self.criterion, self.task.distillation_loss, cfg.distill.alpha,
                                        cfg.distill.temperature)  # fmt: skip
         self.nonfinite = _NonFiniteCounter(accelerator.device, tc.max_nonfinite_losses)

@@ -6,7 +6,7 @@ import torch
 
 from distrain.config import ConfigError
 from distrain.study.plan import WHOLE_POOL, Job
-from distrain.study.soft_targets import read_soft_targets, write_soft_targets
+from distrain.study.soft_targets import SoftTargets, read_soft_targets, write_soft_targets
 from distrain.tasks import get_task
 from distrain.tasks.losses import CrossEntropy, Distilled, sigmoid_distillation, softmax_distillation
 
@@ -60,6 +60,11 @@ def test_a_whole_pool_job_is_named_apart_from_the_folds():
     assert Job("m", 42, WHOLE_POOL).whole_pool and not Job("m", 42, 0).whole_pool
 
 
+def targets(ids, probs, folds=2):
+    probs = np.asarray(probs, np.float32)
+    return SoftTargets(ids, probs, np.stack([probs] * folds))
+
+
 @pytest.mark.parametrize(
     "ids, probs, message",
     [
@@ -70,18 +75,21 @@ def test_a_whole_pool_job_is_named_apart_from_the_folds():
     ],
 )
 def test_soft_target_files_are_refused_in_one_line(tmp_path, ids, probs, message):
-    path = write_soft_targets(tmp_path / "t.npz", ids, probs)
+    path = write_soft_targets(tmp_path / "t.npz", targets(ids, probs))
     with pytest.raises(ConfigError, match="distill.teacher: ") as e:
-        read_soft_targets(path, {"a", "b", "c"}, {"t"}, 3)
+        read_soft_targets(path, {"a", "b", "c"}, {"t"}, 3, 2)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_a_missing_or_foreign_soft_target_file_is_refused(tmp_path):
+def test_a_missing_foreign_or_other_fold_count_soft_target_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="not a soft-target file"):
-        read_soft_targets(tmp_path / "none.npz", {"a"}, set(), 2)
-    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+        read_soft_targets(tmp_path / "none.npz", {"a"}, set(), 2, 2)
+    np.savez(tmp_path / "other.npz", sample_ids=np.asarray(["a"]), probs=np.array([[0.2, 0.8]]))  # no fold rows
     with pytest.raises(ConfigError, match="not a soft-target file"):
-        read_soft_targets(tmp_path / "other.npz", {"a"}, set(), 2)
-    ids, probs = read_soft_targets(write_soft_targets(tmp_path / "ok.npz", ["a"], np.array([[0.2, 0.8]])), {"a"},
-                                   set(), 2)  # fmt: skip
-    assert ids == ["a"] and probs.dtype == np.float32 and probs[0].tolist() == pytest.approx([0.2, 0.8])
+        read_soft_targets(tmp_path / "other.npz", {"a"}, set(), 2, 2)
+    path = write_soft_targets(tmp_path / "ok.npz", targets(["a"], [[0.2, 0.8]], folds=3))
+    with pytest.raises(ConfigError, match=r"fold_probs has shape \(3, 1, 2\), expected \(5, 1, 2\)"):
+        read_soft_targets(path, {"a"}, set(), 2, 5)
+    got = read_soft_targets(path, {"a"}, set(), 2, 3)
+    assert got.sample_ids == ["a"] and got.of_fold(-1)[0].tolist() == pytest.approx([0.2, 0.8])
+    assert got.of_fold(2).shape == (1, 2) and got.probs.dtype == np.float32
