@@ -415,6 +415,15 @@ def _distill(args) -> int:
     return run_distill(request)
 
 
+def _pseudo(args) -> int:
+    """`distrain pseudo-label`: a second round on unlabelled images (`orchestration.pseudo`)."""
+    from distrain.orchestration.pseudo import PseudoRequest, run_pseudo
+
+    request = PseudoRequest(Path(args.run_dir), args.unlabelled, args.threshold, args.min_votes, args.prepare,
+                            tuple(args.overrides))  # fmt: skip
+    return run_pseudo(request)
+
+
 def _k8s(args) -> int:
     from distrain.config import load_config
     from distrain.deploy.k8s import MIN_KUBERNETES, RenderOptions, dns_name, render
@@ -569,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--against", default="test", help="'test' (the holdout) or a folder of images")
 
     _distill_parser(sub)
+    _pseudo_parser(sub)
 
     sw = sub.add_parser("sweep", help="an Optuna sweep worker: trials claimed from the sweep's ledger")
     sw.add_argument("--config", default=None)
@@ -599,6 +609,17 @@ def _distill_parser(sub) -> None:
         "and stop (train them with any launcher, then run again)",
     )
     d.add_argument("overrides", nargs="*", help="a.b=value overrides of the student studies, e.g. train.epochs=20")
+
+
+def _pseudo_parser(sub) -> None:
+    u = sub.add_parser("pseudo-label", help="a second round of a finished study that also trains on unlabelled "
+                                            "images labelled by its fold models")  # fmt: skip
+    u.add_argument("--run-dir", required=True, help="the finished study's run directory")
+    u.add_argument("--unlabelled", default="", help="a folder of .tar shards (default: the study's data.unlabelled)")
+    u.add_argument("--threshold", type=float, default=0.9, help="least probability of the class (default 0.9)")
+    u.add_argument("--min-votes", type=int, default=0, help="least columns deciding the class (default 0)")
+    u.add_argument("--prepare", action="store_true", help="write the labels and the round's config and stop")
+    u.add_argument("overrides", nargs="*", help="a.b=value overrides of the round's study")
 
 
 def _run_dir_parsers(sub) -> None:
@@ -687,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         "predict": _predict,
         "adversarial": _adversarial,
         "distill": _distill,
+        "pseudo-label": _pseudo,
         "k8s": _k8s,
     }
     try:

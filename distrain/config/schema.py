@@ -54,6 +54,10 @@ class DataConfig:
     segmentation, packed on first use) or `shards` (packed with `distrain data pack`)."""
     root: str = "data/digits"
     """Directory holding the shards and their `index.json`."""
+    unlabelled: str = ""
+    """A directory of unlabelled images as `.tar` shards (`distrain data pack` writes them; any labels in them are
+    ignored) that a pseudo-label round trains on with the labels the study's fold models gave them
+    (`pseudo.labels`); not data.root, no sample id in common with it, the same channels and images per sample."""
     image_size: int = 32
     """Model input: image_size x image_size pixels (the shorter side resized to image_size / crop_pct,
     keeping the aspect ratio, then centre-cropped)."""
@@ -185,6 +189,26 @@ class DistillConfig:
     def __post_init__(self):
         require(self.temperature > 0, "distill.temperature", self.temperature, "> 0")
         require(0.0 <= self.alpha <= 1.0, "distill.alpha", self.alpha, "a weight in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class PseudoConfig:
+    """A pseudo-label round: the unlabelled images of data.unlabelled join each fold's training samples with the
+    class the study's fold models gave them, where they were sure enough. `distrain pseudo-label` writes this section
+    into the round's study."""
+
+    labels: str = ""
+    """An .npz of the fold models' rows of the unlabelled samples (`sample_ids`, `fold_probs` [K, n, C],
+    `fold_votes` [K, n]), as `distrain pseudo-label` writes it; fold m's jobs take fold m's rows (fold m's models
+    never saw fold m). Empty: no pseudo-labels."""
+    threshold: float = 0.9
+    """A sample joins fold m's training samples when fold m's ensemble gives its class at least this probability..."""
+    min_votes: int = 0
+    """...and at least this many of the ensemble's columns (fold m's model of each) decide that class."""
+
+    def __post_init__(self):
+        require(0.0 <= self.threshold <= 1.0, "pseudo.threshold", self.threshold, "a probability in [0, 1]")
+        require(self.min_votes >= 0, "pseudo.min_votes", self.min_votes, ">= 0")
 
 
 @dataclass(kw_only=True)
@@ -582,6 +606,7 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
 
     def __post_init__(self):
         require(
@@ -617,6 +642,7 @@ class Config:
                 require(b % 2 == 0, "train.batch_size", b,
                          "an even number with augment.mixup / augment.cutmix (timm's Mixup mixes pairs)")  # fmt: skip
         _check_distill(self)
+        _check_pseudo(self)
 
     @property
     def run_dir(self) -> Path:
@@ -706,6 +732,16 @@ def _check_distill(cfg: Config) -> None:
             f"empty: task {cfg.task} predicts maps, not the probability rows soft targets are")  # fmt: skip
     require(not cfg.augment.mixes, "distill.teacher", cfg.distill.teacher,
             "empty with augment.mixup / augment.cutmix (they mix images, not soft targets)")  # fmt: skip
+
+
+def _check_pseudo(cfg: Config) -> None:
+    """Pseudo-labels are classes of one-of-C tasks, read from data.unlabelled."""
+    if not cfg.pseudo.labels:
+        return
+    require(bool(cfg.data.unlabelled), "pseudo.labels", cfg.pseudo.labels, "empty without data.unlabelled")
+    task = get_task(cfg.task)
+    require(task.argmax_decisions and not task.dense, "pseudo.labels", cfg.pseudo.labels,
+            f"empty: task {cfg.task} does not decide one class per sample")  # fmt: skip
 
 
 def _check_digits_source(task_name: str, data: DataConfig) -> None:

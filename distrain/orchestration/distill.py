@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,6 @@ from distrain.study.soft_targets import SoftTargets, write_soft_targets
 from distrain.tasks import get_task
 
 SOFT_TARGETS = "soft_targets.npz"
-FOLD_OF_JOB = re.compile(r"-f(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -69,7 +67,8 @@ def teacher_soft_targets(cfg: Config, run_dir: Path) -> tuple[SoftTargets, str]:
     """The registered ensemble's soft targets of the CV samples (`study.soft_targets`) and its name: its weighted
     mean of the columns' OOF rows, and of each fold's models' rows, with the served weights (a registered stacking
     model: its weighted vote's weights)."""
-    from distrain.serving.predictor import EnsemblePredictor, shard_inputs
+    from distrain.serving.predictor import EnsemblePredictor
+    from distrain.serving.teacher import fold_ensemble_rows
 
     meta_path = run_dir / "ensemble" / "model" / "meta.json"
     if not meta_path.is_file():
@@ -81,12 +80,10 @@ def teacher_soft_targets(cfg: Config, run_dir: Path) -> tuple[SoftTargets, str]:
     predictor = EnsemblePredictor(run_dir / "ensemble" / "model")
     weight = dict(zip(predictor.meta["columns"], predictor.meta["weights"]))
     oof = soft_vote(store.oof, np.asarray([weight.get(c, 0.0) for c in store.columns]))
-    ids, samples = shard_inputs(index.urls("cv"))
-    if ids != store.sample_ids:
+    rows = fold_ensemble_rows(predictor, index.urls("cv"), cfg.cv.folds)
+    if rows.sample_ids != store.sample_ids:
         raise BadInput(f"distill: {cfg.data.root}'s CV shards do not hold the study's CV samples")
-    fold_probs = np.zeros((cfg.cv.folds, *oof.shape), np.float32)
-    for job, probs in predictor.job_probs(samples, {c for c, w in weight.items() if w != 0}):
-        fold_probs[int(FOLD_OF_JOB.search(job["id"]).group(1))] += weight[job["column"]] * probs
+    ids, fold_probs = rows.sample_ids, rows.probs
     return SoftTargets(ids, oof, fold_probs), predictor.meta["ensemble"]
 
 
@@ -102,6 +99,7 @@ def student_config(teacher: Config, req: DistillRequest, experiment: str, distil
     raw["augment"].update(mixup=0.0, cutmix=0.0)
     raw["ensemble"].update(register_model=False, model_name="")
     raw["distill"] = distill
+    raw["pseudo"], raw["data"]["unlabelled"] = {}, ""  # a pseudo-label round's teacher distils its own labelled data
     from distrain.config import apply_overrides
 
     return config_from_dict(apply_overrides(raw, list(req.overrides)))

@@ -11,7 +11,7 @@ from distrain.data.index import read_index
 from distrain.ensembles.report import Report
 from distrain.orchestration import phases
 from distrain.serving.cost import serving_cost
-from distrain.serving.predictor import EnsemblePredictor, shard_inputs
+from distrain.serving.predictor import EnsemblePredictor, shard_chunks
 from distrain.study.plan import Job
 from distrain.study.results import job_dir, load_predictions
 from distrain.tasks import get_task
@@ -22,8 +22,7 @@ COST_SAMPLES = 512
 
 def cost_samples(cfg: Config) -> list:
     index = read_index(cfg.data.root, cfg.data.num_classes, cfg.task)
-    urls = index.urls("test") or index.urls("cv")
-    return shard_inputs(urls)[1][:COST_SAMPLES]
+    return next(shard_chunks(index.urls("test") or index.urls("cv"), COST_SAMPLES))[1]
 
 
 def whole_pool_test(cfg: Config, job: Job, threshold) -> Optional[float]:

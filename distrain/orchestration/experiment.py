@@ -28,6 +28,7 @@ from distrain.data.loaders import check_shard_count
 from distrain.data.pack import ensure_digits
 from distrain.data.synth_shapes import ensure_synth_shapes
 from distrain.data.synth_text import ensure_synth_text
+from distrain.data.unlabelled import check_unlabelled
 from distrain.distributed import runtime
 from distrain.distributed.ranks import Ranks
 from distrain.ensembles.store import SampleTruth
@@ -40,6 +41,7 @@ from distrain.orchestration.ledger import Claim, Heartbeat, JobState, Ledger, ag
 from distrain.orchestration.worker import WorkerOutcome, WorkerSteps, run_worker
 from distrain.study.folds import FoldManifest, build_fold_manifest
 from distrain.study.plan import Job, expand_plan
+from distrain.study.pseudo_labels import read_pseudo_labels
 from distrain.study.results import job_dir, job_files_problem
 from distrain.study.soft_targets import read_soft_targets
 from distrain.tasks import get_task
@@ -84,6 +86,18 @@ def run_experiment(cfg: Config, shard: Optional[tuple[int, int]] = None, new_run
     return outcome.exit_code
 
 
+def check_learned_inputs(cfg: Config, index: DatasetIndex, manifest: FoldManifest) -> None:
+    """What a study learns from another study's models: a distilled study's soft targets, a pseudo-label round's
+    unlabelled images and their labels; ConfigError in one line when they do not fit the data."""
+    if cfg.distill.teacher:
+        read_soft_targets(Path(cfg.distill.teacher), set(manifest.fold_of_sample), set(index.split_ids("test")),
+                          len(index.classes), cfg.cv.folds)  # fmt: skip
+    if cfg.data.unlabelled:
+        unlabelled = check_unlabelled(cfg.data.unlabelled, index)
+        if cfg.pseudo.labels:
+            read_pseudo_labels(Path(cfg.pseudo.labels), set(unlabelled), cfg.data.num_classes, cfg.cv.folds)
+
+
 def claim_and_run(
     study: Study, job_ids: list[str], steps: WorkerSteps, shard: Optional[tuple[int, int]] = None
 ) -> WorkerOutcome:
@@ -104,9 +118,7 @@ def start_study(cfg: Config, new_run_dir: bool, shard: Optional[tuple[int, int]]
     index, manifest = prepare_data(cfg, accelerator, ranks)
     check_inputs(cfg, index.channels, accelerator.device)  # every rank: the same check, the same one-line error
     check_batches_fit(cfg, manifest.fold_of_sample, accelerator.num_processes)
-    if cfg.distill.teacher:  # every rank: the same one-line refusal before any job starts
-        read_soft_targets(Path(cfg.distill.teacher), set(manifest.fold_of_sample), set(index.split_ids("test")),
-                          len(index.classes), cfg.cv.folds)  # fmt: skip
+    check_learned_inputs(cfg, index, manifest)  # every rank: the same one-line refusal before any job starts
     if cfg.model.pretrained or cfg.model.pretrained_file:  # each node fills its hub cache once, or refuses
         from distrain.training.models import check_pretrained
 

@@ -231,16 +231,30 @@ def predict_shards(predictor: EnsemblePredictor, folder: Path, batch_size: int =
 def shard_inputs(urls: list[str]) -> tuple[list[str], list]:
     """Every sample of the shards `urls`, sorted by sample id: (sample ids, inputs as `predict_proba` takes them:
     an image, or a pair's two)."""
+    refs = shard_refs(urls)
+    return [ref.sample_id for ref in refs], [_shard_sample(ref) for ref in refs]
+
+
+def shard_refs(urls: list[str]) -> list:
+    """Every sample of the shards `urls` as `SampleRef`s, sorted by sample id."""
+    from distrain.data.shards import shard_samples
+
+    return sorted((ref for url in urls for ref in shard_samples(url)), key=lambda ref: ref.sample_id)
+
+
+def shard_chunks(urls: list[str], size: int = 1024) -> Iterator[tuple[list[str], list]]:
+    """`shard_inputs` in chunks of `size` samples, read as they are needed (memory: one chunk's images)."""
+    refs = shard_refs(urls)
+    for start in range(0, len(refs), size):
+        chunk = refs[start : start + size]
+        yield [ref.sample_id for ref in chunk], [_shard_sample(ref) for ref in chunk]
+
+
+def _shard_sample(ref):
+    """A shard sample as `predict_proba` takes it: an image, or a pair's two."""
     import io
 
-    from distrain.data.shards import read_image, shard_samples
+    from distrain.data.shards import read_image
 
-    refs = sorted((ref for url in urls for ref in shard_samples(url)), key=lambda ref: ref.sample_id)
-
-    def sample(ref):
-        images = [
-            Image.open(io.BytesIO(read_image(ref, second))) for second in ((False, True) if ref.second else (False,))
-        ]
-        return tuple(images) if ref.second else images[0]
-
-    return [ref.sample_id for ref in refs], [sample(ref) for ref in refs]
+    images = [Image.open(io.BytesIO(read_image(ref, second))) for second in ((False, True) if ref.second else (False,))]
+    return tuple(images) if ref.second else images[0]

@@ -32,6 +32,7 @@ from distrain.data.dense import dense_eval_decoder, dense_train_decoder
 from distrain.data.index import DatasetIndex
 from distrain.data.loaders import default_workers, eval_loader, fits_in_cache, train_decoder, train_loader
 from distrain.data.transforms import TestTimeAugment, resolve_transform
+from distrain.data.unlabelled import unlabelled_urls
 from distrain.distributed import runtime
 from distrain.distributed.wrap import wrap
 from distrain.errors import ConfigError, Interrupted, NonFiniteLoss
@@ -47,7 +48,7 @@ from distrain.training.checkpoint import (
     save_state,
     set_rng_state,
 )
-from distrain.training.distill import TeacherRows
+from distrain.training.distill import TeacherRows, pseudo_training_labels
 from distrain.training.evaluate import check_coverage, predict
 from distrain.training.models import create_ema, create_model, model_settings
 from distrain.training.optim import create_optimizer, create_scheduler
@@ -249,7 +250,14 @@ class JobTrainer:
         cuda_ddp = accelerator.device.type == "cuda" and not runtime.deepspeed_config_path(tc)
         optimizer = create_optimizer(model, cfg.optim, fused=tc.fused_optimizer and cuda_ddp)
         self.plan = [EpochPlan.of(cfg, epoch) for epoch in range(tc.epochs)]  # progressive resolution, if any
-        self.epoch_steps = [steps_per_epoch(len(train_ids), self.world, p.batch_size, tc.grad_accum_steps)
+        self.train_labels = {s: cv_labels[s] for s in sorted(train_ids)}
+        self.train_urls = index.urls("cv")
+        if cfg.pseudo.labels:  # a pseudo-label round: the unlabelled images fold `job.fold`'s models were sure of
+            pseudo = pseudo_training_labels(cfg, job)
+            self.train_labels.update(pseudo)
+            if pseudo:  # else the round's stream is the first round's, sample for sample
+                self.train_urls = [*self.train_urls, *unlabelled_urls(cfg.data.unlabelled)]
+        self.epoch_steps = [steps_per_epoch(len(self.train_labels), self.world, p.batch_size, tc.grad_accum_steps)
                             for p in self.plan]  # fmt: skip
         total_opt_steps = sum(self.epoch_steps) // tc.grad_accum_steps
         # On the plain torch optimizer: DeepSpeed's ZeRO optimizers keep its param_groups, so the LR set here
@@ -263,7 +271,6 @@ class JobTrainer:
         self.log(f"distrain: {job.id}: {self.trainable.describe()}")
         self.transform = resolve_transform(job.model, dc, index.channels, model)
         self.tta = TestTimeAugment.from_dict(dataclasses.asdict(cfg.tta))  # as meta.json stores it for serving
-        self.train_labels = {s: cv_labels[s] for s in sorted(train_ids)}
         workers = default_workers(
             dc.num_workers, len(index.cv_shards), self.world, runtime.cpus_per_process(accelerator)
         )
@@ -488,7 +495,7 @@ class JobTrainer:
             decode = dense_train_decoder(self.index.annotations, plan.image_size, seed, self.cfg.augment.enabled)
         else:
             decode = train_decoder(transform, self.cfg.augment, seed, self.cache and plan.image_size == dc.image_size)
-        loader = train_loader(self.index.urls("cv"), self.train_labels, batch_size=plan.batch_size, decode=decode,
+        loader = train_loader(self.train_urls, self.train_labels, batch_size=plan.batch_size, decode=decode,
                               shuffle_buffer=dc.shuffle_buffer, seed=seed, start_batch=start_batch,
                               num_workers=self.loader_kw["num_workers"])  # fmt: skip
         self.train_batches, self.stream_phase = iter(loader), first
