@@ -88,6 +88,13 @@ def test_every_shipped_config_parses():
         ("tracking:\n  uri: https://me:s3cret@mlflow.example.com\n", "MLFLOW_TRACKING_PASSWORD"),
         ("sweep:\n  storage: postgresql://me:ab/cd+ef==@db/optuna\n", "sweep.storage: the URL holds a password"),
         ("sweep:\n  storage: postgresql://me@db/optuna?password=s3cret\n", "sweep.storage: the URL holds a"),
+        ("pseudo:\n  labels: p.npz\n", "pseudo.labels: invalid value 'p.npz' (expected empty without data.unlabelled)"),
+        ("pseudo:\n  threshold: 1.5\n", "pseudo.threshold: invalid value 1.5 (expected a probability in [0, 1])"),
+        (
+            "task: multilabel\ndata:\n  source: digits_multilabel\n  num_classes: 4\n  unlabelled: u\n"
+            "train:\n  loss: bce\n  metric: f1_macro\npseudo:\n  labels: p.npz\n",
+            "pseudo.labels: invalid value 'p.npz' (expected empty: task multilabel does not decide one class",
+        ),
         ("distill:\n  alpha: 1.5\n", "distill.alpha: invalid value 1.5 (expected a weight in [0, 1])"),
         ("distill:\n  temperature: 0\n", "distill.temperature: invalid value 0.0 (expected > 0)"),
         (

@@ -92,8 +92,9 @@ def student_config(teacher: Config, req: DistillRequest, experiment: str, distil
     for, no Mixup / CutMix (they would mix images but not soft targets), no registered fold ensemble."""
     raw = teacher.to_dict()
     raw["experiment"], raw["run_root"] = experiment, str(req.run_dir.parent)
-    own = raw["model"]["overrides"].get(req.student)
-    raw["model"].update(names=[req.student], overrides={req.student: own} if own else {})
+    own, args = raw["model"]["overrides"].get(req.student), raw["model"]["factory_args"].get(req.student)
+    raw["model"].update(names=[req.student], overrides={req.student: own} if own else {},
+                        factory_args={req.student: args} if args else {})  # fmt: skip
     raw["cv"]["seeds"] = list(req.seeds or teacher.cv.seeds[:1])
     raw["cv"]["only_folds"] = []
     raw["augment"].update(mixup=0.0, cutmix=0.0)
