@@ -142,10 +142,10 @@ def fit_job(
         val = row.get(f"val_{cfg.train.metric}", float("nan"))  # a whole-pool job validates on nothing
         epochs.set_postfix(val=f"{val:.4f}", best=f"{best.score:.4f}")
         if cfg.train.progress and not trainer.show_progress:  # a log: one plain line per epoch instead
+            scored = "" if job.whole_pool else f"val_{cfg.train.metric} {val:.4f} (best {best.score:.4f}), "
             trainer.log(
-                f"distrain: {job.id}: epoch {epoch + 1}/{cfg.train.epochs} val_{cfg.train.metric} {val:.4f} "
-                f"(best {best.score:.4f}), train_loss {row['train_loss']:.4f}, "
-                f"{row['samples_per_s']:.0f} samples/s"
+                f"distrain: {job.id}: epoch {epoch + 1}/{cfg.train.epochs} {scored}train_loss "
+                f"{row['train_loss']:.4f}, {row['samples_per_s']:.0f} samples/s"
             )
         trainer.control.after_epoch(epoch, val)
         if trainer.should_stop_early(epoch, row):
