@@ -71,6 +71,30 @@ def run_in(capsys, monkeypatch, cwd: Path, *argv: str) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(["run.py", *argv], code, out, err)
 
 
+def in_process(cwd: Path, *argv: str, entry: str = "cli") -> subprocess.CompletedProcess:
+    """`distrain <argv>` (entry "cli") or `distrain/run.py <argv>` (entry "run") in this process from `cwd`, with a
+    fresh accelerate state and the output captured: what a module-scoped fixture (no capsys, no monkeypatch) uses
+    instead of a subprocess and its ~5 s of imports."""
+    import contextlib
+    import io
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from distrain import cli, run
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.chdir(cwd)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        try:
+            code = (cli.main if entry == "cli" else run.main)(list(argv))
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+    return subprocess.CompletedProcess([entry, *argv], code, out.getvalue(), err.getvalue())
+
+
 def accelerate_launch(processes: int, script: Path) -> list[str]:
     """`accelerate launch --multi_gpu` of `script` with `processes` processes: real DDP over gloo on CPU."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
@@ -89,6 +113,12 @@ def distrain_run(
     """The main job, as `python distrain/run.py` (1 process) or `accelerate launch --multi_gpu` (DDP on CPU)."""
     cmd = [sys.executable, str(RUN_PY)] if processes == 1 else accelerate_launch(processes, RUN_PY)
     return run_cmd(cmd + ["--config", str(config), *overrides], cwd, timeout, env)
+
+
+def distrain_run_here(cwd: Path, *overrides: str, config: Path = REPO / "configs" / "digits.yaml"):
+    """`distrain_run` of one process, in this process (`in_process`): for studies whose test needs no process of
+    their own (no signal, no kill, no timing)."""
+    return in_process(cwd, "--config", str(config), *overrides, entry="run")
 
 
 def ledger_history(ledger, job_ids: list[str]) -> list[dict]:

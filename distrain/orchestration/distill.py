@@ -29,16 +29,17 @@ from typing import Optional
 
 import numpy as np
 
-from distrain.config import Config, config_from_dict, dump_yaml
+from distrain.config import Config, apply_overrides, config_from_dict, dump_yaml
 from distrain.console import route_library_output
 from distrain.data.index import read_index
 from distrain.ensembles.aggregate import Source, load_store
 from distrain.ensembles.report import Report
 from distrain.ensembles.store import SampleTruth
 from distrain.ensembles.voting import soft_vote
-from distrain.errors import BadInput, ConfigError
+from distrain.errors import BadInput, ConfigError, Interrupted, Preempted
 from distrain.fsutil import atomic_write_json, atomic_write_text
 from distrain.orchestration import phases
+from distrain.orchestration.combined import SOURCES
 from distrain.study.folds import FoldManifest
 from distrain.study.plan import WHOLE_POOL, Job, column_key
 from distrain.study.soft_targets import SoftTargets, write_soft_targets
@@ -83,8 +84,7 @@ def teacher_soft_targets(cfg: Config, run_dir: Path) -> tuple[SoftTargets, str]:
     rows = fold_ensemble_rows(predictor, index.urls("cv"), cfg.cv.folds)
     if rows.sample_ids != store.sample_ids:
         raise BadInput(f"distill: {cfg.data.root}'s CV shards do not hold the study's CV samples")
-    ids, fold_probs = rows.sample_ids, rows.probs
-    return SoftTargets(ids, oof, fold_probs), predictor.meta["ensemble"]
+    return SoftTargets(rows.sample_ids, oof, rows.probs), predictor.meta["ensemble"]
 
 
 def student_config(teacher: Config, req: DistillRequest, experiment: str, distill: dict) -> Config:
@@ -101,8 +101,6 @@ def student_config(teacher: Config, req: DistillRequest, experiment: str, distil
     raw["ensemble"].update(register_model=False, model_name="")
     raw["distill"] = distill
     raw["pseudo"], raw["data"]["unlabelled"] = {}, ""  # a pseudo-label round's teacher distils its own labelled data
-    from distrain.config import apply_overrides
-
     return config_from_dict(apply_overrides(raw, list(req.overrides)))
 
 
@@ -115,6 +113,8 @@ def prepare(req: DistillRequest) -> tuple[Config, list[Config], str]:
     """The teacher's config, the student studies' configs (distilled first), the teacher ensemble's name; the
     soft targets written. Refuses a dense or unfinished teacher study and a bad student, in one line, before
     anything is written."""
+    if (req.run_dir / SOURCES).is_file():
+        raise BadInput(f"distill: {req.run_dir} ensembles other run directories; give one study's run directory")
     teacher = phases.load_run_dir(req.run_dir)
     if get_task(teacher.task).dense:
         raise BadInput(f"distill: task {teacher.task} predicts maps, not the probability rows soft targets are")
@@ -174,7 +174,12 @@ def fit_whole_pool(cfg: Config) -> Job:
     accelerator = runtime.create_accelerator(whole.train)
     control = JobControl(state_dir=job_dir(cfg.run_dir, job) / "state", scheduler=cfg.scheduler,
                          stop_requested=interrupts.STOP.is_set)  # fmt: skip
-    result = fit_job(job, whole, index, manifest.fold_of_sample, accelerator, None, "", control)
+    try:
+        with interrupts.deferred():  # SIGTERM: the job saves its state at the next step and stops
+            result = fit_job(job, whole, index, manifest.fold_of_sample, accelerator, None, "", control)
+    except Interrupted:
+        raise Preempted(f"{job.id}: stopped by SIGTERM with its state saved; run `distrain distill` again to "
+                        "resume it") from None  # fmt: skip
     write_job_outputs(cfg.run_dir, result, whole.to_dict())
     return job
 

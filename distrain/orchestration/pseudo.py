@@ -30,6 +30,7 @@ from distrain.ensembles.report import Report
 from distrain.errors import BadInput
 from distrain.fsutil import atomic_write_json, atomic_write_text
 from distrain.orchestration import phases
+from distrain.orchestration.combined import SOURCES
 from distrain.study.pseudo_labels import PseudoLabels, write_pseudo_labels
 
 PSEUDO_LABELS = "pseudo_labels.npz"
@@ -64,6 +65,8 @@ def prepare(req: PseudoRequest) -> tuple[Config, Config, PseudoLabels]:
     from distrain.serving.predictor import EnsemblePredictor
     from distrain.serving.teacher import fold_ensemble_rows
 
+    if (req.run_dir / SOURCES).is_file():
+        raise BadInput(f"pseudo-label: {req.run_dir} ensembles other run directories; give one study's run directory")
     first = phases.load_run_dir(req.run_dir)
     unlabelled = Path(req.unlabelled or first.data.unlabelled or "")
     if not str(unlabelled) or str(unlabelled) == ".":

@@ -2,7 +2,6 @@
 information reaching a student's validation fold through its soft targets would lift its CV above chance."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -12,16 +11,17 @@ from distrain.data.index import read_index
 from distrain.study.folds import FoldManifest
 from distrain.study.results import load_predictions
 
-from conftest import RUN_PY, e2e_timeout, run_cmd
+from conftest import in_process
 
 pytestmark = pytest.mark.slow
 
 CLASSES = 4
+FOLDS = 5
 CONFIG = f"""experiment: perm
 data: {{source: shards, root: data/perm, image_size: 16, interpolation: bilinear, crop_pct: 1.0, mean: [0.5],
         std: [0.5], num_classes: {CLASSES}, num_workers: 0}}
 augment: {{enabled: false}}
-cv: {{folds: 5, seeds: [42]}}
+cv: {{folds: {FOLDS}, seeds: [42]}}
 model: {{names: [test_resnet]}}
 optim: {{lr: 3.0e-3, weight_decay: 0.0, warmup_fraction: 0.0, schedule: constant}}
 train: {{epochs: 12, batch_size: 16, metric: accuracy, progress: false}}
@@ -41,14 +41,13 @@ def distilled(tmp_path_factory):
     x = (digits.images[pick] * 16).clip(0, 255).astype(np.uint8)
     np.savez(cwd / "perm.npz", x=x, y=rng.integers(0, CLASSES, size=300))
     (cwd / "perm.yaml").write_text(CONFIG)
-    cli = [sys.executable, "-m", "distrain.cli"]
     steps = [
-        cli + ["data", "pack", "--npz", "perm.npz", "--images", "x", "--out", "data/perm"],
-        [sys.executable, str(RUN_PY), "--config", "perm.yaml"],
-        cli + ["distill", "--run-dir", "runs/perm", "--student", "test_resnet", "--no-hard-baseline"],
+        ("cli", "data", "pack", "--npz", "perm.npz", "--images", "x", "--out", "data/perm"),
+        ("run", "--config", "perm.yaml"),
+        ("cli", "distill", "--run-dir", "runs/perm", "--student", "test_resnet", "--no-hard-baseline"),
     ]
-    for cmd in steps:
-        proc = run_cmd(cmd, cwd, timeout=e2e_timeout(300))
+    for entry, *argv in steps:
+        proc = in_process(cwd, *argv, entry=entry)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, proc
 
@@ -62,7 +61,7 @@ def test_soft_targets_come_only_from_models_that_never_trained_on_the_sample_or_
     holdout = set(read_index(cwd / "data" / "perm").split_ids("test"))
     assert set(ids) == set(folds) and not set(ids) & holdout  # every CV sample, no holdout sample
     row = {s: i for i, s in enumerate(ids)}
-    for fold in range(5):
+    for fold in range(FOLDS):
         job = load_predictions(teacher / "jobs" / f"test_resnet-s42-f{fold}" / "oof.npz")
         # the teacher's fold-m job validated on fold m (so trained on the others): its rows are fold m's OOF rows
         assert sorted(job.sample_ids) == sorted(s for s, f in folds.items() if f == fold)
@@ -86,7 +85,7 @@ def test_with_random_labels_the_students_honest_cv_stays_at_chance_while_it_memo
     assert student["ensembles"]["best_single"]["cv"] < teacher["ensembles"]["best_single"]["cv"] + 0.06
     # ...while the same jobs learned their training folds' labels: a leak of fold m's labels would have been used
     memorised = []
-    for fold in range(5):
+    for fold in range(FOLDS):
         history = json.loads((cwd / "runs" / "perm-student" / "jobs" / f"test_resnet-s42-f{fold}" / "metrics.json")
                              .read_text())  # fmt: skip
         memorised.append(max(r["train_eval_accuracy"] for r in history))
@@ -102,8 +101,8 @@ def test_the_student_is_one_registered_network_that_serves_what_it_was_scored_on
     report = json.loads((cwd / "runs" / "perm-student" / "distill.json").read_text())
     rows = {r["name"]: r for r in report["rows"]}
     assert set(rows) == {"teacher", "best_single", "student"}
-    assert rows["teacher"]["networks"] == 5 and rows["student"]["networks"] == 1
-    assert rows["student"]["parameters"] * 5 == rows["teacher"]["parameters"]
+    assert rows["teacher"]["networks"] == FOLDS and rows["student"]["networks"] == 1
+    assert rows["student"]["parameters"] * FOLDS == rows["teacher"]["parameters"]
     assert all(r["samples_per_s"] > 0 for r in rows.values())
     assert "student" in proc.stdout and "samples/s" in proc.stdout
     uri = f"sqlite:///{cwd / 'runs' / 'mlflow.db'}"

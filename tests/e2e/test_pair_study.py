@@ -13,7 +13,7 @@ from PIL import Image
 from distrain.data.index import read_index
 from distrain.data.shards import read_image, shard_samples
 
-from conftest import digit_pairs, distrain_run, e2e_timeout
+from conftest import digit_pairs, distrain_run_here
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +28,10 @@ def test_a_pair_study_trains_registers_and_serves_its_holdout_pairs(tmp_path, ca
     out = tmp_path / "data" / "pairs"
     assert cli.main(["data", "pack", "--npz", str(tmp_path / "pairs.npz"), "--images", "xa,xb", "--out", str(out)]) == 0
     start = time.perf_counter()
-    proc = distrain_run(tmp_path, "task=pair_binary", "data.source=shards", "data.root=data/pairs",
-                        "data.num_classes=2", "cv.folds=2", "cv.seeds=[1]", "train.epochs=2", "data.image_size=16",
-                        "model.names=[test_resnet]", "train.metric=roc_auc", "train.progress=false",
-                        "model.comparison=[abs_diff,l2,residual]", "ensemble.max_rounds=5",
-                        timeout=e2e_timeout(300))  # fmt: skip
+    proc = distrain_run_here(tmp_path, "task=pair_binary", "data.source=shards", "data.root=data/pairs",
+                             "data.num_classes=2", "cv.folds=2", "cv.seeds=[1]", "train.epochs=2", "data.image_size=16",
+                             "model.names=[test_resnet]", "train.metric=roc_auc", "train.progress=false",
+                             "model.comparison=[abs_diff,l2,residual]", "ensemble.max_rounds=5")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"pair study: {time.perf_counter() - start:.1f} s")
     run_dir = tmp_path / "runs" / "digits"

@@ -2,7 +2,6 @@
 refusals of an unlabelled folder that does not fit."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from distrain.study.folds import FoldManifest
 
-from conftest import RUN_PY, cli_in, e2e_timeout, run_cmd
+from conftest import REPO, cli_in, in_process
 
 pytestmark = pytest.mark.slow
 
@@ -34,17 +33,16 @@ def rounds(tmp_path_factory):
     rgb = np.repeat(x[order[800:900], :, :, None], 3, axis=3)
     rgb[..., 0] = 255 - rgb[..., 0]  # not grey: packed as 3 channels
     np.savez(cwd / "colour.npz", x=rgb, y=digits.target[order[800:900]])
-    cli = [sys.executable, "-m", "distrain.cli"]
-    steps = [cli + ["data", "pack", "--npz", f"{name}.npz", "--images", "x", "--out", f"data/{out}"]
+    steps = [("cli", "data", "pack", "--npz", f"{name}.npz", "--images", "x", "--out", f"data/{out}")
              for name, out in (("labelled", "lab"), ("hidden", "unl"), ("colour", "rgb"))]  # fmt: skip
     steps += [
-        [sys.executable, str(RUN_PY), "--config", "configs/digits.yaml", *FIRST_ROUND],
-        cli + ["pseudo-label", "--run-dir", "runs/pl", "--unlabelled", "data/unl", "--threshold", "0.7"],
+        ("run", "--config", "configs/digits.yaml", *FIRST_ROUND),
+        ("cli", "pseudo-label", "--run-dir", "runs/pl", "--unlabelled", "data/unl", "--threshold", "0.7"),
     ]
     (cwd / "configs").mkdir()
-    (cwd / "configs" / "digits.yaml").write_text((RUN_PY.parents[1] / "configs" / "digits.yaml").read_text())
-    for cmd in steps:
-        proc = run_cmd(cmd, cwd, timeout=e2e_timeout(300))
+    (cwd / "configs" / "digits.yaml").write_text((REPO / "configs" / "digits.yaml").read_text())
+    for entry, *argv in steps:
+        proc = in_process(cwd, *argv, entry=entry)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, proc
 

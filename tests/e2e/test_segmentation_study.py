@@ -11,7 +11,7 @@ from distrain.data.pack import write_dataset
 from distrain.data.synth_shapes import SHAPE_CLASSES, write_synth_shapes
 from distrain.tasks.semantic import grid_side
 
-from conftest import REPO, cli_in, distrain_run, e2e_timeout
+from conftest import REPO, cli_in, distrain_run_here
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +22,9 @@ def study(tmp_path_factory):
     write_synth_shapes(cwd / "raw", 40, size=(64, 64))
     samples, classes = samples_from_masks(cwd / "raw" / "images", cwd / "raw" / "masks", SHAPE_CLASSES)
     write_dataset(samples, cwd / "data" / "synth_shapes", classes=classes, test_fraction=0.2)
-    proc = distrain_run(cwd, "data.source=shards", "data.image_size=64", "cv.folds=2", "cv.seeds=[1,2]",
-                        "train.epochs=2", "model.neck_channels=16", "train.progress=false", "train.cpu_threads=1",
-                        config=REPO / "configs" / "synth_shapes.yaml", timeout=e2e_timeout(600))  # fmt: skip
+    proc = distrain_run_here(cwd, "data.source=shards", "data.image_size=64", "cv.folds=2", "cv.seeds=[1,2]",
+                             "train.epochs=2", "model.neck_channels=16", "train.progress=false",
+                             config=REPO / "configs" / "synth_shapes.yaml")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     run_dir = cwd / "runs" / "synth_shapes"
     return cwd, run_dir, json.loads((run_dir / "report.json").read_text()), proc

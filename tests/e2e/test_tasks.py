@@ -12,7 +12,7 @@ from PIL import Image
 
 from distrain.tasks import get_task
 
-from conftest import REPO, cli_in, distrain_run, e2e_timeout
+from conftest import REPO, cli_in, distrain_run_here
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +20,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def binary_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("binary")
-    proc = distrain_run(cwd, "cv.folds=3", "cv.seeds=[1]", "train.epochs=2", "train.loss=focal",
-                        "train.focal_alpha=0.25", "tta.hflip=true", config=REPO / "configs" / "digits_binary.yaml",
-                        timeout=e2e_timeout(900))  # fmt: skip
+    proc = distrain_run_here(cwd, "cv.folds=3", "cv.seeds=[1]", "train.epochs=2", "train.loss=focal",
+                             "train.focal_alpha=0.25", "tta.hflip=true",
+                             config=REPO / "configs" / "digits_binary.yaml")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = cwd / "runs" / "digits-binary"
     return cwd, run_dir, json.loads((run_dir / "report.json").read_text()), proc
@@ -72,8 +72,8 @@ def test_registered_binary_model_decides_with_the_tuned_threshold(binary_run):
 @pytest.fixture(scope="module")
 def multilabel_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("multilabel")
-    proc = distrain_run(cwd, "cv.folds=3", "cv.seeds=[1]", "train.epochs=3", "augment.mixup=0.2",
-                        config=REPO / "configs" / "digits_multilabel.yaml", timeout=e2e_timeout(900))  # fmt: skip
+    proc = distrain_run_here(cwd, "cv.folds=3", "cv.seeds=[1]", "train.epochs=3", "augment.mixup=0.2",
+                             config=REPO / "configs" / "digits_multilabel.yaml")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = cwd / "runs" / "digits-multilabel"
     return cwd, run_dir, json.loads((run_dir / "report.json").read_text()), proc
