@@ -409,7 +409,10 @@ def _distill(args) -> int:
     """`distrain distill`: the study's ensemble distilled into one student network (`orchestration.distill`)."""
     from distrain.orchestration.distill import DistillRequest, run_distill
 
-    seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else ()
+    try:
+        seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else ()
+    except ValueError:
+        raise BadInput(f"--seeds {args.seeds}: integers separated by commas, e.g. 42,43") from None
     request = DistillRequest(Path(args.run_dir), args.student, args.temperature, args.alpha, seeds,
                              not args.no_hard_baseline, args.prepare, tuple(args.overrides))  # fmt: skip
     return run_distill(request)
@@ -419,8 +422,8 @@ def _pseudo(args) -> int:
     """`distrain pseudo-label`: a second round on unlabelled images (`orchestration.pseudo`)."""
     from distrain.orchestration.pseudo import PseudoRequest, run_pseudo
 
-    request = PseudoRequest(Path(args.run_dir), args.unlabelled, args.threshold, args.min_votes, args.prepare,
-                            tuple(args.overrides))  # fmt: skip
+    request = PseudoRequest(Path(args.run_dir), args.unlabelled, args.threshold, args.min_votes, args.soft,
+                            args.prepare, tuple(args.overrides))  # fmt: skip
     return run_pseudo(request)
 
 
@@ -618,6 +621,7 @@ def _pseudo_parser(sub) -> None:
     u.add_argument("--unlabelled", default="", help="a folder of .tar shards (default: the study's data.unlabelled)")
     u.add_argument("--threshold", type=float, default=0.9, help="least probability of the class (default 0.9)")
     u.add_argument("--min-votes", type=int, default=0, help="least columns deciding the class (default 0)")
+    u.add_argument("--soft", action="store_true", help="the images learn their fold ensemble's probabilities")
     u.add_argument("--prepare", action="store_true", help="write the labels and the round's config and stop")
     u.add_argument("overrides", nargs="*", help="a.b=value overrides of the round's study")
 

@@ -85,6 +85,7 @@ def in_process(cwd: Path, *argv: str, entry: str = "cli") -> subprocess.Complete
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         mp.chdir(cwd)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # as `child_env`: an earlier test's store is not this run's
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         try:

@@ -89,6 +89,10 @@ def test_every_shipped_config_parses():
         ("sweep:\n  storage: postgresql://me:ab/cd+ef==@db/optuna\n", "sweep.storage: the URL holds a password"),
         ("sweep:\n  storage: postgresql://me@db/optuna?password=s3cret\n", "sweep.storage: the URL holds a"),
         ("pseudo:\n  labels: p.npz\n", "pseudo.labels: invalid value 'p.npz' (expected empty without data.unlabelled)"),
+        (
+            "data:\n  unlabelled: u\npseudo:\n  labels: p.npz\n  soft: true\naugment:\n  cutmix: 1.0\n",
+            "pseudo.soft: invalid value True (expected false with augment.mixup / augment.cutmix",
+        ),
         ("pseudo:\n  threshold: 1.5\n", "pseudo.threshold: invalid value 1.5 (expected a probability in [0, 1])"),
         (
             "task: multilabel\ndata:\n  source: digits_multilabel\n  num_classes: 4\n  unlabelled: u\n"

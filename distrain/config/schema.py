@@ -178,8 +178,9 @@ class DistillConfig:
     section into the student study it derives; set by hand, it distils from any file of that form."""
 
     teacher: str = ""
-    """An .npz of soft targets: `sample_ids` and `probs` [n, C], one row per CV sample (holdout samples refused).
-    Empty: no distillation (the hard-label loss alone)."""
+    """An .npz of soft targets (`distrain.study.soft_targets`): `sample_ids`, `probs` [n, C] (each CV sample's
+    out-of-fold row: the whole-pool job's targets) and `fold_probs` [K, n, C] (fold m's teacher models' rows: fold
+    m's targets); holdout samples refused. Empty: no distillation (the hard-label loss alone)."""
     temperature: float = 3.0
     """Softening of teacher and student probabilities in the soft-target loss (Hinton et al.; the loss is scaled by
     T^2 so its gradients keep their size)."""
@@ -205,6 +206,9 @@ class PseudoConfig:
     """A sample joins fold m's training samples when fold m's ensemble gives its class at least this probability..."""
     min_votes: int = 0
     """...and at least this many of the ensemble's columns (fold m's model of each) decide that class."""
+    soft: bool = False
+    """The pseudo-labelled images learn fold m's ensemble's probability rows (soft targets, the hard-label loss on
+    them) instead of its class; not with augment.mixup / cutmix."""
 
     def __post_init__(self):
         require(0.0 <= self.threshold <= 1.0, "pseudo.threshold", self.threshold, "a probability in [0, 1]")
@@ -732,6 +736,8 @@ def _check_distill(cfg: Config) -> None:
             f"empty: task {cfg.task} predicts maps, not the probability rows soft targets are")  # fmt: skip
     require(not cfg.augment.mixes, "distill.teacher", cfg.distill.teacher,
             "empty with augment.mixup / augment.cutmix (they mix images, not soft targets)")  # fmt: skip
+    require(not cfg.pseudo.labels, "distill.teacher", cfg.distill.teacher,
+            "empty in a pseudo-label round (pseudo.labels): its unlabelled images have no soft targets")  # fmt: skip
 
 
 def _check_pseudo(cfg: Config) -> None:
@@ -742,6 +748,8 @@ def _check_pseudo(cfg: Config) -> None:
     task = get_task(cfg.task)
     require(task.argmax_decisions and not task.dense, "pseudo.labels", cfg.pseudo.labels,
             f"empty: task {cfg.task} does not decide one class per sample")  # fmt: skip
+    require(not (cfg.pseudo.soft and cfg.augment.mixes), "pseudo.soft", cfg.pseudo.soft,
+            "false with augment.mixup / augment.cutmix (they mix images, not soft targets)")  # fmt: skip
 
 
 def _check_digits_source(task_name: str, data: DataConfig) -> None:

@@ -33,6 +33,8 @@ def check_unlabelled(directory: str | Path, index: DatasetIndex) -> list[str]:
     if root.resolve() == index.root.resolve():
         raise ConfigError(f"data.unlabelled: {root} is data.root itself: its images are labelled")
     refs = [ref for url in unlabelled_urls(root) for ref in shard_samples(url)]
+    if not refs:
+        raise ConfigError(f"data.unlabelled: {root} holds shards without samples")
     ids = [ref.sample_id for ref in refs]
     shared = sorted(set(ids) & set(index.sample_ids))
     if shared:

@@ -1,8 +1,8 @@
 """`distrain distill`: a finished study's ensemble distilled into one network, with honest scores.
 
-    teacher    the registered ensemble of the study at `run_dir`, as soft targets of the CV samples
-               (`ensemble/soft_targets.npz`, `study.soft_targets`; holdout samples are never in it): each sample's
-               out-of-fold row, from the fold models that did not train on it, and each fold's models' rows
+    teacher    the registered ensemble of the study at `run_dir`, as soft targets of the CV samples (written
+               once into the student study: `soft_targets.npz`, `study.soft_targets`; never a holdout sample): each
+               sample's out-of-fold row, from the fold models that did not train on it, and each fold's models' rows
     student    a derived study `<experiment>-student` (beside the teacher's run directory, the same folds):
                the student model on every fold with `distill.*` set; its fold-m job learns fold m's teacher models'
                rows (which never saw fold m), so its OOF and CV score are honest
@@ -71,9 +71,7 @@ def teacher_soft_targets(cfg: Config, run_dir: Path) -> tuple[SoftTargets, str]:
     from distrain.serving.predictor import EnsemblePredictor
     from distrain.serving.teacher import fold_ensemble_rows
 
-    meta_path = run_dir / "ensemble" / "model" / "meta.json"
-    if not meta_path.is_file():
-        raise BadInput(f"distill: {run_dir} has no registered ensemble (ensemble/model/meta.json); aggregate it first")
+    registered_name(run_dir)
     index = read_index(cfg.data.root, cfg.data.num_classes, cfg.task)
     manifest = FoldManifest.from_json((run_dir / "folds.json").read_text())
     truth = SampleTruth(manifest.fold_of_sample, {**index.labels_of("cv"), **index.labels_of("test")})
@@ -98,7 +96,7 @@ def student_config(teacher: Config, req: DistillRequest, experiment: str, distil
     raw["cv"]["seeds"] = list(req.seeds or teacher.cv.seeds[:1])
     raw["cv"]["only_folds"] = []
     raw["augment"].update(mixup=0.0, cutmix=0.0)
-    raw["ensemble"].update(register_model=False, model_name="")
+    raw["ensemble"].update(register_model=False, model_name="", members={})  # members named the teacher's columns
     raw["distill"] = distill
     raw["pseudo"], raw["data"]["unlabelled"] = {}, ""  # a pseudo-label round's teacher distils its own labelled data
     return config_from_dict(apply_overrides(raw, list(req.overrides)))
@@ -110,28 +108,47 @@ def whole_pool_epochs(report: Report) -> int:
 
 
 def prepare(req: DistillRequest) -> tuple[Config, list[Config], str]:
-    """The teacher's config, the student studies' configs (distilled first), the teacher ensemble's name; the
-    soft targets written. Refuses a dense or unfinished teacher study and a bad student, in one line, before
-    anything is written."""
+    """The teacher's config, the student studies' configs (distilled first), the teacher ensemble's name; the soft
+    targets written into the student study (kept when it has them: a rerun resumes on the same targets) and the
+    teacher's fold manifest with them (a student split otherwise is refused). Refuses a dense, combined or
+    unfinished teacher study and a bad student in one line before anything is written."""
     if (req.run_dir / SOURCES).is_file():
         raise BadInput(f"distill: {req.run_dir} ensembles other run directories; give one study's run directory")
     teacher = phases.load_run_dir(req.run_dir)
     if get_task(teacher.task).dense:
         raise BadInput(f"distill: task {teacher.task} predicts maps, not the probability rows soft targets are")
-    path = (req.run_dir / "ensemble" / SOFT_TARGETS).resolve()
-    soft = {"teacher": str(path), "temperature": req.temperature, "alpha": req.alpha}
-    configs = [student_config(teacher, req, f"{teacher.experiment}-student", soft)]
+    student = student_config(teacher, req, f"{teacher.experiment}-student", {"temperature": req.temperature,
+                                                                             "alpha": req.alpha})  # fmt: skip
+    path = (student.run_dir / SOFT_TARGETS).resolve()
+    configs = [dataclasses.replace(student, distill=dataclasses.replace(student.distill, teacher=str(path)))]
     if req.hard_baseline:
         configs.append(student_config(teacher, req, f"{teacher.experiment}-student-hard", {"alpha": 0.0}))
     for cfg in configs:
         if cfg.run_dir.resolve() == req.run_dir.resolve():
             raise ConfigError(f"distill: the student study would be {cfg.run_dir}, the teacher's own")
-    targets, ensemble = teacher_soft_targets(teacher, req.run_dir)
-    write_soft_targets(path, targets)
+    if not path.is_file():
+        targets, _ = teacher_soft_targets(teacher, req.run_dir)
+        write_soft_targets(path, targets)
     for cfg in configs:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        share_fold_manifest(req.run_dir, cfg.run_dir)
         atomic_write_text(cfg.run_dir / "distill.yaml", dump_yaml(cfg))
-    return teacher, configs, ensemble
+    return teacher, configs, registered_name(req.run_dir)
+
+
+def share_fold_manifest(first: Path, derived: Path) -> None:
+    """Give a derived study the first study's folds.json: its own split must then be the same (or is refused),
+    since what it learns from the first study's models is keyed by fold."""
+    derived.mkdir(parents=True, exist_ok=True)
+    if not (derived / "folds.json").is_file():
+        atomic_write_text(derived / "folds.json", (first / "folds.json").read_text())
+
+
+def registered_name(run_dir: Path) -> str:
+    """The registered ensemble's name (meta.json), or BadInput when the study has none."""
+    meta = run_dir / "ensemble" / "model" / "meta.json"
+    if not meta.is_file():
+        raise BadInput(f"{run_dir} has no registered ensemble (ensemble/model/meta.json); aggregate it first")
+    return json.loads(meta.read_text())["ensemble"]
 
 
 def run_distill(req: DistillRequest) -> int:
@@ -162,12 +179,11 @@ def fit_whole_pool(cfg: Config) -> Job:
     from distrain.training.loop import JobControl, fit_job
     from distrain.training.outputs import write_job_outputs
 
-    report = Report.read(cfg.run_dir)
+    report = phases.finished_report(cfg.run_dir)
     job = Job(cfg.model.names[0], cfg.cv.seeds[0], WHOLE_POOL)
     if job_files_problem(cfg.run_dir, job) is None:
         return job
-    whole = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=whole_pool_epochs(report),
-                                                               patience=0, max_train_val_gap=0.0))  # fmt: skip
+    whole = whole_pool_config(cfg.for_model(job.model), whole_pool_epochs(report))
     index = read_index(cfg.data.root, cfg.data.num_classes, cfg.task)
     manifest = FoldManifest.from_json((cfg.run_dir / "folds.json").read_text())
     print(f"distrain: {job.id}: every CV sample, {whole.train.epochs} epochs (the folds' median best + 1)", flush=True)
@@ -184,6 +200,20 @@ def fit_whole_pool(cfg: Config) -> Job:
     return job
 
 
+def whole_pool_config(cfg: Config, epochs: int) -> Config:
+    """`cfg` (its backbone's overrides applied) for a whole-pool job of `epochs` epochs: no early stop, the
+    progressive-resolution and batch-size schedules cut to the epochs run."""
+    train, data = cfg.train, cfg.data
+    sizes = {e: v for e, v in data.image_size_schedule.items() if e < epochs}
+    if sizes:
+        sizes[max(sizes)] = data.image_size  # the last phase at the evaluated size, as the checks ask
+    batches = {e: v for e, v in train.batch_size_schedule.items() if e < epochs}
+    model = dataclasses.replace(cfg.model, overrides={})  # applied already: fit_job must not apply them again
+    return dataclasses.replace(cfg, model=model, data=dataclasses.replace(data, image_size_schedule=sizes),
+                               train=dataclasses.replace(train, epochs=epochs, patience=0, max_train_val_gap=0.0,
+                                                         batch_size_schedule=batches))  # fmt: skip
+
+
 def register_student(cfg: Config, job: Job, teacher: Config) -> Optional[dict]:
     """The distilled whole-pool network as a pyfunc model `distrain-<teacher experiment>-student` on the student
     study's MLflow run (with the thresholds its OOF tuned, for a task that has them)."""
@@ -196,7 +226,7 @@ def register_student(cfg: Config, job: Job, teacher: Config) -> Optional[dict]:
     done = cfg.run_dir / "distill.json"
     if done.is_file() and json.loads(done.read_text()).get("student_model"):
         return json.loads(done.read_text())["student_model"]  # a rerun: registered already, the same network
-    report, index = Report.read(cfg.run_dir), read_index(cfg.data.root, cfg.data.num_classes, cfg.task)
+    report, index = phases.finished_report(cfg.run_dir), read_index(cfg.data.root, cfg.data.num_classes, cfg.task)
     threshold = (report.thresholds or {}).get("best_single", {}).get("threshold")
     dest = cfg.run_dir / "student" / "model"
     write_single_model_artifacts(cfg, job, cfg.run_dir, dest, index.classes, index.channels, threshold)

@@ -8,7 +8,6 @@ from typing import Optional
 
 from distrain.config import Config
 from distrain.data.index import read_index
-from distrain.ensembles.report import Report
 from distrain.orchestration import phases
 from distrain.serving.cost import serving_cost
 from distrain.serving.predictor import EnsemblePredictor, shard_chunks
@@ -25,13 +24,14 @@ def cost_samples(cfg: Config) -> list:
     return next(shard_chunks(index.urls("test") or index.urls("cv"), COST_SAMPLES))[1]
 
 
-def whole_pool_test(cfg: Config, job: Job, threshold) -> Optional[float]:
-    """The holdout score of a whole-pool job's network (None without a holdout)."""
+def whole_pool_test(cfg: Config, job: Job) -> Optional[float]:
+    """The holdout score of a whole-pool job's network at the task's default rule, as report.json scores the
+    ensembles beside it (None without a holdout)."""
     path = job_dir(cfg.run_dir, job) / "test.npz"
     if not path.is_file():
         return None
     pred = load_predictions(path)
-    return get_task(cfg.task).score(cfg.train.metric, pred.labels, pred.probs, threshold)
+    return get_task(cfg.task).score(cfg.train.metric, pred.labels, pred.probs)
 
 
 def distill_rows(teacher: Config, run_dir: Path, configs: list[Config], served: list[Job], ensemble: str) -> list[dict]:
@@ -39,11 +39,12 @@ def distill_rows(teacher: Config, run_dir: Path, configs: list[Config], served: 
     from distrain.serving.artifacts import write_single_model_artifacts
 
     samples = cost_samples(teacher)
-    report = Report.read(run_dir)
+    report = phases.finished_report(run_dir)
     predictor = EnsemblePredictor(run_dir / "ensemble" / "model")
     best = report.ensemble_details["best_single_column"]
     rows = [
-        {"name": "teacher", "what": f"{ensemble} of {len(predictor.meta['columns'])} columns",
+        {"name": "teacher", "what": f"{ensemble} of {len(predictor.meta['columns'])} columns"
+         + (" (soft targets: its weighted vote)" if predictor.boosters else ""),
          "cv": report.ensembles[ensemble]["cv"], "test": report.ensembles[ensemble]["test"],
          **serving_cost(predictor, samples)},
         {"name": "best_single", "what": f"column {best} (fold models averaged)",
@@ -51,7 +52,7 @@ def distill_rows(teacher: Config, run_dir: Path, configs: list[Config], served: 
          **serving_cost(predictor.only_column(best), samples)},
     ]  # fmt: skip
     for cfg, job, name in zip(configs, served, ("student", "student_hard")):
-        student = Report.read(cfg.run_dir)
+        student = phases.finished_report(cfg.run_dir)
         index = read_index(cfg.data.root, cfg.data.num_classes, cfg.task)
         threshold = (student.thresholds or {}).get("best_single", {}).get("threshold")
         dest = cfg.run_dir / "student" / "model"
@@ -59,7 +60,7 @@ def distill_rows(teacher: Config, run_dir: Path, configs: list[Config], served: 
             write_single_model_artifacts(cfg, job, cfg.run_dir, dest, index.classes, index.channels, threshold)
         what = "soft OOF targets" if name == "student" else "hard labels only"
         rows.append({"name": name, "what": f"{job.model} on {what}, one network (whole CV pool)",
-                     "cv": student.ensembles["best_single"]["cv"], "test": whole_pool_test(cfg, job, threshold),
+                     "cv": student.ensembles["best_single"]["cv"], "test": whole_pool_test(cfg, job),
                      "test_fold_average": student.ensembles["best_single"]["test"],
                      **serving_cost(EnsemblePredictor(dest), samples)})  # fmt: skip
     return rows
@@ -81,7 +82,7 @@ def format_rows(rows: list[dict], metric: str) -> str:
 def log_rows(cfg: Config, rows: list[dict], report_path: Path) -> None:
     """Every row's figures as metrics (`distill_<name>_<figure>`) and distill.json on the student study's run."""
     tracker = phases.open_tracker(cfg, cfg.run_dir)
-    run_id = Report.read(cfg.run_dir).mlflow["parent_run_id"]
+    run_id = phases.finished_report(cfg.run_dir).mlflow["parent_run_id"]
     metrics = {f"distill_{r['name']}_{k}": float(r[k]) for r in rows for k in ("cv", "test", "samples_per_s")
                if r.get(k) is not None}  # fmt: skip
     tracker.log_metrics(run_id, metrics, step=0)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from distrain.config import Config, apply_overrides, config_from_dict, dump_yaml, flatten, yaml_load
-from distrain.errors import ConfigError, DataError
+from distrain.errors import BadInput, ConfigError, DataError
 from distrain.fsutil import atomic_write_text
 from distrain.names import JobStatus
 from distrain.orchestration.growth import growth_differences
@@ -23,6 +23,7 @@ from distrain.study.plan import Job
 from distrain.tracking.base import Tracker
 
 if TYPE_CHECKING:
+    from distrain.ensembles.report import Report
     from distrain.study.folds import FoldManifest
 
 
@@ -156,3 +157,14 @@ def failed_jobs(ledger: Ledger, plan: list[Job]) -> list[dict]:
         for s in ledger.states([j.id for j in plan])
         if s.status == JobStatus.FAILED
     ]
+
+
+def finished_report(run_dir: Path) -> Report:
+    """The study's report.json, or BadInput when it has not aggregated (other workers may still train its jobs)."""
+    from distrain.ensembles.report import Report
+
+    report = Report.read(run_dir)
+    if report is None:
+        raise BadInput(f"{run_dir} has no report.json yet: its jobs are still training (`distrain status --run-dir "
+                       f"{run_dir}`); run the command again when it has aggregated")  # fmt: skip
+    return report

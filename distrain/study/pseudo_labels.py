@@ -37,6 +37,13 @@ class PseudoLabels:
         classes = probs.argmax(axis=1)
         return {self.sample_ids[i]: int(classes[i]) for i in np.flatnonzero(keep)}
 
+    def selected_rows(self, fold: int, threshold: float, min_votes: int) -> tuple[list[str], np.ndarray]:
+        """`selected`'s samples with fold `fold`'s ensemble's probability rows [k, C] (soft pseudo-labels)."""
+        chosen = self.selected(fold, threshold, min_votes)
+        index = {s: i for i, s in enumerate(self.sample_ids)}
+        rows = self.fold_probs[fold][[index[s] for s in chosen]] if chosen else self.fold_probs[fold][:0]
+        return list(chosen), rows
+
 
 def write_pseudo_labels(path: Path, labels: PseudoLabels) -> Path:
     """Write the pseudo-labels atomically; returns `path`."""

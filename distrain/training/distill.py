@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from distrain.config import Config
+from distrain.config import Config, PseudoConfig
 from distrain.data.index import DatasetIndex
 from distrain.data.shards import shard_samples
 from distrain.data.unlabelled import unlabelled_urls
 from distrain.errors import ConfigError
 from distrain.study.plan import Job
-from distrain.study.pseudo_labels import read_pseudo_labels
+from distrain.study.pseudo_labels import PseudoLabels, read_pseudo_labels
 from distrain.study.soft_targets import read_soft_targets
 
 
@@ -26,7 +26,7 @@ class TeacherRows:
         cv, test = set(index.split_ids("cv")), set(index.split_ids("test"))
         targets = read_soft_targets(path, cv, test, len(index.classes), folds)
         self.row = {s: i for i, s in enumerate(targets.sample_ids)}
-        self.probs = torch.as_tensor(targets.of_fold(fold), device=device)
+        self.probs = torch.as_tensor(targets.of_fold(fold), dtype=torch.float32, device=device)
 
     def of(self, sample_ids: list[str]) -> torch.Tensor:
         """[B, C]: the soft targets of a batch's samples, in its order."""
@@ -34,11 +34,33 @@ class TeacherRows:
         return self.probs[rows.to(self.probs.device, non_blocking=True)]
 
 
-def pseudo_training_labels(cfg: Config, job: Job) -> dict[str, int]:
-    """sample id -> class of the unlabelled samples that join `job`'s training samples: those fold `job.fold`'s
-    models gave a class with pseudo.threshold and pseudo.min_votes."""
+def job_pseudo_labels(cfg: Config, job: Job) -> PseudoLabels:
+    """The pseudo-label file of `cfg`, checked against data.unlabelled (a whole-pool job is refused: it has no fold
+    whose models' labels it could take)."""
     if job.whole_pool:
         raise ConfigError("pseudo.labels: a whole-pool job has no fold whose models' labels it could take")
     ids = {ref.sample_id for url in unlabelled_urls(cfg.data.unlabelled) for ref in shard_samples(url)}
-    labels = read_pseudo_labels(Path(cfg.pseudo.labels), ids, cfg.data.num_classes, cfg.cv.folds)
-    return labels.selected(job.fold, cfg.pseudo.threshold, cfg.pseudo.min_votes)
+    return read_pseudo_labels(Path(cfg.pseudo.labels), ids, cfg.data.num_classes, cfg.cv.folds)
+
+
+class SoftPseudoTargets:
+    """A soft pseudo-label round's batch targets: the (smoothed) one-hot row of each labelled sample and fold m's
+    ensemble's row of each pseudo-labelled one, kept on the training device (`pseudo.soft`)."""
+
+    def __init__(self, labels: PseudoLabels, fold: int, settings: PseudoConfig, smoothing: float,
+                 device: torch.device):  # fmt: skip
+        ids, rows = labels.selected_rows(fold, settings.threshold, settings.min_votes)
+        self.row = {s: i for i, s in enumerate(ids)}
+        self.probs = torch.as_tensor(rows, dtype=torch.float32, device=device)
+        self.classes, self.smoothing = labels.fold_probs.shape[2], smoothing
+
+    def of(self, sample_ids: list[str], labels: torch.Tensor) -> torch.Tensor:
+        """[B, C] targets of a batch whose hard labels are `labels` (a pseudo-labelled sample's is its class)."""
+        from distrain.tasks.losses import smoothed_one_hot
+
+        targets = smoothed_one_hot(labels, self.classes, self.smoothing)
+        at = [(i, self.row[s]) for i, s in enumerate(sample_ids) if s in self.row]
+        if at:
+            batch, rows = zip(*at)
+            targets[list(batch)] = self.probs[list(rows)]
+        return targets

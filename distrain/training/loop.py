@@ -48,7 +48,7 @@ from distrain.training.checkpoint import (
     save_state,
     set_rng_state,
 )
-from distrain.training.distill import TeacherRows, pseudo_training_labels
+from distrain.training.distill import SoftPseudoTargets, TeacherRows, job_pseudo_labels
 from distrain.training.evaluate import check_coverage, predict
 from distrain.training.models import create_ema, create_model, model_settings
 from distrain.training.optim import create_optimizer, create_scheduler
@@ -251,12 +251,9 @@ class JobTrainer:
         optimizer = create_optimizer(model, cfg.optim, fused=tc.fused_optimizer and cuda_ddp)
         self.plan = [EpochPlan.of(cfg, epoch) for epoch in range(tc.epochs)]  # progressive resolution, if any
         self.train_labels = {s: cv_labels[s] for s in sorted(train_ids)}
-        self.train_urls = index.urls("cv")
+        self.train_urls, self.soft_pseudo = index.urls("cv"), None
         if cfg.pseudo.labels:  # a pseudo-label round: the unlabelled images fold `job.fold`'s models were sure of
-            pseudo = pseudo_training_labels(cfg, job)
-            self.train_labels.update(pseudo)
-            if pseudo:  # else the round's stream is the first round's, sample for sample
-                self.train_urls = [*self.train_urls, *unlabelled_urls(cfg.data.unlabelled)]
+            self._add_pseudo_labelled()
         self.epoch_steps = [steps_per_epoch(len(self.train_labels), self.world, p.batch_size, tc.grad_accum_steps)
                             for p in self.plan]  # fmt: skip
         total_opt_steps = sum(self.epoch_steps) // tc.grad_accum_steps
@@ -291,16 +288,35 @@ class JobTrainer:
                                           label_sets=self.task.label_sets)  # fmt: skip
         self.criterion = self.task.create_loss(tc.loss_settings())  # takes Mixup / CutMix soft targets too
         self.teacher = None
-        if cfg.distill.teacher:  # the teacher's OOF rows of this batch's samples go to the loss with it
-            self.teacher = TeacherRows(Path(cfg.distill.teacher), index, cfg.cv.folds, job.fold, accelerator.device)
-            self.criterion = Distilled(self.criterion, self.task.distillation_loss, cfg.distill.alpha,
-                                       cfg.distill.temperature)  # fmt: skip
+        if cfg.distill.teacher:  # the teacher's rows of each batch's samples (fold m's, `study.soft_targets`)
+            self._distil()
         self.nonfinite = _NonFiniteCounter(accelerator.device, tc.max_nonfinite_losses)
         self.evaluating: Optional[int] = None  # the epoch being evaluated, when it is
         self.epoch_local_sums = EpochSums()
         self.state = TrainState()
         self.resume_step = 0  # the step the first epoch after a resume starts at
         self.last_save = time.monotonic()
+
+    def _add_pseudo_labelled(self) -> None:
+        """Add the unlabelled samples fold `job.fold`'s ensemble was sure of to the training samples, with their
+        class (or, with pseudo.soft, their ensemble rows as targets); their shards join the stream only when there
+        are some, so a round that takes none trains as the first round did."""
+        cfg, job = self.cfg, self.job
+        pseudo = job_pseudo_labels(cfg, job)
+        chosen = pseudo.selected(job.fold, cfg.pseudo.threshold, cfg.pseudo.min_votes)
+        self.train_labels.update(chosen)
+        if chosen:
+            self.train_urls = [*self.train_urls, *unlabelled_urls(cfg.data.unlabelled)]
+        if cfg.pseudo.soft:
+            self.soft_pseudo = SoftPseudoTargets(pseudo, job.fold, cfg.pseudo, cfg.train.label_smoothing,
+                                                 self.accelerator.device)  # fmt: skip
+
+    def _distil(self) -> None:
+        """The loss becomes `Distilled`: the hard-label loss and the soft-target loss against the teacher's rows."""
+        dc = self.cfg.distill
+        self.teacher = TeacherRows(Path(dc.teacher), self.index, self.cfg.cv.folds, self.job.fold,
+                                   self.accelerator.device)  # fmt: skip
+        self.criterion = Distilled(self.criterion, self.task.distillation_loss, dc.alpha, dc.temperature)
 
     def log(self, message: str) -> None:
         if self.accelerator.is_main_process:
@@ -465,6 +481,8 @@ class JobTrainer:
         self.state.batches += 1
         labels = labels.to(device, non_blocking=True)
         inputs, targets = self.batch_augment(images.to(device, non_blocking=True), labels)
+        if self.soft_pseudo is not None:  # the pseudo-labelled samples learn their fold ensemble's rows
+            targets = self.soft_pseudo.of(ids, targets)
         if self.channels_last:  # the model's layout (`distributed.wrap`): no conversion inside every convolution
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         criterion = self.criterion

@@ -56,7 +56,7 @@ def test_soft_targets_come_only_from_models_that_never_trained_on_the_sample_or_
     cwd, _ = distilled
     teacher = cwd / "runs" / "perm"
     folds = FoldManifest.from_json((teacher / "folds.json").read_text()).fold_of_sample
-    with np.load(teacher / "ensemble" / "soft_targets.npz") as z:
+    with np.load(cwd / "runs" / "perm-student" / "soft_targets.npz") as z:
         ids, oof, fold_probs = [str(s) for s in z["sample_ids"]], z["probs"], z["fold_probs"]
     holdout = set(read_index(cwd / "data" / "perm").split_ids("test"))
     assert set(ids) == set(folds) and not set(ids) & holdout  # every CV sample, no holdout sample
@@ -105,7 +105,8 @@ def test_the_student_is_one_registered_network_that_serves_what_it_was_scored_on
     assert rows["student"]["parameters"] * FOLDS == rows["teacher"]["parameters"]
     assert all(r["samples_per_s"] > 0 for r in rows.values())
     assert "student" in proc.stdout and "samples/s" in proc.stdout
-    uri = f"sqlite:///{cwd / 'runs' / 'mlflow.db'}"
+    uri = json.loads((cwd / "runs" / "perm-student" / "report.json").read_text())["mlflow"]["tracking_uri"]
+    assert uri.startswith("sqlite:") and "runs/mlflow.db" in uri  # the default store beside the run directories
     client = MlflowClient(uri)
     version = client.get_model_version("distrain-perm-student", report["student_model"]["version"])
     assert version.tags["distrain.distilled_from"] == "perm" and version.tags["distrain.job"] == "test_resnet-s42-whole"

@@ -37,6 +37,18 @@ def rounds(tmp_path_factory):
              for name, out in (("labelled", "lab"), ("hidden", "unl"), ("colour", "rgb"))]  # fmt: skip
     steps += [
         ("run", "--config", "configs/digits.yaml", *FIRST_ROUND),
+        (
+            "cli",
+            "pseudo-label",
+            "--run-dir",
+            "runs/pl",
+            "--unlabelled",
+            "data/unl",
+            "--threshold",
+            "0.7",
+            "--soft",
+            "experiment=pl-soft",
+        ),
         ("cli", "pseudo-label", "--run-dir", "runs/pl", "--unlabelled", "data/unl", "--threshold", "0.7"),
     ]
     (cwd / "configs").mkdir()
@@ -62,13 +74,13 @@ def test_a_round_trains_on_the_pseudo_labelled_images_and_reports_its_effect(rou
     for fold in report["folds"]:  # each fold took confident images, labelled far better than chance (0.1)
         assert 0 < fold["pseudo_labelled"] <= fold["of"] == 400 and fold["accuracy"] > 0.8, fold
     assert "pseudo-labelled" in proc.stdout and "gain" in proc.stdout
-    run = MlflowClient(f"sqlite:///{cwd / 'runs' / 'mlflow.db'}").get_run(second["mlflow"]["parent_run_id"])
+    run = MlflowClient(second["mlflow"]["tracking_uri"]).get_run(second["mlflow"]["parent_run_id"])
     assert run.data.metrics["pseudo_gain_best_single_cv"] == pytest.approx(best["cv_gain"])
 
 
 def test_fold_m_takes_fold_m_models_labels_and_validates_on_labelled_fold_m_only(rounds):
     cwd, _ = rounds
-    with np.load(cwd / "runs" / "pl" / "ensemble" / "pseudo_labels.npz") as z:
+    with np.load(cwd / "runs" / "pl-pseudo" / "pseudo_labels.npz") as z:
         ids, fold_probs = [str(s) for s in z["sample_ids"]], z["fold_probs"]
     folds = FoldManifest.from_json((cwd / "runs" / "pl-pseudo" / "folds.json").read_text()).fold_of_sample
     assert not set(ids) & set(folds)  # no unlabelled image is in a validation fold
@@ -114,3 +126,16 @@ def test_the_main_job_refuses_a_wrong_data_unlabelled_before_any_job(rounds, cap
                   "data.unlabelled=data/rgb")  # fmt: skip
     assert proc.returncode == 2 and "data.unlabelled: data/rgb has 3-channel images" in proc.stderr, proc.stderr
     assert not (cwd / "runs" / "pl2" / "jobs").exists()
+
+
+def test_a_soft_round_takes_the_same_images_and_learns_their_rows(rounds):
+    cwd, _ = rounds
+    hard = json.loads((cwd / "runs" / "pl-pseudo" / "pseudo.json").read_text())
+    soft = json.loads((cwd / "runs" / "pl-soft" / "pseudo.json").read_text())
+    assert soft["soft"] and not hard["soft"]
+    assert [f["pseudo_labelled"] for f in soft["folds"]] == [f["pseudo_labelled"] for f in hard["folds"]]
+    for fold in range(3):  # the same samples, other targets: other weights, other OOF rows
+        with np.load(cwd / "runs" / "pl-pseudo" / "jobs" / f"test_resnet-s1-f{fold}" / "oof.npz") as a:
+            with np.load(cwd / "runs" / "pl-soft" / "jobs" / f"test_resnet-s1-f{fold}" / "oof.npz") as b:
+                assert a["sample_ids"].tolist() == b["sample_ids"].tolist()
+                assert np.abs(a["probs"] - b["probs"]).max() > 1e-3

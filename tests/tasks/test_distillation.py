@@ -93,3 +93,19 @@ def test_a_missing_foreign_or_other_fold_count_soft_target_file_is_refused(tmp_p
     got = read_soft_targets(path, {"a"}, set(), 2, 3)
     assert got.sample_ids == ["a"] and got.of_fold(-1)[0].tolist() == pytest.approx([0.2, 0.8])
     assert got.of_fold(2).shape == (1, 2) and got.probs.dtype == np.float32
+
+
+def test_soft_pseudo_targets_give_pseudo_samples_their_fold_row_and_the_others_their_one_hot_row():
+    from distrain.config import PseudoConfig
+    from distrain.study.pseudo_labels import PseudoLabels
+    from distrain.training.distill import SoftPseudoTargets
+
+    probs = np.array([[[0.95, 0.05], [0.6, 0.4], [0.08, 0.92]], [[0.5, 0.5], [0.05, 0.95], [0.2, 0.8]]])
+    labels = PseudoLabels(["u0", "u1", "u2"], probs, np.ones((2, 3), int), columns=1)
+    settings = PseudoConfig(labels="p.npz", threshold=0.9)
+    targets = SoftPseudoTargets(labels, 0, settings, 0.1, torch.device("cpu"))  # fold 0 takes u0 and u2
+    got = targets.of(["a", "u2", "u0", "b"], torch.tensor([1, 1, 0, 0]))
+    want = [[0.05, 0.95], [0.08, 0.92], [0.95, 0.05], [0.95, 0.05]]  # smoothed one-hot, fold 0's rows, one-hot
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
+    other = SoftPseudoTargets(labels, 1, settings, 0.0, torch.device("cpu"))  # fold 1 takes u1 alone
+    np.testing.assert_allclose(other.of(["u1", "u0"], torch.tensor([1, 0])).numpy(), [[0.05, 0.95], [1.0, 0.0]])
