@@ -11,6 +11,7 @@ RNG states are stored as tensors and lists, never as numpy arrays or pickled obj
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -68,15 +69,25 @@ def save_state(
 ) -> Path:
     """Write `state` as checkpoint number `step` (atomically, with its checksum); keep the newest `keep`.
     `fence` raises when the caller no longer owns the job: called before writing and before pruning, so an
-    owner frozen past its lease neither adds its checkpoint to the new owner's nor deletes theirs."""
+    owner frozen past its lease neither adds its checkpoint to the new owner's nor deletes theirs; one frozen
+    between the first call and the write takes back what it wrote (and the directory, when it made it)."""
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = buf.getvalue()
     path = directory / f"state-{step:09d}.pt"
     fence()
+    existed = directory.is_dir()
     atomic_write(path, lambda f: f.write(payload))
     atomic_write_json(path.with_suffix(".json"), {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)})
-    fence()
+    try:
+        fence()
+    except BaseException:  # frozen between the first fence and the write: the job is another owner's (or done)
+        path.with_suffix(".json").unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        if not existed:
+            with contextlib.suppress(OSError):  # only if empty: never what the new owner wrote
+                directory.rmdir()
+        raise
     for old in list_states(directory)[keep:]:
         old.with_suffix(".json").unlink(missing_ok=True)
         old.unlink(missing_ok=True)

@@ -145,3 +145,26 @@ def test_sigkilled_job_resumes_bit_identical(tmp_path):
     assert [h["train_loss"] for h in a_hist] == [h["train_loss"] for h in b_hist]
     attempts = Ledger(killed / "runs" / "digits").attempts(JOB)
     assert [(a.end or {}).get("status") for a in attempts] == ["expired", "done"]
+
+
+def test_an_owner_frozen_between_its_fence_and_its_write_takes_back_what_it_wrote(tmp_path):
+    """The fence passes, the process is frozen past its lease, the new owner finishes the job and removes the state
+    directory; on waking the write lands, the second fence raises: nothing of it may stay."""
+    from distrain.errors import LeaseLost
+
+    calls = []
+
+    def fence():
+        calls.append(1)
+        if len(calls) == 2:
+            raise LeaseLost("job taken over")
+
+    state_dir = tmp_path / "state"
+    with pytest.raises(LeaseLost):
+        save_state(state_dir, 7, {"w": torch.ones(3)}, fence=fence)
+    assert not state_dir.exists()  # it made the directory, so it takes it back too
+    kept = save_state(state_dir, 1, {"w": torch.zeros(3)})  # the new owner's checkpoint
+    calls.clear()
+    with pytest.raises(LeaseLost):
+        save_state(state_dir, 7, {"w": torch.ones(3)}, fence=fence)
+    assert sorted(p.name for p in state_dir.iterdir()) == sorted([kept.name, kept.with_suffix(".json").name])
