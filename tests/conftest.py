@@ -116,6 +116,14 @@ def distrain_run(
     return run_cmd(cmd + ["--config", str(config), *overrides], cwd, timeout, env)
 
 
+def in_process_steps(cwd: Path, steps: list[tuple[str, ...]]) -> subprocess.CompletedProcess:
+    """`in_process` of each (entry, *argv) in turn, each asserted to succeed; returns the last one's result."""
+    for entry, *argv in steps:
+        proc = in_process(cwd, *argv, entry=entry)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def distrain_run_here(cwd: Path, *overrides: str, config: Path = REPO / "configs" / "digits.yaml"):
     """`distrain_run` of one process, in this process (`in_process`): for studies whose test needs no process of
     their own (no signal, no kill, no timing)."""

@@ -10,7 +10,6 @@ study's networks embed otherwise)."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +17,9 @@ import torch
 from PIL import Image
 
 from distrain.data.index import read_index
-from distrain.data.shards import read_image, shard_samples
 from distrain.ensembles.adversarial import FOLDS, REPEATS, adversarial_auc
 from distrain.errors import BadInput
-from distrain.serving.predictor import EnsemblePredictor, images_under
+from distrain.serving.predictor import EnsemblePredictor, images_under, shard_inputs
 
 LISTED = 10
 
@@ -48,9 +46,7 @@ def embed(predictor: EnsemblePredictor, model: torch.nn.Module, job: dict, image
 
 def split_images(data_root: Path, split: str) -> tuple[list[str], list[Image.Image]]:
     """Sample ids and images of one split of a packed data set, sorted by id."""
-    index = read_index(data_root)
-    refs = sorted((r for url in index.urls(split) for r in shard_samples(url)), key=lambda r: r.sample_id)
-    return [r.sample_id for r in refs], [Image.open(io.BytesIO(read_image(r))) for r in refs]
+    return shard_inputs(read_index(data_root).urls(split))  # one image per sample: the task was checked
 
 
 def folder_images(folder: Path) -> tuple[list[str], list[Image.Image]]:

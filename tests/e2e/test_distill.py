@@ -11,7 +11,7 @@ from distrain.data.index import read_index
 from distrain.study.folds import FoldManifest
 from distrain.study.results import load_predictions
 
-from conftest import in_process
+from conftest import in_process_steps
 
 pytestmark = pytest.mark.slow
 
@@ -46,10 +46,7 @@ def distilled(tmp_path_factory):
         ("run", "--config", "perm.yaml"),
         ("cli", "distill", "--run-dir", "runs/perm", "--student", "test_resnet", "--no-hard-baseline"),
     ]
-    for entry, *argv in steps:
-        proc = in_process(cwd, *argv, entry=entry)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return cwd, proc
+    return cwd, in_process_steps(cwd, steps)
 
 
 def test_soft_targets_come_only_from_models_that_never_trained_on_the_sample_or_the_students_fold(distilled):

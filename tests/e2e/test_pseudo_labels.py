@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from distrain.study.folds import FoldManifest
 
-from conftest import REPO, cli_in, in_process
+from conftest import REPO, cli_in, in_process_steps
 
 pytestmark = pytest.mark.slow
 
@@ -53,10 +53,7 @@ def rounds(tmp_path_factory):
     ]
     (cwd / "configs").mkdir()
     (cwd / "configs" / "digits.yaml").write_text((REPO / "configs" / "digits.yaml").read_text())
-    for entry, *argv in steps:
-        proc = in_process(cwd, *argv, entry=entry)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return cwd, proc
+    return cwd, in_process_steps(cwd, steps)
 
 
 def test_a_round_trains_on_the_pseudo_labelled_images_and_reports_its_effect(rounds):
